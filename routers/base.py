@@ -1,0 +1,42 @@
+"""The router seam: which vision tokens of a chunk each decoder layer processes.
+
+Imports only torch and streamvlm core types, so the runtime can use routers without Lightning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from streamvlm.types import Chunk
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """A layer's choice over one chunk.
+
+    keep_index: (k,) int64, ascending indices into the chunk of the tokens this layer processes; every
+        text token is in it (text is never routed). Tokens left out carry their hidden state unchanged
+        to the next layer and write no K/V at this layer.
+    weight: (k,) multiplier of the layer's update (attention + MLP) for each kept token, or None for 1.
+    """
+
+    keep_index: torch.Tensor
+    weight: torch.Tensor | None = None
+
+
+class Router(nn.Module):
+    """Base class. `decide` returns None when a layer processes every token of the chunk with weight 1,
+    which lets the decoder skip the gather/scatter entirely."""
+
+    def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
+        raise NotImplementedError
+
+
+class DenseRouter(Router):
+    """Every token through every layer: the model as trained."""
+
+    def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
+        return None

@@ -1,0 +1,5 @@
+import sys
+
+from streamvlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,182 @@
+"""`streamvlm bench`: performance figures as ratios measured in one run.
+
+`dense`: our runtime vs transformers' own forward/generate on the same loaded checkpoint (the very same
+module objects, so weights and kernels match), same frames, same prompt:
+
+    prefill    N frames + the question -> logits of the first answer token
+               ours: session.append_frames + ask(max_new_tokens=1); theirs: model(...) with logits_to_keep=1
+    answer     the same, then M answer tokens (greedy, no early stop)
+               ours: append_frames + ask(M); theirs: model.generate(M)
+    streamed   frames appended one at a time as they arrive, then the first token (ours only has this mode;
+               compared against theirs' prefill, which needs all frames at once)
+    warm ask   a question to a session that already holds the frames (ours) vs generate on the whole
+               prompt again (what transformers users do for each new question)
+
+Each figure is the median of --repeats timed runs after one untimed warm-up. `speedup` = theirs / ours.
+Achieved FLOP/s is reported against a float matmul measured in the same run.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from streamvlm.errors import StreamVLMError
+
+logger = logging.getLogger(__name__)
+
+QUESTION = "What happens in the video?"
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # warm-up: allocator, kernels, caches
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, size: int = 2048) -> float:
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = _timed(lambda: a @ b, 5)
+    return 2 * size**3 / seconds
+
+
+def bench_model_dir() -> Path:
+    """A random checkpoint with the shape of a real small model, cached between runs."""
+    from streamvlm.tiny import TinySpec, write_tiny_checkpoint
+    from streamvlm.video.sample import cache_dir
+
+    target = cache_dir() / "bench-real-small"
+    if not (target / "config.json").is_file():
+        logger.info("writing a random real-small-shaped checkpoint to %s", target)
+        write_tiny_checkpoint(target, TinySpec.real_small())
+    return target
+
+
+def run_dense(model_dir: Path, frames_count: int, new_tokens: int, repeats: int, device, dtype) -> dict:
+    from streamvlm.runtime import StreamVLM
+
+    vlm = StreamVLM.from_pretrained(model_dir, device=device, dtype=dtype)
+    hf = vlm.adapter.model
+    size = vlm.adapter.preprocess_config
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (frames_count, size.height, size.width, 3), dtype=torch.uint8, generator=g)
+    pixels = vlm.preprocess(frames)
+
+    # transformers' input as its processor builds it: the chat template's text with the video placeholder
+    # expanded to frames x tokens + 1 (the parity tests prove our session feeds the same ids).
+    text = vlm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}],
+        tokenize=False, add_generation_prompt=True)
+    video_token = vlm.adapter.video_token
+    text = text.replace(video_token, video_token * (frames_count * vlm.tokens_per_frame + 1))
+    input_ids = vlm.tokenizer(text, return_tensors="pt")["input_ids"].to(vlm.adapter.device)
+    hf_inputs = {"input_ids": input_ids, "pixel_values_videos": pixels[None]}
+
+    def ours_prefill():
+        s = vlm.session()
+        s.append_frames(frames)
+        s.ask(QUESTION, max_new_tokens=1, ignore_stop=True)
+        return s
+
+    def ours_streamed():
+        s = vlm.session()
+        for i in range(frames_count):
+            s.append_frames(frames[i:i + 1])
+        s.ask(QUESTION, max_new_tokens=1, ignore_stop=True)
+
+    def ours_answer():
+        s = vlm.session()
+        s.append_frames(frames)
+        s.ask(QUESTION, max_new_tokens=new_tokens, ignore_stop=True)
+
+    warm = vlm.session()
+    warm.append_frames(frames)
+
+    def ours_warm_ask():
+        # A follow-up question on a session that holds the frames; the cache grows a little each time.
+        warm.ask(QUESTION, max_new_tokens=new_tokens, ignore_stop=True)
+
+    @torch.inference_mode()
+    def theirs_prefill():
+        hf(**hf_inputs, use_cache=True, logits_to_keep=1)
+
+    @torch.inference_mode()
+    def theirs_answer():
+        hf.generate(**hf_inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                    eos_token_id=None)
+
+    logger.info("timing %d repeats of each phase", repeats)
+    t = {
+        "ours_prefill": _timed(ours_prefill, repeats), "theirs_prefill": _timed(theirs_prefill, repeats),
+        "ours_streamed": _timed(ours_streamed, repeats),
+        "ours_answer": _timed(ours_answer, repeats), "theirs_answer": _timed(theirs_answer, repeats),
+        "ours_warm_ask": _timed(ours_warm_ask, repeats),
+    }
+    stats = ours_prefill().stats()
+    peak = matmul_flops_per_second(vlm.adapter.device, vlm.adapter.dtype)
+    prefill_flops = stats["flops"]["vision"] + stats["flops"]["llm"]
+    rows = [
+        {"phase": "prefill", "ours_s": t["ours_prefill"], "transformers_s": t["theirs_prefill"]},
+        {"phase": "streamed_prefill", "ours_s": t["ours_streamed"], "transformers_s": t["theirs_prefill"]},
+        {"phase": "answer", "ours_s": t["ours_answer"], "transformers_s": t["theirs_answer"]},
+        {"phase": "warm_ask", "ours_s": t["ours_warm_ask"], "transformers_s": t["theirs_answer"]},
+    ]
+    for row in rows:
+        row["speedup"] = row["transformers_s"] / row["ours_s"]
+    parts = vlm.adapter.decoder
+    return {
+        "suite": "dense",
+        "device": str(vlm.adapter.device), "dtype": str(vlm.adapter.dtype).replace("torch.", ""),
+        "torch_threads": torch.get_num_threads(),
+        "model": {"dir": str(model_dir), "layers": parts.num_layers, "hidden": parts.hidden_size,
+                  "heads": parts.num_heads, "kv_heads": parts.num_kv_heads,
+                  "tokens_per_frame": vlm.tokens_per_frame},
+        "frames": frames_count, "new_tokens": new_tokens, "repeats": repeats,
+        "prompt_tokens": int(input_ids.shape[1]),
+        "rows": rows,
+        "prefill_flops": prefill_flops,
+        "prefill_flops_per_s": prefill_flops / t["ours_prefill"],
+        "matmul_flops_per_s": peak,
+        "prefill_fraction_of_matmul": prefill_flops / t["ours_prefill"] / peak,
+    }
+
+
+def run(args) -> dict:
+    from streamvlm.runtime import resolve_device, resolve_dtype
+
+    if args.frames < 1 or args.new_tokens < 1 or args.repeats < 1:
+        raise StreamVLMError("--frames, --new-tokens and --repeats must be at least 1")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model_dir = Path(args.model) if args.model else bench_model_dir()
+    if args.suite == "dense":
+        return run_dense(model_dir, args.frames, args.new_tokens, args.repeats, device, dtype)
+    raise StreamVLMError(f"unknown bench suite {args.suite!r}")
+
+
+def format_table(result: dict) -> str:
+    m = result["model"]
+    lines = [
+        f"bench {result['suite']}: {m['layers']} layers, hidden {m['hidden']}, {m['tokens_per_frame']} tokens/frame, "
+        f"{result['frames']} frames ({result['prompt_tokens']} prompt tokens), {result['new_tokens']} answer tokens, "
+        f"{result['device']} {result['dtype']}, median of {result['repeats']}",
+        f"{'phase':<18}{'ours s':>10}{'transformers s':>16}{'speedup':>9}",
+    ]
+    for row in result["rows"]:
+        lines.append(f"{row['phase']:<18}{row['ours_s']:>10.3f}{row['transformers_s']:>16.3f}{row['speedup']:>8.2f}x")
+    lines.append(f"prefill: {result['prefill_flops_per_s'] / 1e9:.1f} GFLOP/s = "
+                 f"{result['prefill_fraction_of_matmul']:.0%} of a {result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s matmul")
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""The KV cache of one session.
+
+One object, one owner (the session). Per layer l it holds, for each of its `length(l)` entries:
+
+    keys[l]    (num_kv_heads, capacity, head_dim)  post-RoPE keys; entry i is keys[l][:, i]
+    values[l]  (num_kv_heads, capacity, head_dim)
+    positions  (capacity,) int64  the token's absolute position in the session's sequence
+    kinds      (capacity,) uint8  TEXT or VISION (streamvlm.types)
+    frames     (capacity,) int32  session frame index of a vision token, -1 for text
+
+Entries are in the order they were appended, which is sequence order. Layers hold different entries
+under routing (a token skipped at layer l writes nothing there), so every length is per layer.
+
+Writer: the decoder, through `append`, once per layer per chunk, after RoPE. Reader: the decoder's
+attention at the same layer, through the views `append` returns. Buffers grow by doubling, so appending
+a frame costs O(frame) amortised rather than a copy of the whole cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", initial_capacity: int = 256):
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._initial_capacity = initial_capacity
+        self._keys: list[torch.Tensor | None] = [None] * num_layers
+        self._values: list[torch.Tensor | None] = [None] * num_layers
+        self._positions: list[torch.Tensor | None] = [None] * num_layers
+        self._kinds: list[torch.Tensor | None] = [None] * num_layers
+        self._frames: list[torch.Tensor | None] = [None] * num_layers
+        self._length = [0] * num_layers
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def _reserve(self, layer: int, needed: int) -> None:
+        keys = self._keys[layer]
+        capacity = 0 if keys is None else keys.shape[1]
+        if needed <= capacity:
+            return
+        new_cap = max(needed, 2 * capacity, self._initial_capacity)
+        n = self._length[layer]
+        kv_shape = (self.num_kv_heads, new_cap, self.head_dim)
+
+        def grow(old, shape, dtype):
+            new = torch.empty(shape, dtype=dtype, device=self.device)
+            if old is not None and n:
+                if len(shape) == 3:
+                    new[:, :n] = old[:, :n]
+                else:
+                    new[:n] = old[:n]
+            return new
+
+        self._keys[layer] = grow(self._keys[layer], kv_shape, self.dtype)
+        self._values[layer] = grow(self._values[layer], kv_shape, self.dtype)
+        self._positions[layer] = grow(self._positions[layer], (new_cap,), torch.int64)
+        self._kinds[layer] = grow(self._kinds[layer], (new_cap,), torch.uint8)
+        self._frames[layer] = grow(self._frames[layer], (new_cap,), torch.int32)
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+               kinds: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append m entries to `layer`: keys/values (num_kv_heads, m, head_dim), metadata (m,).
+
+        Returns views (num_kv_heads, length, head_dim) of all keys and values at this layer, new ones last.
+        """
+        m = keys.shape[1]
+        start = self._length[layer]
+        end = start + m
+        self._reserve(layer, end)
+        self._keys[layer][:, start:end] = keys
+        self._values[layer][:, start:end] = values
+        self._positions[layer][start:end] = positions
+        self._kinds[layer][start:end] = kinds
+        self._frames[layer][start:end] = frames
+        self._length[layer] = end
+        return self._keys[layer][:, :end], self._values[layer][:, :end]
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def length(self, layer: int) -> int:
+        return self._length[layer]
+
+    def _view(self, store: list, layer: int) -> torch.Tensor:
+        t = store[layer]
+        n = self._length[layer]
+        if t is None:
+            raise IndexError(f"layer {layer} of the cache is empty")
+        return t[:, :n] if t.dim() == 3 else t[:n]
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """(num_kv_heads, length, head_dim) view."""
+        return self._view(self._keys, layer)
+
+    def values(self, layer: int) -> torch.Tensor:
+        return self._view(self._values, layer)
+
+    def positions(self, layer: int) -> torch.Tensor:
+        return self._view(self._positions, layer)
+
+    def kinds(self, layer: int) -> torch.Tensor:
+        return self._view(self._kinds, layer)
+
+    def frames(self, layer: int) -> torch.Tensor:
+        return self._view(self._frames, layer)
+
+    @property
+    def entries_per_layer(self) -> list[int]:
+        return list(self._length)
+
+    @property
+    def bytes_per_entry(self) -> int:
+        """K and V bytes of one entry at one layer."""
+        return 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def kv_bytes(self) -> int:
+        """Exact bytes of the keys and values held (entries in use, all layers)."""
+        return sum(self._length) * self.bytes_per_entry
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes allocated, including spare capacity and the per-entry metadata."""
+        total = 0
+        for store in (self._keys, self._values, self._positions, self._kinds, self._frames):
+            total += sum(t.numel() * t.element_size() for t in store if t is not None)
+        return total

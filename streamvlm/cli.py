@@ -1,0 +1,199 @@
+"""`streamvlm` command line.
+
+    streamvlm ask [VIDEO] [-q QUESTION ...]     answer questions about a video file (default: the sample)
+    streamvlm init-tiny DIR                     write a small random checkpoint, offline
+    streamvlm bench dense [--json]              ours vs transformers, timed in one run
+
+Results go to stdout; logs (with -v) and errors go to stderr. A mistake of the user's exits with status 2
+and a one-line message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from streamvlm.errors import StreamVLMError
+
+logger = logging.getLogger("streamvlm")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", metavar="DIR",
+                   help="local Hugging Face checkpoint folder (default: the built-in model, made on first use)")
+    g.add_argument("--routing", default="dense", metavar="POLICY",
+                   help="which vision tokens each layer processes: dense (default: all of them)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("answers")
+    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="longest answer (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 answers greedily (default); above 0 samples")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest tokens")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling threshold")
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling")
+
+
+def _load(args) -> tuple:
+    from streamvlm.builtin import UNTRAINED_NOTICE, default_model_dir, is_builtin
+    from streamvlm.runtime import StreamVLM
+
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    if is_builtin(model_dir):
+        print(UNTRAINED_NOTICE, file=sys.stderr)
+    vlm = StreamVLM.from_pretrained(model_dir, routing=args.routing, device=args.device, dtype=args.dtype)
+    return vlm, model_dir
+
+
+def cmd_ask(args) -> int:
+    from streamvlm.video.files import read_video
+    from streamvlm.video.sample import sample_video
+
+    video = Path(args.video) if args.video else sample_video()
+    if args.num_frames is not None and args.fps is not None:
+        raise StreamVLMError("give --num-frames or --fps, not both")
+    num_frames = None if args.fps is not None else (args.num_frames or 8)
+    clip = read_video(video, num_frames=num_frames, fps=args.fps, max_frames=args.max_frames)
+    vlm, model_dir = _load(args)
+    session = vlm.session(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed)
+    start = time.perf_counter()
+    session.append_frames(clip.frames, clip.timestamps.tolist())
+    ingest_s = time.perf_counter() - start
+    logger.info("ingested %d frames in %.2f s", clip.frames.shape[0], ingest_s)
+    for question in args.question:
+        if args.json:
+            answer = session.ask(question)
+            turn = session.turns[-1]
+            print(json.dumps({"type": "answer", "t": turn.stream_time, "question": question, "text": answer,
+                              "stop_reason": turn.stop_reason}), flush=True)
+        else:
+            print(f"Q: {question}\nA: ", end="", flush=True)
+            for piece in session.ask_stream(question):
+                print(piece, end="", flush=True)
+            print()
+    stats = session.stats()
+    if args.json:
+        print(json.dumps({"type": "stats", "video": str(video), "model": str(model_dir), "routing": args.routing,
+                          "ingest_seconds": ingest_s, **stats}), flush=True)
+    else:
+        print(f"[{stats['frames']} frames of {video.name} ({clip.duration:.1f} s), {stats['tokens']} tokens, "
+              f"KV cache {stats['kv_bytes'] / 2**20:.2f} MiB, ingest {ingest_s:.2f} s]", file=sys.stderr)
+    return 0
+
+
+def cmd_init_tiny(args) -> int:
+    from streamvlm.tiny import TinySpec, write_tiny_checkpoint
+
+    out = Path(args.dir)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise StreamVLMError(f"{out} exists and is not empty; pass --force to write into it")
+    if args.real_small:
+        spec = TinySpec.real_small(num_layers=args.layers or 12, hidden_size=args.hidden or 640, seed=args.seed)
+    else:
+        spec = TinySpec(**{k: v for k, v in (("num_layers", args.layers), ("hidden_size", args.hidden)) if v},
+                        seed=args.seed)
+    write_tiny_checkpoint(out, spec)
+    print(f"wrote a random (untrained) LLaVA-OneVision checkpoint to {out}: {spec.num_layers} layers, "
+          f"hidden {spec.hidden_size}, {spec.tokens_per_frame} tokens per frame")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from streamvlm import bench
+
+    result = bench.run(args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(bench.format_table(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamvlm",
+        description="Stream video into a video language model's KV cache and ask about it. Everything runs "
+                    "offline on local checkpoints.",
+        epilog="Examples:\n"
+               "  streamvlm ask -q 'What happens in the video?'          built-in model and sample video\n"
+               "  streamvlm ask clip.mp4 --model ./llava-ov --fps 1 -q 'What is on the table?' -q 'And after?'\n"
+               "  streamvlm init-tiny ./tiny && streamvlm ask --model ./tiny -q 'Hi?'\n"
+               "  streamvlm bench dense --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ask", help="answer questions about a video file",
+                       description="Decode a video, stream its frames into one session, then ask each question "
+                                   "in turn; later questions see the earlier answers.")
+    p.add_argument("video", nargs="?", help="video file (default: the built-in sample video)")
+    p.add_argument("-q", "--question", action="append", default=None,
+                   help="a question (repeat for several; default: 'What happens in the video?')")
+    g = p.add_argument_group("frames")
+    g.add_argument("--num-frames", type=int, default=None, metavar="N",
+                   help="N frames spread evenly over the video (default 8 when --fps is not given)")
+    g.add_argument("--fps", type=float, default=None, help="take frames at this rate instead")
+    g.add_argument("--max-frames", type=int, default=None, metavar="N", help="cap on frames taken with --fps")
+    p.add_argument("--json", action="store_true", help="print one JSON object per answer, then the stats")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("init-tiny", help="write a small random checkpoint (offline)",
+                       description="Write a randomly initialised LLaVA-OneVision checkpoint in the Hugging Face "
+                                   "layout (weights, tokenizer, chat template, preprocessor configs). It is "
+                                   "untrained: use it to try the runtime and to test, not for answers.")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--real-small", action="store_true",
+                   help="the shape of a real small model (12 layers, hidden 640, 196 tokens per frame)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers")
+    p.add_argument("--hidden", type=int, default=None, help="decoder width")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    p.set_defaults(func=cmd_init_tiny)
+
+    p = sub.add_parser("bench", help="performance figures, measured as ratios in one run",
+                       description="Time our runtime against transformers on the same checkpoint in one run. "
+                                   "Without --model, a random checkpoint with the shape of a real small model "
+                                   "is made in the cache folder.")
+    p.add_argument("suite", choices=["dense"], help="dense: ingest and answer, ours vs transformers' forward")
+    p.add_argument("--model", metavar="DIR", help="checkpoint to measure (default: random, real-small shape)")
+    p.add_argument("--frames", type=int, default=8, help="frames to ingest (default 8)")
+    p.add_argument("--new-tokens", type=int, default=32, help="answer tokens to generate (default 32)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported (default 3)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "question", "unset") is None:
+        args.question = ["What happens in the video?"]
+    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except StreamVLMError as e:
+        print(f"streamvlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("streamvlm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

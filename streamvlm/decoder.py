@@ -1,0 +1,98 @@
+"""Our decoder forward over a family's weights, with a router at every layer.
+
+For each layer: the router picks which tokens of the chunk the layer processes (all text, some or all
+vision tokens); those are gathered, normed, projected to q/k/v, rotated with their original positions,
+appended to that layer's cache, attend to everything the layer has cached (causally inside the chunk),
+go through the MLP, and their update (scaled by the router weight) is scattered back. Tokens left out
+keep their hidden state for the next layer, where they may be picked again.
+
+Pitfall: RoPE goes on before caching, at each token's absolute position, so a layer's cache can be
+sparse (positions with gaps) and still be valid for any later query.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from streamvlm.cache import KVCache
+from streamvlm.flops import FlopCounter
+from streamvlm.models.base import DecoderParts, LayerParts
+from streamvlm.routers.base import Router
+from streamvlm.types import Chunk
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (H, m, hd) are the queries of the last m of `keys`/`values` (KV, L, hd): each sees every earlier
+    entry and, inside the chunk, itself and the kept tokens before it. Returns (H, m, hd)."""
+    m, length = q.shape[1], keys.shape[1]
+    gqa = q.shape[0] != keys.shape[0]
+    if m == 1 or m == length:
+        # One query sees everything; a chunk on an empty cache is plain causal attention.
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=m > 1, scale=scale, enable_gqa=gqa)
+    mask = torch.ones(m, length, dtype=torch.bool, device=q.device)
+    mask[:, length - m:] = torch.ones(m, m, dtype=torch.bool, device=q.device).tril_()
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+class Decoder:
+    """Runs chunks through the language model. Holds no state of its own besides the router."""
+
+    def __init__(self, parts: DecoderParts, router: Router):
+        self.parts = parts
+        self.router = router
+        self.scale = parts.head_dim ** -0.5
+
+    def forward(self, chunk: Chunk, cache: KVCache, flops: FlopCounter, logits: str = "last") -> torch.Tensor | None:
+        """Process `chunk`, appending its K/V to `cache`.
+
+        logits: "last" -> (vocab,) for the last token, "all" -> (n, vocab), "none" -> None.
+        """
+        p = self.parts
+        x = chunk.embeds
+        cos, sin = p.rotary(x, chunk.positions[None])  # (1, n, head_dim) each
+        cos, sin = cos[0], sin[0]
+        for index, layer in enumerate(p.layers):
+            decision = self.router.decide(index, x, chunk)
+            if decision is None:
+                x = self._layer(index, layer, x, cos, sin, chunk, slice(None), None, cache, flops)
+            else:
+                keep = decision.keep_index
+                out = self._layer(index, layer, x[keep], cos[keep], sin[keep], chunk, keep, decision.weight,
+                                  cache, flops)
+                x = x.index_copy(0, keep, out)
+        flops.add_dense(len(chunk), int(chunk.positions[0]))  # what this chunk costs with routing off
+        if logits == "none":
+            return None
+        h = x[-1:] if logits == "last" else x
+        flops.add_logits(h.shape[0])
+        out = p.lm_head(p.norm(h))
+        return out[0] if logits == "last" else out
+
+    def _layer(self, index: int, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               chunk: Chunk, keep, weight: torch.Tensor | None, cache: KVCache, flops: FlopCounter) -> torch.Tensor:
+        """x: (m, d) hidden states of the tokens this layer processes -> their new hidden states."""
+        p = self.parts
+        m = x.shape[0]
+        h = layer.input_norm(x)
+        q = layer.q_proj(h).view(m, p.num_heads, p.head_dim).transpose(0, 1)  # (H, m, hd)
+        k = layer.k_proj(h).view(m, p.num_kv_heads, p.head_dim).transpose(0, 1)  # (KV, m, hd)
+        v = layer.v_proj(h).view(m, p.num_kv_heads, p.head_dim).transpose(0, 1)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        keys, values = cache.append(index, k, v, chunk.positions[keep], chunk.kinds[keep], chunk.frames[keep])
+        length = keys.shape[1]
+        attn = _attend(q, keys, values, self.scale)  # (H, m, hd)
+        a = layer.o_proj(attn.transpose(0, 1).reshape(m, p.num_heads * p.head_dim))
+        flops.add_layer(index, m, m * (length - m) + m * (m + 1) // 2)
+        if weight is None:
+            x = x + a
+            return x + layer.mlp(layer.post_attention_norm(x))
+        mid = x + a
+        update = a + layer.mlp(layer.post_attention_norm(mid))
+        return x + weight[:, None].to(x.dtype) * update

@@ -1,0 +1,80 @@
+"""LLaVA-OneVision: SigLIP vision tower + 2-layer MLP projector + Qwen2 decoder.
+
+Video frames are encoded one by one (no anyres tiling): the tower's patch grid is projected, pooled
+2x2 with bilinear interpolation to ceil(side / 2) per side (27x27 -> 14x14 = 196 tokens for the real
+models), and a video closes with one `image_newline` embedding. transformers' processor expands the
+`<video>` placeholder to frames * pooled tokens + 1 for that newline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from streamvlm.models.base import DecoderParts, FamilyAdapter, LayerParts, VisionShape
+from streamvlm.video.preprocess import PreprocessConfig
+
+
+def _vision_flops_per_frame(config) -> float:
+    """Analytic FLOPs (multiply-add = 2) of the SigLIP tower, the projector and nothing else per frame."""
+    v, t = config.vision_config, config.text_config
+    patches = (v.image_size // v.patch_size) ** 2
+    d, inter = v.hidden_size, v.intermediate_size
+    embed = 2 * patches * (3 * v.patch_size**2) * d
+    per_layer = 2 * patches * d * d * 4 + 2 * patches * d * inter * 2 + 4 * patches * patches * d
+    projector = 2 * patches * d * t.hidden_size + 2 * patches * t.hidden_size * t.hidden_size
+    return float(embed + v.num_hidden_layers * per_layer + projector)
+
+
+class LlavaOneVisionAdapter(FamilyAdapter):
+    family = "llava_onevision"
+
+    @classmethod
+    def load(cls, model_dir: Path, dtype: torch.dtype, device: torch.device, tokenizer) -> LlavaOneVisionAdapter:
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+            model_dir, dtype=dtype, local_files_only=True).to(device).eval()
+        model.requires_grad_(False)
+        config = model.config
+        if config.vision_feature_select_strategy != "full":
+            # "default" drops a CLS token SigLIP does not have; no released video checkpoint uses it.
+            from streamvlm.errors import StreamVLMError
+            raise StreamVLMError(
+                f"{model_dir}: vision_feature_select_strategy={config.vision_feature_select_strategy!r} is not "
+                "supported for video; LLaVA-OneVision checkpoints use 'full'")
+        lm = model.model.language_model
+        text = config.text_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        layers = tuple(
+            LayerParts(
+                input_norm=layer.input_layernorm, q_proj=layer.self_attn.q_proj, k_proj=layer.self_attn.k_proj,
+                v_proj=layer.self_attn.v_proj, o_proj=layer.self_attn.o_proj,
+                post_attention_norm=layer.post_attention_layernorm, mlp=layer.mlp,
+            )
+            for layer in lm.layers
+        )
+        decoder = DecoderParts(
+            embed_tokens=lm.embed_tokens, layers=layers, rotary=lm.rotary_emb, norm=lm.norm, lm_head=model.lm_head,
+            hidden_size=text.hidden_size, num_heads=text.num_attention_heads,
+            num_kv_heads=text.num_key_value_heads, head_dim=head_dim, intermediate_size=text.intermediate_size,
+            vocab_size=text.vocab_size, max_positions=text.max_position_embeddings,
+        )
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        pooled = -(-side // 2)
+        vision = VisionShape(grid=(pooled, pooled), vision_flops_per_frame=_vision_flops_per_frame(config))
+        video_token = getattr(tokenizer, "video_token", None) or "<video>"
+        return cls(model_dir, model, tokenizer, PreprocessConfig.from_checkpoint(model_dir), decoder, vision,
+                   video_token)
+
+    @torch.inference_mode()
+    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        # transformers' own video path (tower, feature layer, projector, 2x2 bilinear pooling) on a batch
+        # of one video; every step is per frame, so T frames at once equal T calls of one frame.
+        out = self.model.model.get_video_features(pixels.to(self.device, self.dtype)[None], return_dict=True)
+        feats = out.pooler_output[0, :-1]  # (T * tokens_per_frame, d); the last row is the newline
+        return feats.view(pixels.shape[0], self.vision.tokens_per_frame, -1)
+
+    def video_tail(self) -> torch.Tensor:
+        return self.model.model.image_newline.detach()[None]  # (1, d)

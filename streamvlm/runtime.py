@@ -1,0 +1,105 @@
+"""`StreamVLM`: a loaded checkpoint, a router, and the sessions that run on them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from streamvlm.decoder import Decoder
+from streamvlm.errors import StreamVLMError
+from streamvlm.generation import SamplingConfig
+from streamvlm.models import FamilyAdapter, load_adapter
+from streamvlm.routers.base import DenseRouter, Router
+from streamvlm.session import Session
+from streamvlm.video.preprocess import FrameInput, preprocess
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise StreamVLMError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """float32 on CPU (these CPUs have no fast bfloat16 matmul), bfloat16 on CUDA, unless told otherwise."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise StreamVLMError(f"unknown dtype {dtype!r}; choose one of {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def resolve_router(routing) -> Router:
+    """routing: None or "dense" (every token through every layer), or a Router instance."""
+    if routing is None or routing == "dense":
+        return DenseRouter()
+    if isinstance(routing, Router):
+        return routing
+    raise StreamVLMError(f"unknown routing {routing!r}; this version supports: dense")
+
+
+class StreamVLM:
+    """A video language model that takes frames as they come.
+
+    vlm = StreamVLM.from_pretrained("path/to/checkpoint")
+    text = vlm.generate(frames, "What happens?")           # one shot
+    session = vlm.session(); session.append_frames(frames); session.ask("...")
+    """
+
+    def __init__(self, adapter: FamilyAdapter, router: Router, sampling: SamplingConfig | None = None,
+                 max_chunk_frames: int = 8):
+        if max_chunk_frames < 1:
+            raise ValueError("max_chunk_frames must be at least 1")
+        self.adapter = adapter
+        self.router = router.to(adapter.device)
+        self.decoder = Decoder(adapter.decoder, self.router)
+        self.sampling = sampling or SamplingConfig()
+        self.max_chunk_frames = max_chunk_frames
+        """Frames fed through the decoder in one chunk; bounds the attention workspace of a big append."""
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, routing=None, *, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None, sampling: SamplingConfig | None = None,
+                        max_chunk_frames: int = 8) -> StreamVLM:
+        """Load a local Hugging Face checkpoint folder (never the hub).
+
+        routing: None or "dense", or a Router. device: default CUDA when present, else CPU. dtype: default
+        bfloat16 on CUDA, float32 on CPU.
+        """
+        device = resolve_device(device)
+        adapter = load_adapter(model_dir, resolve_dtype(dtype, device), device)
+        return cls(adapter, resolve_router(routing), sampling, max_chunk_frames)
+
+    @property
+    def tokenizer(self):
+        return self.adapter.tokenizer
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.adapter.vision.tokens_per_frame
+
+    def preprocess(self, frames: FrameInput) -> torch.Tensor:
+        """uint8 (T, H, W, 3) -> float (T, 3, h, w), resized and normalized as the checkpoint says."""
+        return preprocess(frames, self.adapter.preprocess_config, self.adapter.dtype, self.adapter.device)
+
+    def session(self, **sampling) -> Session:
+        """A new session with its own cache; keyword arguments override the default SamplingConfig."""
+        return Session(self, self.sampling.with_overrides(**sampling))
+
+    def generate(self, frames: FrameInput, prompt: str, *, timestamps: Sequence[float] | None = None,
+                 **sampling) -> str:
+        """Answer `prompt` about `frames` in a fresh session (the exact prompt transformers' processor builds
+        for one video and one prompt). Keyword arguments: see SamplingConfig."""
+        session = self.session()
+        session.append_frames(frames, timestamps)
+        return session.ask(prompt, **sampling)

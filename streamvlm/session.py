@@ -1,0 +1,266 @@
+"""A session: one KV cache and one timeline, fed frames and asked questions.
+
+Data flow of a session's life:
+
+    append_frames(f0..f3)   [turn opening text][f0 tokens][f1 tokens]...      -> cache
+    append_frames(f4)       [f4 tokens]                                       -> cache
+    ask("q1")               [video tail][text after video, q1, answer opening] -> logits -> answer tokens
+                            (each answer token is fed back one at a time), then [closing text]
+    append_frames(f5..)     [next turn opening][f5 tokens]...
+    ask("q2")               sees f0..f5, q1 and its answer, and q2
+
+Frames are never re-encoded: asking costs the question and the answer, whatever the stream's age.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from streamvlm.cache import KVCache
+from streamvlm.chat import ChatLayout, assistant_message, user_message
+from streamvlm.errors import StreamVLMError
+from streamvlm.flops import FlopCounter
+from streamvlm.generation import SamplingConfig, TokenChooser
+from streamvlm.types import TEXT, VISION, Chunk, Turn
+from streamvlm.video.preprocess import FrameInput, as_frame_tensor
+
+if TYPE_CHECKING:
+    from streamvlm.runtime import StreamVLM
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _OpenTurn:
+    """A question checked and laid out, not yet fed."""
+
+    question: str
+    with_video: bool
+    prompt_pieces: list
+    """Pieces for Session._run: the video tail (if the turn has frames) and the prompt text."""
+    closing_ids: list[int]
+
+
+class Session:
+    def __init__(self, vlm: StreamVLM, sampling: SamplingConfig):
+        self._vlm = vlm
+        self._adapter = vlm.adapter
+        self._parts = vlm.adapter.decoder
+        self._sampling = sampling
+        self._layout = ChatLayout(vlm.adapter.tokenizer, vlm.adapter.video_token)
+        parts = self._parts
+        self.cache = KVCache(parts.num_layers, parts.num_kv_heads, parts.head_dim, vlm.adapter.dtype,
+                             vlm.adapter.device)
+        self.flops = FlopCounter.for_decoder(parts)
+        self.turns: list[Turn] = []
+        self._history: list[dict] = []
+        self._next_pos = 0
+        self._frames = 0
+        self._last_timestamp: float | None = None
+        self._open_video_text: str | None = None  # the current turn's text before its video, once appended
+        self._video_token_id = vlm.adapter.tokenizer.convert_tokens_to_ids(vlm.adapter.video_token)
+        # The sequence as token ids, frame tokens and video tails written as the video placeholder id:
+        # what transformers' processor would build for the same dialogue. 4 bytes a token.
+        self._trace = array("l")
+
+    # -- feeding ---------------------------------------------------------------------------------
+
+    def _text_ids(self, text: str) -> list[int]:
+        # The first piece of a session gets the tokenizer's special tokens (a BOS where the family has one),
+        # as transformers' processor does for the whole prompt.
+        return self._adapter.tokenizer(text, add_special_tokens=self._next_pos == 0)["input_ids"]
+
+    def _check_room(self, tokens: int, what: str) -> None:
+        limit = self._parts.max_positions
+        if self._next_pos + tokens > limit:
+            raise StreamVLMError(
+                f"{what} needs {tokens} more tokens but the session holds {self._next_pos} of the model's "
+                f"{limit}-token context; use fewer frames (a lower fps or --max-frames), a shorter question, "
+                "or a new session")
+
+    def _embed_text(self, ids: Sequence[int]) -> torch.Tensor:
+        return self._parts.embed_tokens(torch.tensor(ids, dtype=torch.long, device=self._adapter.device))
+
+    def _text_piece(self, ids: Sequence[int]) -> tuple[torch.Tensor, int, Sequence[int]]:
+        return self._embed_text(ids), -1, ids
+
+    def _run(self, pieces: list[tuple[torch.Tensor, int, Sequence[int] | None]], logits: str) -> torch.Tensor | None:
+        """Feed pieces of (embeds (n, d), frame index or -1 for text, token ids or None for video
+        embeddings) as one chunk."""
+        device = self._adapter.device
+        embeds, kinds, frames, spans = [], [], [], []
+        start = 0
+        for emb, frame, ids in pieces:
+            n = emb.shape[0]
+            self._trace.extend(ids if ids is not None else [self._video_token_id] * n)
+            embeds.append(emb)
+            kinds.append(torch.full((n,), VISION if frame >= 0 else TEXT, dtype=torch.uint8, device=device))
+            frames.append(torch.full((n,), frame, dtype=torch.int32, device=device))
+            if frame >= 0:
+                spans.append((start, start + n))
+            start += n
+        positions = torch.arange(self._next_pos, self._next_pos + start, device=device)
+        chunk = Chunk(torch.cat(embeds), positions, torch.cat(kinds), torch.cat(frames), tuple(spans))
+        out = self._vlm.decoder.forward(chunk, self.cache, self.flops, logits=logits)
+        self._next_pos += start
+        return out
+
+    @torch.inference_mode()
+    def append_frames(self, frames: FrameInput, timestamps: Sequence[float] | None = None) -> None:
+        """Encode frames and push their tokens into the cache. Any chunking gives the same result."""
+        frames = as_frame_tensor(frames)
+        count = frames.shape[0]
+        if timestamps is not None:
+            timestamps = [float(t) for t in timestamps]
+            if len(timestamps) != count:
+                raise StreamVLMError(f"got {count} frames but {len(timestamps)} timestamps")
+        opening = self._layout.before_video(self._history) if self._open_video_text is None else ""
+        opening_ids = self._text_ids(opening) if opening else []
+        tpf = self._adapter.vision.tokens_per_frame
+        self._check_room(len(opening_ids) + count * tpf + self._adapter.video_tail().shape[0] + 1,
+                         f"appending {count} frames ({tpf} tokens each)")
+        step = self._vlm.max_chunk_frames
+        for first in range(0, count, step):
+            group = frames[first:first + step]
+            feats = self._adapter.encode_frames(self._vlm.preprocess(group))  # (t, tpf, d)
+            self.flops.vision += group.shape[0] * self._adapter.vision.vision_flops_per_frame
+            pieces = [self._text_piece(opening_ids)] if opening_ids and first == 0 else []
+            pieces += [(feats[i], self._frames + i, None) for i in range(group.shape[0])]
+            self._run(pieces, logits="none")
+            self._frames += group.shape[0]
+        if self._open_video_text is None:
+            self._open_video_text = opening
+        if timestamps:
+            self._last_timestamp = timestamps[-1]
+
+    # -- asking ----------------------------------------------------------------------------------
+
+    def ask(self, question: str, **sampling) -> str:
+        """Answer a question about everything seen so far; the exchange stays in the cache."""
+        return "".join(self.ask_stream(question, **sampling))
+
+    def ask_stream(self, question: str, **sampling) -> Iterator[str]:
+        """Like `ask`, yielding the answer's text as it is generated.
+
+        Keyword overrides of the session's SamplingConfig: max_new_tokens, temperature, top_k, top_p,
+        seed, ignore_stop. Stopping the iteration early still closes the turn in the cache.
+        """
+        cfg = self._sampling.with_overrides(**sampling)
+        return self._answer(self._open_question(question, extra_tokens=1), cfg)
+
+    @torch.inference_mode()
+    def score(self, question: str, answer_ids: Sequence[int]) -> torch.Tensor:
+        """Teacher-forced logits for a given answer: (len(answer_ids) + 1, vocab), row i predicting answer
+        token i (the last row predicts what follows the answer). The exchange stays in the cache, as
+        after `ask`."""
+        answer_ids = [int(i) for i in answer_ids]
+        turn = self._open_question(question, extra_tokens=len(answer_ids))
+        logits = self._run(turn.prompt_pieces + [self._text_piece(answer_ids)], logits="all")
+        self._close_turn(turn, answer_ids, None, "scored")
+        return logits[-(len(answer_ids) + 1):]
+
+    def _open_question(self, question: str, extra_tokens: int) -> _OpenTurn:
+        """Check the question and build the pieces of its user turn (nothing is fed yet)."""
+        if not isinstance(question, str) or not question.strip():
+            raise StreamVLMError("the question is empty; ask something about the video")
+        with_video = self._open_video_text is not None
+        turn_text = self._layout.user_turn(self._history, question, with_video)
+        if with_video and turn_text.before_video != self._open_video_text:
+            raise StreamVLMError("the chat template's text before the video depends on the question; "
+                                 "it cannot be streamed")
+        closing_ids = self._adapter.tokenizer(self._layout.closing(self._history, question, with_video),
+                                              add_special_tokens=False)["input_ids"]
+        prompt_ids = self._text_ids(turn_text.after_video if with_video else turn_text.before_video
+                                    + turn_text.after_video)
+        pieces = [self._text_piece(prompt_ids)]
+        if with_video:
+            tail = self._adapter.video_tail()
+            pieces.insert(0, (tail, -1, None))
+        prompt_len = sum(p[0].shape[0] for p in pieces)
+        self._check_room(prompt_len + len(closing_ids) + extra_tokens, f"the question ({len(prompt_ids)} tokens)")
+        return _OpenTurn(question, with_video, pieces, closing_ids)
+
+    def _answer(self, turn: _OpenTurn, cfg: SamplingConfig) -> Iterator[str]:
+        tokenizer = self._adapter.tokenizer
+        stop_ids = set() if cfg.ignore_stop else set(self._adapter.stop_token_ids)
+        chooser = TokenChooser(cfg, self._adapter.device)
+        ids: list[int] = []
+        pending: int | None = None  # the last generated token, until it is fed to the model
+        stop_reason = "max_new_tokens"
+        emitted = ""
+        try:
+            with torch.inference_mode():
+                logits = self._run(turn.prompt_pieces, logits="last")
+            # Room left for answer tokens, keeping the closing text inside the context.
+            room = self._parts.max_positions - self._next_pos - len(turn.closing_ids)
+            while True:
+                token = chooser(logits)
+                if token in stop_ids:
+                    stop_reason = "stop_token"
+                    break
+                ids.append(token)
+                pending = token
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                if not text.endswith("\ufffd"):  # hold back a half-decoded multi-byte character
+                    yield text[len(emitted):]
+                    emitted = text
+                if len(ids) >= min(cfg.max_new_tokens, room):
+                    stop_reason = "max_new_tokens" if len(ids) >= cfg.max_new_tokens else "context_full"
+                    break
+                with torch.inference_mode():
+                    logits = self._run([self._text_piece([token])], logits="last")
+                pending = None
+            final = tokenizer.decode(ids, skip_special_tokens=True)
+            if final != emitted:
+                yield final[len(emitted):]
+        except GeneratorExit:
+            stop_reason = "cancelled"
+            raise
+        finally:
+            self._close_turn(turn, ids, pending, stop_reason)
+
+    def _close_turn(self, turn: _OpenTurn, ids: list[int], pending: int | None, stop_reason: str) -> None:
+        """Feed what closes the assistant turn (a token generated but not yet fed, then the closing text)."""
+        with torch.inference_mode():
+            rest = ([pending] if pending is not None else []) + turn.closing_ids
+            if rest:
+                self._run([self._text_piece(rest)], logits="none")
+        answer = self._adapter.tokenizer.decode(ids, skip_special_tokens=True)
+        self._history += [user_message(turn.question, turn.with_video), assistant_message(answer)]
+        self.turns.append(Turn(question=turn.question, answer=answer, answer_ids=tuple(ids),
+                               frames_seen=self._frames, stream_time=self._last_timestamp, stop_reason=stop_reason))
+        self._open_video_text = None
+
+    def token_ids(self) -> list[int]:
+        """The session's sequence as token ids, with every frame token and video tail written as the video
+        placeholder id, i.e. the input_ids transformers' processor builds for the same dialogue."""
+        return self._trace.tolist()
+
+    # -- reporting -------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Figures of the session so far.
+
+        frames: frames ingested. tokens: tokens in the sequence (the length a dense cache has).
+        kv_bytes: exact bytes of cached keys and values. kv_bytes_dense: the same with routing off.
+        kv_bytes_reserved: bytes allocated (spare capacity and metadata included).
+        kv_entries_per_layer, tokens_processed_per_layer: lists, one number per decoder layer.
+        flops: {vision, llm, llm_dense}, analytic (see streamvlm.flops).
+        """
+        return {
+            "frames": self._frames,
+            "tokens": self._next_pos,
+            "turns": len(self.turns),
+            "kv_bytes": self.cache.kv_bytes,
+            "kv_bytes_dense": self._next_pos * self._parts.num_layers * self.cache.bytes_per_entry,
+            "kv_bytes_reserved": self.cache.reserved_bytes,
+            "kv_entries_per_layer": self.cache.entries_per_layer,
+            "tokens_processed_per_layer": list(self.flops.tokens_processed_per_layer),
+            "flops": self.flops.as_dict(),
+        }

@@ -1,0 +1,61 @@
+"""Small value types that cross subsystem boundaries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TEXT = 0
+"""Token kind: text (and any other non-routed token, such as a video's closing newline)."""
+VISION = 1
+"""Token kind: a vision token of a frame; only these are routed."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A run of consecutive tokens fed through the decoder at once (text, frames, or both).
+
+    Tokens are in sequence order. Frame tokens of one frame are contiguous and row-major on the frame's
+    token grid, so routers can take top-k within each frame and reason about neighbours.
+    """
+
+    embeds: torch.Tensor
+    """(n, d) input embeddings."""
+    positions: torch.Tensor
+    """(n,) int64 absolute positions in the session's token sequence; RoPE uses these."""
+    kinds: torch.Tensor
+    """(n,) uint8, TEXT or VISION."""
+    frames: torch.Tensor
+    """(n,) int32 session frame index of each vision token, -1 for text."""
+    frame_spans: tuple[tuple[int, int], ...] = ()
+    """(start, end) within the chunk of each frame's vision tokens, in order."""
+
+    def __post_init__(self):
+        n = self.embeds.shape[0]
+        if not (self.positions.shape == self.kinds.shape == self.frames.shape == (n,)):
+            raise ValueError("chunk fields must all have one entry per token")
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frame_spans)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One question and its answer in a session."""
+
+    question: str
+    answer: str
+    answer_ids: tuple[int, ...]
+    """Generated token ids, without the stop token."""
+    frames_seen: int
+    """Frames ingested when the question was asked; the answer refers to these."""
+    stream_time: float | None
+    """Timestamp (seconds) of the last frame seen, when frames carried timestamps."""
+    stop_reason: str
+    """"stop_token", "max_new_tokens", "context_full" (the model's context is used up), "cancelled" (the
+    caller stopped reading the stream) or "scored" (the answer was given to `Session.score`)."""

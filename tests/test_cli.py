@@ -1,0 +1,78 @@
+"""The command line: the main job on the built-in defaults, init-tiny, bench, and clean errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from streamvlm.cli import main
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMVLM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_ask_on_builtin_defaults(cache, capsys):
+    assert main(["ask", "-q", "What happens in the video?", "-q", "And then?", "--max-new-tokens", "5",
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e["type"] for e in events] == ["answer", "answer", "stats"]
+    assert events[0]["question"] == "What happens in the video?" and isinstance(events[0]["text"], str)
+    assert events[2]["frames"] == 8 and events[2]["turns"] == 2
+    assert events[0]["t"] is not None and events[0]["t"] > 5.0  # last of 8 frames spread over the sample's 8 s
+    assert "untrained" in err
+    assert (cache / "sample.mp4").is_file() and (cache / "builtin-tiny-llava-onevision" / "config.json").is_file()
+
+
+def test_ask_text_output_streams_the_answer(cache, capsys):
+    assert main(["ask", "--fps", "2", "--max-new-tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("Q: What happens in the video?\nA: ")
+    assert "16 frames" in err
+
+
+def test_init_tiny_then_ask(tmp_path, cache, capsys):
+    model = tmp_path / "tiny"
+    assert main(["init-tiny", str(model), "--layers", "3", "--hidden", "48"]) == 0
+    assert "3 layers" in capsys.readouterr().out
+    assert main(["init-tiny", str(model)]) == 2  # refuses to overwrite
+    assert "--force" in capsys.readouterr().err
+    assert main(["ask", "--model", str(model), "--num-frames", "2", "--max-new-tokens", "2", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.splitlines()[-1])["frames"] == 2 and "untrained" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ask", "--model", "/nonexistent/model"], "does not exist"),
+    (["ask", "/nonexistent/video.mp4"], "video.mp4"),
+    (["ask", "--fps", "1", "--num-frames", "3"], "not both"),
+    (["ask", "--routing", "nonsense"], "unknown routing"),
+])
+def test_user_errors_exit_2_with_one_line(cache, capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bench_dense_json_runs(tmp_path, cache, capsys):
+    from streamvlm.tiny import write_tiny_checkpoint
+
+    model = write_tiny_checkpoint(tmp_path / "m")
+    assert main(["bench", "dense", "--model", str(model), "--frames", "2", "--new-tokens", "2", "--repeats", "1",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["phase"] for r in result["rows"]] == ["prefill", "streamed_prefill", "answer", "warm_ask"]
+    for row in result["rows"]:
+        assert row["ours_s"] > 0 and row["transformers_s"] > 0
+        assert row["speedup"] == pytest.approx(row["transformers_s"] / row["ours_s"])
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "streamvlm", "--help"], capture_output=True, text=True, check=True)
+    assert "ask" in out.stdout and "init-tiny" in out.stdout and "bench" in out.stdout

@@ -1,0 +1,145 @@
+"""Sessions: any chunking equals one shot, later questions see the dialogue, exact byte accounting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streamvlm import StreamVLM
+from support import hf_inputs, random_frames
+
+QUESTION = "What is on the table?"
+
+
+@pytest.fixture(scope="module")
+def vlm(checkpoints):
+    return StreamVLM.from_pretrained(checkpoints["mqa_deep"])
+
+
+@pytest.mark.parametrize("chunking", [[1] * 6, [2, 2, 2], [6], [1, 4, 1], [5, 1]])
+def test_any_chunking_gives_the_one_shot_answer(vlm, chunking):
+    frames = random_frames(6, seed=7)
+    one_shot = vlm.generate(frames, QUESTION, max_new_tokens=24, ignore_stop=True)
+
+    session = vlm.session()
+    start = 0
+    for size in chunking:
+        session.append_frames(frames[start:start + size])
+        start += size
+    assert session.ask(QUESTION, max_new_tokens=24, ignore_stop=True) == one_shot
+    assert session.stats()["frames"] == 6
+
+
+def test_chunk_size_inside_the_runtime_does_not_matter(checkpoints):
+    frames = random_frames(5, seed=8)
+    answers = {
+        size: StreamVLM.from_pretrained(checkpoints["gqa"], max_chunk_frames=size).generate(
+            frames, QUESTION, max_new_tokens=16, ignore_stop=True)
+        for size in (1, 2, 8)
+    }
+    assert len(set(answers.values())) == 1
+
+
+def test_later_questions_see_the_dialogue_and_new_frames(vlm, checkpoints, hf_model):
+    frames = random_frames(6, seed=9)
+    session = vlm.session()
+    session.append_frames(frames[:3])
+    first = session.ask("What is moving?", max_new_tokens=6, ignore_stop=True)
+    session.append_frames(frames[3:])
+    second = session.ask("And now?", max_new_tokens=6, ignore_stop=True)
+    third_logits = session.score("Where did it go?", [11, 12, 13])
+    assert [t.question for t in session.turns] == ["What is moving?", "And now?", "Where did it go?"]
+    assert session.turns[0].frames_seen == 3 and session.turns[1].frames_seen == 6
+
+    # The cache holds exactly the dialogue: transformers' forward over the whole sequence, with the
+    # two videos in place of their placeholders, gives the same logits for the third answer.
+    ids = session.token_ids()
+    text = vlm.tokenizer.decode(ids)
+    assert text.index("What is moving?") < text.index(first) < text.index("And now?") < text.index("Where did it go?")
+    assert second in text
+    pixels = torch.stack([vlm.preprocess(frames[:3]), vlm.preprocess(frames[3:])])  # (2 videos, 3, 3, h, w)
+    with torch.no_grad():
+        logits = hf_model(checkpoints["mqa_deep"])(input_ids=torch.tensor([ids]), pixel_values_videos=pixels).logits[0]
+    # The score call closed its turn with "<|im_end|>\n" after the 3 answer tokens.
+    closing = len(vlm.tokenizer("<|im_end|>\n", add_special_tokens=False)["input_ids"])
+    theirs = logits[-(closing + 4):-closing]
+    assert (third_logits - theirs).abs().max().item() <= 1e-4
+
+    # Dialogue rendered whole by the chat template equals what the session appended turn by turn.
+    video = vlm.tokenizer.convert_tokens_to_ids("<video>")
+    rendered = vlm.tokenizer.apply_chat_template([
+        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What is moving?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "\ue000"}]},
+        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "And now?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "\ue000"}]},
+        {"role": "user", "content": [{"type": "text", "text": "Where did it go?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "\ue000"}]},
+    ], tokenize=False)
+    pieces = rendered.split("\ue000")
+    answers = [list(t.answer_ids) for t in session.turns]
+    expected = []
+    for i, piece in enumerate(pieces):
+        for j, part in enumerate(piece.split("<video>")):
+            if j:
+                expected += [video] * (3 * vlm.tokens_per_frame + 1)
+            expected += vlm.tokenizer(part, add_special_tokens=False)["input_ids"]
+        if i < len(answers):
+            expected += answers[i]
+    assert ids == expected
+
+
+def test_question_without_frames_and_frames_after_questions(vlm):
+    session = vlm.session()
+    text = session.ask("Hello?", max_new_tokens=4, ignore_stop=True)
+    assert isinstance(text, str) and session.stats()["frames"] == 0
+    session.append_frames(random_frames(2, seed=3))
+    session.ask("What now?", max_new_tokens=4)
+    assert session.turns[-1].frames_seen == 2
+
+
+def test_ask_stream_pieces_join_to_ask_and_early_stop_closes_the_turn(vlm):
+    frames = random_frames(2, seed=5)
+    full = vlm.generate(frames, QUESTION, max_new_tokens=12, ignore_stop=True)
+    session = vlm.session()
+    session.append_frames(frames)
+    pieces = list(session.ask_stream(QUESTION, max_new_tokens=12, ignore_stop=True))
+    assert "".join(pieces) == full and len(pieces) > 1
+
+    session = vlm.session()
+    session.append_frames(frames)
+    stream = session.ask_stream(QUESTION, max_new_tokens=12, ignore_stop=True)
+    next(stream)
+    stream.close()  # the caller stops reading after one piece
+    turn = session.turns[0]
+    assert len(session.turns) == 1 and 1 <= len(turn.answer_ids) < 12 and turn.stop_reason == "cancelled"
+    tokens = session.stats()["tokens"]
+    assert session.token_ids()[-2 - len(turn.answer_ids):-2] == list(turn.answer_ids)  # every answer token is cached
+    session.ask("Go on.", max_new_tokens=2, ignore_stop=True)  # the session is still usable
+    assert session.stats()["tokens"] > tokens
+
+
+def test_sampling_is_seeded(vlm):
+    frames = random_frames(2, seed=6)
+    kwargs = dict(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.9, ignore_stop=True)
+    a = vlm.generate(frames, QUESTION, seed=1, **kwargs)
+    assert a == vlm.generate(frames, QUESTION, seed=1, **kwargs)
+    assert a != vlm.generate(frames, QUESTION, seed=2, **kwargs)
+    assert a != vlm.generate(frames, QUESTION, max_new_tokens=16, ignore_stop=True)
+
+
+def test_stats_bytes_equal_the_cache_tensors(vlm):
+    session = vlm.session()
+    session.append_frames(random_frames(3, seed=1))
+    session.ask(QUESTION, max_new_tokens=5, ignore_stop=True)
+    stats = session.stats()
+    cache = session.cache
+    tensor_bytes = sum(cache.keys(l).nbytes + cache.values(l).nbytes for l in range(cache.num_layers))
+    assert stats["kv_bytes"] == tensor_bytes
+    parts = vlm.adapter.decoder
+    per_entry = 2 * parts.num_kv_heads * parts.head_dim * 4  # float32 keys and values
+    assert stats["kv_bytes"] == stats["tokens"] * parts.num_layers * per_entry == stats["kv_bytes_dense"]
+    assert stats["kv_entries_per_layer"] == [stats["tokens"]] * parts.num_layers
+    assert stats["tokens"] == len(session.token_ids())
+    assert stats["kv_bytes_reserved"] >= stats["kv_bytes"]
+    assert set(stats["flops"]) == {"vision", "llm", "llm_dense"}
+    assert stats["flops"]["llm"] == stats["flops"]["llm_dense"] > 0 and stats["flops"]["vision"] > 0

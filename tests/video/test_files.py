@@ -1,0 +1,396 @@
+"""Video file decoding, sampling, rotation, bad files and the sample video. Videos are made here with PyAV."""
+
+from __future__ import annotations
+
+import logging
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from streamvlm.errors import StreamVLMError
+from streamvlm.video import files, sample
+from streamvlm.video.files import VideoClip, probe_video, read_video, write_video
+
+FPS = 8
+N = 24  # 3 s at 8 fps
+STEP = 10  # frame i has red = STEP * i: the index survives the codec in a flat colour
+
+
+def indexed_frames(n: int = N, height: int = 48, width: int = 64, noise: bool = False) -> np.ndarray:
+    """uint8 (n, H, W, 3): frame i is flat red=10i, green=255-10i, blue=128 (noise in the lower right)."""
+    frames = np.zeros((n, height, width, 3), np.uint8)
+    for i in range(n):
+        frames[i] = (STEP * i, 255 - STEP * i, 128)
+    if noise:  # makes packets large enough to cut a file inside one
+        rng = np.random.default_rng(0)
+        frames[:, height // 2 :, width // 2 :] = rng.integers(0, 256, (n, height // 2, width // 2, 3), dtype=np.uint8)
+    return frames
+
+
+def indices(clip: VideoClip) -> list[int]:
+    """Which indexed frame each decoded frame is, from the red of its upper-left quarter."""
+    h, w = clip.frames.shape[1] // 2, clip.frames.shape[2] // 2
+    red = clip.frames[:, :h, :w, 0].double().mean(dim=(1, 2))
+    return (red / STEP).round().long().tolist()
+
+
+def encode(path, frames, pts=None, time_base=Fraction(1, FPS), rotation=None, codec="mpeg4"):
+    """Write frames with PyAV directly: explicit pts (in time_base units) and display rotation."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.bit_rate = 2_000_000
+        stream.codec_context.time_base = time_base
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i if pts is None else pts[i]
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+@pytest.fixture
+def video(tmp_path):
+    return write_video(tmp_path / "indexed.mp4", indexed_frames(), fps=FPS)
+
+
+# ---------------------------------------------------------------- decoding and sampling
+
+
+def test_every_frame_with_content_and_timestamps(video):
+    clip = read_video(video)
+    assert clip.frames.shape == (N, 48, 64, 3) and clip.frames.dtype == torch.uint8
+    assert clip.timestamps.dtype == torch.float64
+    assert clip.timestamps.tolist() == pytest.approx([i / FPS for i in range(N)])
+    assert indices(clip) == list(range(N))
+    expected = torch.from_numpy(indexed_frames()).float()
+    assert (clip.frames.float() - expected).abs().mean() < 3  # codec tolerance
+    assert clip.duration == pytest.approx(N / FPS) and clip.fps == pytest.approx(FPS)
+    assert clip.path == str(video)
+
+
+@pytest.mark.parametrize("codec", ["mpeg4", "libx264"])
+def test_write_video_codecs_round_trip(tmp_path, codec):
+    if codec not in av.codecs_available:
+        pytest.skip(f"{codec} not in this PyAV build")
+    path = write_video(tmp_path / "v.mkv", torch.from_numpy(indexed_frames()), fps=FPS, codec=codec)
+    clip = read_video(path)
+    assert indices(clip) == list(range(N))  # libx264 reorders frames (B-frames): order must come back right
+    assert probe_video(path)["codec"] == {"mpeg4": "mpeg4", "libx264": "h264"}[codec]
+
+
+@pytest.mark.parametrize(
+    "num_frames, expected",
+    [
+        (6, [0, 4, 8, 12, 16, 20]),  # targets 0, .5, 1, ... land on frames
+        (5, [0, 5, 10, 14, 19]),  # targets 0, .6, 1.2, 1.8, 2.4: nearest are .625, 1.25, 1.75, 2.375
+        (1, [0]),
+    ],
+)
+def test_num_frames_picks_nearest(video, num_frames, expected):
+    clip = read_video(video, num_frames=num_frames)
+    assert indices(clip) == expected
+    assert clip.timestamps.tolist() == pytest.approx([i / FPS for i in expected])
+    assert clip.fps == pytest.approx(num_frames / (N / FPS))
+
+
+def test_num_frames_more_than_the_video_repeats_frames(video):
+    clip = read_video(video, num_frames=2 * N)
+    assert len(clip) == 2 * N
+    assert sorted(set(indices(clip))) == list(range(N))
+
+
+def test_fps_takes_latest_frame_at_or_before_each_tick(video):
+    clip = read_video(video, fps=3)
+    # ticks k/3 s; latest frames at or before: 0, .25, .625, 1, 1.25, 1.625, 2, 2.25, 2.625
+    assert indices(clip) == [0, 2, 5, 8, 10, 13, 16, 18, 21]
+    assert clip.fps == 3
+    assert len(read_video(video, fps=16)) == 48  # one frame per tick, repeated above the native rate
+
+
+def test_start_and_end(video):
+    clip = read_video(video, start=1.0, end=2.0)
+    assert indices(clip) == list(range(8, 16))
+    assert clip.timestamps.tolist() == pytest.approx([i / FPS for i in range(8, 16)])
+    assert indices(read_video(video, num_frames=4, start=1.0, end=2.0)) == [8, 10, 12, 14]
+    assert indices(read_video(video, fps=2, start=0.5)) == [4, 8, 12, 16, 20]
+
+
+def test_start_seeks_past_a_keyframe(tmp_path):
+    # keyframes every 12 frames (mpeg4's default gop): start=1.6 seeks to frame 12 and drops it
+    path = write_video(tmp_path / "v.mp4", indexed_frames(), fps=FPS)
+    clip = read_video(path, start=1.6)
+    assert indices(clip) == list(range(13, N))
+    assert clip.timestamps[0].item() == pytest.approx(13 / FPS)
+
+
+def test_max_frames_thins_uniformly(video):
+    assert indices(read_video(video, max_frames=6)) == [0, 4, 8, 12, 16, 20]
+    assert indices(read_video(video, fps=8, max_frames=4)) == [0, 6, 12, 18]
+    assert indices(read_video(video, num_frames=10, max_frames=3)) == [0, 8, 16]
+    assert len(read_video(video, max_frames=100)) == N
+
+
+def test_variable_frame_rate_keeps_real_timestamps(tmp_path):
+    pts_ms = [0, 100, 200, 700, 750, 1500]
+    path = encode(tmp_path / "vfr.mp4", indexed_frames(len(pts_ms)), pts=pts_ms, time_base=Fraction(1, 1000))
+    clip = read_video(path)
+    assert clip.timestamps.tolist() == pytest.approx([t / 1000 for t in pts_ms])
+    assert indices(clip) == list(range(len(pts_ms)))
+    # ticks 0, .25, .5, .75, 1, 1.25: latest frames at or before are at 0, .2, .2, .75, .75, .75
+    assert indices(read_video(path, fps=4, end=1.5)) == [0, 2, 2, 4, 4, 4]
+    # targets 0, .5, 1: nearest are 0, .7 (vs .2), .75
+    assert indices(read_video(path, num_frames=3, end=1.5)) == [0, 3, 4]
+
+
+def test_stream_start_offset_is_removed(tmp_path):
+    # first frame at pts 8 (1 s): timestamps still count from the stream start
+    path = encode(tmp_path / "offset.mkv", indexed_frames(8), pts=[8 + i for i in range(8)])
+    clip = read_video(path)
+    assert clip.timestamps.tolist() == pytest.approx([i / FPS for i in range(8)])
+    assert indices(clip) == list(range(8))
+
+
+@pytest.mark.skipif(files._decord is None, reason="decord not installed")
+@pytest.mark.parametrize("name", ["v.mp4", "v.mkv"])
+@pytest.mark.parametrize("num_frames", [5, 7, 16, 48])
+def test_decord_and_pyav_agree(tmp_path, monkeypatch, name, num_frames):
+    path = encode(tmp_path / name, indexed_frames(noise=True), pts=[i + (3 if i > 9 else 0) for i in range(N)])
+    calls = []
+    real = files._read_nearest_decord
+    monkeypatch.setattr(files, "_read_nearest_decord", lambda *a: calls.append(1) or real(*a))
+    fast = read_video(path, num_frames=num_frames, start=0.2)
+    assert calls and real(files._probe(path), np.array([0.0]), 0.0, 10.0) is not None  # decord really ran
+    monkeypatch.setattr(files, "_decord", None)
+    slow = read_video(path, num_frames=num_frames, start=0.2)
+    assert torch.equal(fast.timestamps, slow.timestamps)
+    assert torch.equal(fast.frames, slow.frames)
+
+
+# ---------------------------------------------------------------- rotation
+
+
+def upright_picture(height: int = 48, width: int = 64) -> np.ndarray:
+    """uint8 (H, W, 3): dark, with a white block in the top-left corner (tells all four rotations apart)."""
+    picture = np.full((height, width, 3), 20, np.uint8)
+    picture[:16, :16] = 235
+    return picture
+
+
+@pytest.mark.parametrize("rotation", [90, 180, -90])
+def test_rotated_video_comes_out_upright(tmp_path, rotation):
+    upright = upright_picture()
+    # stored turned clockwise by `rotation`; the display matrix says turn it back counter-clockwise
+    stored = np.ascontiguousarray(np.rot90(upright, k=-rotation // 90))
+    path = encode(tmp_path / "rotated.mp4", np.stack([stored] * 4), rotation=rotation)
+
+    info = probe_video(path)
+    assert info["rotation"] % 360 == rotation % 360
+    assert (info["width"], info["height"]) == (64, 48)
+    clip = read_video(path)
+    assert clip.frames.shape == (4, 48, 64, 3)
+    assert (clip.frames[0].float() - torch.from_numpy(upright).float()).abs().mean() < 4
+    if files._decord is not None:  # an independent reader that applies the rotation itself
+        import decord
+
+        by_decord = decord.VideoReader(str(path))[0].asnumpy()
+        assert np.abs(by_decord.astype(float) - upright).mean() < 4
+
+
+def test_rotation_helper_on_a_synthetic_frame():
+    frame = torch.arange(6, dtype=torch.uint8).reshape(1, 2, 3, 1).expand(1, 2, 3, 3)
+    # [[0 1 2], [3 4 5]] turned counter-clockwise: the right column becomes the top row
+    assert files._upright(frame, 90)[0, :, :, 0].tolist() == [[2, 5], [1, 4], [0, 3]]
+    assert files._upright(frame, -90)[0, :, :, 0].tolist() == [[3, 0], [4, 1], [5, 2]]
+    assert files._upright(frame, 180)[0, :, :, 0].tolist() == [[5, 4, 3], [2, 1, 0]]
+    assert files._upright(frame, 0) is frame
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_probe_video(video):
+    info = probe_video(video)
+    assert info["duration"] == pytest.approx(3.0)
+    assert info["fps"] == pytest.approx(FPS)
+    assert (info["width"], info["height"], info["codec"], info["rotation"]) == (64, 48, "mpeg4", 0)
+    assert info["num_frames"] == N
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(StreamVLMError, match="not found"):
+        read_video(tmp_path / "nope.mp4")
+
+
+def test_directory(tmp_path):
+    with pytest.raises(StreamVLMError, match="is a directory"):
+        probe_video(tmp_path)
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.mp4").touch()
+    with pytest.raises(StreamVLMError, match="empty"):
+        read_video(tmp_path / "empty.mp4")
+
+
+def test_text_file(tmp_path):
+    path = tmp_path / "notes.mp4"
+    path.write_text("not a video, just some notes\n" * 50)
+    with pytest.raises(StreamVLMError, match="not a video file"):
+        read_video(path)
+
+
+def test_audio_only_file(tmp_path):
+    path = tmp_path / "audio.m4a"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        for i in range(8):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    with pytest.raises(StreamVLMError, match="no video stream.*audio"):
+        read_video(path)
+
+
+def test_destroyed_header(tmp_path, video):
+    data = bytearray(video.read_bytes())
+    data[:256] = np.random.default_rng(1).integers(0, 256, 256, dtype=np.uint8).tobytes()
+    (tmp_path / "bad.mp4").write_bytes(bytes(data))
+    with pytest.raises(StreamVLMError, match="corrupt"):
+        read_video(tmp_path / "bad.mp4")
+
+
+def test_random_bytes_in_the_middle(tmp_path, caplog):
+    # mp4 keeps its index at the end, so the damage lands in frame data: those frames are skipped
+    good = write_video(tmp_path / "good.mp4", indexed_frames(noise=True), fps=FPS).read_bytes()
+    middle = len(good) // 2
+    junk = np.random.default_rng(2).integers(0, 256, 1000, dtype=np.uint8).tobytes()
+    path = tmp_path / "bad.mp4"
+    path.write_bytes(good[: middle - 500] + junk + good[middle + 500 :])
+    with caplog.at_level(logging.WARNING, logger="streamvlm.video.files"):
+        clip = read_video(path)
+    assert 0 < len(clip) < N
+    assert indices(clip)[:10] == list(range(10))
+    assert "truncated or corrupt" in caplog.text
+
+
+def test_truncated_mkv_returns_what_decoded(tmp_path, caplog, monkeypatch):
+    good = write_video(tmp_path / "good.mkv", indexed_frames(noise=True), fps=FPS).read_bytes()
+    path = tmp_path / "cut.mkv"
+    path.write_bytes(good[: len(good) * 6 // 10])
+    with caplog.at_level(logging.WARNING, logger="streamvlm.video.files"):
+        clip = read_video(path)
+    assert 5 < len(clip) < N
+    assert indices(clip)[:5] == list(range(5))
+    assert clip.timestamps.tolist() == pytest.approx([i / FPS for i in range(len(clip))])
+    assert "truncated or corrupt" in caplog.text
+    # sampling past the cut returns only frames that exist, warns, and agrees with or without decord
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="streamvlm.video.files"):
+        sampled = read_video(path, num_frames=12)
+    assert 0 < len(sampled) < 12 and "truncated or corrupt" in caplog.text
+    monkeypatch.setattr(files, "_decord", None)
+    assert torch.equal(read_video(path, num_frames=12).frames, sampled.frames)
+
+
+@pytest.mark.parametrize("name, keep", [("cut.mp4", 0.6), ("cut.mkv", 0.05)])
+def test_truncated_with_no_frame_is_an_error(tmp_path, name, keep):
+    # an .mp4 cut short loses its index (written last); an mkv cut inside its first frame has no frame
+    good = write_video(tmp_path / ("good" + name[3:]), indexed_frames(noise=True), fps=FPS).read_bytes()
+    (tmp_path / name).write_bytes(good[: int(len(good) * keep)])
+    with pytest.raises(StreamVLMError, match="truncated"):
+        read_video(tmp_path / name)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_frames=4, fps=2.0), "not both"),
+        (dict(num_frames=0), "num_frames"),
+        (dict(fps=0.0), "fps must be positive"),
+        (dict(max_frames=0), "max_frames"),
+        (dict(start=-1.0), "start"),
+        (dict(start=2.0, end=1.0), "must be after start"),
+        (dict(start=5.0), "past the end"),
+    ],
+)
+def test_bad_arguments(video, kwargs, message):
+    with pytest.raises(StreamVLMError, match=message):
+        read_video(video, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "frames, message",
+    [
+        (np.zeros((2, 47, 64, 3), np.uint8), "even"),
+        (np.zeros((2, 48, 64, 3), np.float32), "uint8"),
+        (np.zeros((48, 64, 3), np.uint8), "uint8 \\(T, H, W, 3\\)"),
+        (np.zeros((0, 48, 64, 3), np.uint8), "T >= 1"),
+    ],
+)
+def test_write_video_rejects_bad_frames(tmp_path, frames, message):
+    with pytest.raises(StreamVLMError, match=message):
+        write_video(tmp_path / "v.mp4", frames)
+
+
+def test_write_video_unknown_codec(tmp_path):
+    with pytest.raises(StreamVLMError, match="not in this PyAV build"):
+        write_video(tmp_path / "v.mp4", indexed_frames(2), codec="no-such-codec")
+
+
+# ---------------------------------------------------------------- sample video
+
+
+def test_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("STREAMVLM_CACHE", str(tmp_path / "a"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert sample.cache_dir() == tmp_path / "a"
+    monkeypatch.delenv("STREAMVLM_CACHE")
+    assert sample.cache_dir() == tmp_path / "x" / "streamvlm"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert sample.cache_dir() == tmp_path / "home" / ".cache" / "streamvlm"
+
+
+def region(frame: torch.Tensor, top: int, left: int, size: int = 16) -> list[float]:
+    return frame[top : top + size, left : left + size].double().mean(dim=(0, 1)).tolist()
+
+
+def test_sample_video_is_created_once_and_shows_its_content(monkeypatch, tmp_path):
+    monkeypatch.setenv("STREAMVLM_CACHE", str(tmp_path))
+    path = sample.sample_video()
+    assert path == tmp_path / "sample.mp4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample.mp4"]  # no temp file left behind
+
+    writes = []
+    monkeypatch.setattr(sample, "write_video", lambda *a, **k: writes.append(a))
+    assert sample.sample_video() == path and not writes
+
+    clip = read_video(path)
+    assert clip.frames.shape == (64, 256, 256, 3)
+    assert clip.duration == pytest.approx(8.0) and clip.fps == pytest.approx(8.0)
+    first, last = clip.frames[0], clip.frames[-1]
+    red, blue = [220, 30, 30], [30, 60, 220]
+    # the red square moves from the left (x 8..56) to the right (x 200..248) along y 40..88
+    assert region(first, 56, 24) == pytest.approx(red, abs=12)
+    assert region(last, 56, 216) == pytest.approx(red, abs=12)
+    assert region(first, 56, 216)[0] < 100 and region(last, 56, 24)[0] < 100
+    # the blue disc (centre 176, 176) is absent before second 3 and present from it on
+    assert region(clip.frames[23], 168, 168)[2] < 150
+    assert region(clip.frames[24], 168, 168) == pytest.approx(blue, abs=12)
+    # the progress bar along y 232..244 is empty at the start and full at the end
+    assert region(first, 234, 200, size=8)[1] < 200
+    assert region(last, 234, 200, size=8) == pytest.approx([255] * 3, abs=12)
+    # the whole picture matches what was drawn
+    assert (clip.frames.float() - sample._draw_sample().float()).abs().mean() < 3
+
+
+def test_sample_video_at_a_given_path(tmp_path):
+    path = sample.sample_video(tmp_path / "here" / "s.mkv")
+    assert path.is_file() and probe_video(path)["duration"] == pytest.approx(8.0)

@@ -1,0 +1,1 @@
+"""Lightning training for routers (the runtime never imports this package)."""
