@@ -29,15 +29,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
     """q (H, m, hd) are the queries of the last m of `keys`/`values` (KV, L, hd): each sees every earlier
-    entry and, inside the chunk, itself and the kept tokens before it. Returns (H, m, hd)."""
+    entry and, inside the chunk, itself and the kept tokens before it. Returns (H, m, hd).
+
+    Pitfall: SDPA needs 4-D (batch, heads, seq, dim) inputs to reach its fused CPU kernel; 3-D inputs
+    fall back to the unfused path, which is 5-7x slower at a few thousand keys.
+    """
     m, length = q.shape[1], keys.shape[1]
     gqa = q.shape[0] != keys.shape[0]
+    q, keys, values = q[None], keys[None], values[None]
     if m == 1 or m == length:
         # One query sees everything; a chunk on an empty cache is plain causal attention.
-        return F.scaled_dot_product_attention(q, keys, values, is_causal=m > 1, scale=scale, enable_gqa=gqa)
-    mask = torch.ones(m, length, dtype=torch.bool, device=q.device)
-    mask[:, length - m:] = torch.ones(m, m, dtype=torch.bool, device=q.device).tril_()
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=m > 1, scale=scale, enable_gqa=gqa)
+    else:
+        mask = torch.ones(m, length, dtype=torch.bool, device=q.device)
+        mask[:, length - m:] = torch.ones(m, m, dtype=torch.bool, device=q.device).tril_()
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out[0]
 
 
 class Decoder:
