@@ -1,5 +1,12 @@
-"""Routers: which vision tokens each decoder layer processes (installed as streamvlm.routers)."""
+"""Routers: which vision tokens each decoder layer processes (installed as streamvlm.routers).
+
+Imports only torch and streamvlm core types: the runtime uses routers without Lightning.
+"""
 
 from streamvlm.routers.base import DenseRouter, RouteDecision, Router
+from streamvlm.routers.config import RoutingConfig
+from streamvlm.routers.mod import MoDRouter
+from streamvlm.routers.registry import build_router, load_router, resolve_routing, save_router
 
-__all__ = ["DenseRouter", "RouteDecision", "Router"]
+__all__ = ["DenseRouter", "MoDRouter", "RouteDecision", "Router", "RoutingConfig", "build_router", "load_router",
+           "resolve_routing", "save_router"]

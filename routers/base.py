@@ -34,9 +34,16 @@ class Router(nn.Module):
     def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
         raise NotImplementedError
 
+    def spec(self) -> str:
+        """The --routing string this router answers to (for stats and output records)."""
+        return type(self).__name__
+
 
 class DenseRouter(Router):
     """Every token through every layer: the model as trained."""
+
+    def spec(self) -> str:
+        return "dense"
 
     def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
         return None

@@ -2,8 +2,9 @@
 
 from streamvlm.errors import StreamVLMError
 from streamvlm.generation import SamplingConfig
+from streamvlm.routers import RoutingConfig
 from streamvlm.runtime import StreamVLM
 from streamvlm.session import Session
 
-__all__ = ["SamplingConfig", "Session", "StreamVLM", "StreamVLMError"]
+__all__ = ["RoutingConfig", "SamplingConfig", "Session", "StreamVLM", "StreamVLMError"]
 __version__ = "0.1.0"

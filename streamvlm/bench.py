@@ -154,6 +154,75 @@ def run_dense(model_dir: Path, frames_count: int, new_tokens: int, repeats: int,
     }
 
 
+def run_routing(model_dir: Path, frames_count: int, repeats: int, device, dtype,
+                keep_ratios=(1.0, 0.5, 0.2), schedules=("interleaved", "all:2"), seed: int = 0) -> dict:
+    """Ingest the same encoded frames dense and routed, alternating, and compare time with FLOPs.
+
+    Vision encoding is done once up front and left out of both timings: it does not change with routing,
+    and leaving it in would hide the decoder's gather/scatter overhead. The routers get random scorer
+    weights (seeded) so kept tokens are scattered over each frame, as a trained router's are.
+    """
+    from streamvlm.routers import RoutingConfig, build_router
+    from streamvlm.routers.base import DenseRouter
+    from streamvlm.runtime import StreamVLM
+
+    base = StreamVLM.from_pretrained(model_dir, device=device, dtype=dtype)
+    adapter, parts = base.adapter, base.adapter.decoder
+    size = adapter.preprocess_config
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.randint(0, 256, (frames_count, size.height, size.width, 3), dtype=torch.uint8, generator=g)
+    features = base.encode(frames)
+
+    def ingest(vlm):
+        session = vlm.session()
+        session.append_encoded(features)
+        return session
+
+    dense_vlm = StreamVLM(adapter, DenseRouter())
+    dense_stats = ingest(dense_vlm).stats()
+    rows = []
+    for schedule in schedules:
+        name, _, dense_layers = schedule.partition(":")
+        for keep in keep_ratios:
+            config = RoutingConfig(policy="mod", keep_ratio=keep, schedule=name, dense_layers=int(dense_layers or 0))
+            router = build_router(config, parts.num_layers, parts.hidden_size)
+            gen = torch.Generator().manual_seed(seed + 1)
+            with torch.no_grad():
+                for p in router.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) / parts.hidden_size**0.5)
+            routed_vlm = StreamVLM(adapter, router)
+            # Alternate dense and routed runs so drift in the machine's speed hits both alike.
+            times = {"dense": [], "routed": []}
+            for vlm in (dense_vlm, routed_vlm):
+                ingest(vlm)  # warm-up
+            for _ in range(repeats):
+                for key, vlm in (("dense", dense_vlm), ("routed", routed_vlm)):
+                    start = time.perf_counter()
+                    ingest(vlm)
+                    times[key].append(time.perf_counter() - start)
+            dense_s, routed_s = statistics.median(times["dense"]), statistics.median(times["routed"])
+            stats = ingest(routed_vlm).stats()
+            speedup = dense_s / routed_s
+            flops_speedup = stats["flops"]["llm_dense"] / stats["flops"]["llm"]
+            rows.append({
+                "policy": config.spec(), "keep_ratio": keep, "schedule": schedule,
+                "dense_s": dense_s, "routed_s": routed_s, "speedup": speedup, "flops_speedup": flops_speedup,
+                "efficiency": speedup / flops_speedup,
+                "flops_fraction": stats["flops"]["llm"] / stats["flops"]["llm_dense"],
+                "kv_bytes_dense": dense_stats["kv_bytes"], "kv_bytes": stats["kv_bytes"],
+                "kv_ratio": stats["kv_bytes"] / dense_stats["kv_bytes"],
+            })
+            logger.info("%s: speedup %.2f, FLOPs predict %.2f", config.spec(), speedup, flops_speedup)
+    return {
+        "suite": "routing", "device": str(adapter.device), "dtype": str(adapter.dtype).replace("torch.", ""),
+        "torch_threads": torch.get_num_threads(),
+        "model": {"dir": str(model_dir), "layers": parts.num_layers, "hidden": parts.hidden_size,
+                  "heads": parts.num_heads, "kv_heads": parts.num_kv_heads,
+                  "tokens_per_frame": adapter.vision.tokens_per_frame},
+        "frames": frames_count, "tokens": dense_stats["tokens"], "repeats": repeats, "rows": rows,
+    }
+
+
 def run(args) -> dict:
     from streamvlm.runtime import resolve_device, resolve_dtype
 
@@ -164,17 +233,29 @@ def run(args) -> dict:
     model_dir = Path(args.model) if args.model else bench_model_dir()
     if args.suite == "dense":
         return run_dense(model_dir, args.frames, args.new_tokens, args.repeats, device, dtype)
+    if args.suite == "routing":
+        return run_routing(model_dir, args.frames, args.repeats, device, dtype)
     raise StreamVLMError(f"unknown bench suite {args.suite!r}")
 
 
-def format_table(result: dict) -> str:
+def _model_line(result: dict) -> str:
     m = result["model"]
-    lines = [
-        f"bench {result['suite']}: {m['layers']} layers, hidden {m['hidden']}, {m['tokens_per_frame']} tokens/frame, "
-        f"{result['frames']} frames ({result['prompt_tokens']} prompt tokens), {result['new_tokens']} answer tokens, "
-        f"{result['device']} {result['dtype']}, median of {result['repeats']}",
-        f"{'phase':<18}{'ours s':>10}{'transformers s':>16}{'speedup':>9}",
-    ]
+    return (f"bench {result['suite']}: {m['layers']} layers, hidden {m['hidden']}, {m['tokens_per_frame']} "
+            f"tokens/frame, {result['frames']} frames, {result['device']} {result['dtype']}, "
+            f"median of {result['repeats']}")
+
+
+def format_table(result: dict) -> str:
+    lines = [_model_line(result)]
+    if result["suite"] == "routing":
+        lines.append(f"{'policy':<22}{'dense s':>9}{'routed s':>10}{'speedup':>9}{'FLOPs say':>11}"
+                     f"{'efficiency':>12}{'KV':>7}")
+        for r in result["rows"]:
+            lines.append(f"{r['policy']:<22}{r['dense_s']:>9.3f}{r['routed_s']:>10.3f}{r['speedup']:>8.2f}x"
+                         f"{r['flops_speedup']:>10.2f}x{r['efficiency']:>12.2f}{r['kv_ratio']:>7.2f}")
+        return "\n".join(lines)
+    lines[0] += f", {result['prompt_tokens']} prompt tokens, {result['new_tokens']} answer tokens"
+    lines.append(f"{'phase':<18}{'ours s':>10}{'transformers s':>16}{'speedup':>9}")
     for row in result["rows"]:
         lines.append(f"{row['phase']:<18}{row['ours_s']:>10.3f}{row['transformers_s']:>16.3f}{row['speedup']:>8.2f}x")
     lines.append(f"prefill: {result['prefill_flops_per_s'] / 1e9:.1f} GFLOP/s = "

@@ -166,7 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Time our runtime against transformers on the same checkpoint in one run. "
                                    "Without --model, a random checkpoint with the shape of a real small model "
                                    "is made in the cache folder.")
-    p.add_argument("suite", choices=["dense"], help="dense: ingest and answer, ours vs transformers' forward")
+    p.add_argument("suite", choices=["dense", "routing"],
+                   help="dense: ingest and answer, ours vs transformers' forward; routing: ingest time dense vs "
+                        "mod at keep 1.0/0.5/0.2, interleaved and all (first two layers dense), against the "
+                        "speed-up the FLOPs predict")
     p.add_argument("--model", metavar="DIR", help="checkpoint to measure (default: random, real-small shape)")
     p.add_argument("--frames", type=int, default=8, help="frames to ingest (default 8)")
     p.add_argument("--new-tokens", type=int, default=32, help="answer tokens to generate (default 32)")

@@ -68,6 +68,8 @@ class Decoder:
             decision = self.router.decide(index, x, chunk)
             if decision is None:
                 x = self._layer(index, layer, x, cos, sin, chunk, slice(None), None, cache, flops)
+            elif decision.keep_index.numel() == len(chunk):  # everything kept: no gather/scatter
+                x = self._layer(index, layer, x, cos, sin, chunk, slice(None), decision.weight, cache, flops)
             else:
                 keep = decision.keep_index
                 out = self._layer(index, layer, x[keep], cos[keep], sin[keep], chunk, keep, decision.weight,
@@ -97,9 +99,10 @@ class Decoder:
         attn = _attend(q, keys, values, self.scale)  # (H, m, hd)
         a = layer.o_proj(attn.transpose(0, 1).reshape(m, p.num_heads * p.head_dim))
         flops.add_layer(index, m, m * (length - m) + m * (m + 1) // 2)
-        if weight is None:
-            x = x + a
-            return x + layer.mlp(layer.post_attention_norm(x))
         mid = x + a
-        update = a + layer.mlp(layer.post_attention_norm(mid))
-        return x + weight[:, None].to(x.dtype) * update
+        m_out = layer.mlp(layer.post_attention_norm(mid))
+        if weight is None:
+            return mid + m_out
+        # x + w * (block(x) - x), associated so that w == 1 gives the dense result bit for bit.
+        w = weight[:, None].to(x.dtype)
+        return (x + w * a) + w * m_out

@@ -11,7 +11,7 @@ from streamvlm.decoder import Decoder
 from streamvlm.errors import StreamVLMError
 from streamvlm.generation import SamplingConfig
 from streamvlm.models import FamilyAdapter, load_adapter
-from streamvlm.routers.base import DenseRouter, Router
+from streamvlm.routers import Router, resolve_routing
 from streamvlm.session import Session
 from streamvlm.video.preprocess import FrameInput, preprocess
 
@@ -39,15 +39,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[dtype]
 
 
-def resolve_router(routing) -> Router:
-    """routing: None or "dense" (every token through every layer), or a Router instance."""
-    if routing is None or routing == "dense":
-        return DenseRouter()
-    if isinstance(routing, Router):
-        return routing
-    raise StreamVLMError(f"unknown routing {routing!r}; this version supports: dense")
-
-
 class StreamVLM:
     """A video language model that takes frames as they come.
 
@@ -61,7 +52,7 @@ class StreamVLM:
         if max_chunk_frames < 1:
             raise ValueError("max_chunk_frames must be at least 1")
         self.adapter = adapter
-        self.router = router.to(adapter.device)
+        self.router = router.to(adapter.device).eval()
         self.decoder = Decoder(adapter.decoder, self.router)
         self.sampling = sampling or SamplingConfig()
         self.max_chunk_frames = max_chunk_frames
@@ -73,12 +64,14 @@ class StreamVLM:
                         max_chunk_frames: int = 8) -> StreamVLM:
         """Load a local Hugging Face checkpoint folder (never the hub).
 
-        routing: None or "dense", or a Router. device: default CUDA when present, else CPU. dtype: default
+        routing: None or "dense"; a spec string such as "mod:0.2" or "mod:0.2:interleaved"; a RoutingConfig;
+        a router directory (routing.json + router.safetensors); or a Router instance. device: default CUDA when present, else CPU. dtype: default
         bfloat16 on CUDA, float32 on CPU.
         """
         device = resolve_device(device)
         adapter = load_adapter(model_dir, resolve_dtype(dtype, device), device)
-        return cls(adapter, resolve_router(routing), sampling, max_chunk_frames)
+        router = resolve_routing(routing, adapter.decoder.num_layers, adapter.decoder.hidden_size)
+        return cls(adapter, router, sampling, max_chunk_frames)
 
     @property
     def tokenizer(self):
@@ -91,6 +84,12 @@ class StreamVLM:
     def preprocess(self, frames: FrameInput) -> torch.Tensor:
         """uint8 (T, H, W, 3) -> float (T, 3, h, w), resized and normalized as the checkpoint says."""
         return preprocess(frames, self.adapter.preprocess_config, self.adapter.dtype, self.adapter.device)
+
+    @torch.inference_mode()
+    def encode(self, frames: FrameInput) -> torch.Tensor:
+        """uint8 frames (T, H, W, 3) -> frame tokens (T, tokens_per_frame, hidden_size), for
+        `Session.append_encoded` (e.g. to encode once and feed several sessions)."""
+        return self.adapter.encode_frames(self.preprocess(frames))
 
     def session(self, **sampling) -> Session:
         """A new session with its own cache; keyword arguments override the default SamplingConfig."""

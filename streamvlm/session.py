@@ -113,9 +113,27 @@ class Session:
 
     @torch.inference_mode()
     def append_frames(self, frames: FrameInput, timestamps: Sequence[float] | None = None) -> None:
-        """Encode frames and push their tokens into the cache. Any chunking gives the same result."""
+        """Encode frames and push their tokens into the cache. Any chunking gives the same result.
+
+        frames: uint8 (T, H, W, 3) tensor or array, or a list of (H, W, 3); timestamps: T seconds, optional.
+        """
         frames = as_frame_tensor(frames)
-        count = frames.shape[0]
+        self._ingest(frames.shape[0], timestamps,
+                     lambda first, last: self._vlm.encode(frames[first:last]), count_vision=True)
+
+    @torch.inference_mode()
+    def append_encoded(self, features: torch.Tensor, timestamps: Sequence[float] | None = None) -> None:
+        """Push frames that were already encoded (`StreamVLM.encode`): (T, tokens_per_frame, d)."""
+        tpf, d = self._adapter.vision.tokens_per_frame, self._parts.hidden_size
+        if features.dim() != 3 or tuple(features.shape[1:]) != (tpf, d):
+            raise StreamVLMError(f"encoded frames must have shape (T, {tpf}, {d}), got {tuple(features.shape)}")
+        features = features.to(self._adapter.device, self._adapter.dtype)
+        self._ingest(features.shape[0], timestamps, lambda first, last: features[first:last], count_vision=False)
+
+    def _ingest(self, count: int, timestamps: Sequence[float] | None, encode, count_vision: bool) -> None:
+        """Feed `count` frames whose tokens encode(first, last) returns, max_chunk_frames per chunk."""
+        if count == 0:
+            raise StreamVLMError("no frames given")
         if timestamps is not None:
             timestamps = [float(t) for t in timestamps]
             if len(timestamps) != count:
@@ -127,13 +145,14 @@ class Session:
                          f"appending {count} frames ({tpf} tokens each)")
         step = self._vlm.max_chunk_frames
         for first in range(0, count, step):
-            group = frames[first:first + step]
-            feats = self._adapter.encode_frames(self._vlm.preprocess(group))  # (t, tpf, d)
-            self.flops.vision += group.shape[0] * self._adapter.vision.vision_flops_per_frame
+            last = min(first + step, count)
+            feats = encode(first, last)  # (t, tpf, d)
+            if count_vision:
+                self.flops.vision += (last - first) * self._adapter.vision.vision_flops_per_frame
             pieces = [self._text_piece(opening_ids)] if opening_ids and first == 0 else []
-            pieces += [(feats[i], self._frames + i, None) for i in range(group.shape[0])]
+            pieces += [(feats[i], self._frames + i, None) for i in range(last - first)]
             self._run(pieces, logits="none")
-            self._frames += group.shape[0]
+            self._frames += last - first
         if self._open_video_text is None:
             self._open_video_text = opening
         if timestamps:
@@ -247,6 +266,7 @@ class Session:
     def stats(self) -> dict:
         """Figures of the session so far.
 
+        routing: the router's --routing string.
         frames: frames ingested. tokens: tokens in the sequence (the length a dense cache has).
         kv_bytes: exact bytes of cached keys and values. kv_bytes_dense: the same with routing off.
         kv_bytes_reserved: bytes allocated (spare capacity and metadata included).
@@ -254,6 +274,7 @@ class Session:
         flops: {vision, llm, llm_dense}, analytic (see streamvlm.flops).
         """
         return {
+            "routing": self._vlm.router.spec(),
             "frames": self._frames,
             "tokens": self._next_pos,
             "turns": len(self.turns),

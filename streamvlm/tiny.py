@@ -193,6 +193,9 @@ def preprocessor_config(spec: TinySpec) -> dict:
 
 def write_tiny_checkpoint(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
     """Write a random LLaVA-OneVision checkpoint to `out_dir` in the Hugging Face layout."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a progress bar for a few MB written locally is noise
     spec = spec or TinySpec()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

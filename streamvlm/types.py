@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -42,6 +43,22 @@ class Chunk:
     @property
     def num_frames(self) -> int:
         return len(self.frame_spans)
+
+    @cached_property
+    def vision_index(self) -> torch.Tensor:
+        """(num_frames, tokens_per_frame) int64 chunk indices of each frame's vision tokens."""
+        device = self.embeds.device
+        if not self.frame_spans:
+            return torch.empty(0, 0, dtype=torch.long, device=device)
+        sizes = {end - start for start, end in self.frame_spans}
+        if len(sizes) != 1:
+            raise ValueError(f"frames of one chunk must have the same token count, got {sorted(sizes)}")
+        return torch.stack([torch.arange(start, end, device=device) for start, end in self.frame_spans])
+
+    @cached_property
+    def text_mask(self) -> torch.Tensor:
+        """(n,) bool, True for tokens that are never routed."""
+        return self.kinds == TEXT
 
 
 @dataclass(frozen=True)

@@ -76,3 +76,29 @@ def test_bench_dense_json_runs(tmp_path, cache, capsys):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "streamvlm", "--help"], capture_output=True, text=True, check=True)
     assert "ask" in out.stdout and "init-tiny" in out.stdout and "bench" in out.stdout
+
+
+def test_ask_with_mod_routing_reports_it(tmp_path, cache, capsys):
+    from streamvlm.tiny import TinySpec, write_tiny_checkpoint
+
+    model = write_tiny_checkpoint(tmp_path / "m", TinySpec(num_layers=4))
+    assert main(["ask", "--model", str(model), "--routing", "mod:0.5:interleaved", "--num-frames", "3",
+                 "--max-new-tokens", "2", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert stats["routing"] == "mod:0.5:interleaved"
+    assert stats["kv_bytes"] < stats["kv_bytes_dense"]
+    assert stats["kv_entries_per_layer"][0] > stats["kv_entries_per_layer"][1]
+
+
+def test_bench_routing_json_rows(tmp_path, cache, capsys):
+    from streamvlm.tiny import TinySpec, write_tiny_checkpoint
+
+    model = write_tiny_checkpoint(tmp_path / "m", TinySpec(num_layers=4))
+    assert main(["bench", "routing", "--model", str(model), "--frames", "2", "--repeats", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["keep_ratio"], r["schedule"]) for r in rows] == [
+        (k, s) for s in ("interleaved", "all:2") for k in (1.0, 0.5, 0.2)]
+    for r in rows:
+        assert set(r) >= {"keep_ratio", "schedule", "speedup", "flops_speedup", "efficiency", "kv_ratio"}
+        assert r["efficiency"] == pytest.approx(r["speedup"] / r["flops_speedup"])
+        assert (r["kv_ratio"] < 1.0) == (r["keep_ratio"] < 1.0)

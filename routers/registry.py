@@ -1,0 +1,94 @@
+"""Building, saving and loading routers.
+
+A router directory holds `routing.json` (the RoutingConfig and the shape of the model it was made for)
+and `router.safetensors` (its weights). `resolve_routing` turns whatever a user passes as `routing=` into
+a Router for a given model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from streamvlm.errors import StreamVLMError
+from streamvlm.routers.base import DenseRouter, Router
+from streamvlm.routers.config import RoutingConfig
+from streamvlm.routers.mod import MoDRouter
+
+FORMAT = "streamvlm-router/1"
+
+
+def build_router(config: RoutingConfig, num_layers: int, hidden_size: int) -> Router:
+    """A fresh router (a learned one starts zero-initialised) for a model of this shape."""
+    if config.policy == "dense":
+        return DenseRouter()
+    if config.policy == "mod":
+        return MoDRouter(config, num_layers, hidden_size)
+    raise StreamVLMError(f"no router for policy {config.policy!r}")
+
+
+def save_router(router: MoDRouter, out_dir: str | Path) -> Path:
+    """Write routing.json and router.safetensors into out_dir."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "config": router.config.to_dict(),
+            "model": {"num_layers": router.num_layers, "hidden_size": router.hidden_size}}
+    state = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in router.state_dict().items()}
+    save_file(state, str(out / "router.safetensors"))
+    (out / "routing.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def is_router_dir(path: str | Path) -> bool:
+    return (Path(path) / "routing.json").is_file()
+
+
+def load_router(path: str | Path, num_layers: int, hidden_size: int) -> Router:
+    """Load a router directory for a model with `num_layers` decoder layers of width `hidden_size`."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        meta = json.loads((path / "routing.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StreamVLMError(f"cannot read {path / 'routing.json'}: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise StreamVLMError(f"{path} is not a streamvlm router directory (format {meta.get('format')!r})")
+    shape = meta.get("model", {})
+    if (shape.get("num_layers"), shape.get("hidden_size")) != (num_layers, hidden_size):
+        raise StreamVLMError(
+            f"the router in {path} was made for a model with {shape.get('num_layers')} layers of width "
+            f"{shape.get('hidden_size')}, but this model has {num_layers} layers of width {hidden_size}; "
+            "train or export a router for this model")
+    router = build_router(RoutingConfig.from_dict(meta["config"]), num_layers, hidden_size)
+    weights = path / "router.safetensors"
+    if isinstance(router, MoDRouter):
+        if not weights.is_file():
+            raise StreamVLMError(f"{path} has no router.safetensors")
+        try:
+            router.load_state_dict(load_file(str(weights)))
+        except RuntimeError as e:
+            raise StreamVLMError(f"{weights} does not match its routing.json: {e}") from None
+    return router
+
+
+def resolve_routing(routing, num_layers: int, hidden_size: int) -> Router:
+    """routing: None, a spec string ("dense", "mod:0.2:interleaved"), a RoutingConfig, a router directory
+    (str or Path), or a Router instance."""
+    if routing is None:
+        return DenseRouter()
+    if isinstance(routing, Router):
+        return routing
+    if isinstance(routing, RoutingConfig):
+        return build_router(routing, num_layers, hidden_size)
+    if isinstance(routing, (str, Path)):
+        if isinstance(routing, Path) or "/" in routing or Path(routing).is_dir():
+            if not is_router_dir(routing):
+                raise StreamVLMError(f"{routing} is not a router directory (no routing.json)")
+            return load_router(routing, num_layers, hidden_size)
+        return build_router(RoutingConfig.parse(routing), num_layers, hidden_size)
+    raise StreamVLMError(f"routing must be a string, a RoutingConfig, a directory or a Router, got {type(routing).__name__}")
