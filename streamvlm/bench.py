@@ -226,6 +226,8 @@ def run_routing(model_dir: Path, frames_count: int, repeats: int, device, dtype,
 def run(args) -> dict:
     from streamvlm.runtime import resolve_device, resolve_dtype
 
+    if args.repeats is None:
+        args.repeats = 5 if args.suite == "routing" else 3
     if args.frames < 1 or args.new_tokens < 1 or args.repeats < 1:
         raise StreamVLMError("--frames, --new-tokens and --repeats must be at least 1")
     device = resolve_device(args.device)

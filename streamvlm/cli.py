@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="DIR", help="checkpoint to measure (default: random, real-small shape)")
     p.add_argument("--frames", type=int, default=8, help="frames to ingest (default 8)")
     p.add_argument("--new-tokens", type=int, default=32, help="answer tokens to generate (default 32)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported (default 3)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats; the median is reported (default 3 for dense, 5 for routing)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

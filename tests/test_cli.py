@@ -102,3 +102,13 @@ def test_bench_routing_json_rows(tmp_path, cache, capsys):
         assert set(r) >= {"keep_ratio", "schedule", "speedup", "flops_speedup", "efficiency", "kv_ratio"}
         assert r["efficiency"] == pytest.approx(r["speedup"] / r["flops_speedup"])
         assert (r["kv_ratio"] < 1.0) == (r["keep_ratio"] < 1.0)
+
+
+def test_example_script_runs(cache):
+    import pathlib
+
+    script = pathlib.Path(__file__).parents[1] / "examples" / "stream_and_ask.py"
+    out = subprocess.run([sys.executable, str(script), "--routing", "mod:0.5", "--fps", "1"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "What is on screen now?" in out.stdout and "of dense" in out.stdout

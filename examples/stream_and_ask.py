@@ -1,0 +1,41 @@
+"""Feed a video into a session frame by frame, as a live source would, and ask questions along the way.
+
+    python examples/stream_and_ask.py [VIDEO] [--model DIR] [--routing mod:0.2:interleaved]
+
+Without arguments it uses the built-in sample video and model (random weights: the answers are noise,
+the mechanics are real).
+"""
+
+import argparse
+
+from streamvlm import StreamVLM
+from streamvlm.builtin import default_model_dir
+from streamvlm.video.files import read_video
+from streamvlm.video.sample import sample_video
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("video", nargs="?", help="video file (default: the sample)")
+    parser.add_argument("--model", help="checkpoint folder (default: the built-in model)")
+    parser.add_argument("--routing", default="dense", help="dense, mod:KEEP[:SCHEDULE] or a router folder")
+    parser.add_argument("--fps", type=float, default=2.0, help="frames per second to feed (default 2)")
+    args = parser.parse_args()
+
+    vlm = StreamVLM.from_pretrained(args.model or default_model_dir(), routing=args.routing)
+    clip = read_video(args.video or sample_video(), fps=args.fps)
+    session = vlm.session(max_new_tokens=24)
+    half = len(clip) // 2
+    for i in range(len(clip)):
+        session.append_frames(clip.frames[i:i + 1], [float(clip.timestamps[i])])
+        if i == half:  # a question mid-stream sees only what has arrived so far
+            print(f"[t={clip.timestamps[i]:.1f}s] What is on screen now? ->", session.ask("What is on screen now?"))
+    print(f"[t={clip.timestamps[-1]:.1f}s] What changed? ->", session.ask("What changed since then?"))
+    stats = session.stats()
+    print(f"{stats['frames']} frames, KV cache {stats['kv_bytes'] / 1024:.0f} KiB "
+          f"({stats['kv_bytes'] / stats['kv_bytes_dense']:.0%} of dense), "
+          f"LLM FLOPs {stats['flops']['llm'] / stats['flops']['llm_dense']:.0%} of dense")
+
+
+if __name__ == "__main__":
+    main()
