@@ -87,3 +87,63 @@ class ChatLayout:
         if text.count(_ANSWER) != 1:
             raise StreamVLMError("the chat template does not write the assistant's answer verbatim")
         return text.split(_ANSWER)[1]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One piece of a dialogue laid out as the session would feed it (see `dialogue_segments`)."""
+
+    kind: str
+    """"text", "frames" (a run of frames) or "tail" (the family's embeddings closing a run of frames)."""
+    ids: tuple[int, ...] = ()
+    """Token ids of a text segment."""
+    frames: tuple[int, int] = (0, 0)
+    """[start, end) frame indices of a frames segment."""
+    targets: tuple[bool, ...] = ()
+    """Per id of a text segment: is it a token the assistant produces (answer tokens and the end-of-turn
+    token), i.e. a training target."""
+
+
+def dialogue_segments(layout: ChatLayout, events, stop_ids: set[int]) -> list[Segment]:
+    """Lay out a whole dialogue, frames and exchanges in order, exactly as a Session feeds it.
+
+    events: items with `.start`/`.end` (a run of frames) or `.question`/`.answer` (an exchange). Used by
+    training to build one sequence; tests prove it equals what a session appends.
+    """
+    tokenizer = layout.tokenizer
+    segments: list[Segment] = []
+    history: list[dict] = []
+    video_open = False
+
+    def text(s: str, targets: bool | list[bool] = False) -> None:
+        ids = tokenizer(s, add_special_tokens=not segments)["input_ids"] if s else []
+        if ids:
+            flags = targets if isinstance(targets, list) else [targets] * len(ids)
+            segments.append(Segment("text", ids=tuple(ids), targets=tuple(flags)))
+
+    for event in events:
+        if hasattr(event, "start"):
+            if event.end <= event.start:
+                continue
+            if not video_open:
+                text(layout.before_video(history))
+                video_open = True
+            segments.append(Segment("frames", frames=(event.start, event.end)))
+            continue
+        turn = layout.user_turn(history, event.question, video_open)
+        if video_open:
+            segments.append(Segment("tail"))
+            text(turn.after_video)
+        else:
+            text(turn.before_video + turn.after_video)
+        closing = layout.closing(history, event.question, video_open)
+        answer_ids = tokenizer(event.answer, add_special_tokens=False)["input_ids"] if event.answer else []
+        closing_ids = tokenizer(closing, add_special_tokens=False)["input_ids"]
+        ids = answer_ids + closing_ids
+        # The answer and the end-of-turn token that stops it are what the assistant says.
+        flags = [True] * len(answer_ids) + [i == 0 and tok in stop_ids for i, tok in enumerate(closing_ids)]
+        if ids:
+            segments.append(Segment("text", ids=tuple(ids), targets=tuple(flags)))
+        history += [user_message(event.question, video_open), assistant_message(event.answer)]
+        video_open = False
+    return segments

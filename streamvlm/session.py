@@ -36,6 +36,27 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+Piece = tuple[torch.Tensor, int, Sequence[int] | None]
+"""(embeddings (n, d), frame index or -1 for text, token ids or None for video embeddings)."""
+
+
+def chunk_from_pieces(pieces: list[Piece], start: int) -> Chunk:
+    """Concatenate pieces into a Chunk whose tokens sit at positions start, start + 1, ..."""
+    device = pieces[0][0].device
+    embeds, kinds, frames, spans = [], [], [], []
+    n = start
+    for emb, frame, _ in pieces:
+        size = emb.shape[0]
+        embeds.append(emb)
+        kinds.append(torch.full((size,), VISION if frame >= 0 else TEXT, dtype=torch.uint8, device=device))
+        frames.append(torch.full((size,), frame, dtype=torch.int32, device=device))
+        if frame >= 0:
+            spans.append((n - start, n - start + size))
+        n += size
+    positions = torch.arange(start, n, device=device)
+    return Chunk(torch.cat(embeds), positions, torch.cat(kinds), torch.cat(frames), tuple(spans))
+
+
 @dataclass(frozen=True)
 class _OpenTurn:
     """A question checked and laid out, not yet fed."""
@@ -87,28 +108,16 @@ class Session:
     def _embed_text(self, ids: Sequence[int]) -> torch.Tensor:
         return self._parts.embed_tokens(torch.tensor(ids, dtype=torch.long, device=self._adapter.device))
 
-    def _text_piece(self, ids: Sequence[int]) -> tuple[torch.Tensor, int, Sequence[int]]:
+    def _text_piece(self, ids: Sequence[int]) -> Piece:
         return self._embed_text(ids), -1, ids
 
-    def _run(self, pieces: list[tuple[torch.Tensor, int, Sequence[int] | None]], logits: str) -> torch.Tensor | None:
-        """Feed pieces of (embeds (n, d), frame index or -1 for text, token ids or None for video
-        embeddings) as one chunk."""
-        device = self._adapter.device
-        embeds, kinds, frames, spans = [], [], [], []
-        start = 0
-        for emb, frame, ids in pieces:
-            n = emb.shape[0]
-            self._trace.extend(ids if ids is not None else [self._video_token_id] * n)
-            embeds.append(emb)
-            kinds.append(torch.full((n,), VISION if frame >= 0 else TEXT, dtype=torch.uint8, device=device))
-            frames.append(torch.full((n,), frame, dtype=torch.int32, device=device))
-            if frame >= 0:
-                spans.append((start, start + n))
-            start += n
-        positions = torch.arange(self._next_pos, self._next_pos + start, device=device)
-        chunk = Chunk(torch.cat(embeds), positions, torch.cat(kinds), torch.cat(frames), tuple(spans))
+    def _run(self, pieces: list[Piece], logits: str) -> torch.Tensor | None:
+        """Feed pieces as one chunk at the end of the sequence."""
+        for emb, _, ids in pieces:
+            self._trace.extend(ids if ids is not None else [self._video_token_id] * emb.shape[0])
+        chunk = chunk_from_pieces(pieces, self._next_pos)
         out = self._vlm.decoder.forward(chunk, self.cache, self.flops, logits=logits)
-        self._next_pos += start
+        self._next_pos += len(chunk)
         return out
 
     @torch.inference_mode()

@@ -143,3 +143,50 @@ def test_stats_bytes_equal_the_cache_tensors(vlm):
     assert stats["kv_bytes_reserved"] >= stats["kv_bytes"]
     assert set(stats["flops"]) == {"vision", "llm", "llm_dense"}
     assert stats["flops"]["llm"] == stats["flops"]["llm_dense"] > 0 and stats["flops"]["vision"] > 0
+
+
+def test_dialogue_segments_lay_out_what_the_session_feeds(vlm):
+    """Training builds one sequence with dialogue_segments; it must equal what a session appends."""
+    from dataclasses import dataclass
+
+    from streamvlm.chat import ChatLayout, dialogue_segments
+
+    @dataclass
+    class Frames:
+        start: int
+        end: int
+
+    @dataclass
+    class Exchange:
+        question: str
+        answer: str
+
+    tok = vlm.tokenizer
+    frames = random_frames(5, seed=4)
+    events = [Frames(0, 3), Exchange("What is moving?", "a red square"), Exchange("Where?", "left"),
+              Frames(3, 5), Exchange("And now?", "")]
+    session = vlm.session()
+    session.append_frames(frames[:3])
+    session.score("What is moving?", tok("a red square", add_special_tokens=False)["input_ids"])
+    session.score("Where?", tok("left", add_special_tokens=False)["input_ids"])
+    session.append_frames(frames[3:])
+    session.score("And now?", [])
+
+    stops = set(vlm.adapter.stop_token_ids)
+    segments = dialogue_segments(ChatLayout(tok, "<video>"), events, stops)
+    video = tok.convert_tokens_to_ids("<video>")
+    ids = []
+    for seg in segments:
+        if seg.kind == "frames":
+            ids += [video] * ((seg.frames[1] - seg.frames[0]) * vlm.tokens_per_frame)
+        elif seg.kind == "tail":
+            ids.append(video)
+        else:
+            ids += list(seg.ids)
+    assert ids == session.token_ids()
+    # Targets: the answer tokens and the end-of-turn token after each, nothing else.
+    targets = [t for seg in segments if seg.kind == "text" for t, flag in zip(seg.ids, seg.targets) if flag]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    expected = (tok("a red square", add_special_tokens=False)["input_ids"] + [im_end]
+                + tok("left", add_special_tokens=False)["input_ids"] + [im_end] + [im_end])
+    assert targets == expected

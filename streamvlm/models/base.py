@@ -93,6 +93,11 @@ class FamilyAdapter(ABC):
     def device(self) -> torch.device:
         return self.decoder.embed_tokens.weight.device
 
+    @staticmethod
+    @abstractmethod
+    def decoder_parts(model: nn.Module) -> DecoderParts:
+        """The decoder's modules in `model`; called again after something (e.g. LoRA) replaces them."""
+
     @abstractmethod
     def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
         """Preprocessed pixels (T, 3, h, w) -> frame tokens (T, tokens_per_frame, hidden_size)."""

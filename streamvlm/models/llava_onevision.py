@@ -44,8 +44,19 @@ class LlavaOneVisionAdapter(FamilyAdapter):
             raise StreamVLMError(
                 f"{model_dir}: vision_feature_select_strategy={config.vision_feature_select_strategy!r} is not "
                 "supported for video; LLaVA-OneVision checkpoints use 'full'")
+        decoder = cls.decoder_parts(model)
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        pooled = -(-side // 2)
+        vision = VisionShape(grid=(pooled, pooled), vision_flops_per_frame=_vision_flops_per_frame(config))
+        video_token = getattr(tokenizer, "video_token", None) or "<video>"
+        return cls(model_dir, model, tokenizer, PreprocessConfig.from_checkpoint(model_dir), decoder, vision,
+                   video_token)
+
+    @staticmethod
+    def decoder_parts(model) -> DecoderParts:
+        """The language model's modules; call again after something (e.g. LoRA) replaces projections."""
         lm = model.model.language_model
-        text = config.text_config
+        text = model.config.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         layers = tuple(
             LayerParts(
@@ -55,18 +66,12 @@ class LlavaOneVisionAdapter(FamilyAdapter):
             )
             for layer in lm.layers
         )
-        decoder = DecoderParts(
+        return DecoderParts(
             embed_tokens=lm.embed_tokens, layers=layers, rotary=lm.rotary_emb, norm=lm.norm, lm_head=model.lm_head,
             hidden_size=text.hidden_size, num_heads=text.num_attention_heads,
             num_kv_heads=text.num_key_value_heads, head_dim=head_dim, intermediate_size=text.intermediate_size,
             vocab_size=text.vocab_size, max_positions=text.max_position_embeddings,
         )
-        side = config.vision_config.image_size // config.vision_config.patch_size
-        pooled = -(-side // 2)
-        vision = VisionShape(grid=(pooled, pooled), vision_flops_per_frame=_vision_flops_per_frame(config))
-        video_token = getattr(tokenizer, "video_token", None) or "<video>"
-        return cls(model_dir, model, tokenizer, PreprocessConfig.from_checkpoint(model_dir), decoder, vision,
-                   video_token)
 
     @torch.inference_mode()
     def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,5 @@
+import sys
+
+from streamvlm.train.cli import main
+
+sys.exit(main())

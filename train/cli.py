@@ -1,0 +1,66 @@
+"""`streamvlm-train`: LightningCLI for router training, plus `export`.
+
+    streamvlm-train fit --config train/configs/tiny_cpu.yaml
+    streamvlm-train fit --config train/configs/tiny_cpu.yaml --ckpt_path last     # resume
+    streamvlm-train export CKPT OUT_DIR                                           # -> router folder
+    python -m streamvlm.train ...                                                 # the same
+
+Every LightningCLI flag works (`--trainer.strategy ddp`, `--trainer.precision bf16-mixed`, ...);
+`streamvlm-train fit --help` lists them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from streamvlm.errors import StreamVLMError
+
+
+def _cli_class():
+    from lightning.pytorch.cli import LightningCLI
+
+    class StreamVLMTrainCLI(LightningCLI):
+        def before_fit(self) -> None:
+            # The data module preprocesses frames as the model's checkpoint says.
+            self.datamodule.set_preprocess_config(self.model.vlm.adapter.preprocess_config)
+
+        before_validate = before_fit
+
+    return StreamVLMTrainCLI
+
+
+def export_main(argv: list[str]) -> int:
+    import argparse
+
+    from streamvlm.train.module import export_router
+
+    parser = argparse.ArgumentParser(prog="streamvlm-train export",
+                                     description="Write a training checkpoint's router as a router folder "
+                                                 "(routing.json + router.safetensors) that "
+                                                 "StreamVLM.from_pretrained(model, routing=OUT_DIR) loads.")
+    parser.add_argument("checkpoint", help="a .ckpt written by streamvlm-train fit (e.g. .../checkpoints/last.ckpt)")
+    parser.add_argument("out_dir", help="router folder to write")
+    args = parser.parse_args(argv)
+    out = export_router(args.checkpoint, args.out_dir)
+    print(f"wrote router to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] == "export":
+            return export_main(argv[1:])
+        from streamvlm.train.data import VideoDataModule
+        from streamvlm.train.module import RouterTrainingModule
+
+        _cli_class()(RouterTrainingModule, VideoDataModule, args=argv, seed_everything_default=0,
+                     save_config_kwargs={"overwrite": True})
+        return 0
+    except StreamVLMError as e:
+        print(f"streamvlm-train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""The LightningModule that trains routers (and optionally LoRA adapters or the whole language model).
+
+It wraps the runtime, it does not re-implement it: a sample's frames and exchanges are laid out with the
+runtime's `dialogue_segments` (the same layout a Session feeds), embedded, and run through the runtime's
+`Decoder` in one chunk with the learned router choosing tokens per frame at every routed layer, the same
+code path as inference.
+
+Losses, on the positions that predict the assistant's tokens (answers and their end-of-turn token):
+    distill   KL(dense teacher || routed student); the teacher is the same weights with routing off,
+              run under no_grad, so no labels are needed beyond the videos and questions
+    lm        next-token cross-entropy against the record's answers
+    z         optional router z-loss, mean of squared router logits (keeps tanh out of saturation)
+
+Checkpoints hold only trainable weights (the frozen model is reloaded from `model_dir`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from streamvlm.cache import KVCache
+from streamvlm.chat import ChatLayout, Segment, dialogue_segments
+from streamvlm.decoder import Decoder
+from streamvlm.errors import StreamVLMError
+from streamvlm.flops import FlopCounter
+from streamvlm.routers import DenseRouter, MoDRouter, RoutingConfig, build_router
+from streamvlm.runtime import StreamVLM
+from streamvlm.session import chunk_from_pieces
+from streamvlm.train.data import Sample
+
+logger = logging.getLogger(__name__)
+
+TRAINABLE = ("router", "router+lora", "all")
+LOSSES = ("distill", "lm", "distill+lm")
+
+
+def tiny_training_model_dir() -> Path:
+    """A small random checkpoint for CPU runs (16 tokens per frame), made once in the cache folder."""
+    from streamvlm.tiny import TinySpec, write_tiny_checkpoint
+    from streamvlm.video.sample import cache_dir
+
+    target = cache_dir() / "train-tiny"
+    if not (target / "config.json").is_file():
+        tmp = target.with_name(f".train-tiny-{os.getpid()}")
+        write_tiny_checkpoint(tmp, TinySpec(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                                            intermediate_size=128, image_size=56, patch_size=7))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process (a DDP rank) made it first
+            if not (target / "config.json").is_file():
+                raise
+    return target
+
+
+class RouterTrainingModule(L.LightningModule):
+    def __init__(self, model_dir: str | None = None, tiny: bool = False, routing: str = "mod:0.2:interleaved",
+                 trainable: str = "router", loss: str = "distill", lm_weight: float = 1.0,
+                 distill_weight: float = 1.0, z_loss_weight: float = 0.0, lr: float = 1e-3,
+                 weight_decay: float = 0.0, lora_rank: int = 8, lora_alpha: int = 16):
+        """
+        Args:
+            model_dir: local Hugging Face checkpoint folder of the model whose router is trained.
+            tiny: with no model_dir, make and use a small random checkpoint (for CPU trial runs and tests).
+            routing: the router to train, as --routing takes it ("mod:0.2:interleaved") or a router folder
+                to continue from.
+            trainable: "router" (default; the model stays frozen), "router+lora" (LoRA on the language
+                model's attention projections, needs peft), or "all" (router and language model).
+            loss: "distill" (KL to the dense model), "lm" (cross-entropy on the answers) or "distill+lm".
+            lm_weight: weight of the cross-entropy term.
+            distill_weight: weight of the distillation term.
+            z_loss_weight: weight of the router z-loss (0: off).
+            lr: AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            lora_rank: LoRA rank for trainable="router+lora".
+            lora_alpha: LoRA alpha for trainable="router+lora".
+        """
+        super().__init__()
+        if trainable not in TRAINABLE:
+            raise StreamVLMError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
+        if loss not in LOSSES:
+            raise StreamVLMError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        if model_dir is None:
+            if not tiny:
+                raise StreamVLMError("set model.model_dir to a checkpoint folder (or model.tiny: true for a trial)")
+            model_dir = str(tiny_training_model_dir())
+        self.save_hyperparameters()
+        self.hparams.model_dir = model_dir
+        # Frozen weights are loaded in float32; Lightning's precision flag (bf16-mixed) casts compute.
+        vlm = StreamVLM.from_pretrained(model_dir, routing=routing, device="cpu", dtype=torch.float32)
+        if not isinstance(vlm.router, MoDRouter):
+            raise StreamVLMError(f"routing {routing!r} has nothing to train; use a learned policy such as mod:0.2")
+        self.vlm = vlm
+        self.model = vlm.adapter.model  # registered, so Lightning moves it to the device
+        self.router = vlm.router
+        self.model.requires_grad_(False)
+        if trainable == "router+lora":
+            self._add_lora(lora_rank, lora_alpha)
+        elif trainable == "all":
+            self.model.model.language_model.requires_grad_(True)
+            self.model.lm_head.requires_grad_(True)
+        self.router.requires_grad_(True)
+        parts = vlm.adapter.decoder
+        self.student = Decoder(parts, self.router)
+        self.teacher = Decoder(self._teacher_parts(trainable), DenseRouter())
+        self.layout = ChatLayout(vlm.adapter.tokenizer, vlm.adapter.video_token)
+        self.stop_ids = set(vlm.adapter.stop_token_ids)
+        self.strict_loading = False  # checkpoints hold only the trainable weights
+
+    def _add_lora(self, rank: int, alpha: int) -> None:
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError:
+            raise StreamVLMError("trainable='router+lora' needs peft: pip install 'streamvlm[train]'") from None
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        # Only the language model's projections: the vision tower stays frozen and untouched.
+        inject_adapter_in_model(config, self.model.model.language_model)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_("lora_" in name)
+        # peft swapped the projection modules for LoRA ones: read the decoder's parts again.
+        self.vlm.adapter.decoder = self.vlm.adapter.decoder_parts(self.model)
+
+    def _teacher_parts(self, trainable: str):
+        """The dense teacher runs the original weights: shared when they are frozen ("router"), a frozen
+        copy when the language model itself trains ("all"); with LoRA, adapters are switched off for it."""
+        if trainable != "all":
+            return self.vlm.adapter.decoder
+        import copy
+
+        self._teacher_model = [copy.deepcopy(self.model).requires_grad_(False)]  # a list: not a submodule
+        return self.vlm.adapter.decoder_parts(self._teacher_model[0])
+
+    def _lora_layers(self):
+        return [m for m in self.model.modules() if hasattr(m, "enable_adapters") and hasattr(m, "lora_A")]
+
+    # -- building a sample's sequence ------------------------------------------------------------
+
+    def _features(self, sample: Sample) -> torch.Tensor:
+        """(T, tokens_per_frame, d) frame tokens, from the feature cache when present."""
+        path = sample.feature_path
+        if path and os.path.exists(path):
+            return torch.load(path, map_location=self.device, weights_only=True).to(self.vlm.adapter.dtype)
+        with torch.no_grad():
+            pixels = sample.pixels.to(self.device, self.vlm.adapter.dtype)
+            features = self.vlm.adapter.encode_frames(pixels)
+        if path:
+            tmp = f"{path}.{os.getpid()}.tmp"
+            torch.save(features.detach().cpu(), tmp)
+            os.replace(tmp, path)  # a reader never sees half a file
+        return features
+
+    def sequence(self, sample: Sample):
+        """The sample as one Chunk, plus (target rows, target ids): logits row r predicts token ids[r]."""
+        adapter = self.vlm.adapter
+        segments: list[Segment] = dialogue_segments(self.layout, sample.events, self.stop_ids)
+        features = self._features(sample)
+        embed = adapter.decoder.embed_tokens
+        pieces, rows, targets = [], [], []
+        pos = 0
+        for seg in segments:
+            if seg.kind == "frames":
+                for f in range(*seg.frames):
+                    pieces.append((features[f], f, None))
+                    pos += features.shape[1]
+            elif seg.kind == "tail":
+                tail = adapter.video_tail()
+                pieces.append((tail, -1, None))
+                pos += tail.shape[0]
+            else:
+                ids = torch.tensor(seg.ids, device=self.device)
+                pieces.append((embed(ids), -1, seg.ids))
+                for i, (tok, is_target) in enumerate(zip(seg.ids, seg.targets)):
+                    if is_target and pos + i > 0:
+                        rows.append(pos + i - 1)
+                        targets.append(tok)
+                pos += len(seg.ids)
+        if not rows:
+            raise StreamVLMError(f"sample {sample.id} has no answer tokens to train on")
+        chunk = chunk_from_pieces(pieces, 0)
+        return chunk, torch.tensor(rows, device=self.device), torch.tensor(targets, device=self.device)
+
+    def _run(self, decoder: Decoder, chunk) -> torch.Tensor:
+        parts = self.vlm.adapter.decoder
+        cache = KVCache(parts.num_layers, parts.num_kv_heads, parts.head_dim, chunk.embeds.dtype, self.device)
+        return decoder.forward(chunk, cache, FlopCounter.for_decoder(parts), logits="all")
+
+    # -- losses ----------------------------------------------------------------------------------
+
+    def losses(self, sample: Sample) -> dict[str, torch.Tensor]:
+        chunk, rows, targets = self.sequence(sample)
+        hp = self.hparams
+        student = self._run(self.student, chunk)[rows].float()  # (R, vocab)
+        out = {}
+        if "distill" in hp.loss:
+            lora = self._lora_layers()
+            with torch.no_grad():
+                for m in lora:
+                    m.enable_adapters(False)
+                try:
+                    teacher = self._run(self.teacher, chunk)[rows].float()
+                finally:
+                    for m in lora:
+                        m.enable_adapters(True)
+            out["distill"] = F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
+                                      reduction="batchmean")
+        if "lm" in hp.loss:
+            out["lm"] = F.cross_entropy(student, targets)
+        loss = hp.distill_weight * out.get("distill", 0.0) + hp.lm_weight * out.get("lm", 0.0)
+        if hp.z_loss_weight:
+            z = torch.stack([self.router.scores(layer, chunk.embeds, chunk).pow(2).mean()
+                             for layer in map(int, self.router.scorers)]).mean()
+            out["z"] = z
+            loss = loss + hp.z_loss_weight * z
+        out["loss"] = loss
+        return out
+
+    def _step(self, batch: list[Sample], stage: str) -> torch.Tensor | None:
+        if not batch:  # every sample of the batch failed to decode (counted by the data module)
+            return None
+        totals: dict[str, torch.Tensor] = {}
+        for sample in batch:
+            for key, value in self.losses(sample).items():
+                totals[key] = totals.get(key, 0.0) + value / len(batch)
+        for key, value in totals.items():
+            self.log(f"{stage}/{key}", value, prog_bar=key == "loss", batch_size=len(batch),
+                     sync_dist=stage != "train")
+        return totals["loss"]
+
+    def on_fit_start(self) -> None:
+        if hasattr(self, "_teacher_model"):
+            self._teacher_model[0].to(self.device)
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        parts = self.vlm.adapter.decoder
+        checkpoint["streamvlm"] = {"routing": self.router.config.to_dict(), "num_layers": parts.num_layers,
+                                   "hidden_size": parts.hidden_size, "model_dir": str(self.hparams.model_dir)}
+
+
+def export_router(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
+    """Write the router of a training checkpoint as a router folder the runtime loads."""
+    from streamvlm.routers import save_router
+
+    try:
+        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError) as e:
+        raise StreamVLMError(f"cannot read checkpoint {checkpoint_path}: {e}") from None
+    meta = ckpt.get("streamvlm")
+    if meta is None:
+        raise StreamVLMError(f"{checkpoint_path} is not a streamvlm training checkpoint")
+    config = RoutingConfig.from_dict(meta["routing"])
+    router = build_router(config, meta["num_layers"], meta["hidden_size"])
+    prefix = "router."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    router.load_state_dict(state)
+    return save_router(router, out_dir)
