@@ -4,9 +4,10 @@ Imports only torch and streamvlm core types: the runtime uses routers without Li
 """
 
 from streamvlm.routers.base import DenseRouter, RouteDecision, Router
+from streamvlm.routers.baselines import BaselineRouter
 from streamvlm.routers.config import RoutingConfig
 from streamvlm.routers.mod import MoDRouter
 from streamvlm.routers.registry import build_router, load_router, resolve_routing, save_router
 
-__all__ = ["DenseRouter", "MoDRouter", "RouteDecision", "Router", "RoutingConfig", "build_router", "load_router",
+__all__ = ["BaselineRouter", "DenseRouter", "MoDRouter", "RouteDecision", "Router", "RoutingConfig", "build_router", "load_router",
            "resolve_routing", "save_router"]

@@ -7,6 +7,7 @@ The command line and `StreamVLM.from_pretrained(routing=...)` take the same stri
     mod:KEEP:SCHEDULE            SCHEDULE: all | interleaved | deep | cosine
     mod:KEEP:SCHEDULE:N          ... with the first N layers left dense
     mod:R0,R1,...,RL-1           explicit keep ratio per layer (1 = dense layer)
+    random:KEEP[...], uniform:KEEP[...]   the same forms for the no-intelligence baselines
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from streamvlm.errors import StreamVLMError
 
 SCHEDULES = ("all", "interleaved", "deep", "cosine", "explicit")
-POLICIES = ("dense", "mod")
+POLICIES = ("dense", "mod", "random", "uniform")
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,8 @@ class RoutingConfig:
     """How vision tokens are routed through the decoder layers."""
 
     policy: str = "dense"
-    """"dense" (no routing) or "mod" (learned Mixture-of-Depths router)."""
+    """"dense" (no routing), "mod" (learned Mixture-of-Depths router), or the same-budget baselines
+    "random" (random tokens per frame and layer) and "uniform" (evenly spaced tokens per frame)."""
     keep_ratio: float = 1.0
     """Fraction of each frame's vision tokens a routed layer processes: k = ceil(keep_ratio * tokens).
     For the cosine schedule it is the floor the decay stops at (p-MoD uses 0.15)."""
@@ -71,8 +73,8 @@ class RoutingConfig:
             return cls()
         if policy not in POLICIES:
             raise StreamVLMError(
-                f"unknown routing {spec!r}; use dense, mod:KEEP[:SCHEDULE[:DENSE_LAYERS]] (e.g. mod:0.2:interleaved) "
-                "or a router directory")
+                f"unknown routing {spec!r}; use dense, mod:KEEP[:SCHEDULE[:DENSE_LAYERS]] (e.g. mod:0.2:interleaved), "
+                "random:KEEP[...], uniform:KEEP[...] or a router directory")
         if len(parts) < 2 or len(parts) > 4:
             raise StreamVLMError(f"routing {spec!r}: expected {policy}:KEEP[:SCHEDULE[:DENSE_LAYERS]]")
         try:

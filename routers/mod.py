@@ -53,6 +53,9 @@ class MoDRouter(Router):
         for scorer in self.scorers.values():
             nn.init.zeros_(scorer.weight)
             nn.init.zeros_(scorer.bias)
+        self.recorded: dict[int, torch.Tensor] = {}
+        """In training mode, each routed layer's (num_frames, tokens_per_frame) scores of the last chunk,
+        for auxiliary losses on the router's ranking."""
 
     def spec(self) -> str:
         return self.config.spec()
@@ -69,6 +72,8 @@ class MoDRouter(Router):
             return None
         vision = chunk.vision_index  # (F, T)
         scores = self.scores(layer, hidden, chunk)
+        if self.training:
+            self.recorded[layer] = scores
         k = tokens_kept(ratio, vision.shape[1])
         if k < vision.shape[1]:
             order = select_per_frame(scores.detach(), k)

@@ -14,6 +14,7 @@ import torch
 
 from streamvlm.errors import StreamVLMError
 from streamvlm.routers.base import DenseRouter, Router
+from streamvlm.routers.baselines import BaselineRouter
 from streamvlm.routers.config import RoutingConfig
 from streamvlm.routers.mod import MoDRouter
 
@@ -26,6 +27,8 @@ def build_router(config: RoutingConfig, num_layers: int, hidden_size: int) -> Ro
         return DenseRouter()
     if config.policy == "mod":
         return MoDRouter(config, num_layers, hidden_size)
+    if config.policy in ("random", "uniform"):
+        return BaselineRouter(config, num_layers)
     raise StreamVLMError(f"no router for policy {config.policy!r}")
 
 

@@ -27,6 +27,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (heads, m, head_dim) rotated by cos/sin (m, head_dim) of each token's position."""
+    return x * cos + _rotate_half(x) * sin
+
+
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
     """q (H, m, hd) are the queries of the last m of `keys`/`values` (KV, L, hd): each sees every earlier
     entry and, inside the chunk, itself and the kept tokens before it. Returns (H, m, hd).
@@ -92,8 +97,8 @@ class Decoder:
         q = layer.q_proj(h).view(m, p.num_heads, p.head_dim).transpose(0, 1)  # (H, m, hd)
         k = layer.k_proj(h).view(m, p.num_kv_heads, p.head_dim).transpose(0, 1)  # (KV, m, hd)
         v = layer.v_proj(h).view(m, p.num_kv_heads, p.head_dim).transpose(0, 1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         keys, values = cache.append(index, k, v, chunk.positions[keep], chunk.kinds[keep], chunk.frames[keep])
         length = keys.shape[1]
         attn = _attend(q, keys, values, self.scale)  # (H, m, hd)

@@ -35,7 +35,7 @@ def _randomise(router: MoDRouter, seed: int = 0) -> MoDRouter:
 
 def _routed(model_dir, spec: str, seed: int | None = None) -> StreamVLM:
     vlm = StreamVLM.from_pretrained(model_dir, routing=spec)
-    if seed is not None:
+    if seed is not None and isinstance(vlm.router, MoDRouter):
         _randomise(vlm.router, seed)
     return vlm
 
@@ -60,7 +60,7 @@ def _expected_entries(config: RoutingConfig, layers: int, text: int, frames: int
 
 
 @pytest.mark.parametrize("spec", ["mod:0.2", "mod:0.5:interleaved", "mod:0.3:all:2", "mod:0.2:deep",
-                                  "mod:0.15:cosine", "mod:1,0.5,0.25,0.12"])
+                                  "mod:0.15:cosine", "mod:1,0.5,0.25,0.12", "random:0.3", "uniform:0.5:interleaved"])
 def test_kv_entries_and_bytes_follow_the_formula_frame_by_frame(model_dir, spec):
     vlm = _routed(model_dir, spec, seed=3)
     tpf, layers = vlm.tokens_per_frame, vlm.adapter.decoder.num_layers
@@ -88,7 +88,7 @@ def test_kv_entries_and_bytes_follow_the_formula_frame_by_frame(model_dir, spec)
         assert torch.all(cache.positions(layer)[1:] > cache.positions(layer)[:-1])  # original order kept
 
 
-@pytest.mark.parametrize("spec", ["mod:0.3", "mod:0.5:interleaved"])
+@pytest.mark.parametrize("spec", ["mod:0.3", "mod:0.5:interleaved", "random:0.3", "uniform:0.4"])
 def test_routed_chunked_ingestion_equals_one_shot(model_dir, spec):
     vlm = _routed(model_dir, spec, seed=4)
     frames = random_frames(6, seed=5)
@@ -238,3 +238,20 @@ def test_session_flops_agree_with_the_counter_formula(model_dir):
     expected = sum(c.layer_flops(m, m * (m + 1) // 2) for m in stats["tokens_processed_per_layer"])
     assert stats["flops"]["llm"] == expected
     assert stats["flops"]["llm_dense"] == parts.num_layers * c.layer_flops(n, n * (n + 1) // 2)
+
+
+def test_baselines_choose_as_documented(model_dir):
+    uniform = _routed(model_dir, "uniform:0.34")  # 9 tokens per frame -> 4 kept: positions 0, 2, 4, 6
+    session = uniform.session()
+    session.append_frames(random_frames(2, seed=1))
+    cache = session.cache
+    for layer in range(4):
+        vision = cache.kinds(layer) == VISION
+        first = int(torch.nonzero(vision)[0])
+        within = (cache.positions(layer)[vision] - cache.positions(layer)[first]) % 9
+        assert within.tolist() == [0, 2, 4, 6] * 2
+    rand = _routed(model_dir, "random:0.34")
+    session = rand.session()
+    session.append_frames(random_frames(2, seed=1))
+    per_layer = [session.cache.positions(l)[session.cache.kinds(l) == VISION].tolist() for l in range(4)]
+    assert all(len(p) == 8 for p in per_layer) and len({tuple(p) for p in per_layer}) > 1  # differs by layer

@@ -3,6 +3,7 @@
     streamvlm-train fit --config train/configs/tiny_cpu.yaml
     streamvlm-train fit --config train/configs/tiny_cpu.yaml --ckpt_path last     # resume
     streamvlm-train export CKPT OUT_DIR                                           # -> router folder
+    streamvlm-train bench [--json]                       # a training step, routed vs dense, time and memory
     python -m streamvlm.train ...                                                 # the same
 
 Every LightningCLI flag works (`--trainer.strategy ddp`, `--trainer.precision bf16-mixed`, ...);
@@ -51,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "export":
             return export_main(argv[1:])
+        if argv and argv[0] == "bench":
+            from streamvlm.train.bench import main as bench_main
+
+            return bench_main(argv[1:])
         from streamvlm.train.data import VideoDataModule
         from streamvlm.train.module import RouterTrainingModule
 

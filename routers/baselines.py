@@ -1,0 +1,52 @@
+"""Baselines at the same budget as a learned router, with no intelligence (`random`, `uniform`).
+
+random: at each routed layer, k tokens of each frame drawn at random, seeded by (seed, frame, layer), so
+    the choice is reproducible and does not depend on how frames were chunked.
+uniform: k tokens spread evenly over each frame's row-major token order, the same at every layer.
+Kept tokens' updates are not scaled (weight 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from streamvlm.routers.base import RouteDecision, Router
+from streamvlm.routers.config import RoutingConfig, tokens_kept
+from streamvlm.routers.mod import decision_from_kept
+from streamvlm.types import Chunk
+
+
+class BaselineRouter(Router):
+    def __init__(self, config: RoutingConfig, num_layers: int, seed: int = 0):
+        super().__init__()
+        if config.policy not in ("random", "uniform"):
+            raise ValueError(f"BaselineRouter takes policy random or uniform, got {config.policy!r}")
+        self.config = config
+        self.seed = seed
+        self.layer_keep = config.layer_keep_ratios(num_layers)
+
+    def spec(self) -> str:
+        return self.config.spec()
+
+    def _order(self, layer: int, chunk: Chunk, k: int) -> torch.Tensor:
+        """(F, k) ascending positions within each frame to keep."""
+        frames, tokens = chunk.vision_index.shape
+        device = chunk.vision_index.device
+        if self.config.policy == "uniform":
+            return (torch.arange(k, device=device) * tokens // k).expand(frames, k)
+        frame_ids = chunk.frames[chunk.vision_index[:, 0]].tolist()
+        rows = []
+        for frame in frame_ids:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + frame) * 1_009 + layer)
+            rows.append(torch.randperm(tokens, generator=g)[:k].sort().values)
+        return torch.stack(rows).to(device)
+
+    def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
+        ratio = self.layer_keep[layer]
+        if ratio is None or chunk.num_frames == 0:
+            return None
+        vision = chunk.vision_index
+        k = tokens_kept(ratio, vision.shape[1])
+        if k >= vision.shape[1]:
+            return None
+        return decision_from_kept(chunk, vision.gather(1, self._order(layer, chunk, k)).flatten(), None)

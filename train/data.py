@@ -1,0 +1,668 @@
+"""Video instruction data for training: records, samples, the dataset, the sampler and the data module.
+
+Two record formats are read, detected per record:
+
+- LLaVA-Video-178K / LLaVA-OneVision (`conversations`, turns `from` human/gpt): every frame comes
+  before the first question, as transformers' processor lays out one video and a dialogue.
+- VideoLLM-online streaming (`conversation`, messages with `role`, `content` and `time` in seconds):
+  frames and exchanges interleave by stream time, and frames after the last exchange are not decoded.
+
+A Sample carries preprocessed pixels and the event sequence the training module turns into tokens.
+When a feature cache folder is set, the module saves encoded features at `Sample.feature_path` and this
+dataset writes the frame timestamps beside it, so later epochs skip decoding.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Iterator, Literal
+
+import lightning
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from streamvlm.errors import StreamVLMError
+from streamvlm.video.files import probe_video, read_video
+from streamvlm.video.preprocess import PreprocessConfig, preprocess
+from streamvlm.video.sample import cache_dir
+
+log = logging.getLogger(__name__)
+
+# Float slack when comparing frame timestamps with exchange times (seconds).
+_EPS = 1e-6
+# read_video's `end` is exclusive: decode a little past the last exchange so a frame exactly at its
+# time is kept (seconds; far below one frame interval).
+_END_SLACK = 1e-3
+# "<video>\n" / "<image>\n" placeholders in LLaVA human turns; the video goes where the processor puts it.
+_PLACEHOLDER = re.compile(r"<(?:video|image)>\n?")
+_HUMAN = ("human", "user")
+_GPT = ("gpt", "assistant")
+# Roles carried by some streaming records that hold no exchange (VideoLLM-online marks frame runs "stream").
+_STREAM_IGNORED = ("system", "stream")
+
+
+# ---------------------------------------------------------------- sample format
+
+
+@dataclass(frozen=True)
+class Frames:
+    """A run of frames: indices into the sample's frame tensor."""
+
+    start: int
+    end: int
+    """Exclusive."""
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """A user question and the assistant's answer."""
+
+    question: str
+    answer: str
+    """"" when the record has none (a streaming question the assistant never answered)."""
+    time: float | None = None
+    """Stream time (s) the exchange happens at, for streaming records; None for LLaVA records."""
+
+
+Event = Frames | Exchange
+
+
+@dataclass
+class Sample:
+    """One training example: frames (or where their features are cached) and the events over them."""
+
+    id: str
+    video: str
+    """Absolute path of the video file."""
+    pixels: torch.Tensor | None
+    """float32 (T, 3, h, w) on CPU from the runtime's preprocess(); None when features are cached."""
+    timestamps: torch.Tensor
+    """float64 (T,), seconds from the start of the stream."""
+    events: list[Event]
+    """In sequence order; every frame index 0..T-1 is in exactly one Frames event."""
+    feature_path: str | None
+    """Where encoded features for this sample are (or will be) cached; None when caching is off."""
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Sample:
+        """This sample with pixels on device (timestamps stay on the CPU: they are read on the host).
+
+        Lightning moves batches with any object's `to`; without it, it would walk into the frozen
+        events and fail ("A frozen dataclass was passed to `apply_to_collection`").
+        """
+        if self.pixels is None:
+            return self
+        return replace(self, pixels=self.pixels.to(device, non_blocking=non_blocking))
+
+
+@dataclass(frozen=True)
+class Record:
+    """One parsed record of a record file."""
+
+    id: str
+    video: str
+    """Absolute path of the video file (resolved against video_root or the record file's folder)."""
+    kind: Literal["llava", "stream"]
+    exchanges: tuple[Exchange, ...]
+    """In order; for "stream" records each has a time and times never decrease."""
+    source: str
+    """Where the record is, for messages: "file.json record 3" or "file.jsonl line 5"."""
+
+
+# ---------------------------------------------------------------- records
+
+
+class _BadRecord(Exception):
+    """What is wrong with a record; load_records adds where it is."""
+
+
+def load_records(path: str | os.PathLike, video_root: str | os.PathLike | None = None) -> list[Record]:
+    """Read a JSON list or JSONL file of LLaVA-style or streaming records.
+
+    Relative video paths are resolved against video_root, else the record file's folder. Raises
+    StreamVLMError naming the file and the record (index or line, and id) when anything is malformed.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise StreamVLMError(f"record file not found: {path}. Check train_file / val_file.")
+    root = Path(video_root).expanduser() if video_root is not None else path.parent
+    records = [_parse_record(obj, where, root) for where, obj in _read_objects(path)]
+    if not records:
+        raise StreamVLMError(f"{path} holds no records; a record file is a JSON list or one JSON object per line")
+    return records
+
+
+def _read_objects(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, object) for each record of a JSON list, or of a JSONL file (one object per line)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte order mark
+    except (OSError, UnicodeDecodeError) as e:
+        raise StreamVLMError(f"cannot read the record file {path} ({e}); it must be UTF-8 JSON or JSONL") from e
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise StreamVLMError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+        for index, obj in enumerate(items):
+            yield f"{path} record {index}", obj
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StreamVLMError(
+                f"{path} line {number} is not valid JSON ({e.msg} at column {e.colno}); a JSONL file holds "
+                "one record object per line, a JSON file a list of records") from e
+        yield f"{path} line {number}", obj
+
+
+def _parse_record(obj: object, where: str, root: Path) -> Record:
+    record_id = obj.get("id") if isinstance(obj, dict) else None
+    label = where if record_id is None else f"{where} (id {record_id!r})"
+    try:
+        if not isinstance(obj, dict):
+            raise _BadRecord(f"a record must be a JSON object, got {type(obj).__name__}")
+        video = obj.get("video")
+        if not isinstance(video, str) or not video:
+            raise _BadRecord("missing key 'video' (the video's path, relative to video_root)")
+        if "conversations" in obj:
+            kind, exchanges = "llava", _llava_exchanges(obj["conversations"])
+        elif "conversation" in obj:
+            kind, exchanges = "stream", _stream_exchanges(obj["conversation"])
+        else:
+            raise _BadRecord("has neither 'conversations' (LLaVA format) nor 'conversation' (streaming format)")
+        if not exchanges:
+            raise _BadRecord("has no exchanges (no question with an answer)")
+    except _BadRecord as e:
+        raise StreamVLMError(f"{label}: {e}") from None
+    return Record(
+        id=str(record_id) if record_id is not None else where,
+        video=os.path.abspath(root / Path(video).expanduser()),
+        kind=kind, exchanges=tuple(exchanges), source=where,
+    )
+
+
+def _strip_placeholders(text: str) -> str:
+    return _PLACEHOLDER.sub("", text).strip()
+
+
+def _field(turn: object, index: int, key: str) -> str:
+    if not isinstance(turn, dict):
+        raise _BadRecord(f"turn {index} must be an object, got {type(turn).__name__}")
+    value = turn.get(key)
+    if not isinstance(value, str):
+        raise _BadRecord(f"turn {index} has no string {key!r}")
+    return value
+
+
+def _llava_exchanges(turns: object) -> list[Exchange]:
+    """Pairs of human and gpt turns, in order."""
+    if not isinstance(turns, list):
+        raise _BadRecord("'conversations' must be a list of turns")
+    exchanges, pending = [], None  # pending: (turn index, question) of a human turn awaiting its answer
+    for index, turn in enumerate(turns):
+        role = _field(turn, index, "from")
+        text = _field(turn, index, "value")
+        if role in _HUMAN:
+            if pending is not None:
+                raise _BadRecord(f"human turn {pending[0]} has no gpt turn after it")
+            pending = (index, _strip_placeholders(text))
+        elif role in _GPT:
+            if pending is None:
+                raise _BadRecord(f"gpt turn {index} has no human turn before it")
+            exchanges.append(Exchange(pending[1], text.strip()))
+            pending = None
+        elif role != "system":
+            raise _BadRecord(f"turn {index} has an unknown 'from' {role!r}; expected human or gpt")
+    if pending is not None:
+        raise _BadRecord(f"human turn {pending[0]} has no gpt turn after it")
+    return exchanges
+
+
+def _stream_exchanges(messages: object) -> list[Exchange]:
+    """Each assistant message with the latest user message before it; unanswered questions get answer ""."""
+    if not isinstance(messages, list):
+        raise _BadRecord("'conversation' must be a list of messages")
+    exchanges: list[Exchange] = []
+    question: tuple[str, float] | None = None  # (text, time) of the latest user message
+    answered = False
+    last_time = 0.0
+    for index, message in enumerate(messages):
+        role = _field(message, index, "role")
+        if role in _STREAM_IGNORED:
+            continue
+        if role not in ("user", "assistant"):
+            raise _BadRecord(f"message {index} has an unknown role {role!r}; expected user or assistant")
+        text, time = _field(message, index, "content"), _time(message, index)
+        if time < last_time - _EPS:
+            raise _BadRecord(f"message {index} at {time}s is earlier than the message before it ({last_time}s)")
+        last_time = time
+        if role == "user":
+            if question is not None and not answered:
+                exchanges.append(Exchange(question[0], "", question[1]))
+            question, answered = (_strip_placeholders(text), time), False
+        else:
+            if question is None:
+                raise _BadRecord(f"assistant message {index} has no user message before it")
+            exchanges.append(Exchange(question[0], text.strip(), time))
+            answered = True
+    if question is not None and not answered:
+        exchanges.append(Exchange(question[0], "", question[1]))
+    return exchanges
+
+
+def _time(message: dict, index: int) -> float:
+    time = message.get("time")
+    if isinstance(time, bool) or not isinstance(time, (int, float)) or not time >= 0:
+        raise _BadRecord(f"message {index} needs a 'time' in seconds >= 0, got {time!r}")
+    return float(time)
+
+
+# ---------------------------------------------------------------- dataset
+
+
+class VideoInstructionDataset(Dataset):
+    """Records -> Samples: decode, preprocess (float32, CPU) and lay out events.
+
+    Items are None for videos that fail to decode (strict=False; a warning names the file); collate_samples
+    drops them. With feature_dir, an item whose features (`<key>.pt`, written by the training module) and
+    timestamps (`<key>.json`, written here) are both cached is returned without decoding, pixels None.
+    """
+
+    def __init__(
+        self,
+        records: list[Record],
+        preprocess_config: PreprocessConfig,
+        num_frames: int | None = 8,
+        fps: float | None = None,
+        max_frames: int | None = 64,
+        feature_dir: str | os.PathLike | None = None,
+        strict: bool = False,
+    ):
+        _check_sampling(num_frames, fps, max_frames)
+        self.records = list(records)
+        self.preprocess_config = preprocess_config
+        self.num_frames = num_frames
+        self.fps = fps
+        self.max_frames = max_frames
+        self.feature_dir = Path(feature_dir).expanduser() if feature_dir is not None else None
+        self.strict = strict
+        if self.feature_dir is not None:
+            self.feature_dir.mkdir(parents=True, exist_ok=True)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample | None:
+        record = self.records[index]
+        try:
+            return self._load(record)
+        except (StreamVLMError, OSError) as e:  # OSError: the file vanished or is unreadable (os.stat)
+            if self.strict:
+                raise StreamVLMError(f"{record.source} (id {record.id!r}): cannot read {record.video}: {e}") from e
+            log.warning("skipping %s (record %r): %s", record.video, record.id, e)
+            return None
+
+    def feature_path(self, record: Record) -> str | None:
+        """Where the features of `record` are cached: a hash of the file's identity, the sampling and the
+        preprocessing, so a changed video or setting never reuses stale features. None when caching is off."""
+        if self.feature_dir is None:
+            return None
+        stat = os.stat(record.video)
+        key = {
+            "video": record.video, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "num_frames": self.num_frames, "fps": self.fps, "max_frames": self.max_frames,
+            "end": _decode_end(record), "preprocess": asdict(self.preprocess_config),
+        }
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        return str(self.feature_dir / f"{digest}.pt")
+
+    def _load(self, record: Record) -> Sample:
+        feature_path = self.feature_path(record)
+        timestamps = _cached_timestamps(feature_path) if feature_path is not None else None
+        pixels = None
+        if timestamps is None:
+            pixels, timestamps = self._decode(record)
+            if feature_path is not None:
+                _write_timestamps(feature_path, record.video, timestamps)
+        return Sample(record.id, record.video, pixels, timestamps, _events(record, timestamps), feature_path)
+
+    def _decode(self, record: Record) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (T, 3, h, w) pixels and float64 (T,) timestamps of the frames the record uses."""
+        clip = read_video(record.video, num_frames=self.num_frames, fps=self.fps, max_frames=self.max_frames,
+                          end=_decode_end(record))
+        count = _frames_used(record, clip.timestamps)
+        if count == 0:  # every exchange precedes the first frame: a text-only sample
+            cfg = self.preprocess_config
+            return torch.empty(0, 3, cfg.height, cfg.width), clip.timestamps[:0]
+        return preprocess(clip.frames[:count], self.preprocess_config), clip.timestamps[:count]
+
+
+def _check_sampling(num_frames: int | None, fps: float | None, max_frames: int | None) -> None:
+    if num_frames is not None and fps is not None:
+        raise StreamVLMError("give num_frames or fps, not both (set the other to null)")
+    if num_frames is not None and num_frames < 1:
+        raise StreamVLMError(f"num_frames must be at least 1, got {num_frames}")
+    if fps is not None and not fps > 0:
+        raise StreamVLMError(f"fps must be positive, got {fps}")
+    if max_frames is not None and max_frames < 1:
+        raise StreamVLMError(f"max_frames must be at least 1, got {max_frames}")
+
+
+def _decode_end(record: Record) -> float | None:
+    """Where decoding stops (s): just past the last exchange of a streaming record, None (the end) otherwise."""
+    if record.kind != "stream":
+        return None
+    return record.exchanges[-1].time + _END_SLACK
+
+
+def _frames_used(record: Record, timestamps: torch.Tensor) -> int:
+    """How many leading frames the events use: all for LLaVA records, those up to the last exchange otherwise."""
+    if record.kind != "stream":
+        return len(timestamps)
+    return bisect.bisect_right(timestamps.tolist(), record.exchanges[-1].time + _EPS)
+
+
+def _events(record: Record, timestamps: torch.Tensor) -> list[Event]:
+    """The event sequence over T = len(timestamps) frames (timestamps never decrease)."""
+    if record.kind != "stream":
+        return [Frames(0, len(timestamps)), *record.exchanges]
+    times = timestamps.tolist()
+    events: list[Event] = []
+    start = 0
+    for exchange in record.exchanges:
+        end = bisect.bisect_right(times, exchange.time + _EPS)  # frames at or before the exchange
+        if end > start:
+            events.append(Frames(start, end))
+            start = end
+        events.append(exchange)
+    return events
+
+
+def _sidecar(feature_path: str) -> Path:
+    return Path(feature_path).with_suffix(".json")
+
+
+def _cached_timestamps(feature_path: str) -> torch.Tensor | None:
+    """float64 (T,) timestamps when both the features and the timestamp sidecar exist, else None."""
+    sidecar = _sidecar(feature_path)
+    if not (os.path.isfile(feature_path) and sidecar.is_file()):
+        return None
+    try:
+        return torch.tensor(json.loads(sidecar.read_text())["timestamps"], dtype=torch.float64)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring the damaged feature cache sidecar %s (%s); decoding the video again", sidecar, e)
+        return None
+
+
+def _write_timestamps(feature_path: str, video: str, timestamps: torch.Tensor) -> None:
+    sidecar = _sidecar(feature_path)
+    # written beside the target and renamed: loader workers and ranks may write the same sidecar at once
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".ts-", suffix=".json", dir=sidecar.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"video": video, "timestamps": timestamps.tolist()}, f)
+        os.replace(tmp, sidecar)
+    except OSError as e:
+        log.warning("cannot write the feature cache sidecar %s (%s); this video will be decoded every epoch",
+                    sidecar, e)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def collate_samples(batch: list[Sample | None]) -> list[Sample]:
+    """A batch is the list of its samples, without the ones that failed to decode (it may be empty)."""
+    return [sample for sample in batch if sample is not None]
+
+
+# ---------------------------------------------------------------- sampler
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation of range(size) drawn from seed + epoch.
+
+    The order depends on nothing but seed and epoch, so a run resumed at an epoch boundary sees the
+    order an uninterrupted run would. Lightning calls set_epoch before each epoch (also through the
+    DistributedSamplerWrapper it puts around this sampler under DDP).
+    """
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+# ---------------------------------------------------------------- data module
+
+_SYNTHETIC_KEYS = {"num_videos", "val_videos", "out_dir", "seed", "fps", "seconds", "size", "streaming"}
+
+
+class VideoDataModule(lightning.LightningDataModule):
+    """Video instruction data for Lightning: record files (or generated synthetic videos) to loaders."""
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        video_root: str | None = None,
+        model_dir: str | None = None,
+        num_frames: int | None = 8,
+        fps: float | None = None,
+        max_frames: int | None = 64,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        feature_cache: str | None = None,
+        strict: bool = False,
+        seed: int = 0,
+        synthetic: dict | None = None,
+    ):
+        """
+        Args:
+            train_file: training records, a JSON list or JSONL file (LLaVA-Video or streaming format).
+            val_file: validation records in the same formats; no validation when unset.
+            video_root: folder that records' relative video paths start from (default: the record file's folder).
+            model_dir: checkpoint folder whose preprocessor config says how frames are resized and
+                normalized (unset when the training module calls set_preprocess_config).
+            num_frames: frames sampled uniformly per video (null to sample by fps).
+            fps: frames per second to sample instead of num_frames.
+            max_frames: cap on frames per video, thinned uniformly.
+            batch_size: samples per batch (a batch is a list of samples).
+            num_workers: data loader worker processes (kept alive between epochs).
+            feature_cache: folder for cached vision features and timestamps; off when unset.
+            strict: raise on a missing or undecodable video instead of skipping it with a warning.
+            seed: shuffling seed; epoch e uses seed + e, so resumed runs see the same order.
+            synthetic: when train_file is unset, generate videos with known answers, e.g. {num_videos: 16,
+                val_videos: 4, seed: 0, out_dir: ...} (also fps, seconds, size, streaming; out_dir
+                defaults to streamvlm's cache folder / synthetic).
+        """
+        super().__init__()
+        _check_sampling(num_frames, fps, max_frames)
+        if batch_size < 1:
+            raise StreamVLMError(f"batch_size must be at least 1, got {batch_size}")
+        if num_workers < 0:
+            raise StreamVLMError(f"num_workers must be >= 0, got {num_workers}")
+        if train_file is None and synthetic is None:
+            raise StreamVLMError("set train_file (a record file) or synthetic (e.g. {num_videos: 16})")
+        if synthetic is not None:
+            unknown = set(synthetic) - _SYNTHETIC_KEYS
+            if unknown:
+                raise StreamVLMError(f"unknown synthetic keys {sorted(unknown)}; known: {sorted(_SYNTHETIC_KEYS)}")
+        self.save_hyperparameters()
+        self.train_file, self.val_file, self.video_root = train_file, val_file, video_root
+        self.model_dir = model_dir
+        self.num_frames, self.fps, self.max_frames = num_frames, fps, max_frames
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.feature_cache, self.strict, self.seed = feature_cache, strict, seed
+        self.synthetic = dict(synthetic) if synthetic is not None else None
+        self.skipped: dict[str, int] = {}
+        """reason ("missing", "unreadable") -> records dropped in setup."""
+        self.train_records: list[Record] | None = None
+        """Training records with readable videos, after setup."""
+        self.val_records: list[Record] | None = None
+        """Validation records with readable videos, after setup; None without validation data."""
+        self._preprocess_config: PreprocessConfig | None = None
+        self._datasets: dict[str, VideoInstructionDataset] = {}
+
+    def set_preprocess_config(self, cfg: PreprocessConfig) -> None:
+        """Use cfg for frames instead of reading model_dir's preprocessor config.
+
+        Call it any time before the dataloaders are made (LightningModule.setup is early enough).
+        """
+        self._preprocess_config = cfg
+        self._datasets.clear()
+
+    @property
+    def preprocess_config(self) -> PreprocessConfig:
+        if self._preprocess_config is None:
+            if self.model_dir is None:
+                raise StreamVLMError("the data module needs model_dir (a checkpoint folder) to know how to "
+                                     "preprocess frames, or a preprocess config via set_preprocess_config")
+            self._preprocess_config = PreprocessConfig.from_checkpoint(self.model_dir)
+        return self._preprocess_config
+
+    @property
+    def train_dataset(self) -> VideoInstructionDataset | None:
+        return self._dataset("train", self.train_records)
+
+    @property
+    def val_dataset(self) -> VideoInstructionDataset | None:
+        return self._dataset("val", self.val_records)
+
+    def prepare_data(self) -> None:
+        # Lightning runs this on one process per node before setup: synthetic videos are written once
+        if self._uses_synthetic():
+            self._synthetic_files()
+
+    def setup(self, stage: str | None = None) -> None:
+        want_train = stage in (None, "fit") and self.train_records is None
+        want_val = stage in (None, "fit", "validate") and self.val_records is None
+        if not (want_train or want_val):
+            return
+        train_files, val_files = self._record_files()
+        if want_train:
+            self.train_records = self._readable_records(train_files)
+        if want_val and val_files:
+            self.val_records = self._readable_records(val_files)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise StreamVLMError("call setup('fit') before train_dataloader()")
+        sampler = EpochShuffleSampler(len(self.train_dataset), self.seed)
+        return self._loader(self.train_dataset, sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            return []  # Lightning runs no validation on an empty list
+        return self._loader(self.val_dataset, None)
+
+    # ------------------------------------------------------------ helpers
+
+    def _dataset(self, split: str, records: list[Record] | None) -> VideoInstructionDataset | None:
+        """The split's dataset, made on first use (the preprocess config may be set after setup)."""
+        if records is None:
+            return None
+        if split not in self._datasets:
+            self._datasets[split] = VideoInstructionDataset(
+                records, self.preprocess_config, self.num_frames, self.fps, self.max_frames, self.feature_cache,
+                self.strict)
+        return self._datasets[split]
+
+    def _loader(self, dataset: VideoInstructionDataset, sampler: Sampler | None) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False,
+                          collate_fn=collate_samples, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def _readable_records(self, files: list[tuple[Path, str | None]]) -> list[Record]:
+        """Records of (record file, video root) pairs whose videos exist and probe."""
+        records = [record for path, root in files for record in load_records(path, root)]
+        usable = self._drop_unreadable(records)
+        if not usable:
+            names = ", ".join(str(path) for path, _ in files)
+            raise StreamVLMError(f"no record of {names} has a readable video; see the warnings above")
+        return usable
+
+    def _drop_unreadable(self, records: list[Record]) -> list[Record]:
+        """Records whose video exists and probes; one warning per bad file, counted per record in skipped."""
+        paths = sorted({record.video for record in records})
+        # probing decodes one frame per file; threads overlap the file reads (PyAV releases the GIL)
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            found = pool.map(_video_problem, paths)
+            problems = dict(zip(paths, tqdm(found, total=len(paths), desc="checking videos", unit="file",
+                                            disable=len(paths) < 1000)))
+        if self.strict:
+            for record in records:
+                if problems[record.video] is not None:
+                    raise StreamVLMError(f"{record.source} (id {record.id!r}): {problems[record.video][1]}")
+        for path, problem in problems.items():
+            if problem is not None:
+                log.warning("skipping the records of %s: %s", path, problem[1])
+        counts = Counter(problems[r.video][0] for r in records if problems[r.video] is not None)
+        for reason, count in counts.items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
+        return [record for record in records if problems[record.video] is None]
+
+    def _uses_synthetic(self) -> bool:
+        return self.train_file is None and self.synthetic is not None
+
+    def _record_files(self) -> tuple[list[tuple[Path, str | None]], list[tuple[Path, str | None]]]:
+        """(record file, video root) pairs for train and val."""
+        val = [(Path(self.val_file), self.video_root)] if self.val_file else []
+        if not self._uses_synthetic():
+            return [(Path(self.train_file), self.video_root)], val
+        train_synthetic, val_synthetic = self._synthetic_files()
+        # synthetic records name their videos relative to their own folder, whatever video_root says
+        return [(path, None) for path in train_synthetic], val or [(path, None) for path in val_synthetic]
+
+    def _synthetic_files(self) -> tuple[list[Path], list[Path]]:
+        """Generate (or reuse) the synthetic train and val sets; returns their record files."""
+        from streamvlm.train import synthetic
+
+        spec = dict(self.synthetic)
+        out_dir = Path(spec.pop("out_dir", None) or cache_dir() / "synthetic").expanduser()
+        seed = int(spec.pop("seed", self.seed))
+        num_videos = int(spec.pop("num_videos", 16))
+        val_videos = int(spec.pop("val_videos", 0))
+        streaming = bool(spec.get("streaming", False))
+
+        def files(json_path: Path) -> list[Path]:
+            return [json_path, json_path.with_name(synthetic.STREAM_FILE)] if streaming else [json_path]
+
+        train = files(synthetic.generate(out_dir / "train", num_videos, seed, **spec))
+        # the val set comes from another seed, so it holds other videos
+        val = files(synthetic.generate(out_dir / "val", val_videos, seed + 1, **spec)) if val_videos > 0 else []
+        return train, val
+
+
+def _video_problem(path: str) -> tuple[str, str] | None:
+    """(reason, message) when the video at path is missing or unreadable, else None."""
+    if not os.path.isfile(path):
+        return "missing", f"video file not found: {path}"
+    try:
+        probe_video(path)
+    except StreamVLMError as e:
+        return "unreadable", str(e)
+    return None
