@@ -4,6 +4,7 @@
     streamvlm-train fit --config train/configs/tiny_cpu.yaml --ckpt_path last     # resume
     streamvlm-train export CKPT OUT_DIR                                           # -> router folder
     streamvlm-train bench [--json]                       # a training step, routed vs dense, time and memory
+    streamvlm-train plot runs/tiny_cpu/csv/metrics.csv loss.svg                   # the loss curves
     python -m streamvlm.train ...                                                 # the same
 
 Every LightningCLI flag works (`--trainer.strategy ddp`, `--trainer.precision bf16-mixed`, ...);
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             from streamvlm.train.bench import main as bench_main
 
             return bench_main(argv[1:])
+        if argv and argv[0] == "plot":
+            from streamvlm.train.plot import main as plot_main
+
+            return plot_main(argv[1:])
         from streamvlm.train.data import VideoDataModule
         from streamvlm.train.module import RouterTrainingModule
 

@@ -196,3 +196,24 @@ def test_distillation_falls_and_the_trained_router_beats_a_random_one(workdir):
     module.student.router = random_router
     random_val = mean_distill(dm.val_dataloader())
     assert trained_val < random_val
+
+
+def test_plot_and_bench_commands(tmp_path, capsys):
+    from streamvlm.tiny import TinySpec, write_tiny_checkpoint
+    from streamvlm.train.cli import main
+
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("epoch,step,train/distill,train/loss,val/loss\n0,1,0.5,0.5,\n0,3,0.3,0.3,\n0,3,,,0.4\n")
+    assert main(["plot", str(metrics), str(tmp_path / "loss.svg")]) == 0
+    svg = (tmp_path / "loss.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<polyline") == 3 and "val/loss" in svg
+    assert main(["plot", str(tmp_path / "missing.csv"), str(tmp_path / "x.svg")]) == 2
+
+    # 16 tokens per frame, 6 frames: vision tokens dominate the sequence, as in real use.
+    model = write_tiny_checkpoint(tmp_path / "m", TinySpec(num_layers=4, image_size=56, patch_size=7))
+    capsys.readouterr()
+    assert main(["bench", "--model", str(model), "--frames", "6", "--repeats", "1", "--routing",
+                 "mod:0.25:all:1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["routed_saved_bytes"] < result["dense_saved_bytes"]
+    assert result["forward_flops_fraction"] < 1.0 and result["dense_s"] > 0 and result["routed_s"] > 0
