@@ -69,6 +69,8 @@ class _OpenTurn:
 
 
 class Session:
+    """One stream's cache and dialogue; made by `StreamVLM.session()`. Not thread-safe: one caller at a time."""
+
     def __init__(self, vlm: StreamVLM, sampling: SamplingConfig):
         self._vlm = vlm
         self._adapter = vlm.adapter
@@ -88,7 +90,7 @@ class Session:
         self._video_token_id = vlm.adapter.tokenizer.convert_tokens_to_ids(vlm.adapter.video_token)
         # The sequence as token ids, frame tokens and video tails written as the video placeholder id:
         # what transformers' processor would build for the same dialogue. 4 bytes a token.
-        self._trace = array("l")
+        self._trace = array("i")
 
     # -- feeding ---------------------------------------------------------------------------------
 
@@ -113,10 +115,10 @@ class Session:
 
     def _run(self, pieces: list[Piece], logits: str) -> torch.Tensor | None:
         """Feed pieces as one chunk at the end of the sequence."""
-        for emb, _, ids in pieces:
-            self._trace.extend(ids if ids is not None else [self._video_token_id] * emb.shape[0])
         chunk = chunk_from_pieces(pieces, self._next_pos)
         out = self._vlm.decoder.forward(chunk, self.cache, self.flops, logits=logits)
+        for emb, _, ids in pieces:
+            self._trace.extend(ids if ids is not None else [self._video_token_id] * emb.shape[0])
         self._next_pos += len(chunk)
         return out
 

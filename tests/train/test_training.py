@@ -217,3 +217,39 @@ def test_plot_and_bench_commands(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["routed_saved_bytes"] < result["dense_saved_bytes"]
     assert result["forward_flops_fraction"] < 1.0 and result["dense_s"] > 0 and result["routed_s"] > 0
+
+
+def test_bf16_mixed_precision_and_worker_processes(workdir):
+    L.seed_everything(0)
+    module = RouterTrainingModule(tiny=True, routing=ROUTING)
+    dm = VideoDataModule(synthetic={"num_videos": 4, "val_videos": 2, "seed": 0, "out_dir": str(workdir / "syn_bf16")},
+                         batch_size=2, num_frames=4, num_workers=2)
+    dm.set_preprocess_config(module.vlm.adapter.preprocess_config)
+    record = _Losses()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[record])
+    trainer.fit(module, dm)
+    assert len(record.losses) == 2 and all(0 < x < 10 for x in record.losses)
+
+
+def test_feature_cache_gives_the_same_loss_without_decoding(workdir, monkeypatch):
+    module = RouterTrainingModule(tiny=True, routing=ROUTING)
+    dm = VideoDataModule(synthetic={"num_videos": 4, "val_videos": 2, "seed": 0, "out_dir": str(workdir / "syn_fc")},
+                         batch_size=2, num_frames=4, feature_cache=str(workdir / "features"))
+    dm.set_preprocess_config(module.vlm.adapter.preprocess_config)
+    dm.prepare_data()
+    dm.setup("fit")
+    first = next(iter(dm.train_dataloader()))
+    assert first[0].pixels is not None
+    with torch.no_grad():
+        losses = [float(module.losses(s)["distill"]) for s in first]
+    assert all(s.feature_path and (workdir / "features").exists() for s in first)
+
+    import streamvlm.train.data as data
+
+    monkeypatch.setattr(data, "read_video", lambda *a, **k: pytest.fail("decoded despite the feature cache"))
+    again = next(iter(dm.train_dataloader()))
+    assert [s.id for s in again] == [s.id for s in first] and all(s.pixels is None for s in again)
+    with torch.no_grad():
+        assert [float(module.losses(s)["distill"]) for s in again] == pytest.approx(losses, abs=1e-6)
