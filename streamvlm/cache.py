@@ -81,6 +81,22 @@ class KVCache:
         self._length[layer] = end
         return self._keys[layer][:, :end], self._values[layer][:, :end]
 
+    def keep(self, layer: int, index: torch.Tensor) -> None:
+        """Keep only the entries at ascending `index` (int64) of `layer`, in order; the rest are dropped."""
+        m = index.numel()
+        for store in (self._keys, self._values):
+            store[layer][:, :m] = store[layer][:, index]  # advanced indexing copies first: no overlap hazard
+        for store in (self._positions, self._kinds, self._frames):
+            store[layer][:m] = store[layer][index]
+        self._length[layer] = m
+
+    def set_positions(self, layer: int, positions: torch.Tensor, keys: torch.Tensor) -> None:
+        """Replace a layer's positions (length,) and its keys (num_kv_heads, length, head_dim), e.g. after
+        renumbering (the keys then carry the matching rotation)."""
+        n = self._length[layer]
+        self._positions[layer][:n] = positions
+        self._keys[layer][:, :n] = keys
+
     # -- reading ---------------------------------------------------------------------------------
 
     def length(self, layer: int) -> int:

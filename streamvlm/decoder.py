@@ -32,6 +32,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
+def shift_rope(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Keys (KV, n, hd) rotated at positions p -> the same keys rotated at p + delta (n,): RoPE rotations
+    compose, so re-rotating by delta is exact (up to rounding) for plain RoPE."""
+    freqs = delta.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]  # (n, hd / 2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return apply_rope(keys, emb.cos().to(keys.dtype), emb.sin().to(keys.dtype))
+
+
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
     """q (H, m, hd) are the queries of the last m of `keys`/`values` (KV, L, hd): each sees every earlier
     entry and, inside the chunk, itself and the kept tokens before it. Returns (H, m, hd).

@@ -10,6 +10,7 @@ import torch
 from streamvlm.decoder import Decoder
 from streamvlm.errors import StreamVLMError
 from streamvlm.generation import SamplingConfig
+from streamvlm.memory import MemoryBudget
 from streamvlm.models import FamilyAdapter, load_adapter
 from streamvlm.routers import Router, resolve_routing
 from streamvlm.session import Session
@@ -91,9 +92,13 @@ class StreamVLM:
         `Session.append_encoded` (e.g. to encode once and feed several sessions)."""
         return self.adapter.encode_frames(self.preprocess(frames))
 
-    def session(self, **sampling) -> Session:
-        """A new session with its own cache; keyword arguments override the default SamplingConfig."""
-        return Session(self, self.sampling.with_overrides(**sampling))
+    def session(self, memory_budget: str | int | MemoryBudget | None = None, **sampling) -> Session:
+        """A new session with its own cache; keyword arguments override the default SamplingConfig.
+
+        memory_budget: bound the cache for unbounded streams: entries per layer (20000) or bytes of K/V
+        ("64MB", "2GiB"), or a MemoryBudget; None keeps everything (the default).
+        """
+        return Session(self, self.sampling.with_overrides(**sampling), MemoryBudget.parse(memory_budget))
 
     def generate(self, frames: FrameInput, prompt: str, *, timestamps: Sequence[float] | None = None,
                  **sampling) -> str:

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from streamvlm.cache import KVCache
+from streamvlm.decoder import shift_rope
+from streamvlm.memory import MemoryBudget
 from streamvlm.chat import ChatLayout, assistant_message, user_message
 from streamvlm.errors import StreamVLMError
 from streamvlm.flops import FlopCounter
@@ -71,7 +73,7 @@ class _OpenTurn:
 class Session:
     """One stream's cache and dialogue; made by `StreamVLM.session()`. Not thread-safe: one caller at a time."""
 
-    def __init__(self, vlm: StreamVLM, sampling: SamplingConfig):
+    def __init__(self, vlm: StreamVLM, sampling: SamplingConfig, memory: MemoryBudget | None = None):
         self._vlm = vlm
         self._adapter = vlm.adapter
         self._parts = vlm.adapter.decoder
@@ -89,8 +91,14 @@ class Session:
         self._open_video_text: str | None = None  # the current turn's text before its video, once appended
         self._video_token_id = vlm.adapter.tokenizer.convert_tokens_to_ids(vlm.adapter.video_token)
         # The sequence as token ids, frame tokens and video tails written as the video placeholder id:
-        # what transformers' processor would build for the same dialogue. 4 bytes a token.
-        self._trace = array("i")
+        # what transformers' processor would build for the same dialogue. 4 bytes a token; not kept under
+        # a memory budget, whose point is that nothing grows with the stream.
+        self._trace = array("i") if memory is None else None
+        self._budget = memory
+        self._limit = memory.entries_per_layer(parts.num_layers, self.cache.bytes_per_entry) if memory else None
+        self._tokens_seen = 0
+        self._evicted = 0
+        self._peak_kv_bytes = 0
 
     # -- feeding ---------------------------------------------------------------------------------
 
@@ -117,10 +125,58 @@ class Session:
         """Feed pieces as one chunk at the end of the sequence."""
         chunk = chunk_from_pieces(pieces, self._next_pos)
         out = self._vlm.decoder.forward(chunk, self.cache, self.flops, logits=logits)
-        for emb, _, ids in pieces:
-            self._trace.extend(ids if ids is not None else [self._video_token_id] * emb.shape[0])
+        if self._trace is not None:
+            for emb, _, ids in pieces:
+                self._trace.extend(ids if ids is not None else [self._video_token_id] * emb.shape[0])
         self._next_pos += len(chunk)
+        self._tokens_seen += len(chunk)
+        self._peak_kv_bytes = max(self._peak_kv_bytes, self.cache.kv_bytes)
         return out
+
+    # -- memory budget ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _make_room(self, incoming: int) -> None:
+        """Under a memory budget, evict so that every layer can take `incoming` more entries and stay
+        within it (see streamvlm.memory)."""
+        if self._budget is None or max(self.cache.entries_per_layer) + incoming <= self._limit:
+            return
+        target = int(self._limit * (1 - self._budget.headroom)) - incoming
+        # The recent window shrinks when the budget is tight, so prefix + window + incoming still fit.
+        window = min(self._budget.recent(self._limit), max(target - self._budget.sink_tokens, 0))
+        recent_from = self._next_pos - window
+        for layer in range(self.cache.num_layers):
+            length = self.cache.length(layer)
+            if length <= target:
+                continue
+            pos, kinds = self.cache.positions(layer), self.cache.kinds(layer)
+            middle = (pos >= self._budget.sink_tokens) & (pos < recent_from)
+            # Oldest vision entries go first; old dialogue text only when vision alone is not enough.
+            order = torch.cat([torch.nonzero(middle & (kinds == VISION)).squeeze(1),
+                               torch.nonzero(middle & (kinds != VISION)).squeeze(1)])
+            drop = order[: length - max(target, 0)]
+            keep = torch.ones(length, dtype=torch.bool, device=pos.device)
+            keep[drop] = False
+            self.cache.keep(layer, torch.nonzero(keep).squeeze(1))
+            self._evicted += drop.numel()
+            if self.cache.length(layer) + incoming > self._limit:
+                raise StreamVLMError(
+                    f"the memory budget of {self._limit} entries per layer cannot hold {incoming} new tokens "
+                    f"next to the {self.cache.length(layer)} it must keep (prefix and recent window); raise "
+                    "the budget or lower max_new_tokens")
+        self._renumber()
+
+    def _renumber(self) -> None:
+        """Give the positions still held (at any layer) consecutive numbers, re-rotating cached keys."""
+        held = torch.cat([self.cache.positions(l) for l in range(self.cache.num_layers)]).unique()  # sorted
+        if held.numel() and int(held[-1]) == held.numel() - 1:
+            return
+        inv_freq = self._parts.rotary.inv_freq
+        for layer in range(self.cache.num_layers):
+            old = self.cache.positions(layer)
+            new = torch.searchsorted(held, old)
+            self.cache.set_positions(layer, new, shift_rope(self.cache.keys(layer), new - old, inv_freq))
+        self._next_pos = held.numel()
 
     @torch.inference_mode()
     def append_frames(self, frames: FrameInput, timestamps: Sequence[float] | None = None) -> None:
@@ -152,11 +208,18 @@ class Session:
         opening = self._layout.before_video(self._history) if self._open_video_text is None else ""
         opening_ids = self._text_ids(opening) if opening else []
         tpf = self._adapter.vision.tokens_per_frame
-        self._check_room(len(opening_ids) + count * tpf + self._adapter.video_tail().shape[0] + 1,
-                         f"appending {count} frames ({tpf} tokens each)")
         step = self._vlm.max_chunk_frames
+        if self._budget is None:
+            self._check_room(len(opening_ids) + count * tpf + self._adapter.video_tail().shape[0] + 1,
+                             f"appending {count} frames ({tpf} tokens each)")
+        else:  # chunks of at most a quarter of the budget, so eviction always has room to work
+            step = max(1, min(step, (self._limit // 4) // tpf))
         for first in range(0, count, step):
             last = min(first + step, count)
+            incoming = (last - first) * tpf + (len(opening_ids) if first == 0 else 0)
+            if self._budget is not None:
+                self._make_room(incoming)
+                self._check_room(incoming, f"appending {last - first} frames")
             feats = encode(first, last)  # (t, tpf, d)
             if count_vision:
                 self.flops.vision += (last - first) * self._adapter.vision.vision_flops_per_frame
@@ -182,7 +245,8 @@ class Session:
         seed, ignore_stop. Stopping the iteration early still closes the turn in the cache.
         """
         cfg = self._sampling.with_overrides(**sampling)
-        return self._answer(self._open_question(question, extra_tokens=1), cfg)
+        room = cfg.max_new_tokens if self._budget is not None else 1  # a budget keeps room for the answer
+        return self._answer(self._open_question(question, extra_tokens=room), cfg)
 
     @torch.inference_mode()
     def score(self, question: str, answer_ids: Sequence[int]) -> torch.Tensor:
@@ -213,6 +277,7 @@ class Session:
             tail = self._adapter.video_tail()
             pieces.insert(0, (tail, -1, None))
         prompt_len = sum(p[0].shape[0] for p in pieces)
+        self._make_room(prompt_len + len(closing_ids) + extra_tokens)
         self._check_room(prompt_len + len(closing_ids) + extra_tokens, f"the question ({len(prompt_ids)} tokens)")
         return _OpenTurn(question, with_video, pieces, closing_ids)
 
@@ -270,6 +335,8 @@ class Session:
     def token_ids(self) -> list[int]:
         """The session's sequence as token ids, with every frame token and video tail written as the video
         placeholder id, i.e. the input_ids transformers' processor builds for the same dialogue."""
+        if self._trace is None:
+            raise StreamVLMError("a session with a memory budget does not keep its token sequence")
         return self._trace.tolist()
 
     # -- reporting -------------------------------------------------------------------------------
@@ -278,8 +345,10 @@ class Session:
         """Figures of the session so far.
 
         routing: the router's --routing string.
-        frames: frames ingested. tokens: tokens in the sequence (the length a dense cache has).
+        frames: frames ingested. tokens: positions the cache spans (the length a dense cache has; under a
+        memory budget, after renumbering). tokens_seen: tokens fed since the start.
         kv_bytes: exact bytes of cached keys and values. kv_bytes_dense: the same with routing off.
+        kv_bytes_peak: the largest kv_bytes so far. evicted_entries: entries dropped by the memory budget.
         kv_bytes_reserved: bytes allocated (spare capacity and metadata included).
         kv_entries_per_layer, tokens_processed_per_layer: lists, one number per decoder layer.
         flops: {vision, llm, llm_dense}, analytic (see streamvlm.flops).
@@ -288,10 +357,14 @@ class Session:
             "routing": self._vlm.router.spec(),
             "frames": self._frames,
             "tokens": self._next_pos,
+            "tokens_seen": self._tokens_seen,
             "turns": len(self.turns),
             "kv_bytes": self.cache.kv_bytes,
             "kv_bytes_dense": self._next_pos * self._parts.num_layers * self.cache.bytes_per_entry,
             "kv_bytes_reserved": self.cache.reserved_bytes,
+            "kv_bytes_peak": self._peak_kv_bytes,
+            "evicted_entries": self._evicted,
+            "memory_budget_entries_per_layer": self._limit,
             "kv_entries_per_layer": self.cache.entries_per_layer,
             "tokens_processed_per_layer": list(self.flops.tokens_processed_per_layer),
             "flops": self.flops.as_dict(),

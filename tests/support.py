@@ -1,10 +1,14 @@
-"""Helpers shared by the tests: tiny checkpoint shapes, frames, and transformers' reference inputs."""
+"""Helpers shared by the tests: tiny checkpoint shapes, frames, transformers' reference inputs, and small
+video files whose frames say which frame they are."""
 
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from unittest import mock
 
+import av
+import numpy as np
 import torch
 
 from streamvlm.tiny import TinySpec
@@ -54,3 +58,49 @@ def hf_inputs(model_dir, pixels: torch.Tensor, prompt: str) -> dict:
     text = proc.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     out = proc(text=text, videos=[pixels.numpy()], return_tensors="pt")
     return {"input_ids": out["input_ids"], "pixel_values_videos": out["pixel_values_videos"]}
+
+
+# ---------------------------------------------------------------- video files
+
+FPS = 8
+N = 24  # 3 s at 8 fps
+STEP = 10  # frame i has red = STEP * i: the index survives the codec in a flat colour
+
+
+def indexed_frames(n: int = N, height: int = 48, width: int = 64, noise: bool = False) -> np.ndarray:
+    """uint8 (n, H, W, 3): frame i is flat red=10i, green=255-10i, blue=128 (noise in the lower right)."""
+    frames = np.zeros((n, height, width, 3), np.uint8)
+    for i in range(n):
+        frames[i] = (STEP * i, 255 - STEP * i, 128)
+    if noise:  # makes packets large enough to cut a file inside one
+        rng = np.random.default_rng(0)
+        frames[:, height // 2 :, width // 2 :] = rng.integers(0, 256, (n, height // 2, width // 2, 3), dtype=np.uint8)
+    return frames
+
+
+def indices(clip) -> list[int]:
+    """Which indexed frame each decoded frame is, from the red of its upper-left quarter.
+
+    clip: a VideoClip, or uint8 (T, H, W, 3) frames.
+    """
+    frames = getattr(clip, "frames", clip)
+    h, w = frames.shape[1] // 2, frames.shape[2] // 2
+    red = frames[:, :h, :w, 0].double().mean(dim=(1, 2))
+    return (red / STEP).round().long().tolist()
+
+
+def encode(path, frames, pts=None, time_base=Fraction(1, FPS), rotation=None, codec="mpeg4"):
+    """Write frames with PyAV directly: explicit pts (in time_base units) and display rotation."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.bit_rate = 2_000_000
+        stream.codec_context.time_base = time_base
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i if pts is None else pts[i]
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path

@@ -12,6 +12,9 @@ not applied.
 
 Bad files raise StreamVLMError. Packets that fail to decode are skipped; if some frames decoded, they are
 returned and a warning is logged (a truncated or partly corrupt file still yields its good part).
+
+iter_frames walks a file of any length frame by frame with the same decoding and picking code as
+read_video's fps path, holding a couple of decoded frames at a time.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
+from itertools import islice
 from pathlib import Path
 
 import av
@@ -58,6 +62,17 @@ class VideoClip:
 
     def __len__(self) -> int:
         return self.frames.shape[0]
+
+
+@dataclass(frozen=True, eq=False)
+class TimedFrame:
+    """One frame of a video file, as iter_frames yields it."""
+
+    time: float
+    """Seconds from the start of the stream (presentation time), as read_video's timestamps."""
+    frame: torch.Tensor
+    """uint8 (H, W, 3), RGB, upright. Treat it as read-only: a frame picked for several ticks in a row
+    may share memory with the previous one."""
 
 
 @dataclass(frozen=True)
@@ -134,9 +149,9 @@ def read_video(
     fps: one frame per 1/fps seconds from start, the latest frame at or before each tick.
     neither: every frame. max_frames caps the count by thinning uniformly.
     """
-    _check_sampling(num_frames, fps, start, end, max_frames)
+    _check_sampling("read_video", num_frames, fps, start, end, max_frames)
     info = _probe(path)
-    stop = _stop(info, start, end)
+    stop = _stop("read_video", info, start, end)
     if num_frames is None and fps is None and max_frames is not None:
         if (stop - start) * info.fps > max_frames:  # too many: sample uniformly while decoding
             num_frames = max_frames
@@ -146,7 +161,7 @@ def read_video(
         times, arrays = _read_nearest(info, targets, start, stop)
         rate = n / (stop - start)
     elif fps is not None:
-        ticks = start + np.arange(max(1, math.ceil((stop - start) * fps - _EPS))) / fps
+        ticks = start + np.arange(_tick_count(start, stop, fps)) / fps
         rate = fps
         if max_frames is not None and len(ticks) > max_frames:
             rate = fps * max_frames / len(ticks)
@@ -160,6 +175,35 @@ def read_video(
         rate = info.fps
     frames = _upright(torch.from_numpy(arrays), info.rotation)
     return VideoClip(frames, torch.from_numpy(times), str(info.path), info.duration, float(rate))
+
+
+def iter_frames(
+    path: str | os.PathLike,
+    *,
+    fps: float | None = None,
+    start: float = 0.0,
+    end: float | None = None,
+    max_frames: int | None = None,
+) -> Iterator[TimedFrame]:
+    """Decode frames of a video file in [start, end) seconds one at a time, for files too long to hold.
+
+    fps: one frame per 1/fps seconds from start, the latest frame at or before each tick, as read_video
+        picks them; None: every frame. max_frames stops after that many frames (read_video thins instead).
+    The file is probed here, so a bad file or a start past its end raises StreamVLMError before the first
+    frame; probe_video gives the duration for a progress bar. Decoding starts at the first next(); the file
+    stays open until the iterator is exhausted or closed (close() it, or use contextlib.closing, when
+    stopping early). A file that breaks part way logs a warning and ends the iteration.
+    """
+    _check_sampling("iter_frames", None, fps, start, end, max_frames)
+    info = _probe(path)
+    stop = _stop("iter_frames", info, start, end)
+    if fps is not None:
+        # the same float arithmetic as read_video's tick array, so both pick the same frames
+        ticks = islice((start + k / fps for k in range(_tick_count(start, stop, fps))), max_frames)
+        picks = _decode_picks(info, start, stop, lambda items: _sweep(items, ticks, stop, info.hold, _latest))
+    else:
+        picks = _decode_picks(info, start, stop, lambda items: islice(_until(items, end), max_frames))
+    return _timed_frames(picks, info.rotation)
 
 
 def write_video(
@@ -208,25 +252,25 @@ def _check_file(path: str | os.PathLike) -> Path:
     return p
 
 
-def _check_sampling(num_frames, fps, start, end, max_frames) -> None:
+def _check_sampling(caller: str, num_frames, fps, start, end, max_frames) -> None:
     if num_frames is not None and fps is not None:
-        raise StreamVLMError("read_video: give num_frames or fps, not both")
+        raise StreamVLMError(f"{caller}: give num_frames or fps, not both")
     if num_frames is not None and num_frames < 1:
-        raise StreamVLMError(f"read_video: num_frames must be at least 1, got {num_frames}")
+        raise StreamVLMError(f"{caller}: num_frames must be at least 1, got {num_frames}")
     if fps is not None and not fps > 0:
-        raise StreamVLMError(f"read_video: fps must be positive, got {fps}")
+        raise StreamVLMError(f"{caller}: fps must be positive, got {fps}")
     if max_frames is not None and max_frames < 1:
-        raise StreamVLMError(f"read_video: max_frames must be at least 1, got {max_frames}")
+        raise StreamVLMError(f"{caller}: max_frames must be at least 1, got {max_frames}")
     if start < 0:
-        raise StreamVLMError(f"read_video: start must be >= 0 seconds, got {start}")
+        raise StreamVLMError(f"{caller}: start must be >= 0 seconds, got {start}")
     if end is not None and end <= start:
-        raise StreamVLMError(f"read_video: end ({end}) must be after start ({start})")
+        raise StreamVLMError(f"{caller}: end ({end}) must be after start ({start})")
 
 
-def _stop(info: _Info, start: float, end: float | None) -> float:
+def _stop(caller: str, info: _Info, start: float, end: float | None) -> float:
     """The end of the sampled range: `end`, clamped to the video's duration."""
     if start >= info.duration:
-        raise StreamVLMError(f"read_video: start={start}s is past the end of {info.path} ({info.duration:.3f}s long)")
+        raise StreamVLMError(f"{caller}: start={start}s is past the end of {info.path} ({info.duration:.3f}s long)")
     return info.duration if end is None else min(end, info.duration)
 
 
@@ -365,37 +409,49 @@ def _note_error(report: _Report, error: av.FFmpegError) -> None:
 
 
 def _read_picks(info: _Info, start: float, stop: float | None, pick) -> tuple[np.ndarray, np.ndarray]:
-    """Decode from start with PyAV, let `pick` choose frames before stop, convert those.
+    """All of _decode_picks at once: (T,) float64 seconds and uint8 (T, H, W, 3) frames before rotation."""
+    times, arrays = zip(*_decode_picks(info, start, stop, pick))
+    return np.asarray(times, dtype=np.float64), np.stack(arrays)
 
-    Returns (T,) float64 seconds and uint8 (T, H, W, 3) frames before rotation.
+
+def _decode_picks(info: _Info, start: float, stop: float | None, pick) -> Iterator[tuple[float, np.ndarray]]:
+    """Decode from start with PyAV, let `pick` choose frames before stop, yield (seconds, RGB) for those.
+
+    RGB is uint8 (H, W, 3) before rotation; a frame picked several times in a row is converted once and
+    yielded as the same array. Streams: holds the frames `pick` looks back on and the last array. The file
+    is open from the first next() until the end or close(). Warns about damage and raises StreamVLMError
+    when nothing was picked, once `pick` is done.
     """
     report = _Report()
-    try:
-        with _open(info.path) as (container, stream), closing(_frames(container, stream, start, report)) as items:
-            times, arrays = _to_arrays(pick(items), info.width, info.height)
-    except av.FFmpegError as e:  # decode errors are handled in _frames; this is the conversion to RGB
-        raise StreamVLMError(f"cannot convert the frames of {info.path} to RGB ({e}); re-encode the file") from e
+    count, last_frame, last_array = 0, None, None
+    with _open(info.path) as (container, stream), closing(_frames(container, stream, start, report)) as items:
+        for t, frame in pick(items):
+            if frame is not last_frame:
+                last_frame, last_array = frame, _to_rgb(info, frame)
+            count += 1
+            yield t, last_array
     _warn_if_damaged(info, start, report)
-    if not times:
+    if not count:
         if report.errors or report.first_error:
             raise StreamVLMError(
                 f"no frame of {info.path} in [{start}, {stop}) s could be decoded ({report.first_error}); "
                 f"the last good frame is at {report.last_time}s. The file is corrupt or truncated."
             )
         raise StreamVLMError(f"{info.path} has no frame in [{start}, {stop}) s; widen the range")
-    return np.asarray(times, dtype=np.float64), np.stack(arrays)
 
 
-def _to_arrays(picks: Iterable[tuple[float, av.VideoFrame]], width: int, height: int):
-    times, arrays = [], []
-    last_frame = last_array = None
-    for t, frame in picks:
-        if frame is not last_frame:  # repeated picks are consecutive: convert once
-            # width/height: a mid-stream resolution change is scaled back to the first frame's size
-            last_frame, last_array = frame, frame.to_ndarray(format="rgb24", width=width, height=height)
-        times.append(t)
-        arrays.append(last_array)
-    return times, arrays
+def _timed_frames(picks: Iterator[tuple[float, np.ndarray]], rotation: int) -> Iterator[TimedFrame]:
+    with closing(picks):  # close() here closes the file now, not when the garbage collector gets to it
+        for t, array in picks:
+            yield TimedFrame(t, _upright(torch.from_numpy(array)[None], rotation)[0])
+
+
+def _to_rgb(info: _Info, frame: av.VideoFrame) -> np.ndarray:
+    try:
+        # width/height: a mid-stream resolution change is scaled back to the first frame's size
+        return frame.to_ndarray(format="rgb24", width=info.width, height=info.height)
+    except av.FFmpegError as e:  # decode errors are handled in _frames
+        raise StreamVLMError(f"cannot convert the frames of {info.path} to RGB ({e}); re-encode the file") from e
 
 
 def _warn_if_damaged(info: _Info, start: float, report: _Report) -> None:
@@ -427,28 +483,37 @@ def _until(items: Iterable[tuple[float, object]], stop: float | None):
         yield item
 
 
-def _sweep(items: Iterable[tuple[float, object]], times: np.ndarray, stop: float, hold: float, rule):
-    """One item per sampling time, walking items (increasing times, from start on) and times together.
+def _tick_count(start: float, stop: float, fps: float) -> int:
+    """How many ticks start + k/fps fall in [start, stop) (at least one)."""
+    return max(1, math.ceil((stop - start) * fps - _EPS))
+
+
+def _sweep(items: Iterable[tuple[float, object]], times: Iterable[float], stop: float, hold: float, rule):
+    """One item per sampling time, walking items and times (both increasing, from start on) together.
 
     `rule(prev, cur, t)` gives the item for time t once `cur` is far enough past t, else None; it needs
-    one item of lookback, so this streams. Times left when an item at or after `stop` arrives go to the
-    last item before stop. Times left when the items run out go to the last item only up to `hold` after
-    it (its display time): later times fall in a part of the file that did not decode.
+    one item of lookback, so this streams, and `times` may be lazy. Times left when an item at or after
+    `stop` arrives go to the last item before stop (times are all before stop). Times left when the items
+    run out go to the last item only up to `hold` after it (its display time): later times fall in a part
+    of the file that did not decode.
     """
-    i, prev = 0, None
+    times = iter(times)
+    t, prev = next(times, None), None
     for cur in items:
         if cur[0] >= stop - _EPS:
-            if prev is not None:
-                yield from [prev] * (len(times) - i)
+            while prev is not None and t is not None:
+                yield prev
+                t = next(times, None)
             return
-        while i < len(times) and (picked := rule(prev, cur, times[i])) is not None:
+        while t is not None and (picked := rule(prev, cur, t)) is not None:
             yield picked
-            i += 1
-        if i == len(times):
+            t = next(times, None)
+        if t is None:
             return
         prev = cur
-    if prev is not None:
-        yield from (prev for t in times[i:] if t < prev[0] + hold + _EPS)
+    while prev is not None and t is not None and t < prev[0] + hold + _EPS:
+        yield prev
+        t = next(times, None)
 
 
 def _nearest(prev, cur, t: float):

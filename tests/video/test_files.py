@@ -1,4 +1,4 @@
-"""Video file decoding, sampling, rotation, bad files and the sample video. Videos are made here with PyAV."""
+"""Video file decoding, sampling, rotation, bad files and the sample video. Videos are made with PyAV."""
 
 from __future__ import annotations
 
@@ -12,46 +12,8 @@ import torch
 
 from streamvlm.errors import StreamVLMError
 from streamvlm.video import files, sample
-from streamvlm.video.files import VideoClip, probe_video, read_video, write_video
-
-FPS = 8
-N = 24  # 3 s at 8 fps
-STEP = 10  # frame i has red = STEP * i: the index survives the codec in a flat colour
-
-
-def indexed_frames(n: int = N, height: int = 48, width: int = 64, noise: bool = False) -> np.ndarray:
-    """uint8 (n, H, W, 3): frame i is flat red=10i, green=255-10i, blue=128 (noise in the lower right)."""
-    frames = np.zeros((n, height, width, 3), np.uint8)
-    for i in range(n):
-        frames[i] = (STEP * i, 255 - STEP * i, 128)
-    if noise:  # makes packets large enough to cut a file inside one
-        rng = np.random.default_rng(0)
-        frames[:, height // 2 :, width // 2 :] = rng.integers(0, 256, (n, height // 2, width // 2, 3), dtype=np.uint8)
-    return frames
-
-
-def indices(clip: VideoClip) -> list[int]:
-    """Which indexed frame each decoded frame is, from the red of its upper-left quarter."""
-    h, w = clip.frames.shape[1] // 2, clip.frames.shape[2] // 2
-    red = clip.frames[:, :h, :w, 0].double().mean(dim=(1, 2))
-    return (red / STEP).round().long().tolist()
-
-
-def encode(path, frames, pts=None, time_base=Fraction(1, FPS), rotation=None, codec="mpeg4"):
-    """Write frames with PyAV directly: explicit pts (in time_base units) and display rotation."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.bit_rate = 2_000_000
-        stream.codec_context.time_base = time_base
-        if rotation is not None:
-            stream.set_display_rotation(rotation)
-        for i, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts = i if pts is None else pts[i]
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return path
+from streamvlm.video.files import probe_video, read_video, write_video
+from support import FPS, N, encode, indexed_frames, indices
 
 
 @pytest.fixture
