@@ -1,6 +1,7 @@
 """`streamvlm` command line.
 
     streamvlm ask [VIDEO] [-q QUESTION ...]     answer questions about a video file (default: the sample)
+    streamvlm caption INPUT... --out F.jsonl    caption long videos, resumable, shardable
     streamvlm init-tiny DIR                     write a small random checkpoint, offline
     streamvlm bench dense [--json]              ours vs transformers, timed in one run
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -91,6 +93,27 @@ def cmd_ask(args) -> int:
     return 0
 
 
+def cmd_caption(args) -> int:
+    from streamvlm.caption import CaptionConfig, run
+
+    cfg = CaptionConfig(fps=args.fps, segment=args.segment, prompt=args.prompt, summary_prompt=args.summary_prompt,
+                        max_new_tokens=args.max_new_tokens,
+                        memory_budget=None if args.memory_budget == "none" else args.memory_budget)
+    model_name = args.model or "builtin"
+    loaded = {}
+
+    def load():
+        loaded["vlm"], _ = _load(args)
+        return loaded["vlm"]
+
+    summary = run(args.inputs, Path(args.out), load, cfg, model_name=model_name, routing=args.routing,
+                  num_shards=args.num_shards, shard_index=args.shard_index,
+                  progress=None if not args.no_progress else False)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(summary.line(), file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
 def cmd_init_tiny(args) -> int:
     from streamvlm.tiny import TinySpec, write_tiny_checkpoint
 
@@ -127,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples:\n"
                "  streamvlm ask -q 'What happens in the video?'          built-in model and sample video\n"
                "  streamvlm ask clip.mp4 --model ./llava-ov --fps 1 -q 'What is on the table?' -q 'And after?'\n"
+               "  streamvlm caption videos/ --out captions.jsonl --fps 1 --segment 30\n"
                "  streamvlm init-tiny ./tiny && streamvlm ask --model ./tiny -q 'Hi?'\n"
                "  streamvlm bench dense --json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,6 +172,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("caption", help="caption long videos to JSON Lines, resumable and shardable",
+                       description="Stream each video through one session, caption every segment as it goes, "
+                                   "then summarize the whole video. One JSON line per video (written whole; a "
+                                   "re-run skips videos already in the output). Exit status 1 if any video "
+                                   "failed. Scale out with `accelerate launch -m streamvlm caption ...` or "
+                                   "torchrun (each rank takes a share; rank 0 merges), or split a job array "
+                                   "with --num-shards/--shard-index.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="Example:\n  streamvlm caption videos/ more/*.mkv list.txt --out captions.jsonl "
+                              "--fps 1 --segment 30 --routing mod:0.2:interleaved")
+    p.add_argument("inputs", nargs="+", help="video files, folders (recursive), globs, or .txt files listing paths")
+    p.add_argument("--out", required=True, help="JSON Lines output file (appended to; resumable)")
+    p.add_argument("--fps", type=float, default=1.0, help="frames per second fed to the model (default 1)")
+    p.add_argument("--segment", type=float, default=10.0, help="seconds of video per caption (default 10)")
+    p.add_argument("--prompt", default="Describe what happens in this part of the video.",
+                   help="asked at the end of every segment")
+    p.add_argument("--summary-prompt", default="Summarize what happens in the whole video.",
+                   help="asked once at the end of each video")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest caption (default 64)")
+    p.add_argument("--memory-budget", default="auto",
+                   help="KV cache bound per video: auto (half the model's context), N tokens per layer, a size "
+                        "such as 256MB, or none")
+    p.add_argument("--num-shards", type=int, default=1, help="split the inputs into this many job shards")
+    p.add_argument("--shard-index", type=int, default=0, help="which shard this job takes (0-based); its "
+                   "output gets a .shard-I-of-N suffix")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("init-tiny", help="write a small random checkpoint (offline)",
                        description="Write a randomly initialised LLaVA-OneVision checkpoint in the Hugging Face "

@@ -104,3 +104,10 @@ def encode(path, frames, pts=None, time_base=Fraction(1, FPS), rotation=None, co
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     return path
+
+
+def upright_picture(height: int = 48, width: int = 64) -> np.ndarray:
+    """uint8 (H, W, 3): dark, with a white block in the top-left corner (tells all four rotations apart)."""
+    picture = np.full((height, width, 3), 20, np.uint8)
+    picture[:16, :16] = 235
+    return picture

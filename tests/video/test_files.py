@@ -13,7 +13,7 @@ import torch
 from streamvlm.errors import StreamVLMError
 from streamvlm.video import files, sample
 from streamvlm.video.files import probe_video, read_video, write_video
-from support import FPS, N, encode, indexed_frames, indices
+from support import FPS, N, encode, indexed_frames, indices, upright_picture
 
 
 @pytest.fixture
@@ -135,13 +135,6 @@ def test_decord_and_pyav_agree(tmp_path, monkeypatch, name, num_frames):
 
 
 # ---------------------------------------------------------------- rotation
-
-
-def upright_picture(height: int = 48, width: int = 64) -> np.ndarray:
-    """uint8 (H, W, 3): dark, with a white block in the top-left corner (tells all four rotations apart)."""
-    picture = np.full((height, width, 3), 20, np.uint8)
-    picture[:16, :16] = 235
-    return picture
 
 
 @pytest.mark.parametrize("rotation", [90, 180, -90])

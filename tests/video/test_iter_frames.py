@@ -16,7 +16,7 @@ import torch
 
 from streamvlm.errors import StreamVLMError
 from streamvlm.video.files import TimedFrame, iter_frames, read_video, write_video
-from support import FPS, N, encode, indexed_frames, indices
+from support import FPS, N, encode, indexed_frames, indices, upright_picture
 
 
 @pytest.fixture
@@ -131,18 +131,12 @@ def test_memory_stays_bounded(tmp_path):
 # ---------------------------------------------------------------- rotation and bad files
 
 
-def upright_picture(height: int = 48, width: int = 64) -> np.ndarray:
-    picture = np.full((height, width, 3), 20, np.uint8)
-    picture[:16, :16] = 235  # top-left corner: tells all four rotations apart
-    return picture
-
-
 @pytest.mark.parametrize("rotation", [90, 180, -90])
 def test_rotated_video_comes_out_upright(tmp_path, rotation):
     upright = upright_picture()
     stored = np.ascontiguousarray(np.rot90(upright, k=-rotation // 90))
     path = encode(tmp_path / "rotated.mp4", np.stack([stored] * 4), rotation=rotation)
-    frames = list(iter_frames(path, fps=16))  # repeats: rotated once per pick, not per decoded frame
+    frames = list(iter_frames(path, fps=16))  # above the native rate: each frame is picked twice
     assert len(frames) == 8 and frames[0].frame.shape == (48, 64, 3) and frames[0].frame.is_contiguous()
     assert (frames[0].frame.float() - torch.from_numpy(upright).float()).abs().mean() < 4
     assert_same(frames, read_video(path, fps=16))
