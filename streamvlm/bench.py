@@ -223,6 +223,53 @@ def run_routing(model_dir: Path, frames_count: int, repeats: int, device, dtype,
     }
 
 
+def bench_video(seconds: int = 60) -> Path:
+    """A procedurally drawn video (moving shapes, 256x256, 8 fps) for caption benchmarks, cached."""
+    from streamvlm.video.files import write_video
+    from streamvlm.video.sample import cache_dir
+
+    target = cache_dir() / f"bench-{seconds}s.mp4"
+    if not target.is_file():
+        t = torch.arange(seconds * 8, dtype=torch.float32)[:, None, None]
+        y, x = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+        frames = torch.zeros(seconds * 8, 256, 256, 3)
+        frames[..., 2] = 60 + 40 * torch.sin(t / 40)  # slowly changing background
+        cx, cy = (t * 3) % 256, 128 + 80 * torch.sin(t / 25)
+        frames[..., 0] += 255 * (((x - cx) ** 2 + (y - cy) ** 2) < 30**2)
+        frames[..., 1] += 200 * ((x - (255 - cx)).abs() < 20) * ((y - 60).abs() < 20)
+        tmp = target.with_suffix(".tmp.mp4")
+        write_video(tmp, frames.clamp(0, 255).to(torch.uint8), fps=8)
+        tmp.replace(target)
+    return target
+
+
+def run_caption_bench(model_dirs: dict[str, Path], routings: tuple[str, ...], seconds: int, device, dtype) -> dict:
+    """Caption one video per (model, routing) and report hours of video per hour of compute."""
+    from streamvlm.caption import CaptionConfig, caption_video
+    from streamvlm.runtime import StreamVLM
+
+    video = bench_video(seconds)
+    cfg = CaptionConfig(fps=1.0, segment=10.0, max_new_tokens=32, ignore_stop=True)
+    rows = []
+    for name, model_dir in model_dirs.items():
+        for routing in routings:
+            vlm = StreamVLM.from_pretrained(model_dir, routing=routing, device=device, dtype=dtype)
+            caption_video(vlm, video, CaptionConfig(fps=1.0, segment=5.0, max_new_tokens=4))  # warm-up
+            record = caption_video(vlm, video, cfg)
+            stats = record["stats"]
+            rows.append({
+                "model": name, "routing": routing, "video_seconds": record["duration"],
+                "compute_seconds": stats["seconds"],
+                "video_hours_per_compute_hour": record["duration"] / stats["seconds"],
+                "decode_share": stats["decode_seconds"] / stats["seconds"],
+                "flops_fraction": stats["flops_fraction"], "captions": len(record["segments"]),
+            })
+            logger.info("%s %s: %.1f h of video per hour", name, routing, rows[-1]["video_hours_per_compute_hour"])
+    return {"suite": "caption", "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+            "video_seconds": seconds, "fps": cfg.fps, "segment": cfg.segment, "max_new_tokens": cfg.max_new_tokens,
+            "rows": rows}
+
+
 def run(args) -> dict:
     from streamvlm.runtime import resolve_device, resolve_dtype
 
@@ -237,6 +284,11 @@ def run(args) -> dict:
         return run_dense(model_dir, args.frames, args.new_tokens, args.repeats, device, dtype)
     if args.suite == "routing":
         return run_routing(model_dir, args.frames, args.repeats, device, dtype)
+    if args.suite == "caption":
+        from streamvlm.builtin import default_model_dir
+
+        models = {"tiny": default_model_dir(), "small": model_dir}
+        return run_caption_bench(models, ("dense", "mod:0.2:interleaved"), args.video_seconds, device, dtype)
     raise StreamVLMError(f"unknown bench suite {args.suite!r}")
 
 
@@ -248,6 +300,14 @@ def _model_line(result: dict) -> str:
 
 
 def format_table(result: dict) -> str:
+    if result["suite"] == "caption":
+        lines = [f"bench caption: a {result['video_seconds']} s video at {result['fps']} fps, a caption every "
+                 f"{result['segment']} s, {result['device']} {result['dtype']}",
+                 f"{'model':<8}{'routing':<22}{'video h / compute h':>21}{'decode share':>14}{'LLM FLOPs':>11}"]
+        for r in result["rows"]:
+            lines.append(f"{r['model']:<8}{r['routing']:<22}{r['video_hours_per_compute_hour']:>21.1f}"
+                         f"{r['decode_share']:>14.1%}{r['flops_fraction']:>11.2f}")
+        return "\n".join(lines)
     lines = [_model_line(result)]
     if result["suite"] == "routing":
         lines.append(f"{'policy':<22}{'dense s':>9}{'routed s':>10}{'speedup':>9}{'FLOPs say':>11}"

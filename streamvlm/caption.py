@@ -52,6 +52,8 @@ class CaptionConfig:
     ("64MB"), or None for no bound."""
     frames_per_append: int = 8
     """Frames decoded before they are pushed into the session together."""
+    ignore_stop: bool = False
+    """Always generate max_new_tokens (benchmarks: equal work whatever the model says)."""
 
     def __post_init__(self):
         if self.fps <= 0 or self.segment <= 0:
@@ -148,7 +150,8 @@ def caption_video(vlm, path: Path, cfg: CaptionConfig, frame_bar=None) -> dict:
     if frame_bar is not None:
         frame_bar.reset(total=max(1, int(info["duration"] * cfg.fps)))
         frame_bar.set_description(path.name[:30])
-    session = vlm.session(memory_budget=_budget(cfg, vlm), max_new_tokens=cfg.max_new_tokens)
+    session = vlm.session(memory_budget=_budget(cfg, vlm), max_new_tokens=cfg.max_new_tokens,
+                          ignore_stop=cfg.ignore_stop)
     segments: list[dict] = []
     pending: list[torch.Tensor] = []  # decoded frames not yet appended, (H, W, 3) each
     times: list[float] = []

@@ -112,3 +112,13 @@ def test_example_script_runs(cache):
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "What is on screen now?" in out.stdout and "of dense" in out.stdout
+
+
+def test_bench_caption_json_rows(tiny_dir, cache, capsys):
+    assert main(["bench", "caption", "--model", str(tiny_dir), "--video-seconds", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [(r["model"], r["routing"]) for r in result["rows"]] == [
+        ("tiny", "dense"), ("tiny", "mod:0.2:interleaved"), ("small", "dense"), ("small", "mod:0.2:interleaved")]
+    for r in result["rows"]:
+        assert r["video_hours_per_compute_hour"] == pytest.approx(r["video_seconds"] / r["compute_seconds"])
+        assert 0 < r["decode_share"] < 1 and r["captions"] == 1
