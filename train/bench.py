@@ -12,22 +12,8 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
-
-
-@dataclass(frozen=True)
-class _Frames:
-    start: int
-    end: int
-
-
-@dataclass(frozen=True)
-class _Exchange:
-    question: str
-    answer: str
 
 
 def _saved_bytes(fn) -> int:
@@ -54,7 +40,7 @@ def run(model_dir: str | None, frames: int, routing: str, repeats: int, device: 
     from streamvlm.flops import FlopCounter
     from streamvlm.routers import DenseRouter
     from streamvlm.runtime import resolve_device
-    from streamvlm.train.data import Sample
+    from streamvlm.train.data import Exchange, Frames, Sample
     from streamvlm.train.module import RouterTrainingModule
 
     dev = resolve_device(device)
@@ -67,7 +53,7 @@ def run(model_dir: str | None, frames: int, routing: str, repeats: int, device: 
     g = torch.Generator().manual_seed(0)
     pixels = vlm.preprocess(torch.randint(0, 256, (frames, size.height, size.width, 3), dtype=torch.uint8, generator=g))
     sample = Sample(id="bench", video="", pixels=pixels, timestamps=torch.arange(frames, dtype=torch.float64),
-                    events=[_Frames(0, frames), _Exchange("What happens in the video?",
+                    events=[Frames(0, frames), Exchange("What happens in the video?",
                                                           "A red square moves to the left and a circle appears.")],
                     feature_path=None)
     chunk, rows, targets = module.sequence(sample)

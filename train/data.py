@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from streamvlm.errors import StreamVLMError
-from streamvlm.video.files import probe_video, read_video
+from streamvlm.video.files import check_sampling, probe_video, read_video
 from streamvlm.video.preprocess import PreprocessConfig, preprocess
 from streamvlm.video.sample import cache_dir
 
@@ -291,7 +291,7 @@ class VideoInstructionDataset(Dataset):
         feature_dir: str | os.PathLike | None = None,
         strict: bool = False,
     ):
-        _check_sampling(num_frames, fps, max_frames)
+        check_sampling("data", num_frames, fps, 0.0, None, max_frames)
         self.records = list(records)
         self.preprocess_config = preprocess_config
         self.num_frames = num_frames
@@ -348,17 +348,6 @@ class VideoInstructionDataset(Dataset):
             cfg = self.preprocess_config
             return torch.empty(0, 3, cfg.height, cfg.width), clip.timestamps[:0]
         return preprocess(clip.frames[:count], self.preprocess_config), clip.timestamps[:count]
-
-
-def _check_sampling(num_frames: int | None, fps: float | None, max_frames: int | None) -> None:
-    if num_frames is not None and fps is not None:
-        raise StreamVLMError("give num_frames or fps, not both (set the other to null)")
-    if num_frames is not None and num_frames < 1:
-        raise StreamVLMError(f"num_frames must be at least 1, got {num_frames}")
-    if fps is not None and not fps > 0:
-        raise StreamVLMError(f"fps must be positive, got {fps}")
-    if max_frames is not None and max_frames < 1:
-        raise StreamVLMError(f"max_frames must be at least 1, got {max_frames}")
 
 
 def _decode_end(record: Record) -> float | None:
@@ -500,7 +489,7 @@ class VideoDataModule(lightning.LightningDataModule):
                 defaults to streamvlm's cache folder / synthetic).
         """
         super().__init__()
-        _check_sampling(num_frames, fps, max_frames)
+        check_sampling("data", num_frames, fps, 0.0, None, max_frames)
         if batch_size < 1:
             raise StreamVLMError(f"batch_size must be at least 1, got {batch_size}")
         if num_workers < 0:

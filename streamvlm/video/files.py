@@ -149,7 +149,7 @@ def read_video(
     fps: one frame per 1/fps seconds from start, the latest frame at or before each tick.
     neither: every frame. max_frames caps the count by thinning uniformly.
     """
-    _check_sampling("read_video", num_frames, fps, start, end, max_frames)
+    check_sampling("read_video", num_frames, fps, start, end, max_frames)
     info = _probe(path)
     stop = _stop("read_video", info, start, end)
     if num_frames is None and fps is None and max_frames is not None:
@@ -194,7 +194,7 @@ def iter_frames(
     stays open until the iterator is exhausted or closed (close() it, or use contextlib.closing, when
     stopping early). A file that breaks part way logs a warning and ends the iteration.
     """
-    _check_sampling("iter_frames", None, fps, start, end, max_frames)
+    check_sampling("iter_frames", None, fps, start, end, max_frames)
     info = _probe(path)
     stop = _stop("iter_frames", info, start, end)
     if fps is not None:
@@ -252,7 +252,7 @@ def _check_file(path: str | os.PathLike) -> Path:
     return p
 
 
-def _check_sampling(caller: str, num_frames, fps, start, end, max_frames) -> None:
+def check_sampling(caller: str, num_frames, fps, start, end, max_frames) -> None:
     if num_frames is not None and fps is not None:
         raise StreamVLMError(f"{caller}: give num_frames or fps, not both")
     if num_frames is not None and num_frames < 1:
