@@ -38,6 +38,10 @@ class Router(nn.Module):
         """The --routing string this router answers to (for stats and output records)."""
         return type(self).__name__
 
+    def bind(self, parts) -> None:
+        """Called once when a model takes the router, with its DecoderParts (for routers that rank tokens
+        with the model's own attention weights). Most routers need nothing."""
+
 
 class DenseRouter(Router):
     """Every token through every layer: the model as trained."""

@@ -17,12 +17,22 @@ from streamvlm.routers.base import DenseRouter, Router
 from streamvlm.routers.baselines import BaselineRouter
 from streamvlm.routers.config import RoutingConfig
 from streamvlm.routers.mod import MoDRouter
+from streamvlm.routers.pruning import PRUNING_POLICIES, build_pruning, parse_pruning
 
 FORMAT = "streamvlm-router/1"
 
 
-def build_router(config: RoutingConfig, num_layers: int, hidden_size: int) -> Router:
+def parse_routing(spec: str):
+    """A --routing string -> its config (RoutingConfig, or a pruning policy's config)."""
+    if spec.split(":")[0] in PRUNING_POLICIES:
+        return parse_pruning(spec)
+    return RoutingConfig.parse(spec)
+
+
+def build_router(config, num_layers: int, hidden_size: int) -> Router:
     """A fresh router (a learned one starts zero-initialised) for a model of this shape."""
+    if config.policy in PRUNING_POLICIES:
+        return build_pruning(config, num_layers)
     if config.policy == "dense":
         return DenseRouter()
     if config.policy == "mod":
@@ -80,18 +90,18 @@ def load_router(path: str | Path, num_layers: int, hidden_size: int) -> Router:
 
 
 def resolve_routing(routing, num_layers: int, hidden_size: int) -> Router:
-    """routing: None, a spec string ("dense", "mod:0.2:interleaved"), a RoutingConfig, a router directory
-    (str or Path), or a Router instance."""
+    """routing: None, a spec string ("dense", "mod:0.2:interleaved", "fastv:2:0.5", ...), a config, a router
+    directory (str or Path), or a Router instance."""
     if routing is None:
         return DenseRouter()
     if isinstance(routing, Router):
         return routing
-    if isinstance(routing, RoutingConfig):
+    if hasattr(routing, "policy") and hasattr(routing, "spec"):  # a RoutingConfig or a pruning config
         return build_router(routing, num_layers, hidden_size)
     if isinstance(routing, (str, Path)):
         if isinstance(routing, Path) or "/" in routing or Path(routing).is_dir():
             if not is_router_dir(routing):
                 raise StreamVLMError(f"{routing} is not a router directory (no routing.json)")
             return load_router(routing, num_layers, hidden_size)
-        return build_router(RoutingConfig.parse(routing), num_layers, hidden_size)
+        return build_router(parse_routing(routing), num_layers, hidden_size)
     raise StreamVLMError(f"routing must be a string, a RoutingConfig, a directory or a Router, got {type(routing).__name__}")

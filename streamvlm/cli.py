@@ -114,6 +114,21 @@ def cmd_caption(args) -> int:
     return 1 if summary.failed else 0
 
 
+def cmd_compare(args) -> int:
+    from streamvlm.compare import compare, default_policies, format_rows
+    from streamvlm.video.files import read_video
+    from streamvlm.video.sample import sample_video
+
+    video = Path(args.video) if args.video else sample_video()
+    clip = read_video(video, num_frames=args.num_frames)
+    vlm, _ = _load(args)
+    policies = ([p.strip() for p in args.policies.split(",") if p.strip()] if args.policies
+                else default_policies(vlm.adapter.decoder.num_layers))
+    rows = compare(vlm, clip.frames, args.question, policies, args.max_new_tokens, args.repeats)
+    print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
+    return 0
+
+
 def cmd_init_tiny(args) -> int:
     from streamvlm.tiny import TinySpec, write_tiny_checkpoint
 
@@ -201,6 +216,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_model_args(p)
     p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("compare", help="routing policies side by side on one model, video and question",
+                       description="For each policy: language-model FLOPs and KV bytes as fractions of dense, "
+                                   "ingest time relative to dense, and fidelity to dense on the dense model's own "
+                                   "answer (KL of the next-token distributions, top-1 agreement), all in one run.",
+                       epilog="Policies: dense, mod:KEEP[:SCHEDULE[:N]], random:..., uniform:..., layer_drop:L, "
+                              "fastv[:K[:R]], pdrop[:KEEP[:S1,S2,...]], or a router folder.")
+    p.add_argument("--video", help="video file (default: the sample video)")
+    p.add_argument("--question", default="What happens in the video?", help="the question to answer")
+    p.add_argument("--policies", help="comma-separated --routing values (default: every policy at its default)")
+    p.add_argument("--num-frames", type=int, default=8, help="frames spread over the video (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="length of the dense answer scored (default 16)")
+    p.add_argument("--repeats", type=int, default=3, help="timed ingests per policy, median (default 3)")
+    p.add_argument("--json", action="store_true", help="JSON rows instead of a table")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("init-tiny", help="write a small random checkpoint (offline)",
                        description="Write a randomly initialised LLaVA-OneVision checkpoint in the Hugging Face "

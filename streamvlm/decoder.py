@@ -19,25 +19,8 @@ from streamvlm.cache import KVCache
 from streamvlm.flops import FlopCounter
 from streamvlm.models.base import DecoderParts, LayerParts
 from streamvlm.routers.base import Router
+from streamvlm.rope import apply_rope
 from streamvlm.types import Chunk
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (heads, m, head_dim) rotated by cos/sin (m, head_dim) of each token's position."""
-    return x * cos + _rotate_half(x) * sin
-
-
-def shift_rope(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Keys (KV, n, hd) rotated at positions p -> the same keys rotated at p + delta (n,): RoPE rotations
-    compose, so re-rotating by delta is exact (up to rounding) for plain RoPE."""
-    freqs = delta.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]  # (n, hd / 2)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return apply_rope(keys, emb.cos().to(keys.dtype), emb.sin().to(keys.dtype))
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
@@ -81,6 +64,8 @@ class Decoder:
             decision = self.router.decide(index, x, chunk)
             if decision is None:
                 x = self._layer(index, layer, x, cos, sin, chunk, slice(None), None, cache, flops)
+            elif decision.keep_index.numel() == 0:  # nothing of this chunk runs here (e.g. vision-only chunk)
+                continue
             elif decision.keep_index.numel() == len(chunk):  # everything kept: no gather/scatter
                 x = self._layer(index, layer, x, cos, sin, chunk, slice(None), decision.weight, cache, flops)
             else:

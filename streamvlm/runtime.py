@@ -54,6 +54,7 @@ class StreamVLM:
             raise ValueError("max_chunk_frames must be at least 1")
         self.adapter = adapter
         self.router = router.to(adapter.device).eval()
+        self.router.bind(adapter.decoder)
         self.decoder = Decoder(adapter.decoder, self.router)
         self.sampling = sampling or SamplingConfig()
         self.max_chunk_frames = max_chunk_frames
@@ -73,6 +74,12 @@ class StreamVLM:
         adapter = load_adapter(model_dir, resolve_dtype(dtype, device), device)
         router = resolve_routing(routing, adapter.decoder.num_layers, adapter.decoder.hidden_size)
         return cls(adapter, router, sampling, max_chunk_frames)
+
+    def with_routing(self, routing) -> StreamVLM:
+        """The same loaded model with another router (weights are shared, nothing is reloaded)."""
+        parts = self.adapter.decoder
+        router = resolve_routing(routing, parts.num_layers, parts.hidden_size)
+        return StreamVLM(self.adapter, router, self.sampling, self.max_chunk_frames)
 
     @property
     def tokenizer(self):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from streamvlm.cache import KVCache
-from streamvlm.decoder import shift_rope
+from streamvlm.rope import shift_rope
 from streamvlm.memory import MemoryBudget
 from streamvlm.chat import ChatLayout, assistant_message, user_message
 from streamvlm.errors import StreamVLMError

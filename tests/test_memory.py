@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from streamvlm import StreamVLM, StreamVLMError
-from streamvlm.decoder import apply_rope, shift_rope
+from streamvlm.rope import apply_rope, shift_rope
 from streamvlm.memory import MemoryBudget
 from streamvlm.tiny import TinySpec, write_tiny_checkpoint
 from streamvlm.types import TEXT, VISION

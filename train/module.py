@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from streamvlm.cache import KVCache
 from streamvlm.chat import ChatLayout, Segment, dialogue_segments
-from streamvlm.decoder import Decoder, apply_rope
+from streamvlm.decoder import Decoder
+from streamvlm.rope import apply_rope
 from streamvlm.errors import StreamVLMError
 from streamvlm.flops import FlopCounter
 from streamvlm.routers import DenseRouter, MoDRouter, RoutingConfig, build_router

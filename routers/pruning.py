@@ -1,0 +1,213 @@
+"""Training-free pruning policies from the literature, as routers.
+
+layer_drop (YOPO's selective layer dropping, VTW): vision tokens skip every layer from L on and leave no
+    K/V there; text still runs every layer (and, from L on, reads only earlier layers' vision tokens
+    through its own hidden state, as in VTW).
+fastv (FastV): at layer K, rank each frame's vision tokens by the attention they receive at layer K-1 and
+    keep the top (1 - R) for every later layer.
+pdrop (PyramidDrop): at each stage layer (default L/4, L/2, 3L/4), rank the tokens still kept by the
+    attention they receive at that layer and keep a fraction of them, down the pyramid.
+
+In a stream the question arrives after the frames, so the ranking query cannot be the question: here it is
+each frame's own last vision token (the frame's "last token"), and ranking is done within the frame. The
+ranking needs one extra query and the frame's keys at the ranking layer; those FLOPs are not added to the
+shared counter (about one layer's k-projection for the chunk, per ranking layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from streamvlm.rope import apply_rope
+from streamvlm.errors import StreamVLMError
+from streamvlm.models.base import DecoderParts
+from streamvlm.routers.base import RouteDecision, Router
+from streamvlm.routers.config import tokens_kept
+from streamvlm.routers.mod import decision_from_kept, select_per_frame
+from streamvlm.types import Chunk
+
+
+def frame_attention_ranking(parts: DecoderParts, layer: int, hidden: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+    """(F, T): head-averaged attention each vision token of a frame receives from the frame's last vision
+    token at `layer`, computed with that layer's own norm, projections and RoPE on its input `hidden`."""
+    lp = parts.layers[layer]
+    vision = chunk.vision_index  # (F, T)
+    frames, tokens = vision.shape
+    h = lp.input_norm(hidden[vision])  # (F, T, d)
+    cos, sin = parts.rotary(h, chunk.positions[vision])  # (F, T, hd)
+    q = lp.q_proj(h[:, -1:]).view(frames, 1, parts.num_heads, parts.head_dim).transpose(1, 2)  # (F, H, 1, hd)
+    k = lp.k_proj(h).view(frames, tokens, parts.num_kv_heads, parts.head_dim).transpose(1, 2)  # (F, KV, T, hd)
+    q = apply_rope(q, cos[:, None, -1:], sin[:, None, -1:])
+    k = apply_rope(k, cos[:, None], sin[:, None])
+    k = k.repeat_interleave(parts.num_heads // parts.num_kv_heads, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * parts.head_dim ** -0.5  # (F, H, 1, T)
+    return scores.softmax(-1).mean(dim=1)[:, 0]
+
+
+class _BoundRouter(Router):
+    """A router that needs the decoder's weights; StreamVLM calls `bind` when it attaches the router."""
+
+    parts: DecoderParts | None = None
+
+    def bind(self, parts: DecoderParts) -> None:
+        self.parts = parts
+
+    def _ranking(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        if self.parts is None:
+            raise RuntimeError(f"{type(self).__name__} is not bound to a model; use StreamVLM.from_pretrained")
+        return frame_attention_ranking(self.parts, layer, hidden, chunk)
+
+
+@dataclass(frozen=True)
+class LayerDropConfig:
+    start_layer: int
+    """Vision tokens skip every layer from this one on (0-based)."""
+    policy: str = field(default="layer_drop", init=False)
+
+    def __post_init__(self):
+        if self.start_layer < 0:
+            raise StreamVLMError(f"layer_drop needs a layer >= 0, got {self.start_layer}")
+
+    def spec(self) -> str:
+        return f"layer_drop:{self.start_layer}"
+
+
+class LayerDropRouter(Router):
+    def __init__(self, config: LayerDropConfig, num_layers: int):
+        super().__init__()
+        self.config = config
+        self.num_layers = num_layers
+
+    def spec(self) -> str:
+        return self.config.spec()
+
+    def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
+        if layer < self.config.start_layer or chunk.num_frames == 0:
+            return None
+        return decision_from_kept(chunk, chunk.vision_index[:0].flatten(), None)  # text only
+
+
+@dataclass(frozen=True)
+class FastVConfig:
+    layer: int = 2
+    """K: pruning starts at this layer, ranked by attention at layer K - 1 (FastV's default 2)."""
+    drop_ratio: float = 0.5
+    """R: fraction of each frame's vision tokens dropped (FastV's default 50%)."""
+    policy: str = field(default="fastv", init=False)
+
+    def __post_init__(self):
+        if self.layer < 1:
+            raise StreamVLMError(f"fastv ranks at layer K-1, so K must be >= 1, got {self.layer}")
+        if not 0.0 <= self.drop_ratio < 1.0:
+            raise StreamVLMError(f"fastv drop ratio must be in [0, 1), got {self.drop_ratio}")
+
+    def spec(self) -> str:
+        return f"fastv:{self.layer}:{self.drop_ratio:g}"
+
+
+class FastVRouter(_BoundRouter):
+    def __init__(self, config: FastVConfig, num_layers: int):
+        super().__init__()
+        if config.layer >= num_layers:
+            raise StreamVLMError(f"fastv layer {config.layer} is past the model's {num_layers} layers")
+        self.config = config
+        self._kept: torch.Tensor | None = None  # (F * k,) chunk indices chosen at layer K, for this chunk
+
+    def spec(self) -> str:
+        return self.config.spec()
+
+    def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
+        if chunk.num_frames == 0 or self.config.drop_ratio == 0.0:
+            return None
+        vision = chunk.vision_index
+        if layer == self.config.layer - 1:
+            k = tokens_kept(1.0 - self.config.drop_ratio, vision.shape[1])
+            order = select_per_frame(self._ranking(layer, hidden, chunk), k)
+            self._kept = vision.gather(1, order).flatten()
+        if layer < self.config.layer:
+            return None
+        return decision_from_kept(chunk, self._kept, None)
+
+
+@dataclass(frozen=True)
+class PDropConfig:
+    keep: float = 0.5
+    """Fraction of the remaining vision tokens each stage keeps (PyramidDrop's 0.5)."""
+    stages: tuple[int, ...] = ()
+    """Layers where a stage prunes; default L/4, L/2, 3L/4."""
+    policy: str = field(default="pdrop", init=False)
+
+    def __post_init__(self):
+        if not 0.0 < self.keep <= 1.0:
+            raise StreamVLMError(f"pdrop keep must be in (0, 1], got {self.keep}")
+        object.__setattr__(self, "stages", tuple(int(s) for s in self.stages))
+
+    def spec(self) -> str:
+        stages = ":" + ",".join(map(str, self.stages)) if self.stages else ""
+        return f"pdrop:{self.keep:g}{stages}"
+
+
+class PDropRouter(_BoundRouter):
+    def __init__(self, config: PDropConfig, num_layers: int):
+        super().__init__()
+        stages = config.stages or tuple(num_layers * i // 4 for i in (1, 2, 3))
+        if any(not 0 < s < num_layers for s in stages) or list(stages) != sorted(set(stages)):
+            raise StreamVLMError(f"pdrop stages must be increasing layers in (0, {num_layers}), got {list(stages)}")
+        self.config = config
+        self.stages = stages
+        self._kept: torch.Tensor | None = None  # (F, k) positions within each frame still kept
+
+    def spec(self) -> str:
+        return self.config.spec()
+
+    def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
+        if chunk.num_frames == 0 or self.config.keep == 1.0:
+            return None
+        vision = chunk.vision_index
+        if layer == 0:
+            self._kept = torch.arange(vision.shape[1], device=vision.device).expand(vision.shape[0], -1)
+        if layer in self.stages:
+            ranking = self._ranking(layer, hidden, chunk).gather(1, self._kept)  # among those still kept
+            k = tokens_kept(self.config.keep, self._kept.shape[1])
+            self._kept = self._kept.gather(1, select_per_frame(ranking, k))
+        if layer < self.stages[0]:
+            return None
+        return decision_from_kept(chunk, vision.gather(1, self._kept).flatten(), None)
+
+
+def parse_pruning(spec: str):
+    """layer_drop:L | fastv[:K[:R]] | pdrop[:KEEP[:S1,S2,...]] -> its config."""
+    parts = spec.split(":")
+    try:
+        if parts[0] == "layer_drop":
+            if len(parts) != 2:
+                raise StreamVLMError(f"routing {spec!r}: expected layer_drop:LAYER")
+            return LayerDropConfig(int(parts[1]))
+        if parts[0] == "fastv":
+            if len(parts) > 3:
+                raise StreamVLMError(f"routing {spec!r}: expected fastv[:K[:R]]")
+            layer = int(parts[1]) if len(parts) > 1 else 2
+            drop = float(parts[2]) if len(parts) > 2 else 0.5
+            return FastVConfig(layer=layer, drop_ratio=drop)
+        if parts[0] == "pdrop":
+            if len(parts) > 3:
+                raise StreamVLMError(f"routing {spec!r}: expected pdrop[:KEEP[:S1,S2,...]]")
+            keep = float(parts[1]) if len(parts) > 1 else 0.5
+            stages = tuple(int(s) for s in parts[2].split(",")) if len(parts) > 2 else ()
+            return PDropConfig(keep=keep, stages=stages)
+    except ValueError:
+        raise StreamVLMError(f"routing {spec!r}: its numbers do not parse") from None
+    raise StreamVLMError(f"unknown pruning policy {parts[0]!r}")
+
+
+PRUNING_POLICIES = ("layer_drop", "fastv", "pdrop")
+
+
+def build_pruning(config, num_layers: int) -> Router:
+    if isinstance(config, LayerDropConfig):
+        return LayerDropRouter(config, num_layers)
+    if isinstance(config, FastVConfig):
+        return FastVRouter(config, num_layers)
+    return PDropRouter(config, num_layers)

@@ -1,0 +1,71 @@
+"""`streamvlm compare`: routing policies side by side on the same model, video and question.
+
+The frames are encoded once (vision is the same for every policy) and each policy ingests them in its own
+session, timed. Fidelity to dense is measured on the dense model's own greedy answer, teacher-forced
+through each policy: KL(dense || policy) of the next-token distributions over the answer, and the
+fraction of answer positions where both put the same token first (top-1 agreement).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from streamvlm.errors import StreamVLMError
+
+DEFAULT_POLICIES = ("dense", "mod:0.2:interleaved", "random:0.2:interleaved", "uniform:0.2:interleaved",
+                    "layer_drop:HALF", "fastv:2:0.5", "pdrop:0.5")
+
+
+def default_policies(num_layers: int) -> list[str]:
+    return [p.replace("HALF", str(num_layers // 2)) for p in DEFAULT_POLICIES]
+
+
+def compare(vlm, frames: torch.Tensor, question: str, policies: list[str], max_new_tokens: int = 16,
+            repeats: int = 3) -> list[dict]:
+    """Rows of policy, flops_fraction, kv_fraction, time_ratio, kl, top1_agreement (plus raw figures)."""
+    if not policies:
+        raise StreamVLMError("no policies to compare")
+    features = vlm.encode(frames)
+    dense = vlm.with_routing("dense")
+    reference = dense.session()
+    reference.append_encoded(features)
+    reference.ask(question, max_new_tokens=max_new_tokens, ignore_stop=True)
+    answer = list(reference.turns[-1].answer_ids)
+
+    def run(model) -> tuple[float, torch.Tensor, dict]:
+        times = []
+        for _ in range(repeats):
+            session = model.session()
+            start = time.perf_counter()
+            session.append_encoded(features)
+            times.append(time.perf_counter() - start)
+        logits = session.score(question, answer)[:-1].float()  # row i predicts answer token i
+        return statistics.median(times), logits, session.stats()
+
+    run(dense)  # warm-up
+    dense_s, dense_logits, _ = run(dense)
+    dense_logp = dense_logits.log_softmax(-1)
+    rows = []
+    for policy in policies:
+        model = vlm.with_routing(policy)
+        seconds, logits, stats = run(model)
+        logp = logits.log_softmax(-1)
+        kl = (dense_logp.exp() * (dense_logp - logp)).sum(-1).mean()
+        rows.append({
+            "policy": model.router.spec(), "flops_fraction": stats["flops"]["llm"] / stats["flops"]["llm_dense"],
+            "kv_fraction": stats["kv_bytes"] / stats["kv_bytes_dense"], "time_ratio": seconds / dense_s,
+            "kl": float(kl), "top1_agreement": float((logits.argmax(-1) == dense_logits.argmax(-1)).float().mean()),
+            "ingest_s": seconds, "dense_ingest_s": dense_s, "answer_tokens": len(answer),
+        })
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = [f"{'policy':<26}{'LLM FLOPs':>10}{'KV':>7}{'time':>7}{'KL':>9}{'top-1':>7}"]
+    for r in rows:
+        lines.append(f"{r['policy']:<26}{r['flops_fraction']:>10.2f}{r['kv_fraction']:>7.2f}{r['time_ratio']:>7.2f}"
+                     f"{r['kl']:>9.4f}{r['top1_agreement']:>7.0%}")
+    return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""Training-free policies (layer_drop, fastv, pdrop): no-op settings equal dense, real settings cut FLOPs
+and KV by what their config implies, streaming works; and the compare command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from streamvlm import StreamVLM, StreamVLMError
+from streamvlm.routers.config import tokens_kept
+from streamvlm.routers.pruning import frame_attention_ranking
+from streamvlm.types import VISION
+from support import random_frames
+
+QUESTION = "What is moving?"
+
+
+@pytest.fixture(scope="module")
+def vlm(checkpoints):
+    return StreamVLM.from_pretrained(checkpoints["mqa_deep"])  # 4 layers, 9 tokens per frame
+
+
+@pytest.mark.parametrize("spec", ["layer_drop:4", "fastv:2:0", "pdrop:1.0"])
+def test_no_op_settings_equal_dense(vlm, spec):
+    frames = random_frames(3, seed=1)
+    routed = vlm.with_routing(spec)
+    outs = []
+    for model in (vlm, routed):
+        session = model.session()
+        session.append_frames(frames)
+        outs.append(session.score(QUESTION, [5, 6, 7]))
+    assert torch.equal(outs[0], outs[1])
+
+
+def _vision_per_frame(session, layer, frames):
+    cache = session.cache
+    vision = cache.kinds(layer) == VISION
+    return torch.bincount(cache.frames(layer)[vision].long(), minlength=frames).tolist()
+
+
+@pytest.mark.parametrize("spec, kept", [
+    ("layer_drop:2", [9, 9, 0, 0]),
+    ("fastv:2:0.5", [9, 9, 5, 5]),          # keep ceil(0.5 * 9) from layer 2 on
+    ("fastv:1:0.7", [9, 3, 3, 3]),
+    ("pdrop:0.5", [9, 5, 3, 2]),             # stages at layers 1, 2, 3: 9 -> 5 -> 3 -> 2
+    ("pdrop:0.5:2", [9, 9, 5, 5]),
+])
+def test_real_settings_keep_what_the_config_says_frame_by_frame(vlm, spec, kept):
+    model = vlm.with_routing(spec)
+    session = model.session()
+    frames = random_frames(4, seed=2)
+    for i in range(4):
+        session.append_frames(frames[i:i + 1])
+        if i == 1:
+            session.ask(QUESTION, max_new_tokens=3, ignore_stop=True)  # questions in between
+    session.ask("And now?", max_new_tokens=3, ignore_stop=True)
+    stats = session.stats()
+    for layer in range(4):
+        assert _vision_per_frame(session, layer, 4) == [kept[layer]] * 4
+    text = stats["tokens"] - 4 * 9
+    assert stats["kv_entries_per_layer"] == [text + 4 * k for k in kept]
+    per_entry = session.cache.bytes_per_entry
+    assert stats["kv_bytes"] == sum(text + 4 * k for k in kept) * per_entry
+    assert stats["flops"]["llm"] < stats["flops"]["llm_dense"]
+
+
+@pytest.mark.parametrize("spec", ["fastv:2:0.5", "pdrop:0.5", "layer_drop:1"])
+def test_policies_are_chunking_invariant(vlm, spec):
+    model = vlm.with_routing(spec)
+    frames = random_frames(4, seed=3)
+    answers = []
+    for chunking in ([4], [1, 1, 1, 1], [3, 1]):
+        session = model.session()
+        start = 0
+        for size in chunking:
+            session.append_frames(frames[start:start + size])
+            start += size
+        answers.append((session.ask(QUESTION, max_new_tokens=12, ignore_stop=True),
+                        [session.cache.positions(l).tolist() for l in range(4)]))
+    assert answers[0] == answers[1] == answers[2]
+
+
+def test_fastv_ranks_by_the_attention_of_the_frames_last_token(vlm):
+    """The ranking equals attention computed from the dense cache: the last frame token's query at layer K-1
+    against that layer's cached (post-RoPE) keys of the frame."""
+    frames = random_frames(1, seed=4)
+    recorded = {}
+    model = vlm.with_routing("fastv:2:0.5")
+    original = model.router.decide
+
+    def spy(layer, hidden, chunk):
+        if layer == 1 and chunk.num_frames:
+            recorded["ranking"] = frame_attention_ranking(vlm.adapter.decoder, 1, hidden, chunk)
+            recorded["hidden"], recorded["chunk"] = hidden, chunk
+        return original(layer, hidden, chunk)
+
+    model.router.decide = spy
+    session = model.session()
+    session.append_frames(frames)
+    dense = vlm.session()
+    dense.append_frames(frames)
+    parts, chunk = vlm.adapter.decoder, recorded["chunk"]
+    vision = chunk.vision_index[0]
+    keys = dense.cache.keys(1)[:, vision]  # (KV, 9, hd)
+    lp = parts.layers[1]
+    h = lp.input_norm(recorded["hidden"][vision[-1:]])
+    q = lp.q_proj(h).view(1, parts.num_heads, parts.head_dim).transpose(0, 1)
+    cos, sin = parts.rotary(h, chunk.positions[vision[-1:]][None])
+    from streamvlm.rope import apply_rope
+
+    q = apply_rope(q, cos[0], sin[0])
+    keys = keys.repeat_interleave(parts.num_heads // parts.num_kv_heads, 0)
+    expected = ((q @ keys.transpose(1, 2)) * parts.head_dim ** -0.5).softmax(-1).mean(0)[0]
+    assert torch.allclose(recorded["ranking"][0], expected, atol=1e-5)
+    kept = set(session.cache.positions(2)[session.cache.kinds(2) == VISION].tolist())
+    top = set(chunk.positions[vision[torch.topk(expected, tokens_kept(0.5, 9)).indices]].tolist())
+    assert kept == top
+
+
+@pytest.mark.parametrize("spec, error", [
+    ("layer_drop", "layer_drop:LAYER"), ("layer_drop:-1", ">= 0"), ("fastv:0", "K must be >= 1"),
+    ("fastv:2:1.5", r"\[0, 1\)"), ("fastv:9", "past the model"), ("pdrop:0", r"\(0, 1\]"),
+    ("pdrop:0.5:3,1", "increasing"), ("fastv:x", "do not parse"),
+])
+def test_bad_specs(vlm, spec, error):
+    with pytest.raises(StreamVLMError, match=error):
+        vlm.with_routing(spec)
+
+
+def test_compare_table_for_all_policies(tiny_dir, tmp_path, capsys, monkeypatch):
+    from streamvlm.cli import main
+    from streamvlm.tiny import TinySpec, write_tiny_checkpoint
+    from streamvlm.video.files import write_video
+
+    monkeypatch.setenv("STREAMVLM_CACHE", str(tmp_path / "cache"))
+    model = write_tiny_checkpoint(tmp_path / "m", TinySpec(num_layers=4, image_size=56, patch_size=7))
+    video = write_video(tmp_path / "v.mp4", random_frames(16, height=64, width=64), fps=8)
+    assert main(["compare", "--model", str(model), "--video", str(video), "--num-frames", "4",
+                 "--max-new-tokens", "6", "--repeats", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["policy"] for r in rows] == ["dense", "mod:0.2:interleaved", "random:0.2:interleaved",
+                                          "uniform:0.2:interleaved", "layer_drop:2", "fastv:2:0.5", "pdrop:0.5"]
+    for r in rows:
+        assert set(r) >= {"policy", "flops_fraction", "kv_fraction", "time_ratio", "kl", "top1_agreement"}
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-9) and rows[0]["top1_agreement"] == 1.0
+    assert all(r["flops_fraction"] < 1.0 and r["kv_fraction"] < 1.0 and r["kl"] > 0 for r in rows[1:])
+    assert main(["compare", "--model", str(model), "--video", str(video), "--policies", "dense,fastv:1:0.5",
+                 "--num-frames", "2", "--repeats", "1"]) == 0
+    assert "fastv:1:0.5" in capsys.readouterr().out
