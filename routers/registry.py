@@ -42,16 +42,26 @@ def build_router(config, num_layers: int, hidden_size: int) -> Router:
     raise StreamVLMError(f"no router for policy {config.policy!r}")
 
 
-def save_router(router: MoDRouter, out_dir: str | Path) -> Path:
-    """Write routing.json and router.safetensors into out_dir."""
+def save_router(router: Router, out_dir: str | Path, num_layers: int | None = None,
+                hidden_size: int | None = None) -> Path:
+    """Write routing.json (and router.safetensors for a router with weights) into out_dir.
+
+    A learned router knows the model shape it was built for; a training-free one is told it.
+    """
     from safetensors.torch import save_file
 
+    num_layers = getattr(router, "num_layers", num_layers)
+    hidden_size = getattr(router, "hidden_size", hidden_size)
+    if num_layers is None or hidden_size is None:
+        raise ValueError("save_router needs the model's num_layers and hidden_size for this router")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "config": router.config.to_dict(),
-            "model": {"num_layers": router.num_layers, "hidden_size": router.hidden_size}}
+    config = router.config.to_dict() if isinstance(router.config, RoutingConfig) else None
+    meta = {"format": FORMAT, "spec": router.spec(), "config": config,
+            "model": {"num_layers": num_layers, "hidden_size": hidden_size}}
     state = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in router.state_dict().items()}
-    save_file(state, str(out / "router.safetensors"))
+    if state:
+        save_file(state, str(out / "router.safetensors"))
     (out / "routing.json").write_text(json.dumps(meta, indent=2))
     return out
 
@@ -77,7 +87,8 @@ def load_router(path: str | Path, num_layers: int, hidden_size: int) -> Router:
             f"the router in {path} was made for a model with {shape.get('num_layers')} layers of width "
             f"{shape.get('hidden_size')}, but this model has {num_layers} layers of width {hidden_size}; "
             "train or export a router for this model")
-    router = build_router(RoutingConfig.from_dict(meta["config"]), num_layers, hidden_size)
+    config = RoutingConfig.from_dict(meta["config"]) if meta.get("config") else parse_routing(meta["spec"])
+    router = build_router(config, num_layers, hidden_size)
     weights = path / "router.safetensors"
     if isinstance(router, MoDRouter):
         if not weights.is_file():

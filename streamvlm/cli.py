@@ -129,6 +129,26 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from streamvlm.calibrate import DEFAULT_QUESTIONS, calibrate_vtw, save_vtw
+    from streamvlm.video.files import read_video
+    from streamvlm.video.sample import sample_video
+
+    videos = args.videos or [str(sample_video())]
+    clips = [read_video(v, num_frames=args.num_frames).frames for v in videos]
+    vlm, _ = _load(args)
+    result = calibrate_vtw(vlm, clips, args.question or list(DEFAULT_QUESTIONS), args.threshold,
+                           args.max_new_tokens)
+    out = save_vtw(vlm, result, args.out)
+    if args.json:
+        print(json.dumps({**result, "out": str(out)}, indent=2))
+    else:
+        for layer, kl in result["kl_per_layer"].items():
+            print(f"layer_drop:{layer:<4} KL {kl:.5f}{'  <- chosen' if layer == result['layer'] else ''}")
+        print(f"wrote {out} (--routing {out}); threshold {args.threshold}, {result['samples']} samples")
+    return 0
+
+
 def cmd_init_tiny(args) -> int:
     from streamvlm.tiny import TinySpec, write_tiny_checkpoint
 
@@ -233,6 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("calibrate", help="choose a policy's setting on calibration clips",
+                       description="vtw: the first layer from which vision tokens can be dropped with the answer "
+                                   "distribution within --threshold KL of dense (VTW), averaged over the clips "
+                                   "and questions; writes a router folder for --routing.")
+    p.add_argument("method", choices=["vtw"], help="vtw: VTW's layer for layer_drop")
+    p.add_argument("--videos", nargs="+", help="calibration videos (default: the sample video)")
+    p.add_argument("--question", action="append", help="calibration question (repeat; default: three generic ones)")
+    p.add_argument("--threshold", type=float, default=0.003, help="KL threshold (VTW: 0.003 for 7B models)")
+    p.add_argument("--num-frames", type=int, default=8, help="frames per clip (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="answer tokens scored (default 16)")
+    p.add_argument("--out", required=True, help="router folder to write")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_calibrate)
+
     p = sub.add_parser("init-tiny", help="write a small random checkpoint (offline)",
                        description="Write a randomly initialised LLaVA-OneVision checkpoint in the Hugging Face "
                                    "layout (weights, tokenizer, chat template, preprocessor configs). It is "
@@ -271,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "question", "unset") is None:
+    if args.command == "ask" and args.question is None:
         args.question = ["What happens in the video?"]
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

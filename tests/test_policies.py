@@ -149,3 +149,30 @@ def test_compare_table_for_all_policies(tiny_dir, tmp_path, capsys, monkeypatch)
     assert main(["compare", "--model", str(model), "--video", str(video), "--policies", "dense,fastv:1:0.5",
                  "--num-frames", "2", "--repeats", "1"]) == 0
     assert "fastv:1:0.5" in capsys.readouterr().out
+
+
+def test_vtw_calibration_writes_a_router_that_loads(tmp_path, capsys, monkeypatch):
+    from streamvlm.cli import main
+    from streamvlm.tiny import TinySpec, write_tiny_checkpoint
+    from streamvlm.video.files import write_video
+
+    monkeypatch.setenv("STREAMVLM_CACHE", str(tmp_path / "cache"))
+    model = write_tiny_checkpoint(tmp_path / "m", TinySpec(num_layers=4, image_size=56, patch_size=7))
+    videos = [str(write_video(tmp_path / f"v{i}.mp4", random_frames(8, height=64, width=64, seed=i), fps=8))
+              for i in range(2)]
+    out = tmp_path / "vtw"
+    args = ["calibrate", "vtw", "--model", str(model), "--videos", *videos, "--num-frames", "3",
+            "--max-new-tokens", "4", "--out", str(out), "--json"]
+    assert main(args + ["--threshold", "1e9"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["layer"] == 1 and result["samples"] == 2 * 3  # any KL passes: drop from the first layer
+    kl = {int(k): v for k, v in result["kl_per_layer"].items()}
+    assert sorted(kl) == [1, 2, 3] and all(v >= 0 for v in kl.values())
+    threshold = (kl[2] + kl[3]) / 2 if kl[3] < kl[2] else kl[3]
+    assert main(args + ["--threshold", str(threshold)]) == 0
+    chosen = json.loads(capsys.readouterr().out)["layer"]
+    assert chosen == min(layer for layer in kl if kl[layer] <= threshold)
+    loaded = StreamVLM.from_pretrained(model, routing=str(out))
+    assert loaded.router.spec() == f"layer_drop:{chosen}"
+    assert main(args + ["--threshold", "-1"]) == 0  # nothing passes: no layer is dropped
+    assert json.loads(capsys.readouterr().out)["layer"] == 4
