@@ -21,10 +21,20 @@ class RouteDecision:
         text token is in it (text is never routed). Tokens left out carry their hidden state unchanged
         to the next layer and write no K/V at this layer.
     weight: (k,) multiplier of the layer's update (attention + MLP) for each kept token, or None for 1.
+    mlp_index: ascending chunk indices of the tokens that run the MLP, when they differ from keep_index
+        (a token may run the MLP without attention, or attention without the MLP). Not with `weight`.
+    parallel_index: chunk indices of kept tokens whose MLP reads the layer's input instead of the
+        attention's output: x + SA(LN x) + FFN(LN x). Not with `weight`.
     """
 
     keep_index: torch.Tensor
     weight: torch.Tensor | None = None
+    mlp_index: torch.Tensor | None = None
+    parallel_index: torch.Tensor | None = None
+
+    @property
+    def splits_the_block(self) -> bool:
+        return self.mlp_index is not None or self.parallel_index is not None
 
 
 class Router(nn.Module):

@@ -74,7 +74,8 @@ class RoutingConfig:
         if policy not in POLICIES:
             raise StreamVLMError(
                 f"unknown routing {spec!r}; use dense, mod:KEEP[:SCHEDULE[:DENSE_LAYERS]] (e.g. mod:0.2:interleaved), "
-                "random:KEEP[...], uniform:KEEP[...], layer_drop:L, fastv[:K[:R]], pdrop[:KEEP] or a router directory")
+                "random:KEEP[...], uniform:KEEP[...], layer_drop:L, fastv[:K[:R]], pdrop[:KEEP], skip:MODE[...] or a "
+                "router directory")
         if len(parts) < 2 or len(parts) > 4:
             raise StreamVLMError(f"routing {spec!r}: expected {policy}:KEEP[:SCHEDULE[:DENSE_LAYERS]]")
         try:

@@ -7,6 +7,9 @@ fastv (FastV): at layer K, rank each frame's vision tokens by the attention they
     keep the top (1 - R) for every later layer.
 pdrop (PyramidDrop): at each stage layer (default L/4, L/2, 3L/4), rank the tokens still kept by the
     attention they receive at that layer and keep a fraction of them, down the pyramid.
+skip (Skipping Computations in Multimodal LLMs): on layers start, start+interval, ... < end, vision tokens
+    skip the whole block, only attention (no K/V there), only the MLP, or run attention and MLP in parallel
+    on the same normed input (x + SA(LN x) + FFN(LN x)).
 
 In a stream the question arrives after the frames, so the ranking query cannot be the question: here it is
 each frame's own last vision token (the frame's "last token"), and ranking is done within the frame. The
@@ -177,8 +180,64 @@ class PDropRouter(_BoundRouter):
         return decision_from_kept(chunk, vision.gather(1, self._kept).flatten(), None)
 
 
+SKIP_MODES = ("block", "attn", "mlp", "parallel")
+
+
+@dataclass(frozen=True)
+class SkipConfig:
+    mode: str = "block"
+    """block | attn | mlp | parallel: what vision tokens skip (or run in parallel) on the chosen layers."""
+    start: int | None = None
+    """First chosen layer; default half the depth."""
+    end: int | None = None
+    """Layers up to (not including) this one; default the last layer + 1."""
+    interval: int = 1
+    """Every interval-th layer from start."""
+    policy: str = field(default="skip", init=False)
+
+    def __post_init__(self):
+        if self.mode not in SKIP_MODES:
+            raise StreamVLMError(f"skip mode must be one of {', '.join(SKIP_MODES)}, got {self.mode!r}")
+        if self.interval < 1 or (self.start is not None and self.start < 0):
+            raise StreamVLMError("skip needs start >= 0 and interval >= 1")
+
+    def spec(self) -> str:
+        values = [self.start, self.end, self.interval if self.interval != 1 else None]
+        while values and values[-1] is None:
+            values.pop()
+        return ":".join(["skip", self.mode, *("" if v is None else str(v) for v in values)])
+
+
+class SkipRouter(Router):
+    def __init__(self, config: SkipConfig, num_layers: int):
+        super().__init__()
+        start = num_layers // 2 if config.start is None else config.start
+        end = num_layers if config.end is None else config.end
+        if not 0 <= start <= end <= num_layers:
+            raise StreamVLMError(f"skip layers [{start}, {end}) do not fit a {num_layers}-layer model")
+        self.config = config
+        self.layers = set(range(start, end, config.interval))
+
+    def spec(self) -> str:
+        return self.config.spec()
+
+    def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
+        if layer not in self.layers or chunk.num_frames == 0:
+            return None
+        everything = torch.arange(len(chunk), device=hidden.device)
+        text = torch.nonzero(chunk.text_mask).squeeze(1)
+        mode = self.config.mode
+        if mode == "block":
+            return RouteDecision(text)
+        if mode == "attn":
+            return RouteDecision(text, mlp_index=everything)
+        if mode == "mlp":
+            return RouteDecision(everything, mlp_index=text)
+        return RouteDecision(everything, parallel_index=chunk.vision_index.flatten())
+
+
 def parse_pruning(spec: str):
-    """layer_drop:L | fastv[:K[:R]] | pdrop[:KEEP[:S1,S2,...]] -> its config."""
+    """layer_drop:L | fastv[:K[:R]] | pdrop[:KEEP[:S1,S2,...]] | skip:MODE[:START[:END[:INTERVAL]]] -> its config."""
     parts = spec.split(":")
     try:
         if parts[0] == "layer_drop":
@@ -197,12 +256,17 @@ def parse_pruning(spec: str):
             keep = float(parts[1]) if len(parts) > 1 else 0.5
             stages = tuple(int(s) for s in parts[2].split(",")) if len(parts) > 2 else ()
             return PDropConfig(keep=keep, stages=stages)
+        if parts[0] == "skip":
+            if len(parts) < 2 or len(parts) > 5:
+                raise StreamVLMError(f"routing {spec!r}: expected skip:MODE[:START[:END[:INTERVAL]]]")
+            numbers = [int(v) if v else None for v in parts[2:]] + [None, None, None]
+            return SkipConfig(mode=parts[1], start=numbers[0], end=numbers[1], interval=numbers[2] or 1)
     except ValueError:
         raise StreamVLMError(f"routing {spec!r}: its numbers do not parse") from None
     raise StreamVLMError(f"unknown pruning policy {parts[0]!r}")
 
 
-PRUNING_POLICIES = ("layer_drop", "fastv", "pdrop")
+PRUNING_POLICIES = ("layer_drop", "fastv", "pdrop", "skip")
 
 
 def build_pruning(config, num_layers: int) -> Router:
@@ -210,4 +274,6 @@ def build_pruning(config, num_layers: int) -> Router:
         return LayerDropRouter(config, num_layers)
     if isinstance(config, FastVConfig):
         return FastVRouter(config, num_layers)
+    if isinstance(config, SkipConfig):
+        return SkipRouter(config, num_layers)
     return PDropRouter(config, num_layers)

@@ -64,6 +64,8 @@ class Decoder:
             decision = self.router.decide(index, x, chunk)
             if decision is None:
                 x = self._layer(index, layer, x, cos, sin, chunk, slice(None), None, cache, flops)
+            elif decision.splits_the_block:
+                x = self._split_layer(index, layer, x, cos, sin, chunk, decision, cache, flops)
             elif decision.keep_index.numel() == 0:  # nothing of this chunk runs here (e.g. vision-only chunk)
                 continue
             elif decision.keep_index.numel() == len(chunk):  # everything kept: no gather/scatter
@@ -81,9 +83,9 @@ class Decoder:
         out = p.lm_head(p.norm(h))
         return out[0] if logits == "last" else out
 
-    def _layer(self, index: int, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               chunk: Chunk, keep, weight: torch.Tensor | None, cache: KVCache, flops: FlopCounter) -> torch.Tensor:
-        """x: (m, d) hidden states of the tokens this layer processes -> their new hidden states."""
+    def _attention(self, index: int, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   chunk: Chunk, keep, cache: KVCache, flops: FlopCounter) -> torch.Tensor:
+        """x: (m, d) inputs of the tokens that attend -> their attention update (m, d); appends their K/V."""
         p = self.parts
         m = x.shape[0]
         h = layer.input_norm(x)
@@ -95,12 +97,38 @@ class Decoder:
         keys, values = cache.append(index, k, v, chunk.positions[keep], chunk.kinds[keep], chunk.frames[keep])
         length = keys.shape[1]
         attn = _attend(q, keys, values, self.scale)  # (H, m, hd)
-        a = layer.o_proj(attn.transpose(0, 1).reshape(m, p.num_heads * p.head_dim))
-        flops.add_layer(index, m, m * (length - m) + m * (m + 1) // 2)
+        flops.add_attention(index, m, m * (length - m) + m * (m + 1) // 2)
+        return layer.o_proj(attn.transpose(0, 1).reshape(m, p.num_heads * p.head_dim))
+
+    def _layer(self, index: int, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               chunk: Chunk, keep, weight: torch.Tensor | None, cache: KVCache, flops: FlopCounter) -> torch.Tensor:
+        """x: (m, d) hidden states of the tokens this layer processes -> their new hidden states."""
+        a = self._attention(index, layer, x, cos, sin, chunk, keep, cache, flops)
         mid = x + a
         m_out = layer.mlp(layer.post_attention_norm(mid))
+        flops.add_mlp(x.shape[0])
         if weight is None:
             return mid + m_out
         # x + w * (block(x) - x), associated so that w == 1 gives the dense result bit for bit.
         w = weight[:, None].to(x.dtype)
         return (x + w * a) + w * m_out
+
+    def _split_layer(self, index: int, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     chunk: Chunk, decision, cache: KVCache, flops: FlopCounter) -> torch.Tensor:
+        """A layer whose attention and MLP run on different token sets, or in parallel for some tokens.
+
+        x: (n, d) the whole chunk. Tokens in keep_index attend; tokens in mlp_index run the MLP, reading
+        x + attention (or x itself for parallel tokens and tokens that did not attend).
+        """
+        keep = decision.keep_index
+        after = x
+        if keep.numel():
+            after = x.index_add(0, keep, self._attention(index, layer, x[keep], cos[keep], sin[keep], chunk, keep,
+                                                         cache, flops))
+        mlp_index = keep if decision.mlp_index is None else decision.mlp_index
+        mlp_in = after if decision.parallel_index is None else after.index_copy(
+            0, decision.parallel_index, x[decision.parallel_index])
+        if mlp_index.numel():
+            after = after.index_add(0, mlp_index, layer.mlp(layer.post_attention_norm(mlp_in[mlp_index])))
+            flops.add_mlp(mlp_index.numel())
+        return after

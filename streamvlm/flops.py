@@ -59,10 +59,18 @@ class FlopCounter:
         return tokens * (self.projection_flops + self.mlp_flops) + self.attention_flops(key_visits)
 
     # Recording.
-    def add_layer(self, layer: int, tokens: int, key_visits: int) -> None:
-        """A layer processed `tokens` tokens, whose queries visited `key_visits` keys in all."""
-        self.llm += self.layer_flops(tokens, key_visits)
+    def add_attention(self, layer: int, tokens: int, key_visits: int) -> None:
+        """A layer's attention ran for `tokens` tokens (projections, and `key_visits` keys in all)."""
+        self.llm += tokens * self.projection_flops + self.attention_flops(key_visits)
         self.tokens_processed_per_layer[layer] += tokens
+
+    def add_mlp(self, tokens: int) -> None:
+        self.llm += tokens * self.mlp_flops
+
+    def add_layer(self, layer: int, tokens: int, key_visits: int) -> None:
+        """A layer processed `tokens` tokens (attention and MLP), whose queries visited `key_visits` keys."""
+        self.add_attention(layer, tokens, key_visits)
+        self.add_mlp(tokens)
 
     def add_dense(self, tokens: int, past: int) -> None:
         """What a chunk of `tokens` after `past` earlier tokens costs with routing off, at every layer."""

@@ -141,7 +141,8 @@ def test_compare_table_for_all_policies(tiny_dir, tmp_path, capsys, monkeypatch)
                  "--max-new-tokens", "6", "--repeats", "1", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["policy"] for r in rows] == ["dense", "mod:0.2:interleaved", "random:0.2:interleaved",
-                                          "uniform:0.2:interleaved", "layer_drop:2", "fastv:2:0.5", "pdrop:0.5"]
+                                          "uniform:0.2:interleaved", "layer_drop:2", "fastv:2:0.5", "pdrop:0.5",
+                                          "skip:attn"]
     for r in rows:
         assert set(r) >= {"policy", "flops_fraction", "kv_fraction", "time_ratio", "kl", "top1_agreement"}
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-9) and rows[0]["top1_agreement"] == 1.0
@@ -176,3 +177,66 @@ def test_vtw_calibration_writes_a_router_that_loads(tmp_path, capsys, monkeypatc
     assert loaded.router.spec() == f"layer_drop:{chosen}"
     assert main(args + ["--threshold", "-1"]) == 0  # nothing passes: no layer is dropped
     assert json.loads(capsys.readouterr().out)["layer"] == 4
+
+
+@pytest.mark.parametrize("spec", ["skip:block", "skip:attn:2", "skip:mlp:1:3", "skip:parallel:0:4:2", "skip:attn::4:2"])
+def test_skip_specs_round_trip(spec):
+    from streamvlm.routers import parse_routing
+
+    assert parse_routing(spec).spec() == spec
+
+
+@pytest.mark.parametrize("mode, vision_entries, mlp_tokens", [
+    # 4 layers, skipping on layers 2 and 3; 2 frames of 9 vision tokens.
+    ("block", [18, 18, 0, 0], "text"),
+    ("attn", [18, 18, 0, 0], "all"),
+    ("mlp", [18, 18, 18, 18], "text"),
+    ("parallel", [18, 18, 18, 18], "all"),
+])
+def test_skip_modes_cost_and_cache_what_they_say(vlm, mode, vision_entries, mlp_tokens):
+    model = vlm.with_routing(f"skip:{mode}:2")
+    session = model.session()
+    session.append_frames(random_frames(2, seed=6))
+    stats = session.stats()
+    text = stats["tokens"] - 18
+    assert [e - text for e in stats["kv_entries_per_layer"]] == vision_entries
+    # FLOPs: start from dense and take out what the skipped parts of layers 2 and 3 would have cost.
+    from streamvlm.flops import FlopCounter
+
+    c = FlopCounter.for_decoder(vlm.adapter.decoder)
+    n = stats["tokens"]
+    expected = 0
+    for layer in range(4):
+        attended = n - 18 + vision_entries[layer]
+        c2 = FlopCounter.for_decoder(vlm.adapter.decoder)
+        c2.add_attention(0, attended, attended * (attended + 1) // 2)
+        expected += c2.llm + (n if layer < 2 or mlp_tokens == "all" else n - 18) * c.mlp_flops
+    assert stats["flops"]["llm"] == expected
+    outputs = []
+    for model_ in (vlm, model):
+        s = model_.session()
+        s.append_frames(random_frames(2, seed=6))
+        outputs.append(s.score(QUESTION, [3, 4]))
+    assert not torch.equal(outputs[0], outputs[1])  # the skipped computation really changed something
+
+
+def test_attention_skip_runs_only_the_mlp_for_vision_tokens(vlm):
+    """On a skipped layer, a vision token's hidden state becomes h + MLP(LN(h)), with no attention."""
+    model = vlm.with_routing("skip:attn:2:3")
+    seen = {}
+    original = model.router.decide
+
+    def spy(layer, hidden, chunk):
+        seen[layer] = (hidden.clone(), chunk)
+        return original(layer, hidden, chunk)
+
+    model.router.decide = spy
+    model.session().append_frames(random_frames(2, seed=7))
+    h2, chunk = seen[2]
+    h3, _ = seen[3]
+    vision = chunk.vision_index.flatten()
+    layer = vlm.adapter.decoder.layers[2]
+    with torch.no_grad():
+        expected = h2[vision] + layer.mlp(layer.post_attention_norm(h2[vision]))
+    assert torch.allclose(h3[vision], expected, atol=1e-5)
+    assert not torch.allclose(h3[chunk.text_mask], h2[chunk.text_mask])  # text ran the whole block
