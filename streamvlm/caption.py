@@ -279,6 +279,10 @@ def run(inputs: list[str], out: Path, load_vlm, cfg: CaptionConfig, model_name: 
                 record = {"path": str(path), "error": str(e)}
                 summary.failed += 1
                 logger.warning("%s", e)
+            except Exception as e:  # a bug or a library failure on one file must not stop a long batch
+                logger.exception("captioning %s failed", path)
+                record = {"path": str(path), "error": f"internal error ({type(e).__name__}: {e}); please report it"}
+                summary.failed += 1
             summary.compute_seconds += time.perf_counter() - start
             record.update(model=model_name, routing=routing)
             writer.write(record)
