@@ -25,12 +25,16 @@ class RouteDecision:
         (a token may run the MLP without attention, or attention without the MLP). Not with `weight`.
     parallel_index: chunk indices of kept tokens whose MLP reads the layer's input instead of the
         attention's output: x + SA(LN x) + FFN(LN x). Not with `weight`.
+    window: when set (odd w), a vision token attends only to the layer's text entries before its frame and
+        to the w x w neighbours on its own frame's token grid (causally); text attends as usual. The
+        decoder computes only those scores, so the cost is linear in vision tokens. Needs every token kept.
     """
 
     keep_index: torch.Tensor
     weight: torch.Tensor | None = None
     mlp_index: torch.Tensor | None = None
     parallel_index: torch.Tensor | None = None
+    window: int | None = None
 
     @property
     def splits_the_block(self) -> bool:

@@ -7,6 +7,7 @@ fastv (FastV): at layer K, rank each frame's vision tokens by the attention they
     keep the top (1 - R) for every later layer.
 pdrop (PyramidDrop): at each stage layer (default L/4, L/2, 3L/4), rank the tokens still kept by the
     attention they receive at that layer and keep a fraction of them, down the pyramid.
+neighbor_attention (YOPO): vision tokens attend to earlier text and a w x w window of their own frame.
 skip (Skipping Computations in Multimodal LLMs): on layers start, start+interval, ... < end, vision tokens
     skip the whole block, only attention (no K/V there), only the MLP, or run attention and MLP in parallel
     on the same normed input (x + SA(LN x) + FFN(LN x)).
@@ -180,6 +181,43 @@ class PDropRouter(_BoundRouter):
         return decision_from_kept(chunk, vision.gather(1, self._kept).flatten(), None)
 
 
+@dataclass(frozen=True)
+class NeighborConfig:
+    window: int = 5
+    """w: a vision token attends to the w x w neighbours on its frame's grid (YOPO's default 5)."""
+    start_layer: int = 0
+    """Layers before this one keep full attention."""
+    policy: str = field(default="neighbor_attention", init=False)
+
+    def __post_init__(self):
+        if self.window < 1 or self.window % 2 == 0:
+            raise StreamVLMError(f"neighbor_attention needs an odd window >= 1, got {self.window}")
+        if self.start_layer < 0:
+            raise StreamVLMError("neighbor_attention start layer must be >= 0")
+
+    def spec(self) -> str:
+        return f"neighbor_attention:{self.window}" + (f":{self.start_layer}" if self.start_layer else "")
+
+
+class NeighborRouter(Router):
+    """YOPO's neighbour-aware vision attention: vision-to-vision attention only inside a w x w window of
+    the token's own frame (causal), vision still reads the earlier text, text reads everything."""
+
+    def __init__(self, config: NeighborConfig, num_layers: int):
+        super().__init__()
+        if config.start_layer >= num_layers:
+            raise StreamVLMError(f"neighbor_attention start layer {config.start_layer} is past the model's layers")
+        self.config = config
+
+    def spec(self) -> str:
+        return self.config.spec()
+
+    def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
+        if layer < self.config.start_layer or chunk.num_frames == 0:
+            return None
+        return RouteDecision(torch.arange(len(chunk), device=hidden.device), window=self.config.window)
+
+
 SKIP_MODES = ("block", "attn", "mlp", "parallel")
 
 
@@ -256,6 +294,11 @@ def parse_pruning(spec: str):
             keep = float(parts[1]) if len(parts) > 1 else 0.5
             stages = tuple(int(s) for s in parts[2].split(",")) if len(parts) > 2 else ()
             return PDropConfig(keep=keep, stages=stages)
+        if parts[0] == "neighbor_attention":
+            if len(parts) > 3:
+                raise StreamVLMError(f"routing {spec!r}: expected neighbor_attention[:W[:START_LAYER]]")
+            return NeighborConfig(window=int(parts[1]) if len(parts) > 1 else 5,
+                                  start_layer=int(parts[2]) if len(parts) > 2 else 0)
         if parts[0] == "skip":
             if len(parts) < 2 or len(parts) > 5:
                 raise StreamVLMError(f"routing {spec!r}: expected skip:MODE[:START[:END[:INTERVAL]]]")
@@ -266,7 +309,7 @@ def parse_pruning(spec: str):
     raise StreamVLMError(f"unknown pruning policy {parts[0]!r}")
 
 
-PRUNING_POLICIES = ("layer_drop", "fastv", "pdrop", "skip")
+PRUNING_POLICIES = ("layer_drop", "fastv", "pdrop", "skip", "neighbor_attention")
 
 
 def build_pruning(config, num_layers: int) -> Router:
@@ -276,4 +319,6 @@ def build_pruning(config, num_layers: int) -> Router:
         return FastVRouter(config, num_layers)
     if isinstance(config, SkipConfig):
         return SkipRouter(config, num_layers)
+    if isinstance(config, NeighborConfig):
+        return NeighborRouter(config, num_layers)
     return PDropRouter(config, num_layers)

@@ -20,7 +20,7 @@ from streamvlm.flops import FlopCounter
 from streamvlm.models.base import DecoderParts, LayerParts
 from streamvlm.routers.base import Router
 from streamvlm.rope import apply_rope
-from streamvlm.types import Chunk
+from streamvlm.types import VISION, Chunk
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
@@ -41,6 +41,59 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: fl
         mask[:, length - m:] = torch.ones(m, m, dtype=torch.bool, device=q.device).tril_()
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out[0]
+
+
+def _window_table(grid: tuple[int, int], window: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, w*w) row-major neighbour indices within a frame and a (T, w*w) mask of the valid ones (inside
+    the grid and not after the query: attention stays causal)."""
+    rows, cols = grid
+    half = window // 2
+    token = torch.arange(rows * cols, device=device)
+    r, c = token // cols, token % cols
+    dr, dc = torch.meshgrid(torch.arange(-half, half + 1, device=device), torch.arange(-half, half + 1, device=device),
+                            indexing="ij")
+    nr, nc = r[:, None] + dr.flatten()[None], c[:, None] + dc.flatten()[None]
+    index = nr * cols + nc
+    valid = (nr >= 0) & (nr < rows) & (nc >= 0) & (nc < cols) & (index <= token[:, None])
+    return index.clamp(0, rows * cols - 1), valid
+
+
+def _neighbour_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: Chunk,
+                      key_pos: torch.Tensor, key_kinds: torch.Tensor, window: int, scale: float) -> tuple[torch.Tensor, int]:
+    """Attention for a chunk whose every token was just appended (the last n cache entries), with vision
+    queries restricted to earlier text plus a w x w causal window of their frame. q: (H, n, hd); keys,
+    values: (KV, L, hd). Returns (H, n, hd) and the number of query-key pairs scored."""
+    heads, n, _ = q.shape
+    group = heads // keys.shape[0]
+    length = keys.shape[1]
+    out = torch.empty_like(q)
+    positions = chunk.positions
+    text_rows = torch.nonzero(chunk.text_mask).squeeze(1)
+    visits = 0
+    if text_rows.numel():  # text queries: every earlier entry, as in the dense model
+        mask = key_pos[None, :] <= positions[text_rows][:, None]  # (t, L)
+        out[:, text_rows] = F.scaled_dot_product_attention(q[None, :, text_rows], keys[None], values[None],
+                                                           attn_mask=mask, scale=scale, enable_gqa=group > 1)[0]
+        visits += int(mask.sum())
+    if chunk.num_frames:
+        index, valid = _window_table(chunk.frame_grid, window, q.device)  # (T, w*w)
+        k_all = keys.repeat_interleave(group, 0)  # (H, L, hd)
+        v_all = values.repeat_interleave(group, 0)
+        text_keys = key_kinds != VISION
+        for start, end in chunk.frame_spans:
+            rows = torch.arange(start, end, device=q.device)
+            context = torch.nonzero(text_keys & (key_pos < positions[start])).squeeze(1)  # (c,)
+            frame = length - n + rows  # the frame's own entries: the chunk sits at the end of the cache
+            qf = q[:, rows]  # (H, T, hd)
+            k_win, v_win = k_all[:, frame[index]], v_all[:, frame[index]]  # (H, T, w*w, hd)
+            s_ctx = (qf @ k_all[:, context].transpose(1, 2)) * scale  # (H, T, c)
+            s_win = (qf[:, :, None, :] * k_win).sum(-1) * scale  # (H, T, w*w)
+            s_win = s_win.masked_fill(~valid, float("-inf"))
+            p = torch.cat([s_ctx, s_win], dim=-1).softmax(-1)
+            p_ctx, p_win = p[..., : context.numel()], p[..., context.numel():]
+            out[:, rows] = p_ctx @ v_all[:, context] + (p_win[..., None] * v_win).sum(-2)
+            visits += rows.numel() * context.numel() + int(valid.sum())
+    return out, visits
 
 
 class Decoder:
@@ -64,6 +117,8 @@ class Decoder:
             decision = self.router.decide(index, x, chunk)
             if decision is None:
                 x = self._layer(index, layer, x, cos, sin, chunk, slice(None), None, cache, flops)
+            elif decision.window is not None:
+                x = self._layer(index, layer, x, cos, sin, chunk, slice(None), None, cache, flops, decision.window)
             elif decision.splits_the_block:
                 x = self._split_layer(index, layer, x, cos, sin, chunk, decision, cache, flops)
             elif decision.keep_index.numel() == 0:  # nothing of this chunk runs here (e.g. vision-only chunk)
@@ -84,7 +139,7 @@ class Decoder:
         return out[0] if logits == "last" else out
 
     def _attention(self, index: int, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   chunk: Chunk, keep, cache: KVCache, flops: FlopCounter) -> torch.Tensor:
+                   chunk: Chunk, keep, cache: KVCache, flops: FlopCounter, window: int | None = None) -> torch.Tensor:
         """x: (m, d) inputs of the tokens that attend -> their attention update (m, d); appends their K/V."""
         p = self.parts
         m = x.shape[0]
@@ -96,14 +151,20 @@ class Decoder:
         k = apply_rope(k, cos, sin)
         keys, values = cache.append(index, k, v, chunk.positions[keep], chunk.kinds[keep], chunk.frames[keep])
         length = keys.shape[1]
-        attn = _attend(q, keys, values, self.scale)  # (H, m, hd)
-        flops.add_attention(index, m, m * (length - m) + m * (m + 1) // 2)
+        if window is None:
+            attn = _attend(q, keys, values, self.scale)  # (H, m, hd)
+            visits = m * (length - m) + m * (m + 1) // 2
+        else:
+            attn, visits = _neighbour_attend(q, keys, values, chunk, cache.positions(index), cache.kinds(index),
+                                             window, self.scale)
+        flops.add_attention(index, m, visits)
         return layer.o_proj(attn.transpose(0, 1).reshape(m, p.num_heads * p.head_dim))
 
     def _layer(self, index: int, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               chunk: Chunk, keep, weight: torch.Tensor | None, cache: KVCache, flops: FlopCounter) -> torch.Tensor:
+               chunk: Chunk, keep, weight: torch.Tensor | None, cache: KVCache, flops: FlopCounter,
+               window: int | None = None) -> torch.Tensor:
         """x: (m, d) hidden states of the tokens this layer processes -> their new hidden states."""
-        a = self._attention(index, layer, x, cos, sin, chunk, keep, cache, flops)
+        a = self._attention(index, layer, x, cos, sin, chunk, keep, cache, flops, window)
         mid = x + a
         m_out = layer.mlp(layer.post_attention_norm(mid))
         flops.add_mlp(x.shape[0])

@@ -42,7 +42,7 @@ Piece = tuple[torch.Tensor, int, Sequence[int] | None]
 """(embeddings (n, d), frame index or -1 for text, token ids or None for video embeddings)."""
 
 
-def chunk_from_pieces(pieces: list[Piece], start: int) -> Chunk:
+def chunk_from_pieces(pieces: list[Piece], start: int, frame_grid: tuple[int, int] | None = None) -> Chunk:
     """Concatenate pieces into a Chunk whose tokens sit at positions start, start + 1, ..."""
     device = pieces[0][0].device
     embeds, kinds, frames, spans = [], [], [], []
@@ -56,7 +56,7 @@ def chunk_from_pieces(pieces: list[Piece], start: int) -> Chunk:
             spans.append((n - start, n - start + size))
         n += size
     positions = torch.arange(start, n, device=device)
-    return Chunk(torch.cat(embeds), positions, torch.cat(kinds), torch.cat(frames), tuple(spans))
+    return Chunk(torch.cat(embeds), positions, torch.cat(kinds), torch.cat(frames), tuple(spans), frame_grid)
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ class Session:
 
     def _run(self, pieces: list[Piece], logits: str) -> torch.Tensor | None:
         """Feed pieces as one chunk at the end of the sequence."""
-        chunk = chunk_from_pieces(pieces, self._next_pos)
+        chunk = chunk_from_pieces(pieces, self._next_pos, self._adapter.vision.grid)
         out = self._vlm.decoder.forward(chunk, self.cache, self.flops, logits=logits)
         if self._trace is not None:
             for emb, _, ids in pieces:

@@ -31,6 +31,8 @@ class Chunk:
     """(n,) int32 session frame index of each vision token, -1 for text."""
     frame_spans: tuple[tuple[int, int], ...] = ()
     """(start, end) within the chunk of each frame's vision tokens, in order."""
+    frame_grid: tuple[int, int] | None = None
+    """(rows, cols) of a frame's tokens (row-major), for policies that look at spatial neighbours."""
 
     def __post_init__(self):
         n = self.embeds.shape[0]

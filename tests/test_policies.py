@@ -142,11 +142,12 @@ def test_compare_table_for_all_policies(tiny_dir, tmp_path, capsys, monkeypatch)
     rows = json.loads(capsys.readouterr().out)
     assert [r["policy"] for r in rows] == ["dense", "mod:0.2:interleaved", "random:0.2:interleaved",
                                           "uniform:0.2:interleaved", "layer_drop:2", "fastv:2:0.5", "pdrop:0.5",
-                                          "skip:attn"]
+                                          "skip:attn", "neighbor_attention:5"]
     for r in rows:
         assert set(r) >= {"policy", "flops_fraction", "kv_fraction", "time_ratio", "kl", "top1_agreement"}
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-9) and rows[0]["top1_agreement"] == 1.0
-    assert all(r["flops_fraction"] < 1.0 and r["kv_fraction"] < 1.0 and r["kl"] > 0 for r in rows[1:])
+    assert all(r["flops_fraction"] < 1.0 and r["kl"] > 0 for r in rows[1:])
+    assert all(r["kv_fraction"] < 1.0 for r in rows[1:-1])  # neighbour attention keeps every K/V entry
     assert main(["compare", "--model", str(model), "--video", str(video), "--policies", "dense,fastv:1:0.5",
                  "--num-frames", "2", "--repeats", "1"]) == 0
     assert "fastv:1:0.5" in capsys.readouterr().out
@@ -240,3 +241,69 @@ def test_attention_skip_runs_only_the_mlp_for_vision_tokens(vlm):
         expected = h2[vision] + layer.mlp(layer.post_attention_norm(h2[vision]))
     assert torch.allclose(h3[vision], expected, atol=1e-5)
     assert not torch.allclose(h3[chunk.text_mask], h2[chunk.text_mask])  # text ran the whole block
+
+
+def test_neighbour_attention_equals_masked_dense_attention():
+    """The linear-cost path computes exactly softmax attention under YOPO's mask."""
+    from streamvlm.decoder import _neighbour_attend
+    from streamvlm.types import TEXT, Chunk
+
+    torch.manual_seed(0)
+    heads, kv, hd, grid = 4, 2, 8, (3, 4)
+    past_kinds = [TEXT] * 3 + [VISION] * 12 + [TEXT] * 2  # earlier text, an earlier frame, more text
+    chunk_kinds = [TEXT] * 2 + [VISION] * 12 + [VISION] * 12  # the chunk: text, then two frames
+    kinds = torch.tensor(past_kinds + chunk_kinds, dtype=torch.uint8)
+    L, n = kinds.numel(), len(chunk_kinds)
+    positions = torch.arange(L)
+    q = torch.randn(heads, n, hd)
+    keys, values = torch.randn(kv, L, hd), torch.randn(kv, L, hd)
+    chunk = Chunk(torch.zeros(n, 1), positions[L - n:], kinds[L - n:], torch.zeros(n, dtype=torch.int32),
+                  ((2, 14), (14, 26)), grid)
+    out, visits = _neighbour_attend(q, keys, values, chunk, positions, kinds, 3, hd ** -0.5)
+
+    mask = torch.zeros(n, L, dtype=torch.bool)
+    for i in range(n):
+        qpos = int(chunk.positions[i])
+        if chunk.kinds[i] == TEXT:
+            mask[i, : qpos + 1] = True
+            continue
+        span = 0 if i < 14 else 1
+        first = L - n + (2, 14)[span]
+        mask[i, :first] = kinds[:first] != VISION  # earlier text only
+        t = i - (2, 14)[span]
+        for j in range(t + 1):  # causal window of 3x3 in the same frame
+            if abs(j // 4 - t // 4) <= 1 and abs(j % 4 - t % 4) <= 1:
+                mask[i, first + j] = True
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        q[None], keys.repeat_interleave(2, 0)[None], values.repeat_interleave(2, 0)[None], attn_mask=mask)[0]
+    assert torch.allclose(out, reference, atol=1e-5)
+    assert visits == int(mask.sum())
+
+
+def test_neighbour_attention_is_exact_when_the_window_covers_a_single_frame(vlm):
+    frames = random_frames(1, seed=8)  # 3x3 tokens; a 7x7 window covers the frame, no earlier frame exists
+    outs = []
+    for model in (vlm, vlm.with_routing("neighbor_attention:7")):
+        session = model.session()
+        session.append_frames(frames)
+        outs.append(session.score(QUESTION, [4, 5, 6]))
+    assert torch.allclose(outs[0], outs[1], atol=1e-4)
+
+
+def test_neighbour_attention_shrinks_attention_and_streams(vlm):
+    model = vlm.with_routing("neighbor_attention:3:1")
+    frames = random_frames(6, seed=9)
+    answers = []
+    for chunking in ([6], [1] * 6, [4, 2]):
+        session = model.session()
+        start = 0
+        for size in chunking:
+            session.append_frames(frames[start:start + size])
+            start += size
+        answers.append(session.ask(QUESTION, max_new_tokens=10, ignore_stop=True))
+    assert answers[0] == answers[1] == answers[2]
+    stats = session.stats()
+    assert stats["kv_entries_per_layer"] == [stats["tokens"]] * 4  # K/V are kept; attention is what shrinks
+    assert stats["flops"]["llm"] < stats["flops"]["llm_dense"]
+    with pytest.raises(StreamVLMError, match="odd window"):
+        vlm.with_routing("neighbor_attention:4")

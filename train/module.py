@@ -201,7 +201,7 @@ class RouterTrainingModule(L.LightningModule):
                 pos += len(seg.ids)
         if not rows:
             raise StreamVLMError(f"sample {sample.id} has no answer tokens to train on")
-        chunk = chunk_from_pieces(pieces, 0)
+        chunk = chunk_from_pieces(pieces, 0, adapter.vision.grid)
         return chunk, torch.tensor(rows, device=self.device), torch.tensor(targets, device=self.device)
 
     def _run(self, decoder: Decoder, chunk) -> torch.Tensor:
