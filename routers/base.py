@@ -28,6 +28,8 @@ class RouteDecision:
     window: when set (odd w), a vision token attends only to the layer's text entries before its frame and
         to the w x w neighbours on its own frame's token grid (causally); text attends as usual. The
         decoder computes only those scores, so the cost is linear in vision tokens. Needs every token kept.
+    pruned_heads: (num_heads,) bool, True for heads that neither read nor update vision tokens here: text
+        queries of those heads do not attend to vision entries, and vision tokens get no output from them.
     """
 
     keep_index: torch.Tensor
@@ -35,6 +37,7 @@ class RouteDecision:
     mlp_index: torch.Tensor | None = None
     parallel_index: torch.Tensor | None = None
     window: int | None = None
+    pruned_heads: torch.Tensor | None = None
 
     @property
     def splits_the_block(self) -> bool:

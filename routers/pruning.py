@@ -218,6 +218,41 @@ class NeighborRouter(Router):
         return RouteDecision(torch.arange(len(chunk), device=hidden.device), window=self.config.window)
 
 
+@dataclass(frozen=True)
+class HeadPruneConfig:
+    pruned: tuple[tuple[bool, ...], ...]
+    """Per layer, per query head: True where the head neither reads nor updates vision tokens."""
+    policy: str = field(default="head_prune", init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "pruned", tuple(tuple(bool(h) for h in layer) for layer in self.pruned))
+
+    def spec(self) -> str:
+        total = sum(len(layer) for layer in self.pruned)
+        return f"head_prune({sum(map(sum, self.pruned))}/{total} heads pruned)"
+
+
+class HeadPruneRouter(Router):
+    """YOPO's inactive-head pruning with a calibrated mask (`streamvlm calibrate heads`)."""
+
+    def __init__(self, config: HeadPruneConfig, num_layers: int):
+        super().__init__()
+        if len(config.pruned) != num_layers:
+            raise StreamVLMError(f"the head mask has {len(config.pruned)} layers but the model has {num_layers}")
+        self.config = config
+        self.masks = [torch.tensor(layer) if any(layer) else None for layer in config.pruned]
+
+    def spec(self) -> str:
+        return self.config.spec()
+
+    def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
+        mask = self.masks[layer]
+        if mask is None:
+            return None
+        # Every chunk, text-only ones too: a pruned head must not let later text read vision entries.
+        return RouteDecision(torch.arange(len(chunk), device=hidden.device), pruned_heads=mask.to(hidden.device))
+
+
 SKIP_MODES = ("block", "attn", "mlp", "parallel")
 
 
@@ -299,6 +334,9 @@ def parse_pruning(spec: str):
                 raise StreamVLMError(f"routing {spec!r}: expected neighbor_attention[:W[:START_LAYER]]")
             return NeighborConfig(window=int(parts[1]) if len(parts) > 1 else 5,
                                   start_layer=int(parts[2]) if len(parts) > 2 else 0)
+        if parts[0] == "head_prune":
+            raise StreamVLMError("head_prune needs a calibrated head mask: run `streamvlm calibrate heads --out DIR` "
+                                 "and pass --routing DIR")
         if parts[0] == "skip":
             if len(parts) < 2 or len(parts) > 5:
                 raise StreamVLMError(f"routing {spec!r}: expected skip:MODE[:START[:END[:INTERVAL]]]")
@@ -309,7 +347,9 @@ def parse_pruning(spec: str):
     raise StreamVLMError(f"unknown pruning policy {parts[0]!r}")
 
 
-PRUNING_POLICIES = ("layer_drop", "fastv", "pdrop", "skip", "neighbor_attention")
+PRUNING_POLICIES = ("layer_drop", "fastv", "pdrop", "skip", "neighbor_attention", "head_prune")
+PRUNING_CONFIGS = {"layer_drop": LayerDropConfig, "fastv": FastVConfig, "pdrop": PDropConfig, "skip": SkipConfig,
+                   "neighbor_attention": NeighborConfig, "head_prune": HeadPruneConfig}
 
 
 def build_pruning(config, num_layers: int) -> Router:
@@ -321,4 +361,6 @@ def build_pruning(config, num_layers: int) -> Router:
         return SkipRouter(config, num_layers)
     if isinstance(config, NeighborConfig):
         return NeighborRouter(config, num_layers)
+    if isinstance(config, HeadPruneConfig):
+        return HeadPruneRouter(config, num_layers)
     return PDropRouter(config, num_layers)

@@ -8,6 +8,7 @@ a Router for a given model.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from streamvlm.routers.base import DenseRouter, Router
 from streamvlm.routers.baselines import BaselineRouter
 from streamvlm.routers.config import RoutingConfig
 from streamvlm.routers.mod import MoDRouter
-from streamvlm.routers.pruning import PRUNING_POLICIES, build_pruning, parse_pruning
+from streamvlm.routers.pruning import PRUNING_CONFIGS, PRUNING_POLICIES, build_pruning, parse_pruning
 
 FORMAT = "streamvlm-router/1"
 
@@ -56,7 +57,7 @@ def save_router(router: Router, out_dir: str | Path, num_layers: int | None = No
         raise ValueError("save_router needs the model's num_layers and hidden_size for this router")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = router.config.to_dict() if isinstance(router.config, RoutingConfig) else None
+    config = router.config.to_dict() if isinstance(router.config, RoutingConfig) else asdict(router.config)
     meta = {"format": FORMAT, "spec": router.spec(), "config": config,
             "model": {"num_layers": num_layers, "hidden_size": hidden_size}}
     state = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in router.state_dict().items()}
@@ -64,6 +65,17 @@ def save_router(router: Router, out_dir: str | Path, num_layers: int | None = No
         save_file(state, str(out / "router.safetensors"))
     (out / "routing.json").write_text(json.dumps(meta, indent=2))
     return out
+
+
+def _config_from_dict(d: dict):
+    fields = {k: v for k, v in d.items() if k != "policy"}
+    if d.get("policy") in PRUNING_CONFIGS:
+        cls = PRUNING_CONFIGS[d["policy"]]
+        try:
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        except TypeError as e:
+            raise StreamVLMError(f"routing.json config does not fit {d['policy']}: {e}") from None
+    return RoutingConfig.from_dict(d)
 
 
 def is_router_dir(path: str | Path) -> bool:
@@ -87,7 +99,7 @@ def load_router(path: str | Path, num_layers: int, hidden_size: int) -> Router:
             f"the router in {path} was made for a model with {shape.get('num_layers')} layers of width "
             f"{shape.get('hidden_size')}, but this model has {num_layers} layers of width {hidden_size}; "
             "train or export a router for this model")
-    config = RoutingConfig.from_dict(meta["config"]) if meta.get("config") else parse_routing(meta["spec"])
+    config = _config_from_dict(meta.get("config") or {}) if meta.get("config") else parse_routing(meta["spec"])
     router = build_router(config, num_layers, hidden_size)
     weights = path / "router.safetensors"
     if isinstance(router, MoDRouter):

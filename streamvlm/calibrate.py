@@ -1,5 +1,7 @@
 """Calibration: choosing a policy's setting from measurements on a few clips.
 
+`heads`: YOPO's inactive-head mask (see `calibrate_heads`).
+
 `vtw`: VTW's choice of the layer from which vision tokens are withdrawn: the first layer L at which
 dropping vision tokens from L on keeps the answer distribution within a KL threshold of dense, averaged over
 calibration clips (VTW used about 20 samples and 0.003 for 7B models). KL is measured on the dense model's
@@ -43,4 +45,76 @@ def save_vtw(vlm, result: dict, out_dir: str | Path) -> Path:
 
     parts = vlm.adapter.decoder
     router = vlm.with_routing(f"layer_drop:{result['layer']}").router
+    return save_router(router, out_dir, parts.num_layers, parts.hidden_size)
+
+
+def calibrate_heads(vlm, clips: list, questions: list[str], tau: float = 0.07, min_fraction: float = 0.4,
+                    dense_layers: int = 2, max_new_tokens: int = 16) -> dict:
+    """YOPO's inactive heads: per head, r = attention mass the answer's text puts on vision entries divided
+    by the mass on text entries; a head is active in a sample when r > tau and is kept when active in more
+    than `min_fraction` of the samples. The first `dense_layers` layers keep every head.
+
+    Returns {"pruned": [[bool per head] per layer], "ratios": mean r per layer and head, "samples"}.
+    """
+    import torch
+
+    from streamvlm.rope import apply_rope
+    from streamvlm.routers.base import DenseRouter
+    from streamvlm.types import VISION
+
+    if not clips or not questions:
+        raise StreamVLMError("calibration needs at least one clip and one question")
+    parts = vlm.adapter.decoder
+
+    class Recorder(DenseRouter):
+        def decide(self, layer, hidden, chunk):
+            self.last[layer] = (hidden, chunk)
+            return None
+
+    recorder = Recorder()
+    recorder.last = {}
+    model = vlm.with_routing(recorder)
+    active = torch.zeros(parts.num_layers, parts.num_heads)
+    ratio_sum = torch.zeros(parts.num_layers, parts.num_heads)
+    samples = 0
+    for frames in clips:
+        for question in questions:
+            session = model.session()
+            session.append_frames(frames)
+            reference = vlm.session()
+            reference.append_frames(frames)
+            reference.ask(question, max_new_tokens=max_new_tokens, ignore_stop=True)
+            answer = list(reference.turns[-1].answer_ids)
+            session.score(question, answer)  # the last chunk: the question and the answer, as text queries
+            with torch.no_grad():
+                for layer in range(parts.num_layers):
+                    hidden, chunk = recorder.last[layer]
+                    lp = parts.layers[layer]
+                    h = lp.input_norm(hidden)
+                    m = h.shape[0]
+                    q = lp.q_proj(h).view(m, parts.num_heads, parts.head_dim).transpose(0, 1)
+                    cos, sin = parts.rotary(h, chunk.positions[None])
+                    q = apply_rope(q, cos[0], sin[0])
+                    keys = session.cache.keys(layer).repeat_interleave(parts.num_heads // parts.num_kv_heads, 0)
+                    length = keys.shape[1]
+                    scores = (q @ keys.transpose(1, 2)) * parts.head_dim ** -0.5  # (H, m, L)
+                    causal = torch.ones(m, length, dtype=torch.bool).tril_(length - m)
+                    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+                    vision = session.cache.kinds(layer) == VISION
+                    ratio = (probs[..., vision].sum(-1) / probs[..., ~vision].sum(-1).clamp_min(1e-12)).mean(-1)
+                    ratio_sum[layer] += ratio
+                    active[layer] += (ratio > tau).float()
+            samples += 1
+    keep = active / samples > min_fraction
+    keep[:dense_layers] = True
+    return {"pruned": (~keep).tolist(), "ratios": (ratio_sum / samples).tolist(), "samples": samples,
+            "tau": tau, "min_fraction": min_fraction}
+
+
+def save_heads(vlm, result: dict, out_dir: str | Path) -> Path:
+    from streamvlm.routers import save_router
+    from streamvlm.routers.pruning import HeadPruneConfig
+
+    parts = vlm.adapter.decoder
+    router = vlm.with_routing(HeadPruneConfig(pruned=result["pruned"])).router
     return save_router(router, out_dir, parts.num_layers, parts.hidden_size)

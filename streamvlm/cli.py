@@ -133,15 +133,25 @@ def cmd_compare(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from streamvlm.calibrate import DEFAULT_QUESTIONS, calibrate_vtw, save_vtw
+    from streamvlm.calibrate import DEFAULT_QUESTIONS, calibrate_heads, calibrate_vtw, save_heads, save_vtw
     from streamvlm.video.files import read_video
     from streamvlm.video.sample import sample_video
 
     videos = args.videos or [str(sample_video())]
     clips = [read_video(v, num_frames=args.num_frames).frames for v in videos]
     vlm, _ = _load(args)
-    result = calibrate_vtw(vlm, clips, args.question or list(DEFAULT_QUESTIONS), args.threshold,
-                           args.max_new_tokens)
+    questions = args.question or list(DEFAULT_QUESTIONS)
+    if args.method == "heads":
+        result = calibrate_heads(vlm, clips, questions, args.tau, args.min_fraction,
+                                 max_new_tokens=args.max_new_tokens)
+        out = save_heads(vlm, result, args.out)
+        pruned = sum(map(sum, result["pruned"]))
+        total = sum(map(len, result["pruned"]))
+        print(json.dumps({**result, "out": str(out)}, indent=2) if args.json else
+              f"pruned {pruned} of {total} heads (tau {args.tau}, active in > {args.min_fraction:.0%} of "
+              f"{result['samples']} samples); wrote {out} (--routing {out})")
+        return 0
+    result = calibrate_vtw(vlm, clips, questions, args.threshold, args.max_new_tokens)
     out = save_vtw(vlm, result, args.out)
     if args.json:
         print(json.dumps({**result, "out": str(out)}, indent=2))
@@ -260,11 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="choose a policy's setting on calibration clips",
                        description="vtw: the first layer from which vision tokens can be dropped with the answer "
                                    "distribution within --threshold KL of dense (VTW), averaged over the clips "
-                                   "and questions; writes a router folder for --routing.")
-    p.add_argument("method", choices=["vtw"], help="vtw: VTW's layer for layer_drop")
+                                   "and questions. heads: YOPO's head scores (attention on vision / on text) and "
+                                   "the mask of inactive heads. Both write a router folder for --routing.")
+    p.add_argument("method", choices=["vtw", "heads"],
+                   help="vtw: VTW's layer for layer_drop; heads: YOPO's inactive-head mask for head_prune")
     p.add_argument("--videos", nargs="+", help="calibration videos (default: the sample video)")
     p.add_argument("--question", action="append", help="calibration question (repeat; default: three generic ones)")
-    p.add_argument("--threshold", type=float, default=0.003, help="KL threshold (VTW: 0.003 for 7B models)")
+    p.add_argument("--threshold", type=float, default=0.003, help="vtw: KL threshold (VTW: 0.003 for 7B models)")
+    p.add_argument("--tau", type=float, default=0.07, help="heads: vision/text attention ratio a head must pass "
+                   "(YOPO: ~0.07 for Qwen2-VL)")
+    p.add_argument("--min-fraction", type=float, default=0.4,
+                   help="heads: keep a head active in more than this fraction of samples (YOPO: 40%%)")
     p.add_argument("--num-frames", type=int, default=8, help="frames per clip (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="answer tokens scored (default 16)")
     p.add_argument("--out", required=True, help="router folder to write")

@@ -96,6 +96,34 @@ def _neighbour_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out, visits
 
 
+def _head_pruned_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: Chunk,
+                        key_kinds: torch.Tensor, pruned: torch.Tensor, scale: float) -> tuple[torch.Tensor, int]:
+    """Attention for a chunk at the end of the cache where pruned heads neither read nor update vision
+    tokens. Active heads run as usual; pruned heads skip vision queries and mask vision keys for text."""
+    heads, n, hd = q.shape
+    length = keys.shape[1]
+    group = heads // keys.shape[0]
+    out = torch.zeros_like(q)
+    causal = torch.ones(n, length, dtype=torch.bool, device=q.device)
+    causal[:, length - n:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril_()
+    k_all, v_all = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
+    active = torch.nonzero(~pruned).squeeze(1)
+    visits = 0
+    if active.numel():
+        out[active] = F.scaled_dot_product_attention(q[None, active], k_all[None, active], v_all[None, active],
+                                                     attn_mask=causal, scale=scale)[0]
+        visits += active.numel() * int(causal.sum())
+    gone = torch.nonzero(pruned).squeeze(1)
+    text = torch.nonzero(chunk.text_mask).squeeze(1)
+    if gone.numel() and text.numel():  # vision queries get nothing from pruned heads: only text is computed
+        mask = causal[text] & (key_kinds != VISION)[None, :]
+        out[gone[:, None], text[None, :]] = F.scaled_dot_product_attention(
+            q[None, gone][:, :, text], k_all[None, gone], v_all[None, gone], attn_mask=mask, scale=scale)[0]
+        visits += gone.numel() * int(mask.sum())
+    # The counter charges attention per head-average: scale the visits back to "all heads" units.
+    return out, visits // heads
+
+
 class Decoder:
     """Runs chunks through the language model. Holds no state of its own besides the router."""
 
@@ -117,8 +145,8 @@ class Decoder:
             decision = self.router.decide(index, x, chunk)
             if decision is None:
                 x = self._layer(index, layer, x, cos, sin, chunk, slice(None), None, cache, flops)
-            elif decision.window is not None:
-                x = self._layer(index, layer, x, cos, sin, chunk, slice(None), None, cache, flops, decision.window)
+            elif decision.window is not None or decision.pruned_heads is not None:
+                x = self._layer(index, layer, x, cos, sin, chunk, slice(None), None, cache, flops, decision)
             elif decision.splits_the_block:
                 x = self._split_layer(index, layer, x, cos, sin, chunk, decision, cache, flops)
             elif decision.keep_index.numel() == 0:  # nothing of this chunk runs here (e.g. vision-only chunk)
@@ -139,7 +167,7 @@ class Decoder:
         return out[0] if logits == "last" else out
 
     def _attention(self, index: int, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   chunk: Chunk, keep, cache: KVCache, flops: FlopCounter, window: int | None = None) -> torch.Tensor:
+                   chunk: Chunk, keep, cache: KVCache, flops: FlopCounter, decision=None) -> torch.Tensor:
         """x: (m, d) inputs of the tokens that attend -> their attention update (m, d); appends their K/V."""
         p = self.parts
         m = x.shape[0]
@@ -151,20 +179,23 @@ class Decoder:
         k = apply_rope(k, cos, sin)
         keys, values = cache.append(index, k, v, chunk.positions[keep], chunk.kinds[keep], chunk.frames[keep])
         length = keys.shape[1]
-        if window is None:
+        if decision is not None and decision.window is not None:
+            attn, visits = _neighbour_attend(q, keys, values, chunk, cache.positions(index), cache.kinds(index),
+                                             decision.window, self.scale)
+        elif decision is not None and decision.pruned_heads is not None:
+            attn, visits = _head_pruned_attend(q, keys, values, chunk, cache.kinds(index), decision.pruned_heads,
+                                               self.scale)
+        else:
             attn = _attend(q, keys, values, self.scale)  # (H, m, hd)
             visits = m * (length - m) + m * (m + 1) // 2
-        else:
-            attn, visits = _neighbour_attend(q, keys, values, chunk, cache.positions(index), cache.kinds(index),
-                                             window, self.scale)
         flops.add_attention(index, m, visits)
         return layer.o_proj(attn.transpose(0, 1).reshape(m, p.num_heads * p.head_dim))
 
     def _layer(self, index: int, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                chunk: Chunk, keep, weight: torch.Tensor | None, cache: KVCache, flops: FlopCounter,
-               window: int | None = None) -> torch.Tensor:
+               decision=None) -> torch.Tensor:
         """x: (m, d) hidden states of the tokens this layer processes -> their new hidden states."""
-        a = self._attention(index, layer, x, cos, sin, chunk, keep, cache, flops, window)
+        a = self._attention(index, layer, x, cos, sin, chunk, keep, cache, flops, decision)
         mid = x + a
         m_out = layer.mlp(layer.post_attention_norm(mid))
         flops.add_mlp(x.shape[0])

@@ -307,3 +307,67 @@ def test_neighbour_attention_shrinks_attention_and_streams(vlm):
     assert stats["flops"]["llm"] < stats["flops"]["llm_dense"]
     with pytest.raises(StreamVLMError, match="odd window"):
         vlm.with_routing("neighbor_attention:4")
+
+
+def test_head_pruned_attention_equals_masked_attention():
+    from streamvlm.decoder import _head_pruned_attend
+    from streamvlm.types import TEXT, Chunk
+
+    torch.manual_seed(1)
+    heads, kv, hd = 4, 2, 8
+    kinds = torch.tensor([TEXT] * 3 + [VISION] * 6 + [TEXT] * 2 + [VISION] * 4 + [TEXT] * 3, dtype=torch.uint8)
+    L, n = kinds.numel(), 9  # the chunk: 2 text, 4 vision, 3 text
+    q, keys, values = torch.randn(heads, n, hd), torch.randn(kv, L, hd), torch.randn(kv, L, hd)
+    chunk = Chunk(torch.zeros(n, 1), torch.arange(L - n, L), kinds[L - n:], torch.zeros(n, dtype=torch.int32),
+                  ((2, 6),))
+    pruned = torch.tensor([False, True, False, True])
+    out, _ = _head_pruned_attend(q, keys, values, chunk, kinds, pruned, hd ** -0.5)
+    causal = torch.ones(n, L, dtype=torch.bool).tril_(L - n)
+    full = torch.nn.functional.scaled_dot_product_attention(
+        q[None], keys.repeat_interleave(2, 0)[None], values.repeat_interleave(2, 0)[None], attn_mask=causal)[0]
+    text_only = causal & (kinds != VISION)[None]
+    no_vision = torch.nn.functional.scaled_dot_product_attention(
+        q[None], keys.repeat_interleave(2, 0)[None], values.repeat_interleave(2, 0)[None], attn_mask=text_only)[0]
+    is_text = chunk.kinds == TEXT
+    for h in range(heads):
+        if not pruned[h]:
+            assert torch.allclose(out[h], full[h], atol=1e-5)
+        else:
+            assert torch.allclose(out[h, is_text], no_vision[h, is_text], atol=1e-5)
+            assert torch.all(out[h, ~is_text] == 0)
+
+
+def test_head_calibration_writes_a_mask_that_loads_and_prunes(tmp_path, capsys, monkeypatch):
+    from streamvlm.cli import main
+    from streamvlm.tiny import TinySpec, write_tiny_checkpoint
+    from streamvlm.video.files import write_video
+
+    monkeypatch.setenv("STREAMVLM_CACHE", str(tmp_path / "cache"))
+    model = write_tiny_checkpoint(tmp_path / "m", TinySpec(num_layers=4, image_size=56, patch_size=7))
+    video = str(write_video(tmp_path / "v.mp4", random_frames(8, height=64, width=64), fps=8))
+    base = ["calibrate", "heads", "--model", str(model), "--videos", video, "--num-frames", "3",
+            "--max-new-tokens", "4", "--question", "What?", "--json"]
+    assert main(base + ["--tau", "0", "--out", str(tmp_path / "none")]) == 0
+    none = json.loads(capsys.readouterr().out)
+    assert none["samples"] == 1 and not any(map(any, none["pruned"]))  # every head looks at vision a bit
+    assert main(base + ["--tau", "1e9", "--out", str(tmp_path / "all")]) == 0
+    everything = json.loads(capsys.readouterr().out)
+    assert everything["pruned"] == [[False] * 4] * 2 + [[True] * 4] * 2  # the first two layers keep all heads
+    ratios = torch.tensor(everything["ratios"])
+    assert ratios.shape == (4, 4) and torch.all(ratios > 0)
+
+    dense = StreamVLM.from_pretrained(model)
+    frames = random_frames(3, height=64, width=64)
+    outs = {}
+    for name in ("none", "all"):
+        routed = StreamVLM.from_pretrained(model, routing=str(tmp_path / name))
+        session = routed.session()
+        session.append_frames(frames)
+        outs[name] = session.score("What?", [5, 6])
+        if name == "all":
+            assert routed.router.spec() == "head_prune(8/16 heads pruned)"
+    reference = dense.session()
+    reference.append_frames(frames)
+    ref = reference.score("What?", [5, 6])
+    assert torch.allclose(outs["none"], ref, atol=1e-5)  # no pruned head: dense
+    assert not torch.allclose(outs["all"], ref, atol=1e-3)
