@@ -55,6 +55,13 @@ class Router(nn.Module):
         """The --routing string this router answers to (for stats and output records)."""
         return type(self).__name__
 
+    def question_evictions(self, cache, question_embeds: torch.Tensor,
+                           question_positions: torch.Tensor) -> torch.Tensor | None:
+        """Called when a question is about to be fed, with its embeddings (m, d) and positions (m,): return
+        positions of cached vision entries to drop from every layer (question-aware KV selection), or None.
+        The session does the dropping; the router only reads the cache."""
+        return None
+
     def bind(self, parts) -> None:
         """Called once when a model takes the router, with its DecoderParts (for routers that rank tokens
         with the model's own attention weights). Most routers need nothing."""

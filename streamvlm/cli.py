@@ -31,8 +31,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--routing", default="dense", metavar="POLICY",
                    help="which vision tokens each layer processes: dense (default: all), mod:KEEP[:SCHEDULE[:N]] "
                         "(learned; SCHEDULE all|interleaved|deep|cosine), random:KEEP, uniform:KEEP, layer_drop:L, "
-                        "fastv[:K[:R]], pdrop[:KEEP], skip:MODE[:START[:END[:INTERVAL]]], neighbor_attention[:W], or a "
-                        "router folder")
+                        "fastv[:K[:R]], pdrop[:KEEP], skip:MODE[:START[:END[:INTERVAL]]], neighbor_attention[:W], "
+                        "cls_knee[:MIN[:QUESTION_KEEP]], or a router folder")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "answer (KL of the next-token distributions, top-1 agreement), all in one run.",
                        epilog="Policies: dense, mod:KEEP[:SCHEDULE[:N]], random:..., uniform:..., layer_drop:L, "
                               "fastv[:K[:R]], pdrop[:KEEP[:S1,S2,...]], skip:block|attn|mlp|parallel[:START[:END"
-                              "[:INTERVAL]]], neighbor_attention[:W[:START]], or a router folder.")
+                              "[:INTERVAL]]], neighbor_attention[:W[:START]], cls_knee[:MIN[:QUESTION_KEEP]], or a "
+                              "router folder (calibrate heads / vtw).")
     p.add_argument("--video", help="video file (default: the sample video)")
     p.add_argument("--question", default="What happens in the video?", help="the question to answer")
     p.add_argument("--policies", help="comma-separated --routing values (default: every policy at its default)")

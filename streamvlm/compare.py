@@ -16,7 +16,8 @@ import torch
 from streamvlm.errors import StreamVLMError
 
 DEFAULT_POLICIES = ("dense", "mod:0.2:interleaved", "random:0.2:interleaved", "uniform:0.2:interleaved",
-                    "layer_drop:HALF", "fastv:2:0.5", "pdrop:0.5", "skip:attn", "neighbor_attention:5")
+                    "layer_drop:HALF", "fastv:2:0.5", "pdrop:0.5", "skip:attn", "neighbor_attention:5",
+                    "cls_knee:0.05:0.5")
 
 
 def default_policies(num_layers: int) -> list[str]:

@@ -255,6 +255,7 @@ class Session:
         after `ask`."""
         answer_ids = [int(i) for i in answer_ids]
         turn = self._open_question(question, extra_tokens=len(answer_ids))
+        self._before_question(turn)
         logits = self._run(turn.prompt_pieces + [self._text_piece(answer_ids)], logits="all")
         self._close_turn(turn, answer_ids, None, "scored")
         return logits[-(len(answer_ids) + 1):]
@@ -281,6 +282,20 @@ class Session:
         self._check_room(prompt_len + len(closing_ids) + extra_tokens, f"the question ({len(prompt_ids)} tokens)")
         return _OpenTurn(question, with_video, pieces, closing_ids)
 
+    @torch.inference_mode()
+    def _before_question(self, turn: _OpenTurn) -> None:
+        """Let the router drop cached vision entries that matter little for this question."""
+        embeds = torch.cat([piece[0] for piece in turn.prompt_pieces])
+        positions = torch.arange(self._next_pos, self._next_pos + embeds.shape[0], device=embeds.device)
+        drop = self._vlm.router.question_evictions(self.cache, embeds, positions)
+        if drop is None or drop.numel() == 0:
+            return
+        for layer in range(self.cache.num_layers):
+            pos, kinds = self.cache.positions(layer), self.cache.kinds(layer)
+            gone = torch.isin(pos, drop) & (kinds == VISION)
+            self.cache.keep(layer, torch.nonzero(~gone).squeeze(1))
+            self._evicted += int(gone.sum())
+
     def _answer(self, turn: _OpenTurn, cfg: SamplingConfig) -> Iterator[str]:
         tokenizer = self._adapter.tokenizer
         stop_ids = set() if cfg.ignore_stop else set(self._adapter.stop_token_ids)
@@ -290,6 +305,7 @@ class Session:
         stop_reason = "max_new_tokens"
         emitted = ""
         try:
+            self._before_question(turn)
             with torch.inference_mode():
                 logits = self._run(turn.prompt_pieces, logits="last")
             # Room left for answer tokens, keeping the closing text inside the context.
@@ -348,7 +364,8 @@ class Session:
         frames: frames ingested. tokens: positions the cache spans (the length a dense cache has; under a
         memory budget, after renumbering). tokens_seen: tokens fed since the start.
         kv_bytes: exact bytes of cached keys and values. kv_bytes_dense: the same with routing off.
-        kv_bytes_peak: the largest kv_bytes so far. evicted_entries: entries dropped by the memory budget.
+        kv_bytes_peak: the largest kv_bytes so far. evicted_entries: entries dropped by the memory budget or
+        by a router's question-time selection.
         kv_bytes_reserved: bytes allocated (spare capacity and metadata included).
         kv_entries_per_layer, tokens_processed_per_layer: lists, one number per decoder layer.
         flops: {vision, llm, llm_dense}, analytic (see streamvlm.flops).

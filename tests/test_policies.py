@@ -142,12 +142,12 @@ def test_compare_table_for_all_policies(tiny_dir, tmp_path, capsys, monkeypatch)
     rows = json.loads(capsys.readouterr().out)
     assert [r["policy"] for r in rows] == ["dense", "mod:0.2:interleaved", "random:0.2:interleaved",
                                           "uniform:0.2:interleaved", "layer_drop:2", "fastv:2:0.5", "pdrop:0.5",
-                                          "skip:attn", "neighbor_attention:5"]
+                                          "skip:attn", "neighbor_attention:5", "cls_knee:0.05:0.5"]
     for r in rows:
         assert set(r) >= {"policy", "flops_fraction", "kv_fraction", "time_ratio", "kl", "top1_agreement"}
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-9) and rows[0]["top1_agreement"] == 1.0
     assert all(r["flops_fraction"] < 1.0 and r["kl"] > 0 for r in rows[1:])
-    assert all(r["kv_fraction"] < 1.0 for r in rows[1:-1])  # neighbour attention keeps every K/V entry
+    assert all(r["kv_fraction"] < 1.0 for r in rows[1:] if not r["policy"].startswith("neighbor"))
     assert main(["compare", "--model", str(model), "--video", str(video), "--policies", "dense,fastv:1:0.5",
                  "--num-frames", "2", "--repeats", "1"]) == 0
     assert "fastv:1:0.5" in capsys.readouterr().out
@@ -371,3 +371,43 @@ def test_head_calibration_writes_a_mask_that_loads_and_prunes(tmp_path, capsys, 
     ref = reference.score("What?", [5, 6])
     assert torch.allclose(outs["none"], ref, atol=1e-5)  # no pruned head: dense
     assert not torch.allclose(outs["all"], ref, atol=1e-3)
+
+
+def test_knee_of_a_long_tailed_curve():
+    from streamvlm.routers.pruning import knee_index
+
+    assert knee_index(torch.tensor([1.0, 0.95, 0.3, 0.1, 0.05, 0.0])) == 2
+    assert knee_index(torch.tensor([1.0, 0.2, 0.1, 0.05, 0.0])) == 1
+    assert knee_index(torch.tensor([1.0, 0.5])) == 2  # too short to have a knee: keep everything
+
+
+def test_cls_knee_keeps_tokens_before_each_frames_knee(vlm):
+    model = vlm.with_routing("cls_knee:0.1")
+    frames = random_frames(3, seed=10)
+    frames[1, :, : frames.shape[2] // 2] = 0  # a frame with structure next to noisy ones
+    session = model.session()
+    session.append_frames(frames)
+    expected = [k.numel() for k in model.router.keep_per_frame(vlm.encode(frames).float())]
+    for layer in range(4):
+        assert _vision_per_frame(session, layer, 3) == expected  # the same tokens at every layer
+    assert all(1 <= e < 9 for e in expected)  # adaptive and really pruning
+    full = vlm.with_routing("cls_knee:1.0")
+    outs = []
+    for m in (vlm, full):
+        s = m.session()
+        s.append_frames(frames)
+        outs.append(s.score(QUESTION, [3, 4]))
+    assert torch.equal(outs[0], outs[1])  # keeping every token is the dense model
+
+
+def test_cls_knee_second_stage_drops_cached_vision_at_question_time(vlm):
+    model = vlm.with_routing("cls_knee:1.0:0.5")  # stage 1 keeps all; stage 2 keeps half at the question
+    session = model.session()
+    session.append_frames(random_frames(4, seed=11))
+    before = _vision_per_frame(session, 0, 4)
+    assert before == [9] * 4
+    session.ask(QUESTION, max_new_tokens=3, ignore_stop=True)
+    after = [sum(_vision_per_frame(session, layer, 4)) for layer in range(4)]
+    assert after == [18] * 4 and session.stats()["evicted_entries"] == 4 * 18
+    session.ask("And then?", max_new_tokens=3, ignore_stop=True)  # later questions still work
+    assert session.stats()["turns"] == 2
