@@ -8,6 +8,8 @@ fastv (FastV): at layer K, rank each frame's vision tokens by the attention they
 pdrop (PyramidDrop): at each stage layer (default L/4, L/2, 3L/4), rank the tokens still kept by the
     attention they receive at that layer and keep a fraction of them, down the pyramid.
 neighbor_attention (YOPO): vision tokens attend to earlier text and a w x w window of their own frame.
+schedule (G-Search / P-Sigmoid): a per-layer keep ratio, non-increasing with depth, nested and ranked by
+    attention received; the schedule comes from `streamvlm calibrate schedule`.
 skip (Skipping Computations in Multimodal LLMs): on layers start, start+interval, ... < end, vision tokens
     skip the whole block, only attention (no K/V there), only the MLP, or run attention and MLP in parallel
     on the same normed input (x + SA(LN x) + FFN(LN x)).
@@ -153,7 +155,30 @@ class PDropConfig:
         return f"pdrop:{self.keep:g}{stages}"
 
 
-class PDropRouter(_BoundRouter):
+class _NestedRankRouter(_BoundRouter):
+    """Keeps a shrinking, nested set of each frame's tokens: where `_target` asks for fewer, the tokens still
+    kept are ranked by the attention they receive at that layer (from the frame's last token) and the top
+    ones stay. The first layer with a target starts routing; later layers reuse the set."""
+
+    def _target(self, layer: int, current: int, tokens: int) -> int | None:
+        raise NotImplementedError
+
+    def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
+        if chunk.num_frames == 0:
+            return None
+        vision = chunk.vision_index
+        if layer == 0:
+            self._kept = torch.arange(vision.shape[1], device=vision.device).expand(vision.shape[0], -1)
+        k = self._target(layer, self._kept.shape[1], vision.shape[1])
+        if k is not None and k < self._kept.shape[1]:
+            ranking = self._ranking(layer, hidden, chunk).gather(1, self._kept)  # among those still kept
+            self._kept = self._kept.gather(1, select_per_frame(ranking, k))
+        if self._kept.shape[1] == vision.shape[1]:
+            return None
+        return decision_from_kept(chunk, vision.gather(1, self._kept).flatten(), None)
+
+
+class PDropRouter(_NestedRankRouter):
     def __init__(self, config: PDropConfig, num_layers: int):
         super().__init__()
         stages = config.stages or tuple(num_layers * i // 4 for i in (1, 2, 3))
@@ -161,24 +186,48 @@ class PDropRouter(_BoundRouter):
             raise StreamVLMError(f"pdrop stages must be increasing layers in (0, {num_layers}), got {list(stages)}")
         self.config = config
         self.stages = stages
-        self._kept: torch.Tensor | None = None  # (F, k) positions within each frame still kept
 
     def spec(self) -> str:
         return self.config.spec()
 
-    def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
-        if chunk.num_frames == 0 or self.config.keep == 1.0:
-            return None
-        vision = chunk.vision_index
-        if layer == 0:
-            self._kept = torch.arange(vision.shape[1], device=vision.device).expand(vision.shape[0], -1)
-        if layer in self.stages:
-            ranking = self._ranking(layer, hidden, chunk).gather(1, self._kept)  # among those still kept
-            k = tokens_kept(self.config.keep, self._kept.shape[1])
-            self._kept = self._kept.gather(1, select_per_frame(ranking, k))
-        if layer < self.stages[0]:
-            return None
-        return decision_from_kept(chunk, vision.gather(1, self._kept).flatten(), None)
+    def _target(self, layer: int, current: int, tokens: int) -> int | None:
+        return tokens_kept(self.config.keep, current) if layer in self.stages else None
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    keep: tuple[float, ...]
+    """Keep ratio of each frame's tokens at every layer, non-increasing with depth (G-Search's
+    observation: rankings agree across layers, so keep rates can only fall)."""
+    policy: str = field(default="schedule", init=False)
+
+    def __post_init__(self):
+        keep = tuple(float(r) for r in self.keep)
+        object.__setattr__(self, "keep", keep)
+        if not keep or any(not 0.0 < r <= 1.0 for r in keep):
+            raise StreamVLMError(f"schedule keep ratios must be in (0, 1], got {list(keep)}")
+        if any(b > a + 1e-12 for a, b in zip(keep, keep[1:])):
+            raise StreamVLMError(f"schedule keep ratios must not increase with depth, got {list(keep)}")
+
+    def spec(self) -> str:
+        return "schedule:" + ",".join(f"{r:.4g}" for r in self.keep)
+
+
+class ScheduleRouter(_NestedRankRouter):
+    """A per-layer keep schedule (from G-Search or P-Sigmoid): at layer l keep ceil(r_l * T) of each frame,
+    a subset of what layer l-1 kept, ranked by attention received."""
+
+    def __init__(self, config: ScheduleConfig, num_layers: int):
+        super().__init__()
+        if len(config.keep) != num_layers:
+            raise StreamVLMError(f"the schedule lists {len(config.keep)} layers but the model has {num_layers}")
+        self.config = config
+
+    def spec(self) -> str:
+        return self.config.spec()
+
+    def _target(self, layer: int, current: int, tokens: int) -> int | None:
+        return min(current, tokens_kept(self.config.keep[layer], tokens))
 
 
 @dataclass(frozen=True)
@@ -422,6 +471,10 @@ def parse_pruning(spec: str):
                 raise StreamVLMError(f"routing {spec!r}: expected neighbor_attention[:W[:START_LAYER]]")
             return NeighborConfig(window=int(parts[1]) if len(parts) > 1 else 5,
                                   start_layer=int(parts[2]) if len(parts) > 2 else 0)
+        if parts[0] == "schedule":
+            if len(parts) != 2:
+                raise StreamVLMError(f"routing {spec!r}: expected schedule:R0,R1,... (one ratio per layer)")
+            return ScheduleConfig(keep=tuple(float(r) for r in parts[1].split(",")))
         if parts[0] == "cls_knee":
             if len(parts) > 3:
                 raise StreamVLMError(f"routing {spec!r}: expected cls_knee[:MIN_KEEP[:QUESTION_KEEP]]")
@@ -440,9 +493,11 @@ def parse_pruning(spec: str):
     raise StreamVLMError(f"unknown pruning policy {parts[0]!r}")
 
 
-PRUNING_POLICIES = ("layer_drop", "fastv", "pdrop", "skip", "neighbor_attention", "head_prune", "cls_knee")
+PRUNING_POLICIES = ("layer_drop", "fastv", "pdrop", "skip", "neighbor_attention", "head_prune", "cls_knee",
+                    "schedule")
 PRUNING_CONFIGS = {"layer_drop": LayerDropConfig, "fastv": FastVConfig, "pdrop": PDropConfig, "skip": SkipConfig,
-                   "neighbor_attention": NeighborConfig, "head_prune": HeadPruneConfig, "cls_knee": ClsKneeConfig}
+                   "neighbor_attention": NeighborConfig, "head_prune": HeadPruneConfig, "cls_knee": ClsKneeConfig,
+                   "schedule": ScheduleConfig}
 
 
 def build_pruning(config, num_layers: int) -> Router:
@@ -458,4 +513,6 @@ def build_pruning(config, num_layers: int) -> Router:
         return HeadPruneRouter(config, num_layers)
     if isinstance(config, ClsKneeConfig):
         return ClsKneeRouter(config, num_layers)
+    if isinstance(config, ScheduleConfig):
+        return ScheduleRouter(config, num_layers)
     return PDropRouter(config, num_layers)

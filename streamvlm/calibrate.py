@@ -1,6 +1,7 @@
 """Calibration: choosing a policy's setting from measurements on a few clips.
 
 `heads`: YOPO's inactive-head mask (see `calibrate_heads`).
+`schedule`: a per-layer keep schedule by G-Search (greedy) or P-Sigmoid (Bayesian optimisation).
 
 `vtw`: VTW's choice of the layer from which vision tokens are withdrawn: the first layer L at which
 dropping vision tokens from L on keeps the answer distribution within a KL threshold of dense, averaged over
@@ -117,4 +118,91 @@ def save_heads(vlm, result: dict, out_dir: str | Path) -> Path:
 
     parts = vlm.adapter.decoder
     router = vlm.with_routing(HeadPruneConfig(pruned=result["pruned"])).router
+    return save_router(router, out_dir, parts.num_layers, parts.hidden_size)
+
+
+GRID = (1.0, 0.75, 0.5, 0.375, 0.25, 0.1875, 0.125, 0.0625)
+"""Keep ratios G-Search tries at each layer."""
+
+
+def _mean_kl_and_flops(vlm, clips: list, questions: list[str], policies: list[str], max_new_tokens: int):
+    """Per policy: (mean KL to dense, mean LLM FLOPs fraction) over every clip and question."""
+    kl = [0.0] * len(policies)
+    flops = [0.0] * len(policies)
+    count = 0
+    for frames in clips:
+        for question in questions:
+            for i, row in enumerate(compare(vlm, frames, question, policies, max_new_tokens, repeats=1)):
+                kl[i] += row["kl"]
+                flops[i] += row["flops_fraction"]
+            count += 1
+    return [k / count for k in kl], [f / count for f in flops]
+
+
+def _schedule_spec(keep) -> str:
+    return "schedule:" + ",".join(f"{r:.4g}" for r in keep)
+
+
+def search_greedy(vlm, clips: list, questions: list[str], tolerance: float, max_new_tokens: int = 16,
+                  grid: tuple[float, ...] = GRID) -> dict:
+    """G-Search: from shallow to deep, the smallest keep ratio at each layer (no larger than the layer
+    before's, the later layers following it) whose schedule keeps the mean KL to dense within tolerance."""
+    layers = vlm.adapter.decoder.num_layers
+    keep = [1.0] * layers
+    for layer in range(layers):
+        candidates = [r for r in grid if r <= keep[layer - 1 if layer else 0]]
+        trials = [keep[:layer] + [r] * (layers - layer) for r in candidates]
+        kls, _ = _mean_kl_and_flops(vlm, clips, questions, [_schedule_spec(t) for t in trials], max_new_tokens)
+        passing = [r for r, k in zip(candidates, kls) if k <= tolerance]
+        keep[layer] = min(passing) if passing else candidates[0]
+        keep[layer + 1:] = [keep[layer]] * (layers - layer - 1)
+    kl, flops = _mean_kl_and_flops(vlm, clips, questions, [_schedule_spec(keep)], max_new_tokens)
+    return {"method": "greedy", "keep": keep, "kl": kl[0], "flops_fraction": flops[0], "tolerance": tolerance}
+
+
+def sigmoid_schedule(layers: int, steepness: float, midpoint: float, floor: float) -> list[float]:
+    """P-Sigmoid: r(l) = floor + (1 - floor) / (1 + exp(steepness * (l - midpoint))), non-increasing."""
+    import math
+
+    return [floor + (1 - floor) / (1 + math.exp(min(60.0, steepness * (layer - midpoint))))
+            for layer in range(layers)]
+
+
+def search_sigmoid(vlm, clips: list, questions: list[str], flops_budget: float, trials: int = 20,
+                   max_new_tokens: int = 16, seed: int = 0) -> dict:
+    """P-Sigmoid with Bayesian optimisation (optuna's TPE): the sigmoid schedule with the lowest mean KL
+    to dense among those whose LLM FLOPs stay within `flops_budget` of dense."""
+    try:
+        import optuna
+    except ImportError:
+        raise StreamVLMError("the sigmoid search needs optuna: pip install 'streamvlm[calibrate]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    layers = vlm.adapter.decoder.num_layers
+    results: dict[int, tuple[float, float, list[float]]] = {}
+
+    def objective(trial) -> float:
+        keep = sigmoid_schedule(layers, trial.suggest_float("steepness", 0.1, 5.0, log=True),
+                                trial.suggest_float("midpoint", 0.0, layers - 1.0),
+                                trial.suggest_float("floor", 0.05, 0.9))
+        kl, flops = _mean_kl_and_flops(vlm, clips, questions, [_schedule_spec(keep)], max_new_tokens)
+        results[trial.number] = (kl[0], flops[0], keep)
+        return kl[0] if flops[0] <= flops_budget else kl[0] + 10.0 + (flops[0] - flops_budget)  # over budget
+
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study.optimize(objective, n_trials=trials)
+    within = {n: r for n, r in results.items() if r[1] <= flops_budget}
+    if not within:
+        raise StreamVLMError(f"no sigmoid schedule in {trials} trials stayed within {flops_budget:.0%} of dense "
+                             "FLOPs; raise --flops-budget or --trials")
+    best = min(within, key=lambda n: within[n][0])
+    kl, flops, keep = within[best]
+    return {"method": "sigmoid", "keep": keep, "kl": kl, "flops_fraction": flops, "flops_budget": flops_budget,
+            "params": study.trials[best].params, "trials": trials}
+
+
+def save_schedule(vlm, result: dict, out_dir: str | Path) -> Path:
+    from streamvlm.routers import save_router
+
+    parts = vlm.adapter.decoder
+    router = vlm.with_routing(_schedule_spec(result["keep"])).router
     return save_router(router, out_dir, parts.num_layers, parts.hidden_size)

@@ -126,14 +126,15 @@ def cmd_compare(args) -> int:
     clip = read_video(video, num_frames=args.num_frames)
     vlm, _ = _load(args)
     policies = ([p.strip() for p in args.policies.split(",") if p.strip()] if args.policies
-                else default_policies(vlm.adapter.decoder.num_layers))
+                else default_policies(vlm, clip.frames, args.question))
     rows = compare(vlm, clip.frames, args.question, policies, args.max_new_tokens, args.repeats)
     print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
     return 0
 
 
 def cmd_calibrate(args) -> int:
-    from streamvlm.calibrate import DEFAULT_QUESTIONS, calibrate_heads, calibrate_vtw, save_heads, save_vtw
+    from streamvlm.calibrate import (DEFAULT_QUESTIONS, calibrate_heads, calibrate_vtw, save_heads, save_schedule,
+                                     save_vtw, search_greedy, search_sigmoid)
     from streamvlm.video.files import read_video
     from streamvlm.video.sample import sample_video
 
@@ -141,6 +142,16 @@ def cmd_calibrate(args) -> int:
     clips = [read_video(v, num_frames=args.num_frames).frames for v in videos]
     vlm, _ = _load(args)
     questions = args.question or list(DEFAULT_QUESTIONS)
+    if args.method == "schedule":
+        if args.search == "greedy":
+            result = search_greedy(vlm, clips, questions, args.threshold, args.max_new_tokens)
+        else:
+            result = search_sigmoid(vlm, clips, questions, args.flops_budget, args.trials, args.max_new_tokens)
+        out = save_schedule(vlm, result, args.out)
+        print(json.dumps({**result, "out": str(out)}, indent=2) if args.json else
+              f"{result['method']} schedule {[round(r, 3) for r in result['keep']]}: KL {result['kl']:.5f}, "
+              f"LLM FLOPs {result['flops_fraction']:.2f} of dense; wrote {out} (--routing {out})")
+        return 0
     if args.method == "heads":
         result = calibrate_heads(vlm, clips, questions, args.tau, args.min_fraction,
                                  max_new_tokens=args.max_new_tokens)
@@ -272,12 +283,22 @@ def build_parser() -> argparse.ArgumentParser:
                        description="vtw: the first layer from which vision tokens can be dropped with the answer "
                                    "distribution within --threshold KL of dense (VTW), averaged over the clips "
                                    "and questions. heads: YOPO's head scores (attention on vision / on text) and "
-                                   "the mask of inactive heads. Both write a router folder for --routing.")
-    p.add_argument("method", choices=["vtw", "heads"],
-                   help="vtw: VTW's layer for layer_drop; heads: YOPO's inactive-head mask for head_prune")
+                                   "the mask of inactive heads. schedule: per-layer keep ratios, greedy from "
+                                   "shallow to deep (G-Search) or a sigmoid tuned by Bayesian optimisation "
+                                   "(P-Sigmoid). Each writes a router folder for --routing.")
+    p.add_argument("method", choices=["vtw", "heads", "schedule"],
+                   help="vtw: VTW's layer for layer_drop; heads: YOPO's inactive-head mask for head_prune; "
+                        "schedule: a per-layer keep schedule (G-Search or P-Sigmoid)")
+    p.add_argument("--search", choices=["greedy", "sigmoid"], default="greedy",
+                   help="schedule: greedy (G-Search, holds --threshold KL) or sigmoid (P-Sigmoid, Bayesian "
+                        "optimisation under --flops-budget)")
+    p.add_argument("--flops-budget", type=float, default=0.5,
+                   help="schedule, sigmoid: the most LLM FLOPs, as a fraction of dense (default 0.5)")
+    p.add_argument("--trials", type=int, default=20, help="schedule, sigmoid: optimisation trials (default 20)")
     p.add_argument("--videos", nargs="+", help="calibration videos (default: the sample video)")
     p.add_argument("--question", action="append", help="calibration question (repeat; default: three generic ones)")
-    p.add_argument("--threshold", type=float, default=0.003, help="vtw: KL threshold (VTW: 0.003 for 7B models)")
+    p.add_argument("--threshold", type=float, default=0.003,
+                   help="vtw and greedy schedule: KL threshold (VTW: 0.003 for 7B models)")
     p.add_argument("--tau", type=float, default=0.07, help="heads: vision/text attention ratio a head must pass "
                    "(YOPO: ~0.07 for Qwen2-VL)")
     p.add_argument("--min-fraction", type=float, default=0.4,

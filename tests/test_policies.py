@@ -22,7 +22,8 @@ def vlm(checkpoints):
     return StreamVLM.from_pretrained(checkpoints["mqa_deep"])  # 4 layers, 9 tokens per frame
 
 
-@pytest.mark.parametrize("spec", ["layer_drop:4", "fastv:2:0", "pdrop:1.0"])
+@pytest.mark.parametrize("spec", ["layer_drop:4", "fastv:2:0", "pdrop:1.0", "skip:block:4:4", "schedule:1,1,1,1",
+                                  "cls_knee:1.0", "random:1.0", "uniform:1.0", "mod:1.0"])
 def test_no_op_settings_equal_dense(vlm, spec):
     frames = random_frames(3, seed=1)
     routed = vlm.with_routing(spec)
@@ -140,14 +141,16 @@ def test_compare_table_for_all_policies(tiny_dir, tmp_path, capsys, monkeypatch)
     assert main(["compare", "--model", str(model), "--video", str(video), "--num-frames", "4",
                  "--max-new-tokens", "6", "--repeats", "1", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["policy"] for r in rows] == ["dense", "mod:0.2:interleaved", "random:0.2:interleaved",
-                                          "uniform:0.2:interleaved", "layer_drop:2", "fastv:2:0.5", "pdrop:0.5",
-                                          "skip:attn", "neighbor_attention:5", "cls_knee:0.05:0.5"]
+    assert [r["policy"].split(":")[0].split("(")[0] for r in rows] == [
+        "dense", "mod", "random", "uniform", "layer_drop", "fastv", "pdrop", "skip", "neighbor_attention", "cls_knee",
+        "schedule", "head_prune"]
+    assert rows[4]["policy"] == "layer_drop:2" and rows[5]["policy"] == "fastv:2:0.5"
     for r in rows:
         assert set(r) >= {"policy", "flops_fraction", "kv_fraction", "time_ratio", "kl", "top1_agreement"}
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-9) and rows[0]["top1_agreement"] == 1.0
-    assert all(r["flops_fraction"] < 1.0 and r["kl"] > 0 for r in rows[1:])
-    assert all(r["kv_fraction"] < 1.0 for r in rows[1:] if not r["policy"].startswith("neighbor"))
+    reducing = [r for r in rows[1:] if not r["policy"].startswith("head_prune")]  # heads cut reads, not FLOPs much
+    assert all(r["flops_fraction"] < 1.0 and r["kl"] > 0 for r in reducing)
+    assert all(r["kv_fraction"] < 1.0 for r in reducing if not r["policy"].startswith("neighbor"))
     assert main(["compare", "--model", str(model), "--video", str(video), "--policies", "dense,fastv:1:0.5",
                  "--num-frames", "2", "--repeats", "1"]) == 0
     assert "fastv:1:0.5" in capsys.readouterr().out
@@ -411,3 +414,83 @@ def test_cls_knee_second_stage_drops_cached_vision_at_question_time(vlm):
     assert after == [18] * 4 and session.stats()["evicted_entries"] == 4 * 18
     session.ask("And then?", max_new_tokens=3, ignore_stop=True)  # later questions still work
     assert session.stats()["turns"] == 2
+
+
+def test_schedule_router_keeps_nested_shrinking_sets(vlm):
+    model = vlm.with_routing("schedule:1,0.7,0.5,0.2")  # 9 tokens: 9, 7, 5, 2
+    session = model.session()
+    session.append_frames(random_frames(2, seed=12))
+    counts = [_vision_per_frame(session, layer, 2) for layer in range(4)]
+    assert counts == [[9, 9], [7, 7], [5, 5], [2, 2]]
+    kept = [set(session.cache.positions(l)[session.cache.kinds(l) == VISION].tolist()) for l in range(4)]
+    assert kept[3] <= kept[2] <= kept[1] <= kept[0]  # nested
+    with pytest.raises(StreamVLMError, match="must not increase"):
+        vlm.with_routing("schedule:1,0.5,0.7,0.2")
+
+
+def _calibration_args(tmp_path, monkeypatch):
+    from streamvlm.tiny import TinySpec, write_tiny_checkpoint
+    from streamvlm.video.files import write_video
+
+    monkeypatch.setenv("STREAMVLM_CACHE", str(tmp_path / "cache"))
+    model = write_tiny_checkpoint(tmp_path / "m", TinySpec(num_layers=4, image_size=56, patch_size=7))
+    video = str(write_video(tmp_path / "v.mp4", random_frames(8, height=64, width=64), fps=8))
+    return model, ["--model", str(model), "--videos", video, "--num-frames", "2", "--max-new-tokens", "4",
+                   "--question", "What?", "--json"]
+
+
+def test_greedy_schedule_search(tmp_path, capsys, monkeypatch):
+    from streamvlm.cli import main
+
+    model, common = _calibration_args(tmp_path, monkeypatch)
+    assert main(["calibrate", "schedule", "--search", "greedy", "--threshold", "1e9",
+                 "--out", str(tmp_path / "loose"), *common]) == 0
+    loose = json.loads(capsys.readouterr().out)
+    assert loose["keep"] == [0.0625] * 4  # anything passes: the smallest ratio everywhere
+    assert main(["calibrate", "schedule", "--search", "greedy", "--threshold", "-1",
+                 "--out", str(tmp_path / "strict"), *common]) == 0
+    strict = json.loads(capsys.readouterr().out)
+    assert strict["keep"] == [1.0] * 4 and strict["flops_fraction"] == pytest.approx(1.0)
+    tol = loose["kl"] / 2
+    assert main(["calibrate", "schedule", "--search", "greedy", "--threshold", str(tol),
+                 "--out", str(tmp_path / "mid"), *common]) == 0
+    mid = json.loads(capsys.readouterr().out)
+    assert all(a >= b for a, b in zip(mid["keep"], mid["keep"][1:]))
+    assert mid["kl"] <= tol or mid["keep"][0] == 1.0
+    loaded = StreamVLM.from_pretrained(model, routing=str(tmp_path / "mid"))
+    assert loaded.router.spec().startswith("schedule:")
+
+
+def test_sigmoid_schedule_search_respects_the_flops_budget(tmp_path, capsys, monkeypatch):
+    from streamvlm.cli import main
+
+    model, common = _calibration_args(tmp_path, monkeypatch)
+    assert main(["calibrate", "schedule", "--search", "sigmoid", "--flops-budget", "0.9", "--trials", "8",
+                 "--out", str(tmp_path / "sig"), *common]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["flops_fraction"] <= 0.9 and len(result["keep"]) == 4
+    assert all(a >= b for a, b in zip(result["keep"], result["keep"][1:]))
+    assert set(result["params"]) == {"steepness", "midpoint", "floor"}
+    StreamVLM.from_pretrained(model, routing=str(tmp_path / "sig")).generate(random_frames(2), "What?",
+                                                                             max_new_tokens=2)
+    assert main(["calibrate", "schedule", "--search", "sigmoid", "--flops-budget", "0.01", "--trials", "3",
+                 "--out", str(tmp_path / "none"), *common]) == 2  # no schedule that cheap: a clear error
+    assert "flops-budget" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", ["mod:0.3", "random:0.3", "uniform:0.3", "layer_drop:2", "fastv:2:0.5", "pdrop:0.5",
+                                  "skip:parallel:2", "neighbor_attention:3", "cls_knee:0.1:0.5", "schedule:1,0.6,0.4,0.2"])
+def test_every_policy_streams_frame_by_frame_with_questions_in_between(vlm, spec):
+    model = vlm.with_routing(spec)
+    session = model.session()
+    frames = random_frames(4, seed=13)
+    for i in range(4):
+        session.append_frames(frames[i:i + 1], [float(i)])
+        if i % 2:
+            session.ask(QUESTION, max_new_tokens=3, ignore_stop=True)
+    stats = session.stats()
+    assert stats["turns"] == 2 and stats["frames"] == 4 and session.turns[-1].stream_time == 3.0
+    if spec.startswith("skip:parallel"):  # parallel attention + MLP changes the math, not the FLOPs
+        assert stats["flops"]["llm"] == stats["flops"]["llm_dense"]
+    else:
+        assert stats["flops"]["llm"] < stats["flops"]["llm_dense"]
