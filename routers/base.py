@@ -52,8 +52,9 @@ class Router(nn.Module):
         raise NotImplementedError
 
     def spec(self) -> str:
-        """The --routing string this router answers to (for stats and output records)."""
-        return type(self).__name__
+        """The --routing string this router answers to (for stats and output records): its config's."""
+        config = getattr(self, "config", None)
+        return config.spec() if config is not None else type(self).__name__
 
     def question_evictions(self, cache, question_embeds: torch.Tensor,
                            question_positions: torch.Tensor) -> torch.Tensor | None:

@@ -25,9 +25,6 @@ class BaselineRouter(Router):
         self.seed = seed
         self.layer_keep = config.layer_keep_ratios(num_layers)
 
-    def spec(self) -> str:
-        return self.config.spec()
-
     def _order(self, layer: int, chunk: Chunk, k: int) -> torch.Tensor:
         """(F, k) ascending positions within each frame to keep."""
         frames, tokens = chunk.vision_index.shape

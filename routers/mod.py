@@ -57,9 +57,6 @@ class MoDRouter(Router):
         """In training mode, each routed layer's (num_frames, tokens_per_frame) scores of the last chunk,
         for auxiliary losses on the router's ranking."""
 
-    def spec(self) -> str:
-        return self.config.spec()
-
     def scores(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> torch.Tensor:
         """(num_frames, tokens_per_frame) router logits of the chunk's vision tokens at `layer`."""
         scorer = self.scorers[str(layer)]

@@ -86,9 +86,6 @@ class LayerDropRouter(Router):
         self.config = config
         self.num_layers = num_layers
 
-    def spec(self) -> str:
-        return self.config.spec()
-
     def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
         if layer < self.config.start_layer or chunk.num_frames == 0:
             return None
@@ -120,9 +117,6 @@ class FastVRouter(_BoundRouter):
             raise StreamVLMError(f"fastv layer {config.layer} is past the model's {num_layers} layers")
         self.config = config
         self._kept: torch.Tensor | None = None  # (F * k,) chunk indices chosen at layer K, for this chunk
-
-    def spec(self) -> str:
-        return self.config.spec()
 
     def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
         if chunk.num_frames == 0 or self.config.drop_ratio == 0.0:
@@ -187,9 +181,6 @@ class PDropRouter(_NestedRankRouter):
         self.config = config
         self.stages = stages
 
-    def spec(self) -> str:
-        return self.config.spec()
-
     def _target(self, layer: int, current: int, tokens: int) -> int | None:
         return tokens_kept(self.config.keep, current) if layer in self.stages else None
 
@@ -223,9 +214,6 @@ class ScheduleRouter(_NestedRankRouter):
             raise StreamVLMError(f"the schedule lists {len(config.keep)} layers but the model has {num_layers}")
         self.config = config
 
-    def spec(self) -> str:
-        return self.config.spec()
-
     def _target(self, layer: int, current: int, tokens: int) -> int | None:
         return min(current, tokens_kept(self.config.keep[layer], tokens))
 
@@ -258,9 +246,6 @@ class NeighborRouter(Router):
             raise StreamVLMError(f"neighbor_attention start layer {config.start_layer} is past the model's layers")
         self.config = config
 
-    def spec(self) -> str:
-        return self.config.spec()
-
     def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
         if layer < self.config.start_layer or chunk.num_frames == 0:
             return None
@@ -290,9 +275,6 @@ class HeadPruneRouter(Router):
             raise StreamVLMError(f"the head mask has {len(config.pruned)} layers but the model has {num_layers}")
         self.config = config
         self.masks = [torch.tensor(layer) if any(layer) else None for layer in config.pruned]
-
-    def spec(self) -> str:
-        return self.config.spec()
 
     def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
         mask = self.masks[layer]
@@ -347,9 +329,6 @@ class ClsKneeRouter(_BoundRouter):
         super().__init__()
         self.config = config
         self._kept: torch.Tensor | None = None
-
-    def spec(self) -> str:
-        return self.config.spec()
 
     def keep_per_frame(self, features: torch.Tensor) -> list[torch.Tensor]:
         """features (F, T, d) -> per frame, the ascending within-frame indices kept."""
@@ -427,9 +406,6 @@ class SkipRouter(Router):
             raise StreamVLMError(f"skip layers [{start}, {end}) do not fit a {num_layers}-layer model")
         self.config = config
         self.layers = set(range(start, end, config.interval))
-
-    def spec(self) -> str:
-        return self.config.spec()
 
     def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
         if layer not in self.layers or chunk.num_frames == 0:
