@@ -43,29 +43,33 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: fl
     return out[0]
 
 
-def _window_table(grid: tuple[int, int], window: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, w*w) row-major neighbour indices within a frame and a (T, w*w) mask of the valid ones (inside
-    the grid and not after the query: attention stays causal)."""
+def _band_mask(grid: tuple[int, int], window: int, device) -> torch.Tensor:
+    """(R, C, w*C) bool: for the query at grid cell (r, c), which keys of the w-row band around its row
+    (rows r - w//2 .. r + w//2, every column) lie in its w x w window, inside the grid, and not after it."""
     rows, cols = grid
     half = window // 2
-    token = torch.arange(rows * cols, device=device)
-    r, c = token // cols, token % cols
-    dr, dc = torch.meshgrid(torch.arange(-half, half + 1, device=device), torch.arange(-half, half + 1, device=device),
-                            indexing="ij")
-    nr, nc = r[:, None] + dr.flatten()[None], c[:, None] + dc.flatten()[None]
-    index = nr * cols + nc
-    valid = (nr >= 0) & (nr < rows) & (nc >= 0) & (nc < cols) & (index <= token[:, None])
-    return index.clamp(0, rows * cols - 1), valid
+    r = torch.arange(rows, device=device)[:, None, None, None]
+    c = torch.arange(cols, device=device)[None, :, None, None]
+    dr = torch.arange(-half, half + 1, device=device)[None, None, :, None]
+    kc = torch.arange(cols, device=device)[None, None, None, :]
+    kr = r + dr
+    valid = (kr >= 0) & (kr < rows) & ((kc - c).abs() <= half) & (kr * cols + kc <= r * cols + c)
+    return valid.reshape(rows, cols, window * cols)
 
 
 def _neighbour_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: Chunk,
                       key_pos: torch.Tensor, key_kinds: torch.Tensor, window: int, scale: float) -> tuple[torch.Tensor, int]:
     """Attention for a chunk whose every token was just appended (the last n cache entries), with vision
     queries restricted to earlier text plus a w x w causal window of their frame. q: (H, n, hd); keys,
-    values: (KV, L, hd). Returns (H, n, hd) and the number of query-key pairs scored."""
-    heads, n, _ = q.shape
-    group = heads // keys.shape[0]
-    length = keys.shape[1]
+    values: (KV, L, hd). Returns (H, n, hd) and the number of query-key pairs scored.
+
+    Vision queries are computed in row bands: the queries of one grid row score the keys of the w rows
+    around it (w x cols keys, a batched matmul over every row and frame), masked to the window. That scores
+    cols / w times more pairs than the window holds, still far fewer than dense attention.
+    """
+    heads, n, hd = q.shape
+    kv_heads, length = keys.shape[0], keys.shape[1]
+    group = heads // kv_heads
     out = torch.empty_like(q)
     positions = chunk.positions
     text_rows = torch.nonzero(chunk.text_mask).squeeze(1)
@@ -76,23 +80,35 @@ def _neighbour_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                                                            attn_mask=mask, scale=scale, enable_gqa=group > 1)[0]
         visits += int(mask.sum())
     if chunk.num_frames:
-        index, valid = _window_table(chunk.frame_grid, window, q.device)  # (T, w*w)
-        k_all = keys.repeat_interleave(group, 0)  # (H, L, hd)
-        v_all = values.repeat_interleave(group, 0)
-        text_keys = key_kinds != VISION
-        for start, end in chunk.frame_spans:
-            rows = torch.arange(start, end, device=q.device)
-            context = torch.nonzero(text_keys & (key_pos < positions[start])).squeeze(1)  # (c,)
-            frame = length - n + rows  # the frame's own entries: the chunk sits at the end of the cache
-            qf = q[:, rows]  # (H, T, hd)
-            k_win, v_win = k_all[:, frame[index]], v_all[:, frame[index]]  # (H, T, w*w, hd)
-            s_ctx = (qf @ k_all[:, context].transpose(1, 2)) * scale  # (H, T, c)
-            s_win = (qf[:, :, None, :] * k_win).sum(-1) * scale  # (H, T, w*w)
-            s_win = s_win.masked_fill(~valid, float("-inf"))
-            p = torch.cat([s_ctx, s_win], dim=-1).softmax(-1)
-            p_ctx, p_win = p[..., : context.numel()], p[..., context.numel():]
-            out[:, rows] = p_ctx @ v_all[:, context] + (p_win[..., None] * v_win).sum(-2)
-            visits += rows.numel() * context.numel() + int(valid.sum())
+        rows, cols = chunk.frame_grid
+        half = window // 2
+        vision = chunk.vision_index  # (F, T)
+        frames = vision.shape[0]
+        firsts = positions[vision[:, 0]]  # (F,) position of each frame's first token
+        # Earlier text: entries that are not vision and precede the frame (per frame, by position).
+        context = torch.nonzero((key_kinds != VISION) & (key_pos < firsts.max())).squeeze(1)  # (c,)
+        ctx_ok = key_pos[context][None, :] < firsts[:, None]  # (F, c)
+        entries = length - n + vision  # the frames' own cache rows: the chunk sits at the end of the cache
+        k_frame = keys[:, entries].view(kv_heads, frames, rows, cols, hd)
+        v_frame = values[:, entries].view(kv_heads, frames, rows, cols, hd)
+        pad = (0, 0, 0, 0, half, half)  # zero rows above and below; the band mask hides them
+        k_band = torch.stack([F.pad(k_frame, pad)[:, :, i:i + rows] for i in range(window)], dim=3)
+        v_band = torch.stack([F.pad(v_frame, pad)[:, :, i:i + rows] for i in range(window)], dim=3)
+        k_band = k_band.reshape(kv_heads, 1, frames, rows, window * cols, hd)  # (KV, 1, F, R, w*C, hd)
+        v_band = v_band.reshape(kv_heads, 1, frames, rows, window * cols, hd)
+        qv = q[:, vision].view(kv_heads, group, frames, rows, cols, hd)
+        s_win = (qv @ k_band.transpose(-1, -2)) * scale  # (KV, G, F, R, C, w*C)
+        s_win = s_win.masked_fill(~_band_mask(chunk.frame_grid, window, q.device), float("-inf"))
+        k_ctx = keys[:, context][:, None, None]  # (KV, 1, 1, c, hd)
+        s_ctx = (qv.flatten(3, 4) @ k_ctx.transpose(-1, -2)) * scale  # (KV, G, F, T, c)
+        s_ctx = s_ctx.masked_fill(~ctx_ok[None, None, :, None, :], float("-inf"))
+        c = context.numel()
+        p = torch.cat([s_ctx, s_win.flatten(3, 4)], dim=-1).softmax(-1)  # (KV, G, F, T, c + w*C)
+        p_ctx = p[..., :c]
+        p_win = p[..., c:].unflatten(3, (rows, cols))  # (KV, G, F, R, C, w*C)
+        mixed = p_ctx @ values[:, context][:, None, None] + (p_win @ v_band).flatten(3, 4)
+        out[:, vision.flatten()] = mixed.reshape(heads, frames * rows * cols, hd)
+        visits += frames * rows * cols * (int(ctx_ok.sum()) // frames + window * cols)
     return out, visits
 
 
