@@ -1,7 +1,8 @@
 """Baselines at the same budget as a learned router, with no intelligence (`random`, `uniform`).
 
-random: at each routed layer, k tokens of each frame drawn at random, seeded by (seed, frame, layer), so
-    the choice is reproducible and does not depend on how frames were chunked.
+random: at each routed layer, k tokens of each frame drawn at random: each token gets a pseudo-random key
+    hashed from (seed, frame, layer, token) and the k smallest keys win, so the choice is reproducible,
+    does not depend on how frames were chunked, and is computed for all frames at once.
 uniform: k tokens spread evenly over each frame's row-major token order, the same at every layer.
 Kept tokens' updates are not scaled (weight 1).
 """
@@ -14,6 +15,13 @@ from streamvlm.routers.base import RouteDecision, Router
 from streamvlm.routers.config import RoutingConfig, tokens_kept
 from streamvlm.routers.mod import decision_from_kept
 from streamvlm.types import Chunk
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 64-bit integer hash step (splitmix64's finaliser), kept in the non-negative int64 range."""
+    x = (x ^ (x >> 31)) * 0x5851F42D4C957F2D & 0x7FFFFFFFFFFFFFFF
+    x = (x ^ (x >> 29)) * 0x14057B7EF767814F & 0x7FFFFFFFFFFFFFFF
+    return x ^ (x >> 32)
 
 
 class BaselineRouter(Router):
@@ -31,12 +39,10 @@ class BaselineRouter(Router):
         device = chunk.vision_index.device
         if self.config.policy == "uniform":
             return (torch.arange(k, device=device) * tokens // k).expand(frames, k)
-        frame_ids = chunk.frames[chunk.vision_index[:, 0]].tolist()
-        rows = []
-        for frame in frame_ids:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + frame) * 1_009 + layer)
-            rows.append(torch.randperm(tokens, generator=g)[:k].sort().values)
-        return torch.stack(rows).to(device)
+        frame_ids = chunk.frames[chunk.vision_index[:, 0]].to(torch.int64)[:, None]  # (F, 1)
+        token_ids = torch.arange(tokens, device=device, dtype=torch.int64)[None, :]  # (1, T)
+        keys = _mix(_mix(_mix(torch.full_like(frame_ids, self.seed) + frame_ids) + layer) + token_ids)
+        return keys.argsort(dim=-1)[:, :k].sort(dim=-1).values
 
     def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
         ratio = self.layer_keep[layer]
