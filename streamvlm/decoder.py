@@ -12,6 +12,8 @@ sparse (positions with gaps) and still be valid for any later query.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -43,18 +45,20 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: fl
     return out[0]
 
 
+@functools.lru_cache(maxsize=16)  # one per (grid, window, device): built once, not per layer and chunk
 def _band_mask(grid: tuple[int, int], window: int, device) -> torch.Tensor:
     """(R, C, w*C) bool: for the query at grid cell (r, c), which keys of the w-row band around its row
     (rows r - w//2 .. r + w//2, every column) lie in its w x w window, inside the grid, and not after it."""
-    rows, cols = grid
-    half = window // 2
-    r = torch.arange(rows, device=device)[:, None, None, None]
-    c = torch.arange(cols, device=device)[None, :, None, None]
-    dr = torch.arange(-half, half + 1, device=device)[None, None, :, None]
-    kc = torch.arange(cols, device=device)[None, None, None, :]
-    kr = r + dr
-    valid = (kr >= 0) & (kr < rows) & ((kc - c).abs() <= half) & (kr * cols + kc <= r * cols + c)
-    return valid.reshape(rows, cols, window * cols)
+    with torch.inference_mode(False):  # cached across calls: must not be an inference-mode tensor
+        rows, cols = grid
+        half = window // 2
+        r = torch.arange(rows, device=device)[:, None, None, None]
+        c = torch.arange(cols, device=device)[None, :, None, None]
+        dr = torch.arange(-half, half + 1, device=device)[None, None, :, None]
+        kc = torch.arange(cols, device=device)[None, None, None, :]
+        kr = r + dr
+        valid = (kr >= 0) & (kr < rows) & ((kc - c).abs() <= half) & (kr * cols + kc <= r * cols + c)
+        return valid.reshape(rows, cols, window * cols)
 
 
 def _neighbour_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: Chunk,

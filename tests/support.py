@@ -24,6 +24,14 @@ SPECS = {
 }
 
 
+def feed_in_chunks(session, frames: torch.Tensor, chunking: list[int]) -> None:
+    """Append `frames` to `session` in consecutive groups of the given sizes."""
+    start = 0
+    for size in chunking:
+        session.append_frames(frames[start:start + size])
+        start += size
+
+
 def random_frames(count: int, height: int = 40, width: int = 52, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (count, height, width, 3), dtype=torch.uint8, generator=g)

@@ -12,7 +12,7 @@ from streamvlm import StreamVLM, StreamVLMError
 from streamvlm.routers.config import tokens_kept
 from streamvlm.routers.pruning import frame_attention_ranking
 from streamvlm.types import VISION
-from support import random_frames
+from support import feed_in_chunks, random_frames
 
 QUESTION = "What is moving?"
 
@@ -74,10 +74,7 @@ def test_policies_are_chunking_invariant(vlm, spec):
     answers = []
     for chunking in ([4], [1, 1, 1, 1], [3, 1]):
         session = model.session()
-        start = 0
-        for size in chunking:
-            session.append_frames(frames[start:start + size])
-            start += size
+        feed_in_chunks(session, frames, chunking)
         answers.append((session.ask(QUESTION, max_new_tokens=12, ignore_stop=True),
                         [session.cache.positions(l).tolist() for l in range(4)]))
     assert answers[0] == answers[1] == answers[2]
@@ -302,10 +299,7 @@ def test_neighbour_attention_shrinks_attention_and_streams(vlm):
     answers = []
     for chunking in ([6], [1] * 6, [4, 2]):
         session = model.session()
-        start = 0
-        for size in chunking:
-            session.append_frames(frames[start:start + size])
-            start += size
+        feed_in_chunks(session, frames, chunking)
         answers.append(session.ask(QUESTION, max_new_tokens=10, ignore_stop=True))
     assert answers[0] == answers[1] == answers[2]
     stats = session.stats()

@@ -14,7 +14,7 @@ from streamvlm.flops import FlopCounter
 from streamvlm.routers import MoDRouter, load_router, save_router
 from streamvlm.routers.config import tokens_kept
 from streamvlm.types import Chunk, TEXT, VISION
-from support import random_frames
+from support import feed_in_chunks, random_frames
 
 QUESTION = "What is moving?"
 
@@ -95,10 +95,7 @@ def test_routed_chunked_ingestion_equals_one_shot(model_dir, spec):
     answers, positions = [], []
     for chunking in ([6], [1] * 6, [2, 3, 1]):
         session = vlm.session()
-        start = 0
-        for size in chunking:
-            session.append_frames(frames[start:start + size])
-            start += size
+        feed_in_chunks(session, frames, chunking)
         answers.append(session.ask(QUESTION, max_new_tokens=24, ignore_stop=True))
         positions.append([session.cache.positions(l).tolist() for l in range(vlm.adapter.decoder.num_layers)])
     assert answers[0] == answers[1] == answers[2]

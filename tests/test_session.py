@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from streamvlm import StreamVLM
-from support import hf_inputs, random_frames
+from support import feed_in_chunks, hf_inputs, random_frames
 
 QUESTION = "What is on the table?"
 
@@ -22,10 +22,7 @@ def test_any_chunking_gives_the_one_shot_answer(vlm, chunking):
     one_shot = vlm.generate(frames, QUESTION, max_new_tokens=24, ignore_stop=True)
 
     session = vlm.session()
-    start = 0
-    for size in chunking:
-        session.append_frames(frames[start:start + size])
-        start += size
+    feed_in_chunks(session, frames, chunking)
     assert session.ask(QUESTION, max_new_tokens=24, ignore_stop=True) == one_shot
     assert session.stats()["frames"] == 6
 
