@@ -1,6 +1,7 @@
 """`streamvlm` command line.
 
     streamvlm ask [VIDEO] [-q QUESTION ...]     answer questions about a video file (default: the sample)
+    streamvlm live --source URL|FILE|sample     watch a stream, answer questions while it plays
     streamvlm caption INPUT... --out F.jsonl    caption long videos, resumable, shardable
     streamvlm init-tiny DIR                     write a small random checkpoint, offline
     streamvlm bench dense [--json]              ours vs transformers, timed in one run
@@ -94,6 +95,34 @@ def cmd_ask(args) -> int:
         print(f"[{stats['frames']} frames of {video.name} ({clip.duration:.1f} s), {stats['tokens']} tokens, "
               f"KV cache {stats['kv_bytes'] / 2**20:.2f} MiB, ingest {ingest_s:.2f} s]", file=sys.stderr)
     return 0
+
+
+def cmd_live(args) -> int:
+    from streamvlm.live import Console, ConsolePlan, LiveSession
+    from streamvlm.video.live import Reconnect, open_source
+
+    plan = ConsolePlan(questions=tuple(args.ask or ()), ask_every=args.ask_every, duration=args.duration,
+                       status_every=args.status_every, json=args.json)
+    options = {}
+    for item in args.source_option or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise StreamVLMError(f"--source-option {item!r}: use KEY=VALUE (an FFmpeg option, e.g. video_size=640x480)")
+        options[key] = value
+    policy = Reconnect(open_timeout=args.open_timeout, read_timeout=args.read_timeout,
+                       retries=None if args.retries < 0 else args.retries)
+    source = open_source(args.source, fps=args.fps, speed=args.speed, loop=args.loop, reconnect=policy,
+                         options=options)
+    vlm, _ = _load(args)
+    budget = None if args.memory_budget == "none" else args.memory_budget
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed)
+    console = Console(lambda on_event: LiveSession(vlm, source, memory_budget=budget, buffer_frames=args.buffer_frames,
+                                                   on_event=on_event, **sampling),
+                      plan, sys.stdout, sys.stderr)
+    if not args.no_stdin:
+        console.read_lines(sys.stdin)
+    return console.run()
 
 
 def cmd_caption(args) -> int:
@@ -209,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples:\n"
                "  streamvlm ask -q 'What happens in the video?'          built-in model and sample video\n"
                "  streamvlm ask clip.mp4 --model ./llava-ov --fps 1 -q 'What is on the table?' -q 'And after?'\n"
+               "  streamvlm live --source rtsp://cam/stream --ask 'Anyone there?' --ask-every 30\n"
                "  streamvlm caption videos/ --out captions.jsonl --fps 1 --segment 30\n"
                "  streamvlm init-tiny ./tiny && streamvlm ask --model ./tiny -q 'Hi?'\n"
                "  streamvlm bench dense --json",
@@ -231,6 +261,64 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("live", help="watch a live stream (or a file played as live) and answer questions",
+                       description="Capture a source on one thread, stream its frames into the model's cache on "
+                                   "another, and answer questions while it plays: from --ask (every --ask-every "
+                                   "seconds of stream time, or once at the end of the run), or typed on stdin, one "
+                                   "per line. Each answer is printed with the stream time it refers to. When the "
+                                   "model is slower than the source, old frames are dropped (and counted), never "
+                                   "queued. Network streams reconnect with backoff when they end or stall. The "
+                                   "cache has a memory budget, so it stays flat for hours. Exit status 0 when the "
+                                   "source ends or --duration passes, 1 if the source failed part way, 2 if it "
+                                   "never opened.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="Sources:\n"
+                              "  sample                     the built-in sample video, played as live\n"
+                              "  clip.mp4                   a file played at its own rate (--speed, --loop)\n"
+                              "  rtsp://host:8554/cam       RTSP (over TCP)\n"
+                              "  udp://127.0.0.1:5000       MPEG-TS over UDP (also http://, tcp://, srt://, rtmp://)\n"
+                              "  /dev/video0                a V4L2 webcam (--source-option video_size=640x480)\n"
+                              "  lavfi:testsrc=size=320x240:rate=25   an FFmpeg test source\n"
+                              "Examples:\n"
+                              "  streamvlm live --source sample --ask 'What is moving?'\n"
+                              "  streamvlm live --source rtsp://cam/stream --fps 1 --ask 'Is anyone at the door?' "
+                              "--ask-every 30 --json\n"
+                              "  streamvlm live --source /dev/video0 --duration 600 --memory-budget 256MB")
+    p.add_argument("--source", default="sample", help="what to watch (see below; default: sample)")
+    p.add_argument("--fps", type=float, default=1.0, help="frames per second fed to the model (default 1)")
+    p.add_argument("--ask", action="append", metavar="QUESTION",
+                   help="a question (repeat for several); also type questions on stdin while it runs")
+    p.add_argument("--ask-every", type=float, default=None, metavar="SECONDS",
+                   help="ask the --ask questions every SECONDS of stream time (default: once, at the end)")
+    p.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+                   help="stop cleanly after this many seconds (default: when the source ends, or Ctrl-C)")
+    p.add_argument("--memory-budget", default="auto",
+                   help="KV cache bound: auto (half the model's context), N tokens per layer, a size such as "
+                        "256MB, or none")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line per event on stdout: answer, status, reconnect, dropped, "
+                        "error, ..., each with 'type' and 't' (stream seconds)")
+    p.add_argument("--status-every", type=float, default=5.0, metavar="SECONDS",
+                   help="seconds between status lines (default 5; 0: only the final one)")
+    p.add_argument("--no-stdin", action="store_true", help="do not read questions from stdin")
+    g = p.add_argument_group("source")
+    g.add_argument("--speed", type=float, default=1.0,
+                   help="files and lavfi: playback speed (default 1 = real time; 0 = as fast as it decodes)")
+    g.add_argument("--loop", action="store_true", help="files: start over at the end")
+    g.add_argument("--open-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="network and webcams: seconds to open the stream (default 10)")
+    g.add_argument("--read-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="network and webcams: seconds without data before reconnecting (default 5)")
+    g.add_argument("--retries", type=int, default=5,
+                   help="failed attempts in a row before giving up (default 5; -1: never give up)")
+    g.add_argument("--buffer-frames", type=int, default=8, metavar="N",
+                   help="frames held between capture and the model; older ones are dropped (default 8)")
+    g.add_argument("--source-option", action="append", metavar="KEY=VALUE",
+                   help="an FFmpeg option for the source (repeat), e.g. video_size=640x480 for a webcam")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_live)
 
     p = sub.add_parser("caption", help="caption long videos to JSON Lines, resumable and shardable",
                        description="Stream each video through one session, caption every segment as it goes, "

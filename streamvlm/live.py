@@ -1,0 +1,449 @@
+"""A live session: a source watched on two threads while questions are asked at any time.
+
+    capture thread:  source.frames() -> LatestFrames (bounded; when full the oldest frame is dropped)
+    ingest thread:   take a few frames -> vlm.encode (no lock) -> [lock] session.append_encoded
+    caller:          ask(question) -> [lock] session.ask_stream -> pieces of the answer
+
+One lock serialises what touches the KV cache: an append, or a whole answer. A question sees every frame
+ingested before it took the lock; frames captured meanwhile wait in the buffer (encoding goes on), and
+are appended after the answer. The buffer bounds how far the model can fall behind the camera: frames
+dropped there are counted and reported, never queued without bound. A source that is not paced (a file at
+full speed) waits for room instead of dropping. The session has a memory budget
+("auto": half the model's context) so the cache stays flat however long the stream runs.
+
+Events go to `on_event` as dicts with `type` and `t` (the stream time they refer to), from the capture
+and ingest threads: connected, reconnect (attempt, message), end (the source ended), dropped (count,
+total), error (message, where), ingested (frames: the total so far) after each append, and done (the
+last one: capture ended and everything captured was ingested, or something failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from streamvlm.errors import StreamVLMError
+from streamvlm.video.live import LatestFrames, LiveFrame, Source, SourceEvent
+
+log = logging.getLogger(__name__)
+
+EventHandler = Callable[[dict], None]
+
+# How often (wall seconds) "dropped" events are sent while frames are being dropped.
+_DROPPED_EVERY = 1.0
+# Ingest rate is measured over this many recent wall seconds.
+_RATE_WINDOW = 10.0
+
+
+@dataclass(frozen=True)
+class LiveAnswer:
+    question: str
+    text: str
+    t: float | None
+    """Stream time of the last frame the answer saw (None if no frame was in yet)."""
+    frames: int
+    """Frames ingested when the question was asked."""
+    first_token_s: float | None
+    """Seconds from the question to the first piece of the answer (None for an empty answer)."""
+    seconds: float
+    stop_reason: str
+
+    def as_event(self) -> dict:
+        return {"type": "answer", "t": self.t, "question": self.question, "text": self.text, "frames": self.frames,
+                "first_token_s": self.first_token_s, "seconds": self.seconds, "stop_reason": self.stop_reason}
+
+
+class LiveSession:
+    """Watch a source and answer questions about it while it plays (see the module docstring).
+
+        with LiveSession(vlm, open_source("rtsp://cam/stream", fps=1)) as live:
+            live.wait_for_frames(10)
+            print(live.ask("What is happening?").text)
+
+    memory_budget: as StreamVLM.session (default "auto": half the model's context; None: unbounded).
+    buffer_frames: capacity of the buffer between capture and ingest. max_batch: frames encoded and
+    appended at a time (default the model's max_chunk_frames). Keyword arguments: SamplingConfig overrides.
+    """
+
+    def __init__(self, vlm, source: Source, *, memory_budget="auto", buffer_frames: int = 8,
+                 max_batch: int | None = None, on_event: EventHandler | None = None, **sampling):
+        if memory_budget == "auto":
+            memory_budget = vlm.adapter.decoder.max_positions // 2
+        self.vlm, self.source = vlm, source
+        self.session = vlm.session(memory_budget=memory_budget, **sampling)
+        self.max_batch = max_batch or vlm.max_chunk_frames
+        if self.max_batch < 1:
+            raise StreamVLMError(f"max_batch must be at least 1, got {max_batch}")
+        self._buffer = LatestFrames(buffer_frames)
+        self._on_event = on_event if on_event is not None else (lambda event: None)
+        self._lock = threading.Lock()  # held for an append or a whole answer
+        self._stop = threading.Event()
+        self._done = threading.Event()  # capture ended and the buffer is drained (or a failure)
+        self._progress = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self.error: BaseException | None = None
+        self._started = None
+        # figures, written by the worker threads
+        self.captured = 0
+        self.ingested = 0
+        self.reconnects = 0
+        self.source_time: float | None = None  # of the newest captured frame
+        self.stream_time: float | None = None  # of the newest ingested frame
+        self.latency_s: float | None = None  # capture -> in the cache, for the newest ingested frame
+        self.latency_max_s = 0.0
+        self._ingest_marks: deque = deque()  # (monotonic, frames ingested)
+        self._dropped_reported = 0
+        self._dropped_at = 0.0
+
+    # -- life --------------------------------------------------------------------------------------
+
+    def start(self) -> LiveSession:
+        if self._started is not None:
+            raise StreamVLMError("this live session was already started")
+        self._started = time.monotonic()
+        self._threads = [threading.Thread(target=self._capture, name="streamvlm-capture", daemon=True),
+                         threading.Thread(target=self._ingest, name="streamvlm-ingest", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop capturing and ingesting (frames still buffered are dropped). Waits up to timeout for the
+        threads; a capture thread stuck in a network read ends at its read timeout."""
+        self._stop.set()
+        self._buffer.close()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def __enter__(self) -> LiveSession:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def done(self) -> bool:
+        """The source has ended (or failed) and every frame it gave was ingested."""
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until `done`; False on timeout."""
+        return self._done.wait(timeout)
+
+    def wait_for_frames(self, count: int, timeout: float | None = None) -> bool:
+        """Wait until `count` frames are in the cache (False on timeout, or if the stream ended first)."""
+        with self._progress:
+            return self._progress.wait_for(lambda: self.ingested >= count or self._done.is_set(), timeout) and \
+                self.ingested >= count
+
+    # -- asking ------------------------------------------------------------------------------------
+
+    def ask_stream(self, question: str, **sampling) -> Iterator[str]:
+        """The answer's text as it is generated; sees every frame ingested before the lock was taken."""
+        with self._lock:
+            yield from self.session.ask_stream(question, **sampling)
+
+    def ask(self, question: str, on_piece: Callable[[str], None] | None = None, **sampling) -> LiveAnswer:
+        """Answer a question about the stream so far; on_piece gets the answer's text as it is generated."""
+        asked = time.perf_counter()
+        first, pieces = None, []
+        with self._lock:
+            t, frames = self.stream_time, self.session.stats()["frames"]
+            for piece in self.session.ask_stream(question, **sampling):
+                if first is None and piece:
+                    first = time.perf_counter() - asked
+                pieces.append(piece)
+                if on_piece is not None:
+                    on_piece(piece)
+            turn = self.session.turns[-1]
+        return LiveAnswer(question, "".join(pieces), t, frames, first, time.perf_counter() - asked,
+                          turn.stop_reason)
+
+    # -- figures -----------------------------------------------------------------------------------
+
+    @property
+    def dropped(self) -> int:
+        return self._buffer.dropped
+
+    def stats(self) -> dict:
+        """The live figures and the session's (see Session.stats), taken under the lock."""
+        now = time.monotonic()
+        with self._lock:
+            session = self.session.stats()
+        marks = list(self._ingest_marks)
+        rate = 0.0
+        if len(marks) >= 2 and marks[-1][0] > marks[0][0]:
+            rate = (marks[-1][1] - marks[0][1]) / (now - marks[0][0])
+        return {
+            "source": self.source.name, "t": self.stream_time, "source_t": self.source_time,
+            "running_s": now - self._started if self._started else 0.0,
+            "captured": self.captured, "ingested": self.ingested, "dropped": self.dropped,
+            "buffered": len(self._buffer), "reconnects": self.reconnects, "ingest_fps": rate,
+            "latency_s": self.latency_s, "latency_max_s": self.latency_max_s, "done": self.done,
+            "error": str(self.error) if self.error else None, "session": session,
+        }
+
+    # -- workers -----------------------------------------------------------------------------------
+
+    def _emit(self, event: dict) -> None:
+        try:
+            self._on_event(event)
+        except Exception:  # a broken handler must not kill capture
+            log.exception("live event handler failed on %s", event.get("type"))
+
+    def _source_event(self, event: SourceEvent) -> None:
+        if event.type == "reconnect":
+            self.reconnects += 1
+        payload = {"type": event.type, "t": event.t, "message": event.message}
+        if event.type == "reconnect":
+            payload["attempt"] = event.attempt
+        self._emit(payload)
+
+    def _report_dropped(self, force: bool = False) -> None:
+        total = self._buffer.dropped
+        now = time.monotonic()
+        if total > self._dropped_reported and (force or now - self._dropped_at >= _DROPPED_EVERY):
+            self._emit({"type": "dropped", "t": self.source_time, "count": total - self._dropped_reported,
+                        "total": total})
+            self._dropped_reported, self._dropped_at = total, now
+
+    def _capture(self) -> None:
+        try:
+            for frame in self.source.frames(self._stop, self._source_event):
+                self.captured += 1
+                self.source_time = frame.time
+                self._buffer.put(frame, wait=not self.source.paced)
+                self._report_dropped()
+                if self._stop.is_set():
+                    break
+        except BaseException as e:  # noqa: BLE001 - reported to the caller through .error and an event
+            self._fail(e, "capture")
+        finally:
+            self._report_dropped(force=True)
+            self._buffer.close()
+
+    def _ingest(self) -> None:
+        try:
+            while not self._stop.is_set():
+                batch: list[LiveFrame] = self._buffer.take(self.max_batch, timeout=0.2)
+                if not batch:
+                    if self._buffer.drained:
+                        break
+                    continue
+                for group in _same_size_runs(batch):
+                    features = self.vlm.encode(torch.stack([f.frame for f in group]))
+                    with self._lock:
+                        self.session.append_encoded(features, [f.time for f in group])
+                    now = time.monotonic()
+                    with self._progress:
+                        self.ingested += len(group)
+                        self.stream_time = group[-1].time
+                        self.latency_s = now - group[-1].captured
+                        self.latency_max_s = max(self.latency_max_s, now - group[0].captured)
+                        self._ingest_marks.append((now, self.ingested))
+                        while self._ingest_marks and now - self._ingest_marks[0][0] > _RATE_WINDOW:
+                            self._ingest_marks.popleft()
+                        self._progress.notify_all()
+                    self._emit({"type": "ingested", "t": self.stream_time, "frames": self.ingested})
+        except BaseException as e:  # noqa: BLE001
+            self._fail(e, "ingest")
+            self._stop.set()
+            self._buffer.close()
+        finally:
+            with self._progress:
+                self._done.set()
+                self._progress.notify_all()
+            self._emit({"type": "done", "t": self.stream_time, "frames": self.ingested,
+                        "error": str(self.error) if self.error else None})
+
+    def _fail(self, error: BaseException, where: str) -> None:
+        if self.error is None:
+            self.error = error
+        if not isinstance(error, StreamVLMError):
+            log.error("live %s failed", where, exc_info=error)
+        self._emit({"type": "error", "t": self.source_time, "message": str(error) or type(error).__name__,
+                    "where": where})
+
+
+def _same_size_runs(frames: list[LiveFrame]) -> Iterator[list[LiveFrame]]:
+    """Consecutive frames of one size (a stream may change resolution when it reconnects)."""
+    run: list[LiveFrame] = []
+    for frame in frames:
+        if run and frame.frame.shape != run[0].frame.shape:
+            yield run
+            run = []
+        run.append(frame)
+    if run:
+        yield run
+
+
+# -- the `streamvlm live` console ------------------------------------------------------------------
+
+# Events the console shows; "ingested" only drives --ask-every.
+_SHOWN = ("connected", "reconnect", "end", "dropped", "error")
+
+
+@dataclass(frozen=True)
+class ConsolePlan:
+    """What `streamvlm live` asks and when it stops."""
+
+    questions: tuple[str, ...] = ()
+    """Asked every `ask_every` seconds of stream time, or once at the end of the run without it."""
+    ask_every: float | None = None
+    duration: float | None = None
+    """Wall seconds after which the run ends cleanly (None: until the source ends or Ctrl-C)."""
+    status_every: float = 5.0
+    """Wall seconds between status lines (0: none)."""
+    json: bool = False
+    """One JSON object per line on stdout for every event, instead of text."""
+
+    def __post_init__(self):
+        if self.ask_every is not None and not self.ask_every > 0:
+            raise StreamVLMError(f"--ask-every must be positive, got {self.ask_every}")
+        if self.ask_every is not None and not self.questions:
+            raise StreamVLMError("--ask-every needs at least one --ask question")
+        if self.duration is not None and not self.duration > 0:
+            raise StreamVLMError(f"--duration must be positive, got {self.duration}")
+        if self.status_every < 0:
+            raise StreamVLMError(f"--status-every must be >= 0, got {self.status_every}")
+
+
+class Console:
+    """Runs a LiveSession for `streamvlm live`: questions from the plan and from stdin, events printed.
+
+    The main thread waits on one inbox (events from the workers, lines from stdin) with a timeout set by
+    the next status line or the end of --duration, so nothing polls. Answers are generated on the main
+    thread, one at a time, in the order questions arrive.
+    """
+
+    def __init__(self, make_live: Callable[[EventHandler], LiveSession], plan: ConsolePlan, out, err):
+        import queue
+
+        self.plan, self.out, self.err = plan, out, err
+        self.inbox: queue.Queue = queue.Queue()
+        self.live = make_live(lambda event: self.inbox.put(("event", event)))
+
+    def read_lines(self, stream) -> None:
+        """Feed questions typed on `stream` (stdin) to the inbox, from a daemon thread."""
+        def pump():
+            for line in stream:
+                if line.strip():
+                    self.inbox.put(("question", line.strip()))
+
+        threading.Thread(target=pump, name="streamvlm-stdin", daemon=True).start()
+
+    def run(self) -> int:
+        """Run until the source ends, --duration passes, or Ctrl-C; 0 if the source never failed, 1 if it
+        failed after some frames; raises StreamVLMError if it failed before any frame."""
+        import queue
+
+        plan, live = self.plan, self.live
+        started = time.monotonic()
+        end_at = started + plan.duration if plan.duration else None
+        next_status = started + plan.status_every if plan.status_every else None
+        next_ask = plan.ask_every
+        reason = "interrupted"
+        live.start()
+        try:
+            while True:
+                deadlines = [d for d in (end_at, next_status) if d is not None]
+                timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+                try:
+                    kind, item = self.inbox.get(timeout=timeout)
+                except queue.Empty:
+                    kind, item = None, None
+                now = time.monotonic()
+                if end_at is not None and now >= end_at:
+                    reason = "duration"
+                    break
+                if next_status is not None and now >= next_status:
+                    self._status()
+                    next_status += plan.status_every * max(1, int((now - next_status) // plan.status_every) + 1)
+                if kind == "question":
+                    self._ask(item)
+                elif kind == "event":
+                    if item["type"] == "done":
+                        reason = "error" if live.error else "end"
+                        break
+                    if item["type"] in _SHOWN:
+                        self._show(item)
+                    if item["type"] == "ingested" and next_ask is not None:
+                        if item["t"] is not None and item["t"] >= next_ask:
+                            for question in plan.questions:
+                                self._ask(question)
+                            next_ask += plan.ask_every * max(1, int((item["t"] - next_ask) // plan.ask_every) + 1)
+        except KeyboardInterrupt:
+            reason = "interrupted"
+        live.stop()
+        self._drain_events()
+        if plan.ask_every is None:
+            for question in plan.questions:
+                self._ask(question)
+        self._status(final=True, reason=reason)
+        if live.error is not None and live.ingested == 0:
+            if isinstance(live.error, StreamVLMError):
+                raise live.error
+            raise StreamVLMError(f"the live source failed: {live.error}") from live.error
+        return 0 if live.error is None else 1
+
+    def _drain_events(self) -> None:
+        import queue
+
+        while True:
+            try:
+                kind, item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "event" and item["type"] in _SHOWN:
+                self._show(item)
+
+    def _print(self, event: dict, text: str, stream=None) -> None:
+        import json
+
+        if self.plan.json:
+            print(json.dumps(event), file=self.out, flush=True)
+        else:
+            print(text, file=stream or self.err, flush=True)
+
+    def _show(self, event: dict) -> None:
+        detail = event.get("message") or (f"{event['count']} frame(s) dropped, {event['total']} in all; the model "
+                                          "is slower than the source" if event["type"] == "dropped" else "")
+        self._print(event, f"[{_clock(event['t'])}] {event['type']}: {detail}")
+
+    def _ask(self, question: str) -> None:
+        if self.plan.json:
+            answer = self.live.ask(question)
+            self._print(answer.as_event(), "")
+            return
+        t = self.live.stream_time
+        print(f"[{_clock(t)}] Q: {question}\n[{_clock(t)}] A: ", end="", file=self.out, flush=True)
+        self.live.ask(question, on_piece=lambda piece: print(piece, end="", file=self.out, flush=True))
+        print(file=self.out, flush=True)
+
+    def _status(self, final: bool = False, reason: str | None = None) -> None:
+        stats = self.live.stats()
+        session = stats["session"]
+        event = {"type": "status", "t": stats["t"], **{k: v for k, v in stats.items() if k not in ("t", "session")},
+                 "frames": session["frames"], "kv_bytes": session["kv_bytes"], "tokens": session["tokens"],
+                 "evicted_entries": session["evicted_entries"], "final": final}
+        if reason:
+            event["reason"] = reason
+        lag = f", lag {stats['latency_s']:.2f} s" if stats["latency_s"] is not None else ""
+        text = (f"[{_clock(stats['t'])}] {'final' if final else 'status'}: ingest {stats['ingest_fps']:.1f} frames/s, "
+                f"{session['frames']} frames, {stats['dropped']} dropped, cache {session['kv_bytes'] / 2**20:.2f} MiB "
+                f"({session['tokens']} tokens), {stats['reconnects']} reconnects{lag}"
+                + (f"; ended: {reason}" if reason else ""))
+        self._print(event, text)
+
+
+def _clock(t: float | None) -> str:
+    if t is None:
+        return "--:--"
+    minutes, seconds = divmod(t, 60)
+    return f"{int(minutes):02d}:{seconds:05.2f}"
