@@ -65,6 +65,20 @@ def bench_model_dir() -> Path:
     return target
 
 
+def stream_tiny_dir() -> Path:
+    """The built-in model's shape with a context long enough for an hour at 1 fps (16 tokens a frame), so
+    the transformers baseline can take every frame; cached between runs."""
+    from streamvlm.tiny import TinySpec, write_tiny_checkpoint
+    from streamvlm.video.sample import cache_dir
+
+    target = cache_dir() / "bench-tiny-long-context"
+    if not (target / "config.json").is_file():
+        write_tiny_checkpoint(target, TinySpec(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                                               intermediate_size=256, image_size=56, patch_size=8,
+                                               max_position_embeddings=131072))
+    return target
+
+
 def run_dense(model_dir: Path, frames_count: int, new_tokens: int, repeats: int, device, dtype) -> dict:
     from streamvlm.runtime import StreamVLM
 
@@ -279,6 +293,20 @@ def run(args) -> dict:
         raise StreamVLMError("--frames, --new-tokens and --repeats must be at least 1")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if args.suite == "stream":
+        from streamvlm.bench_stream import run_stream_bench
+
+        try:
+            ages = [float(a) for a in args.ages.split(",") if a.strip()]
+        except ValueError:
+            raise StreamVLMError(f"--ages: minutes separated by commas, e.g. 1,10,60; got {args.ages!r}") from None
+        known = {"tiny": stream_tiny_dir, "small": bench_model_dir}
+        names = [m.strip() for m in args.models.split(",") if m.strip()]
+        if not names or any(n not in known for n in names):
+            raise StreamVLMError(f"--models: choose among {', '.join(known)}, got {args.models!r}")
+        models = {"given": Path(args.model)} if args.model else {n: known[n]() for n in names}
+        return run_stream_bench(models, ages, args.stream_fps, args.memory_budget, args.new_tokens,
+                                not args.no_baseline, device, dtype)
     model_dir = Path(args.model) if args.model else bench_model_dir()
     if args.suite == "dense":
         return run_dense(model_dir, args.frames, args.new_tokens, args.repeats, device, dtype)
@@ -300,6 +328,10 @@ def _model_line(result: dict) -> str:
 
 
 def format_table(result: dict) -> str:
+    if result["suite"] == "stream":
+        from streamvlm.bench_stream import format_stream
+
+        return format_stream(result)
     if result["suite"] == "caption":
         lines = [f"bench caption: a {result['video_seconds']} s video at {result['fps']} fps, a caption every "
                  f"{result['segment']} s, {result['device']} {result['dtype']}",

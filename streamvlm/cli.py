@@ -415,15 +415,25 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Time our runtime against transformers on the same checkpoint in one run. "
                                    "Without --model, a random checkpoint with the shape of a real small model "
                                    "is made in the cache folder.")
-    p.add_argument("suite", choices=["dense", "routing", "caption"],
+    p.add_argument("suite", choices=["dense", "routing", "caption", "stream"],
                    help="dense: ingest and answer, ours vs transformers' forward; routing: ingest time dense vs "
                         "mod at keep 1.0/0.5/0.2, interleaved and all (first two layers dense), against the "
                         "speed-up the FLOPs predict; caption: hours of video captioned per hour of compute, "
-                        "built-in tiny and small-shaped models, dense and mod:0.2:interleaved")
+                        "built-in tiny and small-shaped models, dense and mod:0.2:interleaved; stream: a long "
+                        "stream from a file at full speed: sustained ingest rate, time to first token at each "
+                        "--ages, peak memory, and transformers re-running on all frames so far for each question")
     p.add_argument("--model", metavar="DIR", help="checkpoint to measure (default: random, real-small shape)")
     p.add_argument("--frames", type=int, default=8, help="frames to ingest (default 8)")
     p.add_argument("--new-tokens", type=int, default=32, help="answer tokens to generate (default 32)")
     p.add_argument("--video-seconds", type=int, default=60, help="length of the caption bench's video (default 60)")
+    p.add_argument("--ages", default="1,10,60", help="stream: stream ages in minutes at which to ask (default 1,10,60)")
+    p.add_argument("--stream-fps", type=float, default=1.0, help="stream: frames per second sampled (default 1)")
+    p.add_argument("--memory-budget", default="8192",
+                   help="stream: our session's KV bound, tokens per layer or a size (default 8192)")
+    p.add_argument("--no-baseline", action="store_true", help="stream: skip the transformers baseline")
+    p.add_argument("--models", default="tiny",
+                   help="stream: model sizes, tiny (the built-in shape, long context) and/or small (the real-small "
+                        "shape), comma-separated (default tiny; --model DIR measures that checkpoint instead)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats; the median is reported (default 3 for dense, 5 for routing)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")

@@ -1,7 +1,8 @@
 """A live session: a source watched on two threads while questions are asked at any time.
 
     capture thread:  source.frames() -> LatestFrames (bounded; when full the oldest frame is dropped)
-    ingest thread:   take a few frames -> vlm.encode (no lock) -> [lock] session.append_encoded
+    ingest thread:   take a few frames -> vlm.encode (no lock) -> [lock] session.append_encoded, a frame
+                     at a time (append_frames)
     caller:          ask(question) -> [lock] session.ask_stream -> pieces of the answer
 
 One lock serialises what touches the KV cache: an append, or a whole answer. A question sees every frame
@@ -19,7 +20,9 @@ last one: capture ended and everything captured was ingested, or something faile
 
 from __future__ import annotations
 
+import json
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -50,7 +53,7 @@ class LiveAnswer:
     frames: int
     """Frames ingested when the question was asked."""
     first_token_s: float | None
-    """Seconds from the question to the first piece of the answer (None for an empty answer)."""
+    """Seconds from the question to the first answer token (None when the first token was a stop token)."""
     seconds: float
     stop_reason: str
 
@@ -67,19 +70,23 @@ class LiveSession:
             print(live.ask("What is happening?").text)
 
     memory_budget: as StreamVLM.session (default "auto": half the model's context; None: unbounded).
-    buffer_frames: capacity of the buffer between capture and ingest. max_batch: frames encoded and
-    appended at a time (default the model's max_chunk_frames). Keyword arguments: SamplingConfig overrides.
+    buffer_frames: capacity of the buffer between capture and ingest. max_batch: frames taken from the
+    buffer and encoded at a time (default the model's max_chunk_frames). append_frames: frames appended to
+    the cache per hold of the lock; a question waits for at most this many frames' append before it starts
+    (1: the lowest latency; more: fewer, larger decoder calls). Keyword arguments: SamplingConfig overrides.
     """
 
     def __init__(self, vlm, source: Source, *, memory_budget="auto", buffer_frames: int = 8,
-                 max_batch: int | None = None, on_event: EventHandler | None = None, **sampling):
+                 max_batch: int | None = None, append_frames: int = 1, on_event: EventHandler | None = None,
+                 **sampling):
         if memory_budget == "auto":
             memory_budget = vlm.adapter.decoder.max_positions // 2
         self.vlm, self.source = vlm, source
         self.session = vlm.session(memory_budget=memory_budget, **sampling)
         self.max_batch = max_batch or vlm.max_chunk_frames
-        if self.max_batch < 1:
-            raise StreamVLMError(f"max_batch must be at least 1, got {max_batch}")
+        self.append_frames = append_frames
+        if self.max_batch < 1 or append_frames < 1:
+            raise StreamVLMError(f"max_batch and append_frames must be at least 1, got {max_batch}, {append_frames}")
         self._buffer = LatestFrames(buffer_frames)
         self._on_event = on_event if on_event is not None else (lambda event: None)
         self._lock = threading.Lock()  # held for an append or a whole answer
@@ -156,7 +163,7 @@ class LiveSession:
         with self._lock:
             t, frames = self.stream_time, self.session.stats()["frames"]
             for piece in self.session.ask_stream(question, **sampling):
-                if first is None and piece:
+                if first is None:  # the first token, even one that decodes to no text yet
                     first = time.perf_counter() - asked
                 pieces.append(piece)
                 if on_piece is not None:
@@ -238,19 +245,11 @@ class LiveSession:
                     continue
                 for group in _same_size_runs(batch):
                     features = self.vlm.encode(torch.stack([f.frame for f in group]))
-                    with self._lock:
-                        self.session.append_encoded(features, [f.time for f in group])
-                    now = time.monotonic()
-                    with self._progress:
-                        self.ingested += len(group)
-                        self.stream_time = group[-1].time
-                        self.latency_s = now - group[-1].captured
-                        self.latency_max_s = max(self.latency_max_s, now - group[0].captured)
-                        self._ingest_marks.append((now, self.ingested))
-                        while self._ingest_marks and now - self._ingest_marks[0][0] > _RATE_WINDOW:
-                            self._ingest_marks.popleft()
-                        self._progress.notify_all()
-                    self._emit({"type": "ingested", "t": self.stream_time, "frames": self.ingested})
+                    for first in range(0, len(group), self.append_frames):
+                        part = group[first:first + self.append_frames]
+                        with self._lock:  # held briefly: a question waits for at most one part's append
+                            self.session.append_encoded(features[first:first + len(part)], [f.time for f in part])
+                        self._ingested(part)
         except BaseException as e:  # noqa: BLE001
             self._fail(e, "ingest")
             self._stop.set()
@@ -261,6 +260,19 @@ class LiveSession:
                 self._progress.notify_all()
             self._emit({"type": "done", "t": self.stream_time, "frames": self.ingested,
                         "error": str(self.error) if self.error else None})
+
+    def _ingested(self, frames: list[LiveFrame]) -> None:
+        now = time.monotonic()
+        with self._progress:
+            self.ingested += len(frames)
+            self.stream_time = frames[-1].time
+            self.latency_s = now - frames[-1].captured
+            self.latency_max_s = max(self.latency_max_s, now - frames[0].captured)
+            self._ingest_marks.append((now, self.ingested))
+            while self._ingest_marks and now - self._ingest_marks[0][0] > _RATE_WINDOW:
+                self._ingest_marks.popleft()
+            self._progress.notify_all()
+        self._emit({"type": "ingested", "t": self.stream_time, "frames": self.ingested})
 
     def _fail(self, error: BaseException, where: str) -> None:
         if self.error is None:
@@ -323,8 +335,6 @@ class Console:
     """
 
     def __init__(self, make_live: Callable[[EventHandler], LiveSession], plan: ConsolePlan, out, err):
-        import queue
-
         self.plan, self.out, self.err = plan, out, err
         self.inbox: queue.Queue = queue.Queue()
         self.live = make_live(lambda event: self.inbox.put(("event", event)))
@@ -341,8 +351,6 @@ class Console:
     def run(self) -> int:
         """Run until the source ends, --duration passes, or Ctrl-C; 0 if the source never failed, 1 if it
         failed after some frames; raises StreamVLMError if it failed before any frame."""
-        import queue
-
         plan, live = self.plan, self.live
         started = time.monotonic()
         end_at = started + plan.duration if plan.duration else None
@@ -393,8 +401,6 @@ class Console:
         return 0 if live.error is None else 1
 
     def _drain_events(self) -> None:
-        import queue
-
         while True:
             try:
                 kind, item = self.inbox.get_nowait()
@@ -404,8 +410,6 @@ class Console:
                 self._show(item)
 
     def _print(self, event: dict, text: str, stream=None) -> None:
-        import json
-
         if self.plan.json:
             print(json.dumps(event), file=self.out, flush=True)
         else:

@@ -122,3 +122,24 @@ def test_bench_caption_json_rows(tiny_dir, cache, capsys):
     for r in result["rows"]:
         assert r["video_hours_per_compute_hour"] == pytest.approx(r["video_seconds"] / r["compute_seconds"])
         assert 0 < r["decode_share"] < 1 and r["captions"] == 1
+
+
+def test_bench_stream_json(tiny_dir, cache, capsys):
+    assert main(["bench", "stream", "--model", str(tiny_dir), "--ages", "0.05,0.1", "--stream-fps", "2",
+                 "--memory-budget", "64", "--new-tokens", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    model = result["models"][0]
+    rows = model["rows"]
+    assert result["suite"] == "stream" and [r["age_s"] for r in rows] == [3.0, 6.0]
+    assert rows[0]["frames"] >= 6 and rows[1]["frames"] >= 12 and rows[1]["t"] >= 6.0
+    # the transformers baseline ran on the same frames as ours had at each age
+    assert [r["baseline_frames"] for r in rows] == [r["frames"] for r in rows]
+    assert all(r["ours_ttft_s"] > 0 and r["theirs_ttft_s"] > 0 and r["ttft_ratio"] > 0 for r in rows)
+    budget_bytes = 64 * model["layers"] * 2 * 2 * 16 * 4  # entries x layers x (K, V) x kv heads x head dim x fp32
+    assert max(r["kv_bytes"] for r in rows) <= budget_bytes and model["ingest_fps"] > 0
+    assert model["peak_rss_bytes"] > 0 and model["frames"] >= 12
+
+
+def test_bench_stream_bad_ages(cache, capsys):
+    assert main(["bench", "stream", "--ages", "soon"]) == 2
+    assert "--ages" in capsys.readouterr().err

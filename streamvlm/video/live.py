@@ -237,8 +237,7 @@ class StreamSource(Source):
             except (av.FFmpegError, OSError) as e:
                 reason = f"open failed: {_reason(e, self.policy.open_timeout, 'open')}"
             else:
-                emit(SourceEvent("connected", clock.last,
-                                           f"{'re' if opened_once else ''}connected to {self.name}"))
+                emit(SourceEvent("connected", clock.last, f"{'re' if opened_once else ''}connected to {self.name}"))
                 opened_once = True
                 clock.reconnected()
                 reason = "the stream ended"
@@ -265,8 +264,7 @@ class StreamSource(Source):
                     f"address and that the stream is running (open timeout {self.policy.open_timeout:g} s, "
                     f"read timeout {self.policy.read_timeout:g} s, retries {self.policy.retries}).")
             wait = self.policy.wait(max(failures, 1))
-            emit(SourceEvent("reconnect", clock.last, f"{reason}; reconnecting in {wait:.1f} s",
-                                       attempt=failures))
+            emit(SourceEvent("reconnect", clock.last, f"{reason}; reconnecting in {wait:.1f} s", attempt=failures))
             if stop.wait(wait):
                 return
 
@@ -345,8 +343,9 @@ def open_source(spec: str | Path, *, fps: float | None = None, speed: float = 1.
         opts.update(options or {})
         return StreamSource(spec, options=opts, fps=fps, reconnect=reconnect)
     if "://" in spec:
-        raise StreamVLMError(f"unsupported source {spec!r}: use one of {', '.join(s + '://' for s in NETWORK_SCHEMES)}, "
-                             "a file, /dev/videoN, lavfi:GRAPH or sample")
+        schemes = ", ".join(s + "://" for s in NETWORK_SCHEMES)
+        raise StreamVLMError(f"unsupported source {spec!r}: use one of {schemes}, a file, /dev/videoN, lavfi:GRAPH "
+                             "or sample")
     if spec.startswith("/dev/video"):
         if not Path(spec).exists():
             raise StreamVLMError(f"no camera at {spec}; list the cameras with `v4l2-ctl --list-devices` or "

@@ -109,6 +109,27 @@ def udp_publisher():
         publisher.kill()
 
 
+@pytest.fixture
+def http_publisher():
+    """http_publisher() -> a started Publisher: ffmpeg serving one MPEG-TS stream (64x48, 10 fps, real
+    time) at http://127.0.0.1:PORT/live.ts to the first client that connects."""
+    if shutil.which("ffmpeg") is None:
+        _missing("ffmpeg")
+    started = []
+
+    def start() -> Publisher:
+        url = f"http://127.0.0.1:{free_port()}/live.ts"
+        publisher = Publisher(["ffmpeg", "-hide_banner", "-loglevel", "error", "-re", "-f", "lavfi", "-i",
+                               "testsrc=size=64x48:rate=10", "-c:v", "mpeg2video", "-g", "10", "-f", "mpegts",
+                               "-listen", "1", url], url)
+        started.append(publisher)
+        return publisher.start()
+
+    yield start
+    for publisher in started:
+        publisher.kill()
+
+
 class EventLog:
     """Collects events from any thread; wait_for blocks until one matches."""
 

@@ -152,3 +152,15 @@ def test_udp_mpegts_from_ffmpeg_with_publisher_restart(udp_publisher, events):
     times = [f.time for f in reader.frames]
     assert all(b > a for a, b in zip(times, times[1:]))
     assert tuple(reader.frames[0].frame.shape) == (48, 64, 3)
+
+
+def test_http_mpegts_from_ffmpeg(http_publisher, events):
+    publisher = http_publisher()
+    # ffmpeg listens once it has started; the first attempts may be refused, which the retries absorb
+    reader = Reader(open_source(publisher.url, fps=5, reconnect=POLICY), events)
+    try:
+        assert reader.wait_for_frames(5)
+    finally:
+        reader.close()
+    times = [f.time for f in reader.frames]
+    assert all(b > a for a, b in zip(times, times[1:])) and "connected" in events.types()
