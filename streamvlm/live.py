@@ -183,7 +183,8 @@ class LiveSession:
         now = time.monotonic()
         with self._lock:
             session = self.session.stats()
-        marks = list(self._ingest_marks)
+        with self._progress:  # the ingest thread appends to the deque under this lock
+            marks = list(self._ingest_marks)
         rate = 0.0
         if len(marks) >= 2 and marks[-1][0] > marks[0][0]:
             rate = (marks[-1][1] - marks[0][1]) / (now - marks[0][0])
