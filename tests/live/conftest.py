@@ -66,68 +66,65 @@ class Publisher:
         self.proc.send_signal(signal.SIGCONT)
 
 
+# ffmpeg drawing a test pattern in real time, encoded as MPEG-2 video in MPEG-TS (64x48, 10 fps); the
+# output URL goes last.
+FFMPEG_TESTSRC = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-re", "-f", "lavfi", "-i",
+                  "testsrc=size=64x48:rate=10", "-c:v", "mpeg2video", "-g", "10", "-f", "mpegts"]
+
+
 @pytest.fixture
-def rtsp_server():
+def publishers():
+    """The processes a test started; killed when it ends, whatever happened."""
+    started: list[Publisher] = []
+    yield started
+    for publisher in started:
+        publisher.kill()
+
+
+@pytest.fixture
+def rtsp_server(publishers):
     """rtsp_server() -> a started Publisher serving rtsp://127.0.0.1:PORT/test (H.264, 64x48, 10 fps)."""
     check = subprocess.run([SYSTEM_PYTHON, "-c", "import gi; gi.require_version('GstRtspServer', '1.0'); "
                             "from gi.repository import GstRtspServer"], capture_output=True)
     if check.returncode != 0:
         _missing("GStreamer's RTSP server for Debian's python3 (python3-gi, gir1.2-gst-rtsp-server-1.0)")
-    started = []
 
     def start(fps: int = 10) -> Publisher:
         port = free_port()
-        server = Publisher([SYSTEM_PYTHON, str(RTSP_SERVER), str(port), "--fps", str(fps)],
-                           f"rtsp://127.0.0.1:{port}/test", ready="ready")
-        started.append(server)
-        return server.start()
+        publishers.append(Publisher([SYSTEM_PYTHON, str(RTSP_SERVER), str(port), "--fps", str(fps)],
+                                    f"rtsp://127.0.0.1:{port}/test", ready="ready"))
+        return publishers[-1].start()
 
-    yield start
-    for server in started:
-        server.kill()
+    return start
 
 
 @pytest.fixture
-def udp_publisher():
-    """udp_publisher() -> a started Publisher: ffmpeg sending MPEG-TS (MPEG-2 video, 64x48, 10 fps) to
-    udp://127.0.0.1:PORT in real time."""
+def udp_publisher(publishers):
+    """udp_publisher() -> a started Publisher: ffmpeg sending MPEG-TS to udp://127.0.0.1:PORT in real time."""
     if shutil.which("ffmpeg") is None:
         _missing("ffmpeg")
-    started = []
 
     def start() -> Publisher:
-        port = free_port(socket.SOCK_DGRAM)
-        url = f"udp://127.0.0.1:{port}"
-        publisher = Publisher(["ffmpeg", "-hide_banner", "-loglevel", "error", "-re", "-f", "lavfi", "-i",
-                               "testsrc=size=64x48:rate=10", "-c:v", "mpeg2video", "-g", "10", "-f", "mpegts",
-                               f"{url}?pkt_size=1316"], url)
-        started.append(publisher)
-        return publisher.start()
+        url = f"udp://127.0.0.1:{free_port(socket.SOCK_DGRAM)}"
+        publishers.append(Publisher(FFMPEG_TESTSRC + [f"{url}?pkt_size=1316"], url))
+        return publishers[-1].start()
 
-    yield start
-    for publisher in started:
-        publisher.kill()
+    return start
 
 
 @pytest.fixture
-def http_publisher():
-    """http_publisher() -> a started Publisher: ffmpeg serving one MPEG-TS stream (64x48, 10 fps, real
-    time) at http://127.0.0.1:PORT/live.ts to the first client that connects."""
+def http_publisher(publishers):
+    """http_publisher() -> a started Publisher: ffmpeg serving MPEG-TS at http://127.0.0.1:PORT/live.ts, in
+    real time, to the first client that connects."""
     if shutil.which("ffmpeg") is None:
         _missing("ffmpeg")
-    started = []
 
     def start() -> Publisher:
         url = f"http://127.0.0.1:{free_port()}/live.ts"
-        publisher = Publisher(["ffmpeg", "-hide_banner", "-loglevel", "error", "-re", "-f", "lavfi", "-i",
-                               "testsrc=size=64x48:rate=10", "-c:v", "mpeg2video", "-g", "10", "-f", "mpegts",
-                               "-listen", "1", url], url)
-        started.append(publisher)
-        return publisher.start()
+        publishers.append(Publisher(FFMPEG_TESTSRC + ["-listen", "1", url], url))
+        return publishers[-1].start()
 
-    yield start
-    for publisher in started:
-        publisher.kill()
+    return start
 
 
 class EventLog:

@@ -60,8 +60,9 @@ def test_rtsp_frames_arrive_with_increasing_stream_times(rtsp_server, events):
     times = [f.time for f in reader.frames]
     assert all(b > a for a, b in zip(times, times[1:]))
     # sampled at 5 fps from a 10 fps stream: ticks 0.2 s apart (the stream's own spacing, not arrival time)
-    # (the first frames arrive in a burst after the open's probing; the first may lack a pts)
-    assert [b - a for a, b in zip(times, times[1:])] == pytest.approx([0.2] * (len(times) - 1), abs=0.02)
+    # (the first frames arrive in a burst after the open's probing; the first lacks a pts and takes the clock)
+    later = times[1:]
+    assert [b - a for a, b in zip(later, later[1:])] == pytest.approx([0.2] * (len(later) - 1), abs=0.01)
     assert tuple(reader.frames[0].frame.shape) == (48, 64, 3)
     assert events.types()[0] == "connected"
 
@@ -76,14 +77,15 @@ def test_rtsp_server_killed_and_restarted_the_session_reconnects_and_keeps_answe
         server.kill()
         assert events.wait_for(lambda e: e["type"] == "reconnect", timeout=20) is not None
         held = live.ingested
-        # while it is down the session still answers about what it ingested
+        # while it is down the session still answers about what it ingested (a frame still in the buffer
+        # when the connection broke may join in the meantime)
         during = live.ask("Still there?", max_new_tokens=3)
-        assert during.frames == held
+        assert during.frames >= held >= first.frames
         server.start()  # the same port
-        assert live.wait_for_frames(held + 4, timeout=40)
+        assert live.wait_for_frames(during.frames + 4, timeout=40)
         after = live.ask("And now?", max_new_tokens=3)
         stats = live.stats()
-    assert first.frames >= 4 and after.frames >= held + 4 and after.t > first.t
+    assert first.frames >= 4 and after.frames >= during.frames + 4 and after.t > during.t
     assert stats["reconnects"] >= 1 and stats["error"] is None
     assert [e["message"].startswith("reconnected") for e in events.events if e["type"] == "connected"][-1]
     # the cache kept every frame ingested before the outage: nothing was evicted (no budget), all frames in
