@@ -237,23 +237,31 @@ def run_routing(model_dir: Path, frames_count: int, repeats: int, device, dtype,
     }
 
 
-def bench_video(seconds: int = 60) -> Path:
-    """A procedurally drawn video (moving shapes, 256x256, 8 fps) for caption benchmarks, cached."""
+def bench_video(seconds: float = 60, fps: float = 8.0, size: int = 256) -> Path:
+    """A procedurally drawn video (a moving disc and square on a slowly changing background), cached.
+
+    Drawn in slices, so an hour at 1 fps (3600 frames) needs little memory before encoding."""
     from streamvlm.video.files import write_video
     from streamvlm.video.sample import cache_dir
 
-    target = cache_dir() / f"bench-{seconds}s.mp4"
-    if not target.is_file():
-        t = torch.arange(seconds * 8, dtype=torch.float32)[:, None, None]
-        y, x = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
-        frames = torch.zeros(seconds * 8, 256, 256, 3)
-        frames[..., 2] = 60 + 40 * torch.sin(t / 40)  # slowly changing background
-        cx, cy = (t * 3) % 256, 128 + 80 * torch.sin(t / 25)
-        frames[..., 0] += 255 * (((x - cx) ** 2 + (y - cy) ** 2) < 30**2)
-        frames[..., 1] += 200 * ((x - (255 - cx)).abs() < 20) * ((y - 60).abs() < 20)
-        tmp = target.with_suffix(".tmp.mp4")
-        write_video(tmp, frames.clamp(0, 255).to(torch.uint8), fps=8)
-        tmp.replace(target)
+    count = max(1, round(seconds * fps))
+    target = cache_dir() / f"bench-{count}f-{fps:g}fps-{size}px.mp4"
+    if target.is_file():
+        return target
+    scale = size / 256
+    y, x = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+    frames = torch.empty(count, size, size, 3, dtype=torch.uint8)
+    for start in range(0, count, 512):
+        t = torch.arange(start, min(start + 512, count), dtype=torch.float32)[:, None, None]
+        block = torch.zeros(t.shape[0], size, size, 3)
+        block[..., 2] = 60 + 40 * torch.sin(t / 40)
+        cx, cy = (t * 3 * scale) % size, size / 2 + 80 * scale * torch.sin(t / 25)
+        block[..., 0] += 255 * (((x - cx) ** 2 + (y - cy) ** 2) < (30 * scale) ** 2)
+        block[..., 1] += 200 * ((x - (size - 1 - cx)).abs() < 20 * scale) * ((y - 60 * scale).abs() < 20 * scale)
+        frames[start:start + t.shape[0]] = block.clamp(0, 255).to(torch.uint8)
+    tmp = target.with_suffix(".tmp.mp4")
+    write_video(tmp, frames, fps=fps)
+    tmp.replace(target)
     return target
 
 

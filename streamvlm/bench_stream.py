@@ -35,32 +35,6 @@ logger = logging.getLogger(__name__)
 QUESTION = "What is happening in the video right now?"
 
 
-def stream_video(minutes: float, fps: float) -> Path:
-    """A procedurally drawn video of `minutes` at `fps` frames a second (64x64, moving shapes), cached."""
-    from streamvlm.video.files import write_video
-    from streamvlm.video.sample import cache_dir
-
-    count = max(1, round(minutes * 60 * fps))
-    target = cache_dir() / f"bench-stream-{count}f-{fps:g}fps.mp4"
-    if target.is_file():
-        return target
-    t = torch.arange(count, dtype=torch.float32)[:, None, None]
-    y, x = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
-    frames = torch.zeros(count, 64, 64, 3, dtype=torch.uint8)
-    for start in range(0, count, 512):  # in slices: an hour at 1 fps is 3600 frames
-        ts = t[start:start + 512]
-        cx, cy = (ts * 2) % 64, 32 + 20 * torch.sin(ts / 15)
-        block = torch.zeros(ts.shape[0], 64, 64, 3)
-        block[..., 2] = 60 + 40 * torch.sin(ts / 40)
-        block[..., 0] += 255 * (((x - cx) ** 2 + (y - cy) ** 2) < 8**2)
-        block[..., 1] += 200 * ((x - (63 - cx)).abs() < 5) * ((y - 16).abs() < 5)
-        frames[start:start + 512] = block.clamp(0, 255).to(torch.uint8)
-    tmp = target.with_suffix(".tmp.mp4")
-    write_video(tmp, frames, fps=fps)
-    tmp.replace(target)
-    return target
-
-
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -74,7 +48,7 @@ class _Recorder:
     """A Source over another that keeps every frame (small, at the file's resolution) for the baseline."""
 
     def __init__(self, inner):
-        self.inner, self.name, self.live, self.paced = inner, inner.name, inner.live, inner.paced
+        self.inner, self.name, self.paced = inner, inner.name, inner.paced
         self.recorded: list[torch.Tensor] = []
 
     def frames(self, stop, on_event=None):
@@ -161,7 +135,9 @@ def run_stream_bench(models: dict[str, Path], ages_min: list[float], fps: float,
     if not ages_min or any(a <= 0 for a in ages_min):
         raise StreamVLMError("--ages must be positive minutes, e.g. 1,10,60")
     ages_s = sorted(a * 60 for a in ages_min)
-    video = stream_video(ages_s[-1] / 60 + 1 / fps / 60, fps)  # a frame past the last age
+    from streamvlm.bench import bench_video
+
+    video = bench_video(ages_s[-1] + 1 / fps, fps, size=64)  # a frame past the last age
     results = []
     for name, model_dir in models.items():
         vlm = StreamVLM.from_pretrained(model_dir, device=device, dtype=dtype)

@@ -11,7 +11,7 @@ import torch
 from streamvlm import RoutingConfig, StreamVLM, StreamVLMError
 from streamvlm.decoder import Decoder
 from streamvlm.flops import FlopCounter
-from streamvlm.routers import MoDRouter, load_router, save_router
+from streamvlm.routers import MoDRouter, save_router
 from streamvlm.routers.config import tokens_kept
 from streamvlm.types import Chunk, TEXT, VISION
 from support import feed_in_chunks, random_frames

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from streamvlm import StreamVLM
-from support import feed_in_chunks, hf_inputs, random_frames
+from support import feed_in_chunks, random_frames
 
 QUESTION = "What is on the table?"
 

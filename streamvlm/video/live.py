@@ -127,11 +127,9 @@ class Source:
     """A video source; `frames` runs on one thread, once."""
 
     name: str
-    live: bool
-    """True for network streams and webcams: frames come at the camera's pace whatever we do."""
     paced: bool
-    """Frames come on a clock (live sources; files and lavfi at a speed above 0). A consumer that falls
-    behind a paced source drops frames; an unpaced one (full speed) is simply waited for."""
+    """Frames come on a clock (network streams and webcams; files and lavfi at a speed above 0). A
+    consumer that falls behind a paced source drops frames; an unpaced one (full speed) is waited for."""
 
     def frames(self, stop: threading.Event, on_event: EventSink | None = None) -> Iterator[LiveFrame]:
         """Frames until the source ends, fails (StreamVLMError) or `stop` is set."""
@@ -170,8 +168,6 @@ class FileSource(Source):
     speed: 1.0 plays in real time, 2.0 twice as fast, 0 as fast as it decodes. loop: start over at the end
     (stream time keeps counting). Bad files raise StreamVLMError here, before anything starts.
     """
-
-    live = False
 
     def __init__(self, path: str | Path, fps: float | None = None, speed: float = 1.0, loop: bool = False):
         if speed < 0:
@@ -215,8 +211,7 @@ class StreamSource(Source):
         self.options = dict(options or {})
         self.policy = reconnect or Reconnect()
         self.speed = speed
-        self.live = not finite
-        self.paced = self.live or speed > 0
+        self.paced = not finite or speed > 0
         scheme = urlsplit(url).scheme.lower()
         # FFmpeg's RTSP demuxer, interrupted after a stall, waits once more before it gives up (measured:
         # a frozen server is detected after twice PyAV's read timeout), so RTSP gets half the budget.

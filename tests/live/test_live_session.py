@@ -24,7 +24,7 @@ class Recording(Source):
     """Wraps a source and keeps every frame it gives (to replay them offline)."""
 
     def __init__(self, inner: Source):
-        self.inner, self.name, self.live, self.paced = inner, inner.name, inner.live, inner.paced
+        self.inner, self.name, self.paced = inner, inner.name, inner.paced
         self.frames_seen: list[LiveFrame] = []
 
     def frames(self, stop, on_event=None):
@@ -36,7 +36,7 @@ class Recording(Source):
 class Failing(Source):
     """Gives `count` frames, then fails as a source that gave up reconnecting does."""
 
-    name, live, paced = "failing", True, True
+    name, paced = "failing", True
 
     def __init__(self, count: int):
         self.count = count
