@@ -301,13 +301,17 @@ def run(args) -> dict:
         raise StreamVLMError("--frames, --new-tokens and --repeats must be at least 1")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if args.suite == "serve":
+        from streamvlm.bench_serve import run_serve_bench
+
+        clients = _numbers("--clients", args.clients, int)
+        return run_serve_bench(Path(args.model) if args.model else None, clients, args.requests,
+                               _numbers("--ages", args.ages or "1,30", float), args.stream_fps, args.new_tokens,
+                               args.clip_seconds, args.workers)
     if args.suite == "stream":
         from streamvlm.bench_stream import run_stream_bench
 
-        try:
-            ages = [float(a) for a in args.ages.split(",") if a.strip()]
-        except ValueError:
-            raise StreamVLMError(f"--ages: minutes separated by commas, e.g. 1,10,60; got {args.ages!r}") from None
+        ages = _numbers("--ages", args.ages or "1,10,60", float)
         known = {"tiny": stream_tiny_dir, "small": bench_model_dir}
         names = [m.strip() for m in args.models.split(",") if m.strip()]
         if not names or any(n not in known for n in names):
@@ -328,6 +332,16 @@ def run(args) -> dict:
     raise StreamVLMError(f"unknown bench suite {args.suite!r}")
 
 
+def _numbers(flag: str, text: str, kind) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise StreamVLMError(f"{flag}: positive numbers separated by commas, e.g. 1,4,16; got {text!r}")
+    return values
+
+
 def _model_line(result: dict) -> str:
     m = result["model"]
     return (f"bench {result['suite']}: {m['layers']} layers, hidden {m['hidden']}, {m['tokens_per_frame']} "
@@ -336,6 +350,10 @@ def _model_line(result: dict) -> str:
 
 
 def format_table(result: dict) -> str:
+    if result["suite"] == "serve":
+        from streamvlm.bench_serve import format_serve
+
+        return format_serve(result)
     if result["suite"] == "stream":
         from streamvlm.bench_stream import format_stream
 

@@ -35,6 +35,10 @@ def user_message(question: str, with_video: bool) -> dict:
     return {"role": "user", "content": content}
 
 
+def system_message(text: str) -> dict:
+    return {"role": "system", "content": [{"type": "text", "text": text}]}
+
+
 def assistant_message(answer: str) -> dict:
     return {"role": "assistant", "content": [{"type": "text", "text": answer}]}
 

@@ -3,6 +3,7 @@
     streamvlm ask [VIDEO] [-q QUESTION ...]     answer questions about a video file (default: the sample)
     streamvlm live --source URL|FILE|sample     watch a stream, answer questions while it plays
     streamvlm caption INPUT... --out F.jsonl    caption long videos, resumable, shardable
+    streamvlm serve [--port 8000]               OpenAI-style HTTP API, live streams over WebSocket, a web page
     streamvlm init-tiny DIR                     write a small random checkpoint, offline
     streamvlm bench dense [--json]              ours vs transformers, timed in one run
 
@@ -230,6 +231,33 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from streamvlm.builtin import is_builtin
+    from streamvlm.serve import Engine, MediaPolicy, ServeConfig, serve
+
+    media_dir = None
+    if args.allowed_media_dir is not None:
+        media_dir = Path(args.allowed_media_dir).expanduser()
+        if not media_dir.is_dir():
+            raise StreamVLMError(f"--allowed-media-dir {media_dir}: not a folder")
+    for name in ("max_sessions", "workers"):
+        if getattr(args, name) < 1:
+            raise StreamVLMError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_data_mb <= 0 or args.max_body_mb < args.max_data_mb:
+        raise StreamVLMError("--max-data-mb must be positive and --max-body-mb at least as large "
+                             "(base64 makes an inline video a third larger than the file)")
+    api_key = args.api_key or os.environ.get("STREAMVLM_API_KEY") or None
+    vlm, model_dir = _load(args)
+    model_id = args.model_name or ("streamvlm-builtin" if is_builtin(model_dir) else Path(model_dir).resolve().name)
+    config = ServeConfig(api_key=api_key, max_sessions=args.max_sessions,
+                         media=MediaPolicy(media_dir, max_data_bytes=int(args.max_data_mb * 2**20),
+                                           allow_devices=not args.no_devices),
+                         max_body_bytes=int(args.max_body_mb * 2**20))
+    serve(Engine(vlm, model_id, workers=args.workers), config, host=args.host, port=args.port,
+          log_level="info" if args.verbose else "warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamvlm",
@@ -411,22 +439,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
     p.set_defaults(func=cmd_init_tiny)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API, live streams over WebSocket, and a web page",
+                       description="Serve the model over HTTP. POST /v1/chat/completions takes OpenAI chat requests "
+                                   "whose user message carries a video_url (a file in --allowed-media-dir, or a "
+                                   "data: URI); POST /v1/streams opens a live source whose cache lives between "
+                                   "questions, asked over the WebSocket /v1/streams/{id}/ws; the page at / does "
+                                   "both in a browser; /docs describes the API.",
+                       epilog="example: streamvlm serve --allowed-media-dir ~/videos --api-key $(openssl rand -hex 16)"
+                              "   then: curl -H 'Authorization: Bearer KEY' localhost:8000/v1/models")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 for every interface: "
+                        "then use --api-key)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one and prints it)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every /v1 endpoint (default: $STREAMVLM_API_KEY; "
+                        "none: open to anyone who can connect)")
+    p.add_argument("--allowed-media-dir", default=None, metavar="DIR",
+                   help="video files requests may name (relative to DIR; nothing outside it, symlinks included); "
+                        "default: none, videos come as data: URIs or live streams")
+    p.add_argument("--max-sessions", type=int, default=4, metavar="N", help="live streams open at once (default 4)")
+    p.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="requests computed at once; more wait their turn (default 2)")
+    p.add_argument("--max-data-mb", type=float, default=32.0, metavar="MB",
+                   help="largest video sent inline as a data: URI (default 32)")
+    p.add_argument("--max-body-mb", type=float, default=48.0, metavar="MB",
+                   help="largest request body (default 48)")
+    p.add_argument("--no-devices", action="store_true", help="refuse to open cameras (/dev/videoN) for clients")
+    p.add_argument("--model-name", default=None,
+                   help="the model id clients send (default: the checkpoint folder's name, or streamvlm-builtin)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("bench", help="performance figures, measured as ratios in one run",
                        description="Time our runtime against transformers on the same checkpoint in one run. "
                                    "Without --model, a random checkpoint with the shape of a real small model "
                                    "is made in the cache folder.")
-    p.add_argument("suite", choices=["dense", "routing", "caption", "stream"],
+    p.add_argument("suite", choices=["dense", "routing", "caption", "stream", "serve"],
                    help="dense: ingest and answer, ours vs transformers' forward; routing: ingest time dense vs "
                         "mod at keep 1.0/0.5/0.2, interleaved and all (first two layers dense), against the "
                         "speed-up the FLOPs predict; caption: hours of video captioned per hour of compute, "
                         "built-in tiny and small-shaped models, dense and mod:0.2:interleaved; stream: a long "
                         "stream from a file at full speed: sustained ingest rate, time to first token at each "
-                        "--ages, peak memory, and transformers re-running on all frames so far for each question")
+                        "--ages, peak memory, and transformers re-running on all frames so far for each question; "
+                        "serve: `streamvlm serve` in its own process under --clients concurrent clients asking "
+                        "short video questions (requests/s, latency percentiles), and time to first token over "
+                        "the WebSocket for live streams at --ages (default: the built-in model)")
     p.add_argument("--model", metavar="DIR", help="checkpoint to measure (default: random, real-small shape)")
     p.add_argument("--frames", type=int, default=8, help="frames to ingest (default 8)")
     p.add_argument("--new-tokens", type=int, default=32, help="answer tokens to generate (default 32)")
     p.add_argument("--video-seconds", type=int, default=60, help="length of the caption bench's video (default 60)")
-    p.add_argument("--ages", default="1,10,60", help="stream: stream ages in minutes at which to ask (default 1,10,60)")
+    p.add_argument("--ages", default=None,
+                   help="stream, serve: stream ages in minutes at which to ask (default 1,10,60; serve 1,30)")
+    p.add_argument("--clients", default="1,4,16", help="serve: concurrent clients, comma-separated (default 1,4,16)")
+    p.add_argument("--requests", type=int, default=32,
+                   help="serve: requests per client count (at least one per client; default 32)")
+    p.add_argument("--clip-seconds", type=float, default=4.0,
+                   help="serve: length of the clip each question is about (default 4)")
+    p.add_argument("--workers", type=int, default=2, help="serve: the server's --workers (default 2)")
     p.add_argument("--stream-fps", type=float, default=1.0, help="stream: frames per second sampled (default 1)")
     p.add_argument("--memory-budget", default="8192",
                    help="stream: our session's KV bound, tokens per layer or a size (default 8192)")

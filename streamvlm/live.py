@@ -156,12 +156,16 @@ class LiveSession:
         with self._lock:
             yield from self.session.ask_stream(question, **sampling)
 
-    def ask(self, question: str, on_piece: Callable[[str], None] | None = None, **sampling) -> LiveAnswer:
-        """Answer a question about the stream so far; on_piece gets the answer's text as it is generated."""
+    def ask(self, question: str, on_piece: Callable[[str], None] | None = None,
+            on_start: Callable[[float | None, int], None] | None = None, **sampling) -> LiveAnswer:
+        """Answer a question about the stream so far; on_piece gets the answer's text as it is generated,
+        on_start the stream time and frame count the answer will see, once the question has the lock."""
         asked = time.perf_counter()
         first, pieces = None, []
         with self._lock:
             t, frames = self.stream_time, self.session.stats()["frames"]
+            if on_start is not None:
+                on_start(t, frames)
             for piece in self.session.ask_stream(question, **sampling):
                 if first is None:  # the first token, even one that decodes to no text yet
                     first = time.perf_counter() - asked

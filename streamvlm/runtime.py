@@ -99,13 +99,16 @@ class StreamVLM:
         `Session.append_encoded` (e.g. to encode once and feed several sessions)."""
         return self.adapter.encode_frames(self.preprocess(frames))
 
-    def session(self, memory_budget: str | int | MemoryBudget | None = None, **sampling) -> Session:
+    def session(self, memory_budget: str | int | MemoryBudget | None = None, *, system: str | None = None,
+                **sampling) -> Session:
         """A new session with its own cache; keyword arguments override the default SamplingConfig.
 
+        system: a system prompt, rendered by the checkpoint's chat template before the first turn (None: the
+        template's default).
         memory_budget: bound the cache for unbounded streams: entries per layer (20000) or bytes of K/V
         ("64MB", "2GiB"), or a MemoryBudget; None keeps everything (the default).
         """
-        return Session(self, self.sampling.with_overrides(**sampling), MemoryBudget.parse(memory_budget))
+        return Session(self, self.sampling.with_overrides(**sampling), MemoryBudget.parse(memory_budget), system)
 
     def generate(self, frames: FrameInput, prompt: str, *, timestamps: Sequence[float] | None = None,
                  **sampling) -> str:

@@ -25,7 +25,7 @@ import torch
 from streamvlm.cache import KVCache
 from streamvlm.rope import shift_rope
 from streamvlm.memory import MemoryBudget
-from streamvlm.chat import ChatLayout, assistant_message, user_message
+from streamvlm.chat import ChatLayout, assistant_message, system_message, user_message
 from streamvlm.errors import StreamVLMError
 from streamvlm.flops import FlopCounter
 from streamvlm.generation import SamplingConfig, TokenChooser
@@ -59,7 +59,7 @@ def chunk_from_pieces(pieces: list[Piece], start: int, frame_grid: tuple[int, in
     return Chunk(torch.cat(embeds), positions, torch.cat(kinds), torch.cat(frames), tuple(spans), frame_grid)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _OpenTurn:
     """A question checked and laid out, not yet fed."""
 
@@ -68,12 +68,15 @@ class _OpenTurn:
     prompt_pieces: list
     """Pieces for Session._run: the video tail (if the turn has frames) and the prompt text."""
     closing_ids: list[int]
+    context_tokens: int = 0
+    """Positions read before the answer's first token, set once the prompt is fed."""
 
 
 class Session:
     """One stream's cache and dialogue; made by `StreamVLM.session()`. Not thread-safe: one caller at a time."""
 
-    def __init__(self, vlm: StreamVLM, sampling: SamplingConfig, memory: MemoryBudget | None = None):
+    def __init__(self, vlm: StreamVLM, sampling: SamplingConfig, memory: MemoryBudget | None = None,
+                 system: str | None = None):
         self._vlm = vlm
         self._adapter = vlm.adapter
         self._parts = vlm.adapter.decoder
@@ -84,7 +87,11 @@ class Session:
                              vlm.adapter.device)
         self.flops = FlopCounter.for_decoder(parts)
         self.turns: list[Turn] = []
-        self._history: list[dict] = []
+        # A system prompt is the dialogue's first message; the template renders it in front of the first turn
+        # (without one, the template's own default, if it has one).
+        self._history: list[dict] = [system_message(system)] if system is not None else []
+        # The rendered system message, fed in front of the first text the session feeds.
+        self._preamble = self._layout.render(self._history, add_generation_prompt=False)
         self._next_pos = 0
         self._frames = 0
         self._last_timestamp: float | None = None
@@ -206,7 +213,7 @@ class Session:
             if len(timestamps) != count:
                 raise StreamVLMError(f"got {count} frames but {len(timestamps)} timestamps")
         opening = self._layout.before_video(self._history) if self._open_video_text is None else ""
-        opening_ids = self._text_ids(opening) if opening else []
+        opening_ids = self._text_ids(self._preamble + opening) if opening else []
         tpf = self._adapter.vision.tokens_per_frame
         step = self._vlm.max_chunk_frames
         if self._budget is None:
@@ -227,6 +234,8 @@ class Session:
             pieces += [(feats[i], self._frames + i, None) for i in range(last - first)]
             self._run(pieces, logits="none")
             self._frames += last - first
+            if opening_ids:
+                self._preamble = ""
         if self._open_video_text is None:
             self._open_video_text = opening
         if timestamps:
@@ -256,6 +265,7 @@ class Session:
         answer_ids = [int(i) for i in answer_ids]
         turn = self._open_question(question, extra_tokens=len(answer_ids))
         self._before_question(turn)
+        turn.context_tokens = self._next_pos + sum(p[0].shape[0] for p in turn.prompt_pieces)
         logits = self._run(turn.prompt_pieces + [self._text_piece(answer_ids)], logits="all")
         self._close_turn(turn, answer_ids, None, "scored")
         return logits[-(len(answer_ids) + 1):]
@@ -271,7 +281,7 @@ class Session:
                                  "it cannot be streamed")
         closing_ids = self._adapter.tokenizer(self._layout.closing(self._history, question, with_video),
                                               add_special_tokens=False)["input_ids"]
-        prompt_ids = self._text_ids(turn_text.after_video if with_video else turn_text.before_video
+        prompt_ids = self._text_ids(turn_text.after_video if with_video else self._preamble + turn_text.before_video
                                     + turn_text.after_video)
         pieces = [self._text_piece(prompt_ids)]
         if with_video:
@@ -280,6 +290,7 @@ class Session:
         prompt_len = sum(p[0].shape[0] for p in pieces)
         self._make_room(prompt_len + len(closing_ids) + extra_tokens)
         self._check_room(prompt_len + len(closing_ids) + extra_tokens, f"the question ({len(prompt_ids)} tokens)")
+        self._preamble = ""  # in prompt_ids, fed with the question
         return _OpenTurn(question, with_video, pieces, closing_ids)
 
     @torch.inference_mode()
@@ -308,6 +319,7 @@ class Session:
             self._before_question(turn)
             with torch.inference_mode():
                 logits = self._run(turn.prompt_pieces, logits="last")
+            turn.context_tokens = self._next_pos
             # Room left for answer tokens, keeping the closing text inside the context.
             room = self._parts.max_positions - self._next_pos - len(turn.closing_ids)
             while True:
@@ -345,7 +357,8 @@ class Session:
         answer = self._adapter.tokenizer.decode(ids, skip_special_tokens=True)
         self._history += [user_message(turn.question, turn.with_video), assistant_message(answer)]
         self.turns.append(Turn(question=turn.question, answer=answer, answer_ids=tuple(ids),
-                               frames_seen=self._frames, stream_time=self._last_timestamp, stop_reason=stop_reason))
+                               frames_seen=self._frames, stream_time=self._last_timestamp, stop_reason=stop_reason,
+                               context_tokens=turn.context_tokens))
         self._open_video_text = None
 
     def token_ids(self) -> list[int]:

@@ -78,3 +78,6 @@ class Turn:
     stop_reason: str
     """"stop_token", "max_new_tokens", "context_full" (the model's context is used up), "cancelled" (the
     caller stopped reading the stream) or "scored" (the answer was given to `Session.score`)."""
+    context_tokens: int = 0
+    """Positions the model had read before the answer's first token: the system prompt, the video, earlier
+    turns and this question (what an OpenAI-style API reports as prompt tokens)."""

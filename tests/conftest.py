@@ -35,3 +35,30 @@ def hf_model():
         return cache[model_dir]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def serve(tiny_dir, tmp_path_factory):
+    """Start `streamvlm serve` on the tiny checkpoint: serve(api_key=None, media_dir=None, max_sessions=4,
+    workers=2, extra=()) -> ServerProcess (.url, .api_key, .pid, .headers(), .rss_bytes()). One process per distinct
+    configuration, shared by the session's tests, stopped at the end."""
+    import os
+
+    from streamvlm.serve.process import ServerProcess
+
+    root = tmp_path_factory.mktemp("serve")
+    env = {**os.environ, "STREAMVLM_CACHE": str(root / "cache"), "PYTHONUNBUFFERED": "1"}
+    env.pop("STREAMVLM_API_KEY", None)
+    servers: dict = {}
+
+    def start(api_key=None, media_dir=None, max_sessions=4, workers=2, extra=()):
+        key = (api_key, str(media_dir), max_sessions, workers, tuple(extra))
+        if key not in servers:
+            args = ["--model", str(tiny_dir), "--max-sessions", str(max_sessions), "--workers", str(workers),
+                    "--model-name", "tiny", *extra]
+            servers[key] = ServerProcess(args, env, root / f"server-{len(servers)}.log", api_key, media_dir)
+        return servers[key]
+
+    yield start
+    for server in servers.values():
+        server.stop()

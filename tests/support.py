@@ -119,3 +119,4 @@ def upright_picture(height: int = 48, width: int = 64) -> np.ndarray:
     picture = np.full((height, width, 3), 20, np.uint8)
     picture[:16, :16] = 235
     return picture
+

@@ -143,3 +143,24 @@ def test_bench_stream_json(tiny_dir, cache, capsys):
 def test_bench_stream_bad_ages(cache, capsys):
     assert main(["bench", "stream", "--ages", "soon"]) == 2
     assert "--ages" in capsys.readouterr().err
+
+
+def test_bench_serve_json(tiny_dir, cache, capsys):
+    assert main(["bench", "serve", "--model", str(tiny_dir), "--clients", "1,3", "--requests", "3", "--ages",
+                 "0.1", "--stream-fps", "2", "--new-tokens", "2", "--clip-seconds", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["suite"] == "serve"
+    assert [r["clients"] for r in result["load"]] == [1, 3]
+    for row in result["load"]:
+        assert row["completed"] == 3 and row["failed"] == 0 and row["requests_per_second"] > 0
+        assert 0 < row["latency_p50_s"] <= row["latency_p90_s"] <= row["latency_p99_s"]
+    (live,) = result["live"]
+    assert live["age_minutes"] == 0.1 and live["frames_ingested"] == live["frames_in_video"] == 12
+    assert 0 < live["ttft_s"] <= live["answer_s"]
+
+
+def test_serve_user_errors(cache, tmp_path, capsys):
+    assert main(["serve", "--allowed-media-dir", str(tmp_path / "missing")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert main(["serve", "--max-sessions", "0"]) == 2
+    assert "--max-sessions" in capsys.readouterr().err

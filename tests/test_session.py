@@ -187,3 +187,23 @@ def test_dialogue_segments_lay_out_what_the_session_feeds(vlm):
     expected = (tok("a red square", add_special_tokens=False)["input_ids"] + [im_end]
                 + tok("left", add_special_tokens=False)["input_ids"] + [im_end] + [im_end])
     assert targets == expected
+
+
+@pytest.mark.parametrize("with_video", [True, False])
+def test_system_prompt_is_fed_as_the_template_renders_it(vlm, with_video):
+    tok = vlm.tokenizer
+    messages = [{"role": "system", "content": [{"type": "text", "text": "You watch closely."}]},
+                {"role": "user", "content": ([{"type": "video"}] if with_video else [])
+                 + [{"type": "text", "text": QUESTION}]}]
+    rendered = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))["input_ids"]
+    video = tok.convert_tokens_to_ids("<video>")
+    expected = []
+    for i in rendered:  # the placeholder stands for 2 frames' tokens and the video's closing tail
+        expected += [video] * (2 * vlm.tokens_per_frame + 1) if i == video else [i]
+    session = vlm.session(system="You watch closely.")
+    if with_video:
+        session.append_frames(random_frames(2, seed=5))
+    session.score(QUESTION, [])
+    assert "You watch closely." in tok.decode(expected)
+    assert session.token_ids()[:len(expected)] == expected
+    assert session.turns[-1].context_tokens == len(expected)

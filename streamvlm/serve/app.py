@@ -1,0 +1,444 @@
+"""The HTTP server: an OpenAI-compatible chat API over videos, live streams with WebSocket questions, and a
+web page. Built by `create_app(engine, config)`; `streamvlm serve` runs it under uvicorn.
+
+    GET  /health                        liveness, no key needed
+    GET  /v1/models                     the one model served
+    POST /v1/chat/completions           OpenAI chat completions; stream=true gives server-sent events
+    GET  /v1/sources                    what the page offers to open (sample, files in the media folder)
+    POST /v1/streams                    open a live source and start ingesting it
+    GET  /v1/streams, /v1/streams/{id}  streams and their figures
+    GET  /v1/streams/{id}/frame.jpg     the newest frame, small
+    DELETE /v1/streams/{id}             close it
+    WS   /v1/streams/{id}/ws            ask questions, receive answers as they are generated and status events
+    GET  /                              the web page (static; it calls the API with the key typed into it)
+
+With an API key every endpoint under /v1 needs `Authorization: Bearer KEY` (a WebSocket may instead offer
+the subprotocol `bearer.KEY`, since browsers cannot set its headers). The page, its assets and the API
+description (/docs, /openapi.json) hold no data and run no model, so they are served without one.
+Every refusal is OpenAI's error JSON with a 4xx status; an unexpected failure is a 500 with a short
+message (the traceback goes to the server's log, never to the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from streamvlm.errors import StreamVLMError
+from streamvlm.memory import MemoryBudget
+from streamvlm.serve.completions import (
+    ChatRequest,
+    ChatResult,
+    chunk_body,
+    completion_body,
+    completion_id,
+    parse_request,
+    run_chat,
+    usage,
+)
+from streamvlm.serve.engine import Engine
+from streamvlm.serve.errors import APIError, error_body
+from streamvlm.serve.media import MediaPolicy
+from streamvlm.serve.streams import LiveStream, StreamRegistry, StreamSpec, Watcher
+
+log = logging.getLogger(__name__)
+
+_STATIC = resources.files("streamvlm.serve") / "static"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    api_key: str | None = None
+    """When set, every /v1 endpoint needs `Authorization: Bearer <api_key>`."""
+    media: MediaPolicy = field(default_factory=lambda: MediaPolicy(None))
+    max_sessions: int = 4
+    """Live streams open at once."""
+    max_body_bytes: int = 48 * 2**20
+    """Largest request body; a data: URI video must fit in it."""
+
+
+class StreamRequest(BaseModel):
+    source: str = Field(description="`sample`, rtsp://, udp://, http(s)://... URL, /dev/videoN, or a file in the "
+                                    "media folder (played as live)")
+    fps: float = Field(1.0, gt=0, le=30, description="frames per second of stream time fed to the model")
+    routing: str | None = Field(None, description="a --routing spec (default: the server's)")
+    memory_budget: str | int | None = Field("auto", description="bound on the KV cache: entries per layer, bytes "
+                                                                "('64MB'), 'auto' (half the context) or null")
+    speed: float = Field(1.0, ge=0, le=100, description="files only: playback speed (0: as fast as ingest runs)")
+    loop: bool = Field(False, description="files only: start again at the end")
+    max_tokens: int = Field(64, ge=1, le=4096, description="default longest answer for questions to this stream")
+
+
+class AskMessage(BaseModel):
+    type: Literal["ask"]
+    question: str
+    id: str | None = None
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0, le=2)
+
+
+def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
+    registry = StreamRegistry(config.max_sessions)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        for stream in registry.all():
+            if stream is not None:
+                stream.cancel_ticker()
+                await asyncio.to_thread(stream.close)
+        engine.close()
+
+    app = FastAPI(title="streamvlm", version="0.1.0", lifespan=lifespan,
+                  description="Video questions, OpenAI-style, and live streams whose cache persists between "
+                              "questions.")
+    app.state.registry = registry
+    app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
+
+    def require_key(request: Request) -> None:
+        if config.api_key is not None and not _key_ok(request.headers.get("authorization"), config.api_key):
+            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    authed = [Depends(require_key)]
+
+    # -- errors ------------------------------------------------------------------------------------
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StreamVLMError)
+    async def _user_error(request, exc: StreamVLMError):
+        return JSONResponse(error_body(400, str(exc)), status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if first.get("type") == "json_invalid":
+            message = "the request body is not valid JSON"
+        else:
+            message = f"{where or 'body'}: {first.get('msg', 'invalid')}"
+        return JSONResponse(error_body(400, message, param=where or None), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc: Exception):
+        log.error("request %s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(error_body(500, f"internal error ({type(exc).__name__}); see the server log"),
+                            status_code=500)
+
+    # -- basics ------------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": engine.model_id, "streams": len(registry)}
+
+    @app.get("/v1/models", dependencies=authed)
+    async def models():
+        return {"object": "list", "data": [{"id": engine.model_id, "object": "model", "created": 0,
+                                            "owned_by": "streamvlm", "routing": engine.default_routing}]}
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(str(_STATIC / "index.html"), media_type="text/html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str):
+        if name not in _ASSETS:
+            raise APIError(404, f"no asset {name!r}")
+        return FileResponse(str(_STATIC / name), media_type=_ASSETS[name])
+
+    # -- chat completions --------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions", dependencies=authed)
+    async def chat(req: ChatRequest):
+        job = parse_request(req, engine.model_id)
+        if job.routing is not None:
+            _check_routing(engine, job.routing)
+        cid, created = completion_id(), int(time.time())
+        events = engine.stream_in_thread(lambda: run_chat(engine, config.media, job))
+        # The first item comes after the video is read and the prompt is fed: failures up to there are
+        # ordinary error responses, before any byte of a stream is sent.
+        first = await anext(events)
+        if not req.stream:
+            try:
+                result = first
+                while not isinstance(result, ChatResult):
+                    result = await anext(events)
+            finally:
+                await events.aclose()
+            return completion_body(cid, created, engine.model_id, result)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def sse():
+            try:
+                yield _sse(chunk_body(cid, created, engine.model_id, {"role": "assistant", "content": ""}))
+                item = first
+                while True:
+                    if isinstance(item, ChatResult):
+                        yield _sse(chunk_body(cid, created, engine.model_id, {}, item.finish_reason,
+                                              streamvlm=item.extension))
+                        if include_usage:
+                            yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                        "model": engine.model_id, "choices": [], "usage": usage(item)})
+                        break
+                    if item:
+                        yield _sse(chunk_body(cid, created, engine.model_id, {"content": item}))
+                    item = await anext(events)
+            except Exception as e:  # the status line is sent already: report in the stream, as OpenAI does
+                log.error("streamed completion failed", exc_info=e)
+                message = e.message if isinstance(e, APIError) else str(e) or type(e).__name__
+                yield _sse(error_body(getattr(e, "status", 500), message))
+            finally:
+                await events.aclose()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # -- live streams ------------------------------------------------------------------------------
+
+    @app.get("/v1/sources", dependencies=authed)
+    async def sources():
+        items = [{"id": "sample", "label": "sample video (built in, played as live)"}]
+        items += [{"id": name, "label": name} for name in config.media.listing()]
+        return {"object": "list", "data": items}
+
+    @app.post("/v1/streams", dependencies=authed, status_code=201)
+    async def open_stream(req: StreamRequest):
+        resolved = config.media.live_source(req.source)
+        budget = req.memory_budget
+        if budget not in ("auto", None):
+            try:
+                MemoryBudget.parse(budget)
+            except (StreamVLMError, ValueError) as e:
+                raise APIError(400, f"memory_budget: {e}", param="memory_budget") from None
+        routing = req.routing
+        if routing is not None:
+            _check_routing(engine, routing)
+        spec = StreamSpec(source=req.source, resolved=resolved, fps=req.fps, routing=routing or engine.default_routing,
+                          memory_budget=budget, speed=req.speed, loop=req.loop, max_new_tokens=req.max_tokens)
+        stream_id = registry.reserve()
+        try:
+            loop = asyncio.get_running_loop()
+            # opening probes files and makes a router: not on the event loop
+            stream = await asyncio.to_thread(LiveStream, stream_id, spec, engine.fresh(routing), loop)
+            stream.start()
+        except BaseException:
+            registry.release(stream_id)
+            raise
+        registry.put(stream)
+        return await asyncio.to_thread(stream.describe)
+
+    # LiveSession.stats waits for the session's lock, which an answer holds throughout: never on the loop.
+    @app.get("/v1/streams", dependencies=authed)
+    async def list_streams():
+        streams = [s for s in registry.all() if s is not None]
+        return {"object": "list", "data": [await asyncio.to_thread(s.describe) for s in streams]}
+
+    @app.get("/v1/streams/{stream_id}", dependencies=authed)
+    async def get_stream(stream_id: str):
+        return await asyncio.to_thread(registry.get(stream_id).describe)
+
+    @app.get("/v1/streams/{stream_id}/frame.jpg", dependencies=authed)
+    async def frame(stream_id: str):
+        shot = await asyncio.to_thread(registry.get(stream_id).preview)
+        if shot is None:
+            raise APIError(404, "no frame captured yet", code="no_frame")
+        return Response(shot[1], media_type="image/jpeg", headers={"X-Stream-Time": f"{shot[0]:.3f}"})
+
+    @app.delete("/v1/streams/{stream_id}", dependencies=authed)
+    async def close_stream(stream_id: str):
+        stream = registry.get(stream_id)
+        registry.release(stream_id)
+        stream.cancel_ticker()
+        for watcher in list(stream.watchers):
+            watcher.offer({"type": "closed", "t": stream.live.stream_time})
+        await asyncio.to_thread(stream.close)
+        return {"id": stream_id, "object": "stream.deleted", "deleted": True}
+
+    @app.websocket("/v1/streams/{stream_id}/ws")
+    async def stream_ws(websocket: WebSocket, stream_id: str):
+        offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+        if config.api_key is not None and not (
+                _key_ok(websocket.headers.get("authorization"), config.api_key)
+                or any(hmac.compare_digest(p, "bearer." + config.api_key) for p in offered)):
+            await websocket.close(code=1008, reason="missing or wrong API key")  # before accept: HTTP 403
+            return
+        await websocket.accept(subprotocol="streamvlm" if "streamvlm" in offered else None)
+        try:
+            stream = registry.get(stream_id)
+        except APIError as e:
+            await websocket.send_json({"type": "error", "message": e.message, "code": e.code})
+            await websocket.close(code=4404, reason="unknown stream")
+            return
+        watcher = Watcher(asyncio.get_running_loop())
+        stream.watchers.add(watcher)
+        try:
+            await websocket.send_json({"type": "hello", "stream": await asyncio.to_thread(stream.describe)})
+            await _serve_watcher(websocket, stream, watcher)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            stream.watchers.discard(watcher)
+
+    return app
+
+
+async def _serve_watcher(websocket: WebSocket, stream: LiveStream, watcher: Watcher) -> None:
+    """Read questions and write messages until the client leaves or the stream is closed."""
+
+    async def writer():
+        while True:
+            message = await watcher.queue.get()
+            await websocket.send_json(message)
+            if message["type"] == "closed":
+                await websocket.close(code=1000, reason="stream closed")
+                return
+
+    async def reader():
+        answers: set[asyncio.Task] = set()
+        while True:
+            raw = await websocket.receive_text()
+            try:
+                message = json.loads(raw)
+                if not isinstance(message, dict):
+                    raise ValueError("a message is a JSON object")
+                if message.get("type") == "stats":
+                    watcher.send(await asyncio.to_thread(stream.status))
+                    continue
+                ask = AskMessage.model_validate(message)
+            except (ValueError, json.JSONDecodeError) as e:  # pydantic's ValidationError is a ValueError
+                watcher.send({"type": "error", "id": message.get("id") if isinstance(message, dict) else None,
+                              "message": f"bad message: {_short(e)}; send "
+                                         '{"type": "ask", "question": "..."} or {"type": "stats"}'})
+                continue
+            task = asyncio.create_task(_answer(stream, watcher, ask))
+            answers.add(task)
+            task.add_done_callback(answers.discard)
+
+    tasks = [asyncio.create_task(writer()), asyncio.create_task(reader())]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task.exception() is not None and not isinstance(task.exception(), WebSocketDisconnect):
+                raise task.exception()
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _answer(stream: LiveStream, watcher: Watcher, ask: AskMessage) -> None:
+    """Answer on a thread (it waits for the stream's lock); pieces go to the asker's queue as they come,
+    never dropped (an answer is at most max_tokens pieces)."""
+    qid = ask.id or stream.next_question_id()
+    loop = watcher.loop
+
+    def put(message: dict) -> None:
+        loop.call_soon_threadsafe(watcher.send, message)
+
+    def work():
+        sampling = {k: v for k, v in (("max_new_tokens", ask.max_tokens), ("temperature", ask.temperature))
+                    if v is not None}
+
+        def on_piece(piece: str) -> None:
+            if piece:
+                put({"type": "answer.delta", "id": qid, "text": piece})
+
+        def on_start(t: float | None, frames: int) -> None:
+            put({"type": "answer.start", "id": qid, "question": ask.question, "t": t, "frames": frames})
+
+        return stream.live.ask(ask.question, on_piece=on_piece, on_start=on_start, **sampling)
+
+    try:
+        answer = await asyncio.to_thread(work)
+        watcher.send({**answer.as_event(), "type": "answer.done", "id": qid})
+    except StreamVLMError as e:
+        watcher.send({"type": "error", "id": qid, "message": str(e)})
+    except Exception as e:
+        log.error("live answer failed", exc_info=e)
+        watcher.send({"type": "error", "id": qid, "message": f"internal error ({type(e).__name__})"})
+
+
+def _check_routing(engine: Engine, routing: str) -> None:
+    """A client may pick a routing spec, never a router folder: that would read files of its choosing."""
+    from streamvlm.routers import resolve_routing
+
+    if "/" in routing or "\\" in routing or Path(routing).exists():
+        raise APIError(400, "routing: give a spec such as mod:0.2 or fastv; router folders are chosen when the "
+                            "server starts (--routing DIR)", param="routing")
+    parts = engine.vlm.adapter.decoder
+    try:
+        resolve_routing(routing, parts.num_layers, parts.hidden_size)
+    except (StreamVLMError, ValueError) as e:
+        raise APIError(400, f"routing: {e}", param="routing") from None
+
+
+def _key_ok(header: str | None, key: str) -> bool:
+    if not header or not header.startswith("Bearer "):
+        return False
+    return hmac.compare_digest(header[len("Bearer "):].strip(), key)
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def _short(error: Exception) -> str:
+    text = str(error).splitlines()
+    return text[0] if text else type(error).__name__
+
+
+_ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+
+
+class _BodyLimit:
+    """Refuse bodies over `limit` bytes with 413: at once from Content-Length, or as soon as a chunked body
+    passes the limit (nothing beyond it is read)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"the request body is over {self.limit / 2**20:.0f} MiB (--max-body-mb)"
+        length = dict(scope.get("headers", ())).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            body = json.dumps(error_body(413, message, code="body_too_large")).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message_in = await receive()
+            if message_in["type"] == "http.request":
+                seen += len(message_in.get("body", b""))
+                if seen > self.limit:  # FastAPI passes an HTTPException raised while reading the body through
+                    raise HTTPException(413, message)
+            return message_in
+
+        await self.app(scope, limited, send)
