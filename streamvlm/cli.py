@@ -454,13 +454,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one and prints it)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every /v1 endpoint (default: $STREAMVLM_API_KEY; "
-                        "none: open to anyone who can connect)")
+                        "none: open to anyone who can connect). Use letters, digits and -._~ (e.g. openssl rand "
+                        "-hex 16): browsers send the key on a WebSocket as a subprotocol name, which allows no "
+                        "'/' or '='")
     p.add_argument("--allowed-media-dir", default=None, metavar="DIR",
                    help="video files requests may name (relative to DIR; nothing outside it, symlinks included); "
                         "default: none, videos come as data: URIs or live streams")
     p.add_argument("--max-sessions", type=int, default=4, metavar="N", help="live streams open at once (default 4)")
-    p.add_argument("--workers", type=int, default=2, metavar="N",
-                   help="requests computed at once; more wait their turn (default 2)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="requests computed at once; more wait their turn in order (default 1: torch already "
+                        "spreads one request over the cores; measured faster than 2 on the built-in model, see "
+                        "bench serve). 2 lets a long video's decoding overlap another request's compute")
     p.add_argument("--max-data-mb", type=float, default=32.0, metavar="MB",
                    help="largest video sent inline as a data: URI (default 32)")
     p.add_argument("--max-body-mb", type=float, default=48.0, metavar="MB",
@@ -495,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve: requests per client count (at least one per client; default 32)")
     p.add_argument("--clip-seconds", type=float, default=4.0,
                    help="serve: length of the clip each question is about (default 4)")
-    p.add_argument("--workers", type=int, default=2, help="serve: the server's --workers (default 2)")
+    p.add_argument("--workers", type=int, default=1, help="serve: the server's --workers (default 1)")
     p.add_argument("--stream-fps", type=float, default=1.0, help="stream: frames per second sampled (default 1)")
     p.add_argument("--memory-budget", default="8192",
                    help="stream: our session's KV bound, tokens per layer or a size (default 8192)")

@@ -34,11 +34,11 @@ class MediaPolicy:
     allow_devices: bool = True
     """Whether a live stream may open /dev/videoN (a camera on the server)."""
 
-    def file(self, ref: str, param: str) -> Path:
+    def file(self, ref: str, param: str, instead: str = "send the video as a data: URI") -> Path:
         """A path the client gave, relative to the media folder (or absolute inside it), as a real path."""
         if self.allowed_dir is None:
             raise APIError(400, f"{param}: this server reads no files (start it with --allowed-media-dir DIR); "
-                                "send the video as a data: URI", param=param, code="media_dir_disabled")
+                                f"{instead}", param=param, code="media_dir_disabled")
         ref = ref.removeprefix("file://")
         root = self.allowed_dir.resolve()
         candidate = Path(ref)
@@ -109,7 +109,7 @@ class MediaPolicy:
                 raise APIError(400, f"{param}: {scheme}:// is not a stream this server opens; use one of "
                                     f"{', '.join(NETWORK_SCHEMES)}", param=param, code="unsupported_url")
             return spec
-        return str(self.file(spec, param))
+        return str(self.file(spec, param, instead="open `sample` or a stream URL (rtsp://, udp://, ...)"))
 
     def listing(self) -> list[str]:
         """Video files in the media folder (relative paths, sorted), for the web page's picker."""
