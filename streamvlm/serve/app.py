@@ -98,9 +98,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     async def lifespan(app):
         yield
         for stream in registry.all():
-            if stream is not None:
-                stream.cancel_ticker()
-                await asyncio.to_thread(stream.close)
+            stream.cancel_ticker()
+            await asyncio.to_thread(stream.close)
         engine.close()
 
     app = FastAPI(title="streamvlm", version="0.1.0", lifespan=lifespan,
@@ -252,8 +251,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     # LiveSession.stats waits for the session's lock, which an answer holds throughout: never on the loop.
     @app.get("/v1/streams", dependencies=authed)
     async def list_streams():
-        streams = [s for s in registry.all() if s is not None]
-        return {"object": "list", "data": [await asyncio.to_thread(s.describe) for s in streams]}
+        return {"object": "list", "data": [await asyncio.to_thread(s.describe) for s in registry.all()]}
 
     @app.get("/v1/streams/{stream_id}", dependencies=authed)
     async def get_stream(stream_id: str):

@@ -180,7 +180,8 @@ class StreamRegistry:
         return len(self._streams)
 
     def all(self) -> list[LiveStream]:
-        return list(self._streams.values())
+        """The open streams (not those still opening)."""
+        return [s for s in list(self._streams.values()) if s is not None]
 
     def reserve(self) -> str:
         """A new stream id, counted against the limit from now on (release it if the open fails)."""
@@ -201,7 +202,7 @@ class StreamRegistry:
             return self._streams.pop(stream_id, None)
 
     def get(self, stream_id: str) -> LiveStream:
-        stream = self._streams.get(stream_id)
+        stream = self._streams.get(stream_id)  # None too while reserved and still opening
         if stream is None:
             raise APIError(404, f"no live stream {stream_id!r}; GET /v1/streams lists the open ones",
                            param="stream_id", code="stream_not_found")
