@@ -31,23 +31,14 @@ logger = logging.getLogger(__name__)
 QUESTION = "What is happening in the video?"
 
 
-def _post_json(url: str, path: str, body: dict, timeout: float = 300) -> tuple[int, dict]:
+def _call(url: str, method: str, path: str, body: dict | None = None, timeout: float = 300) -> tuple[int, dict]:
+    """One request on a fresh connection (as a new client would): (status, JSON body)."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
-        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        conn.request(method, path, None if body is None else json.dumps(body), {"Content-Type": "application/json"})
         response = conn.getresponse()
         return response.status, json.loads(response.read() or b"{}")
-    finally:
-        conn.close()
-
-
-def _get_json(url: str, path: str) -> dict:
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
-    try:
-        conn.request("GET", path)
-        return json.loads(conn.getresponse().read())
     finally:
         conn.close()
 
@@ -76,7 +67,7 @@ def run_load(url: str, model_id: str, clients: int, requests: int, new_tokens: i
                 left[0] -= 1
             start = time.perf_counter()
             try:
-                status, reply = _post_json(url, "/v1/chat/completions", body)
+                status, reply = _call(url, "POST", "/v1/chat/completions", body)
             except OSError as e:
                 status, reply = 0, {"error": {"message": str(e)}}
             took = time.perf_counter() - start
@@ -117,15 +108,15 @@ def run_live_age(url: str, media: Path, minutes: float, fps: float, new_tokens: 
     if not (media / name).exists():
         shutil.copy(video, media / name)  # a link would lead out of the media folder, which the server refuses
     frames_total = round(probe_video(video)["duration"] * fps)
-    status, opened = _post_json(url, "/v1/streams", {"source": name, "fps": fps, "speed": 0,
-                                                    "max_tokens": new_tokens})
+    status, opened = _call(url, "POST", "/v1/streams", {"source": name, "fps": fps, "speed": 0,
+                                                      "max_tokens": new_tokens})
     if status != 201:
         raise StreamVLMError(f"bench serve: opening the stream failed: {opened}")
     stream_id = opened["id"]
     try:
         started = time.perf_counter()
         while True:
-            stats = _get_json(url, f"/v1/streams/{stream_id}")["stats"]
+            stats = _call(url, "GET", f"/v1/streams/{stream_id}")[1]["stats"]
             if stats["done"]:
                 break
             time.sleep(0.1)
@@ -149,13 +140,9 @@ def run_live_age(url: str, media: Path, minutes: float, fps: float, new_tokens: 
                 elif message["type"] == "error":
                     raise StreamVLMError(f"bench serve: the question failed: {message['message']}")
             answer_s = time.perf_counter() - sent
-        session = _get_json(url, f"/v1/streams/{stream_id}")["stats"]["session"]
+        session = _call(url, "GET", f"/v1/streams/{stream_id}")[1]["stats"]["session"]
     finally:
-        parts = urlsplit(url)
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
-        conn.request("DELETE", f"/v1/streams/{stream_id}")
-        conn.getresponse().read()
-        conn.close()
+        _call(url, "DELETE", f"/v1/streams/{stream_id}")
     return {"age_minutes": minutes, "stream_fps": fps, "frames_in_video": frames_total,
             "frames_ingested": stats["ingested"], "ingest_seconds": ingest_s,
             "ingest_fps": stats["ingested"] / ingest_s if ingest_s else None,
@@ -199,7 +186,8 @@ def format_serve(result: dict) -> str:
              "| clients | requests | req/s | p50 s | p90 s | p99 s | failed |", "|---|---|---|---|---|---|---|"]
     for r in result["load"]:
         lines.append(f"| {r['clients']} | {r['completed']} | {r['requests_per_second']:.2f} | "
-                     f"{r['latency_p50_s']:.3f} | {r['latency_p90_s']:.3f} | {r['latency_p99_s']:.3f} | {r['failed']} |")
+                     f"{r['latency_p50_s']:.3f} | {r['latency_p90_s']:.3f} | {r['latency_p99_s']:.3f} | "
+                     f"{r['failed']} |")
     lines += ["", "| stream age | frames ingested | ingest fps | TTFT (client) s | answer s | KV MiB |",
               "|---|---|---|---|---|---|"]
     for r in result["live"]:

@@ -40,7 +40,7 @@ def hf_model():
 @pytest.fixture(scope="session")
 def serve(tiny_dir, tmp_path_factory):
     """Start `streamvlm serve` on the tiny checkpoint: serve(api_key=None, media_dir=None, max_sessions=4,
-    workers=2, extra=()) -> ServerProcess (.url, .api_key, .pid, .headers(), .rss_bytes()). One process per distinct
+    workers=2, extra=()) -> ServerProcess (.url, .api_key, .pid, .rss_bytes(), .log()). One process per distinct
     configuration, shared by the session's tests, stopped at the end."""
     import os
 

@@ -3,9 +3,11 @@
 Model work never runs on the event loop. A request's work (decode the video, ingest it, answer) runs on
 one of `workers` threads; while they are busy, requests wait their turn in order. One worker is the
 default: torch already spreads a request's operations over the cores, and two workers on two cores
-oversubscribe them (measured: 11.0 vs 8.2 requests/s on the built-in model at 1 to 16 clients). Each worker thread keeps its own router
-per routing spec (the model's weights are shared): some training-free routers keep per-call state, so
-one router instance must never serve two threads at once. Live streams get their own router too.
+oversubscribe them (measured: 11.0 vs 8.2 requests/s on the built-in model at 1 to 16 clients).
+
+Each worker thread keeps its own router per routing spec (the model's weights are shared): some
+training-free routers keep per-call state, so one router instance must never serve two threads at once.
+Live streams get their own router too.
 
 `stream_in_thread` runs a blocking generator on a worker and hands its items to the event loop as they
 come; when the consumer goes away (a client disconnects), the generator is closed on its own thread at the

@@ -46,9 +46,6 @@ class ServerProcess:
                 raise RuntimeError(f"streamvlm serve did not become healthy\n{self.log()[-2000:]}")
             time.sleep(0.1)
 
-    def headers(self) -> dict:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
     def proc_status(self, field: str) -> int:
         """A number from /proc/PID/status (Linux), e.g. VmRSS (KiB) or Threads."""
         with open(f"/proc/{self.pid}/status") as f:
