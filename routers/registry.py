@@ -8,7 +8,7 @@ a Router for a given model.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -112,9 +112,41 @@ def load_router(path: str | Path, num_layers: int, hidden_size: int) -> Router:
     return router
 
 
-def resolve_routing(routing, num_layers: int, hidden_size: int) -> Router:
+CHECKPOINT_ROUTER = "router"
+"""A checkpoint folder may ship a trained MoD router in this subfolder (a router directory)."""
+
+
+def trained_mod_router(spec: str, model_dir: str | Path | None, num_layers: int, hidden_size: int) -> Router | None:
+    """The checkpoint's own trained router for a `mod:KEEP[...]` spec, run at the spec's keep ratio.
+
+    A router's scorers rank tokens whatever k is, so one trained router serves every keep ratio. "mod:KEEP"
+    takes the trained router's layers; a spec that names a schedule gets the trained weights only when its
+    routed layers are the trained ones. None when the checkpoint ships no router or the layers differ.
+    """
+    if model_dir is None or spec.split(":")[0] != "mod" or "," in spec:
+        return None
+    folder = Path(model_dir) / CHECKPOINT_ROUTER
+    if not is_router_dir(folder):
+        return None
+    trained = load_router(folder, num_layers, hidden_size)
+    if not isinstance(trained, MoDRouter):
+        return None
+    asked = RoutingConfig.parse(spec)
+    if len(spec.split(":")) == 2:
+        config = replace(trained.config, keep_ratio=asked.keep_ratio)
+    else:
+        config = replace(asked, weight_scale=trained.config.weight_scale)
+    router = MoDRouter(config, num_layers, hidden_size)
+    if set(router.scorers) != set(trained.scorers):
+        return None
+    router.load_state_dict(trained.state_dict())
+    return router
+
+
+def resolve_routing(routing, num_layers: int, hidden_size: int, model_dir: str | Path | None = None) -> Router:
     """routing: None, a spec string ("dense", "mod:0.2:interleaved", "fastv:2:0.5", ...), a config, a router
-    directory (str or Path), or a Router instance."""
+    directory (str or Path), or a Router instance. model_dir: the checkpoint, whose own trained router (if
+    it ships one) a "mod:..." spec uses instead of a fresh, untrained one."""
     if routing is None:
         return DenseRouter()
     if isinstance(routing, Router):
@@ -126,5 +158,8 @@ def resolve_routing(routing, num_layers: int, hidden_size: int) -> Router:
             if not is_router_dir(routing):
                 raise StreamVLMError(f"{routing} is not a router directory (no routing.json)")
             return load_router(routing, num_layers, hidden_size)
+        trained = trained_mod_router(routing, model_dir, num_layers, hidden_size)
+        if trained is not None:
+            return trained
         return build_router(parse_routing(routing), num_layers, hidden_size)
     raise StreamVLMError(f"routing must be a string, a RoutingConfig, a directory or a Router, got {type(routing).__name__}")

@@ -301,6 +301,18 @@ def run(args) -> dict:
         raise StreamVLMError("--frames, --new-tokens and --repeats must be at least 1")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if args.suite == "quality":
+        from streamvlm.bench_quality import DEFAULT_POLICIES, DEFAULT_SEED, run_quality_bench
+        from streamvlm.builtin import default_model_dir
+
+        if args.num_videos < 1:
+            raise StreamVLMError("--num-videos must be at least 1")
+        policies = tuple(p.strip() for p in args.policies.split(",") if p.strip()) if args.policies else DEFAULT_POLICIES
+        if not policies:
+            raise StreamVLMError("--policies: give routing specs separated by commas, e.g. dense,mod:0.2")
+        seed = DEFAULT_SEED if args.seed is None else args.seed
+        return run_quality_bench(Path(args.model) if args.model else default_model_dir(), policies, seed,
+                                 args.num_videos, device, dtype)
     if args.suite == "serve":
         from streamvlm.bench_serve import run_serve_bench
 
@@ -350,6 +362,10 @@ def _model_line(result: dict) -> str:
 
 
 def format_table(result: dict) -> str:
+    if result["suite"] == "quality":
+        from streamvlm.bench_quality import format_quality
+
+        return format_quality(result)
     if result["suite"] == "serve":
         from streamvlm.bench_serve import format_serve
 

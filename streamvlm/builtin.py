@@ -1,49 +1,39 @@
 """The built-in default model: what commands use when no --model is given.
 
-For now it is a small random LLaVA-OneVision checkpoint written to the user's cache directory on first
-use. It has not been trained, so its answers are noise; it shows the runtime working offline.
+A small LLaVA-OneVision (SigLIP-style tower on 64 px frames, 16 tokens per frame, a 4-layer Qwen2-style
+decoder of width 128, a word-level tokenizer; 1.2 M parameters) trained from scratch on the procedural
+world (`streamvlm.world`) with the project's own Lightning pipeline, plus a `mod` router trained for it by
+distillation. Both ship inside the package (`streamvlm/builtin_model`, about 5 MB), so nothing is made or
+downloaded at run time. `train/configs/world_model.yaml` and `world_router.yaml` reproduce them.
+
+It knows only its world: coloured circles, squares and triangles that move, appear and leave. Words
+outside that vocabulary read as unknown.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from streamvlm.video.sample import cache_dir
+from streamvlm.errors import StreamVLMError
 
-logger = logging.getLogger(__name__)
+BUILTIN_DIR = Path(__file__).parent / "builtin_model"
 
-UNTRAINED_NOTICE = ("note: the built-in model has random, untrained weights, so its answers are noise; "
-                    "pass --model DIR for a real checkpoint")
+BUILTIN_NOTICE = ("note: the built-in model knows only its world of coloured shapes; ask e.g. \"what colour is "
+                  "the square?\", \"how many objects are there now?\", \"which way is the red square moving?\" "
+                  "or \"what colour was the first object that left?\" (pass --model DIR for another checkpoint)")
+
+EXAMPLE_QUESTIONS = ("what colour is the square?", "how many objects are there now?",
+                     "which way is the red square moving?", "what colour was the first object that left?")
+"""Questions the built-in model answers about the sample video (answers: red, two, right, green)."""
 
 
 def default_model_dir() -> Path:
-    """The built-in checkpoint, created on first use (atomically: a crash never leaves half a folder)."""
-    from streamvlm.tiny import TinySpec, write_tiny_checkpoint
-
-    target = cache_dir() / "builtin-tiny-llava-onevision"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".builtin-", dir=target.parent))
-    try:
-        # 56 px frames in 8 px patches: a 7x7 grid pooled to 4x4 = 16 tokens per frame.
-        write_tiny_checkpoint(tmp, TinySpec(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                                            intermediate_size=256, image_size=56, patch_size=8))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process made it first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("wrote the built-in model to %s", target)
-    return target
+    """The built-in checkpoint folder, inside the installed package."""
+    if not (BUILTIN_DIR / "config.json").is_file():
+        raise StreamVLMError(f"the built-in model is missing from this installation ({BUILTIN_DIR}); reinstall "
+                             "streamvlm, or pass --model DIR")
+    return BUILTIN_DIR
 
 
 def is_builtin(model_dir: str | Path) -> bool:
-    return Path(model_dir).resolve() == (cache_dir() / "builtin-tiny-llava-onevision").resolve()
+    return Path(model_dir).resolve() == BUILTIN_DIR.resolve()

@@ -51,12 +51,12 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args) -> tuple:
-    from streamvlm.builtin import UNTRAINED_NOTICE, default_model_dir, is_builtin
+    from streamvlm.builtin import BUILTIN_NOTICE, default_model_dir, is_builtin
     from streamvlm.runtime import StreamVLM
 
     model_dir = Path(args.model) if args.model else default_model_dir()
     if is_builtin(model_dir):
-        print(UNTRAINED_NOTICE, file=sys.stderr)
+        print(BUILTIN_NOTICE, file=sys.stderr)
     vlm = StreamVLM.from_pretrained(model_dir, routing=args.routing, device=args.device, dtype=args.dtype)
     return vlm, model_dir
 
@@ -225,7 +225,8 @@ def cmd_bench(args) -> int:
 
     result = bench.run(args)
     if args.json:
-        print(json.dumps(result, indent=2))
+        # quality prints its rows, one per policy, each self-contained (seed, counts and chance included)
+        print(json.dumps(result["rows"] if result["suite"] == "quality" else result, indent=2))
     else:
         print(bench.format_table(result))
     return 0
@@ -264,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stream video into a video language model's KV cache and ask about it. Everything runs "
                     "offline on local checkpoints.",
         epilog="Examples:\n"
-               "  streamvlm ask -q 'What happens in the video?'          built-in model and sample video\n"
+               "  streamvlm ask -q 'how many objects are there now?'     built-in model and sample video\n"
                "  streamvlm ask clip.mp4 --model ./llava-ov --fps 1 -q 'What is on the table?' -q 'And after?'\n"
                "  streamvlm live --source rtsp://cam/stream --ask 'Anyone there?' --ask-every 30\n"
                "  streamvlm caption videos/ --out captions.jsonl --fps 1 --segment 30\n"
@@ -279,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "in turn; later questions see the earlier answers.")
     p.add_argument("video", nargs="?", help="video file (default: the built-in sample video)")
     p.add_argument("-q", "--question", action="append", default=None,
-                   help="a question (repeat for several; default: 'What happens in the video?')")
+                   help="a question (repeat for several; default: four questions the built-in model knows, or "
+                        "'What happens in the video?' with --model)")
     g = p.add_argument_group("frames")
     g.add_argument("--num-frames", type=int, default=None, metavar="N",
                    help="N frames spread evenly over the video (default 8 when --fps is not given)")
@@ -309,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  /dev/video0                a V4L2 webcam (--source-option video_size=640x480)\n"
                               "  lavfi:testsrc=size=320x240:rate=25   an FFmpeg test source\n"
                               "Examples:\n"
-                              "  streamvlm live --source sample --ask 'What is moving?'\n"
+                              "  streamvlm live --source sample --ask 'which way is the red square moving?'\n"
                               "  streamvlm live --source rtsp://cam/stream --fps 1 --ask 'Is anyone at the door?' "
                               "--ask-every 30 --json\n"
                               "  streamvlm live --source /dev/video0 --duration 600 --memory-budget 256MB")
@@ -478,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Time our runtime against transformers on the same checkpoint in one run. "
                                    "Without --model, a random checkpoint with the shape of a real small model "
                                    "is made in the cache folder.")
-    p.add_argument("suite", choices=["dense", "routing", "caption", "stream", "serve"],
+    p.add_argument("suite", choices=["dense", "routing", "caption", "stream", "serve", "quality"],
                    help="dense: ingest and answer, ours vs transformers' forward; routing: ingest time dense vs "
                         "mod at keep 1.0/0.5/0.2, interleaved and all (first two layers dense), against the "
                         "speed-up the FLOPs predict; caption: hours of video captioned per hour of compute, "
@@ -487,7 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--ages, peak memory, and transformers re-running on all frames so far for each question; "
                         "serve: `streamvlm serve` in its own process under --clients concurrent clients asking "
                         "short video questions (requests/s, latency percentiles), and time to first token over "
-                        "the WebSocket for live streams at --ages (default: the built-in model)")
+                        "the WebSocket for live streams at --ages (default: the built-in model); quality: answer "
+                        "accuracy per question kind on held-out procedural world videos for each --policies "
+                        "routing, with LLM FLOPs and KV bytes as fractions of dense (default: the built-in model)")
     p.add_argument("--model", metavar="DIR", help="checkpoint to measure (default: random, real-small shape)")
     p.add_argument("--frames", type=int, default=8, help="frames to ingest (default 8)")
     p.add_argument("--new-tokens", type=int, default=32, help="answer tokens to generate (default 32)")
@@ -507,6 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="tiny",
                    help="stream: model sizes, tiny (the built-in shape, long context) and/or small (the real-small "
                         "shape), comma-separated (default tiny; --model DIR measures that checkpoint instead)")
+    p.add_argument("--policies", default=None,
+                   help="quality: --routing specs, comma-separated (default dense,mod:0.5,mod:0.2,random:0.2,"
+                        "uniform:0.2,layer_drop:2,fastv,cls_knee)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="quality: seed of the held-out videos (default 1234; training used 0 and 1)")
+    p.add_argument("--num-videos", type=int, default=100, help="quality: held-out videos (default 100)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats; the median is reported (default 3 for dense, 5 for routing)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -520,7 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "ask" and args.question is None:
-        args.question = ["What happens in the video?"]
+        from streamvlm.builtin import EXAMPLE_QUESTIONS
+
+        args.question = list(EXAMPLE_QUESTIONS) if args.model is None else ["What happens in the video?"]
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

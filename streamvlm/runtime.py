@@ -72,13 +72,13 @@ class StreamVLM:
         """
         device = resolve_device(device)
         adapter = load_adapter(model_dir, resolve_dtype(dtype, device), device)
-        router = resolve_routing(routing, adapter.decoder.num_layers, adapter.decoder.hidden_size)
+        router = resolve_routing(routing, adapter.decoder.num_layers, adapter.decoder.hidden_size, adapter.model_dir)
         return cls(adapter, router, sampling, max_chunk_frames)
 
     def with_routing(self, routing) -> StreamVLM:
         """The same loaded model with another router (weights are shared, nothing is reloaded)."""
         parts = self.adapter.decoder
-        router = resolve_routing(routing, parts.num_layers, parts.hidden_size)
+        router = resolve_routing(routing, parts.num_layers, parts.hidden_size, self.adapter.model_dir)
         return StreamVLM(self.adapter, router, self.sampling, self.max_chunk_frames)
 
     @property

@@ -95,8 +95,6 @@ class TinySpec:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
-        if self.vocab_size < 256 + len(SPECIAL_TOKENS):
-            raise ValueError(f"vocab_size {self.vocab_size} is below the 256 byte tokens plus specials")
 
     @property
     def tokens_per_frame(self) -> int:
@@ -191,15 +189,22 @@ def preprocessor_config(spec: TinySpec) -> dict:
     }
 
 
-def write_tiny_checkpoint(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
-    """Write a random LLaVA-OneVision checkpoint to `out_dir` in the Hugging Face layout."""
+def write_tiny_checkpoint(out_dir: str | Path, spec: TinySpec | None = None, tokenizer=None) -> Path:
+    """Write a random LLaVA-OneVision checkpoint to `out_dir` in the Hugging Face layout.
+
+    tokenizer: a transformers tokenizer of exactly spec.vocab_size tokens (default: a byte-level BPE
+    trained here with that vocabulary size).
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a progress bar for a few MB written locally is noise
     spec = spec or TinySpec()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(spec.vocab_size)
+    if tokenizer is None:
+        if spec.vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise ValueError(f"vocab_size {spec.vocab_size} is below the 256 byte tokens plus specials")
+        tokenizer = build_tokenizer(spec.vocab_size)
     model = build_model(spec, tokenizer)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

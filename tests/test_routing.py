@@ -252,3 +252,27 @@ def test_baselines_choose_as_documented(model_dir):
     session.append_frames(random_frames(2, seed=1))
     per_layer = [session.cache.positions(l)[session.cache.kinds(l) == VISION].tolist() for l in range(4)]
     assert all(len(p) == 8 for p in per_layer) and len({tuple(p) for p in per_layer}) > 1  # differs by layer
+
+
+def test_a_checkpoints_own_router_serves_every_keep_ratio(model_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    trained = _routed(model, "mod:0.3:all:1", seed=12).router
+    save_router(trained, model / "router")
+    for spec, keep in (("mod:0.5", 0.5), ("mod:0.2", 0.2)):
+        router = StreamVLM.from_pretrained(model, routing=spec).router
+        assert router.spec() == f"mod:{keep:g}:all:1"  # the trained layers, at the keep asked for
+        for key, value in trained.state_dict().items():
+            assert torch.equal(router.state_dict()[key], value)
+    # naming the trained layers also takes the trained weights; other layers get a fresh router
+    same = StreamVLM.from_pretrained(model, routing="mod:0.7:all:1").router
+    assert torch.equal(same.scorers["1"].weight, trained.scorers["1"].weight)
+    other = StreamVLM.from_pretrained(model, routing="mod:0.5:interleaved").router
+    assert other.spec() == "mod:0.5:interleaved" and float(other.scorers["1"].weight.abs().sum()) == 0.0
+    vlm = StreamVLM.from_pretrained(model)
+    assert float(vlm.with_routing("mod:0.2").router.scorers["2"].weight.abs().sum()) > 0
+    # without a router folder, mod:KEEP is a fresh (zero) router on every layer, as before
+    plain = StreamVLM.from_pretrained(model_dir, routing="mod:0.5").router
+    assert plain.spec() == "mod:0.5:all" and float(plain.scorers["0"].weight.abs().sum()) == 0.0

@@ -3,6 +3,7 @@
     streamvlm-train fit --config train/configs/tiny_cpu.yaml
     streamvlm-train fit --config train/configs/tiny_cpu.yaml --ckpt_path last     # resume
     streamvlm-train export CKPT OUT_DIR                                           # -> router folder
+    streamvlm-train export-model CKPT OUT_DIR               # a trainable: model run -> checkpoint folder
     streamvlm-train bench [--json]                       # a training step, routed vs dense, time and memory
     streamvlm-train plot runs/tiny_cpu/csv/metrics.csv loss.svg                   # the loss curves
     python -m streamvlm.train ...                                                 # the same
@@ -22,6 +23,11 @@ def _cli_class():
     from lightning.pytorch.cli import LightningCLI
 
     class StreamVLMTrainCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # One checkpoint for both: the data module reads its preprocessing config. Lightning also refuses
+            # to start when the two hold different model_dir hparams.
+            parser.link_arguments("model.model_dir", "data.model_dir")
+
         def before_fit(self) -> None:
             # The data module preprocesses frames as the model's checkpoint says.
             self.datamodule.set_preprocess_config(self.model.vlm.adapter.preprocess_config)
@@ -48,11 +54,29 @@ def export_main(argv: list[str]) -> int:
     return 0
 
 
+def export_model_main(argv: list[str]) -> int:
+    import argparse
+
+    from streamvlm.train.world_model import export_model
+
+    parser = argparse.ArgumentParser(prog="streamvlm-train export-model",
+                                     description="Write the model of a full-training checkpoint (model.trainable: "
+                                                 "model) as a Hugging Face checkpoint folder that --model loads.")
+    parser.add_argument("checkpoint", help="a .ckpt written by streamvlm-train fit")
+    parser.add_argument("out_dir", help="checkpoint folder to write (replaced if it exists)")
+    args = parser.parse_args(argv)
+    out = export_model(args.checkpoint, args.out_dir)
+    print(f"wrote the model to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv and argv[0] == "export":
             return export_main(argv[1:])
+        if argv and argv[0] == "export-model":
+            return export_model_main(argv[1:])
         if argv and argv[0] == "bench":
             from streamvlm.train.bench import main as bench_main
 

@@ -448,6 +448,7 @@ class EpochShuffleSampler(Sampler[int]):
 # ---------------------------------------------------------------- data module
 
 _SYNTHETIC_KEYS = {"num_videos", "val_videos", "out_dir", "seed", "fps", "seconds", "size", "streaming"}
+_WORLD_KEYS = {"num_videos", "val_videos", "out_dir", "seed", "seconds", "size", "fps"}
 
 
 class VideoDataModule(lightning.LightningDataModule):
@@ -468,6 +469,7 @@ class VideoDataModule(lightning.LightningDataModule):
         strict: bool = False,
         seed: int = 0,
         synthetic: dict | None = None,
+        world: dict | None = None,
     ):
         """
         Args:
@@ -487,6 +489,9 @@ class VideoDataModule(lightning.LightningDataModule):
             synthetic: when train_file is unset, generate videos with known answers, e.g. {num_videos: 16,
                 val_videos: 4, seed: 0, out_dir: ...} (also fps, seconds, size, streaming; out_dir
                 defaults to streamvlm's cache folder / synthetic).
+            world: when train_file is unset, generate procedural world videos (`streamvlm.world`)
+                with their LLaVA-Video records and mid-stream records, e.g. {num_videos: 4000,
+                val_videos: 64, seed: 0, out_dir: ...} (also size, seconds, fps); validation uses seed + 1.
         """
         super().__init__()
         check_sampling("data", num_frames, fps, 0.0, None, max_frames)
@@ -494,12 +499,14 @@ class VideoDataModule(lightning.LightningDataModule):
             raise StreamVLMError(f"batch_size must be at least 1, got {batch_size}")
         if num_workers < 0:
             raise StreamVLMError(f"num_workers must be >= 0, got {num_workers}")
-        if train_file is None and synthetic is None:
-            raise StreamVLMError("set train_file (a record file) or synthetic (e.g. {num_videos: 16})")
-        if synthetic is not None:
-            unknown = set(synthetic) - _SYNTHETIC_KEYS
+        if train_file is None and synthetic is None and world is None:
+            raise StreamVLMError("set train_file (a record file), synthetic (e.g. {num_videos: 16}) or world")
+        if synthetic is not None and world is not None:
+            raise StreamVLMError("set synthetic or world, not both")
+        for name, spec, known in (("synthetic", synthetic, _SYNTHETIC_KEYS), ("world", world, _WORLD_KEYS)):
+            unknown = set(spec or ()) - known
             if unknown:
-                raise StreamVLMError(f"unknown synthetic keys {sorted(unknown)}; known: {sorted(_SYNTHETIC_KEYS)}")
+                raise StreamVLMError(f"unknown {name} keys {sorted(unknown)}; known: {sorted(known)}")
         self.save_hyperparameters()
         self.train_file, self.val_file, self.video_root = train_file, val_file, video_root
         self.model_dir = model_dir
@@ -507,6 +514,7 @@ class VideoDataModule(lightning.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.feature_cache, self.strict, self.seed = feature_cache, strict, seed
         self.synthetic = dict(synthetic) if synthetic is not None else None
+        self.world = dict(world) if world is not None else None
         self.skipped: dict[str, int] = {}
         """reason ("missing", "unreadable") -> records dropped in setup."""
         self.train_records: list[Record] | None = None
@@ -615,7 +623,7 @@ class VideoDataModule(lightning.LightningDataModule):
         return [record for record in records if problems[record.video] is None]
 
     def _uses_synthetic(self) -> bool:
-        return self.train_file is None and self.synthetic is not None
+        return self.train_file is None and (self.synthetic is not None or self.world is not None)
 
     def _record_files(self) -> tuple[list[tuple[Path, str | None]], list[tuple[Path, str | None]]]:
         """(record file, video root) pairs for train and val."""
@@ -627,9 +635,11 @@ class VideoDataModule(lightning.LightningDataModule):
         return [(path, None) for path in train_synthetic], val or [(path, None) for path in val_synthetic]
 
     def _synthetic_files(self) -> tuple[list[Path], list[Path]]:
-        """Generate (or reuse) the synthetic train and val sets; returns their record files."""
+        """Generate (or reuse) the synthetic or world train and val sets; returns their record files."""
         from streamvlm.train import synthetic
 
+        if self.world is not None:
+            return self._world_files()
         spec = dict(self.synthetic)
         out_dir = Path(spec.pop("out_dir", None) or cache_dir() / "synthetic").expanduser()
         seed = int(spec.pop("seed", self.seed))
@@ -643,6 +653,22 @@ class VideoDataModule(lightning.LightningDataModule):
         train = files(synthetic.generate(out_dir / "train", num_videos, seed, **spec))
         # the val set comes from another seed, so it holds other videos
         val = files(synthetic.generate(out_dir / "val", val_videos, seed + 1, **spec)) if val_videos > 0 else []
+        return train, val
+
+    def _world_files(self) -> tuple[list[Path], list[Path]]:
+        from streamvlm import world
+
+        spec = dict(self.world)
+        out_dir = Path(spec.pop("out_dir", None) or cache_dir() / "world").expanduser()
+        seed = int(spec.pop("seed", self.seed))
+        num_videos = int(spec.pop("num_videos", 1000))
+        val_videos = int(spec.pop("val_videos", 0))
+
+        def files(folder: Path) -> list[Path]:
+            return [folder / world.RECORD_FILE, folder / world.STREAM_FILE]
+
+        train = files(world.generate(out_dir / f"train-{seed}", num_videos, seed, **spec))
+        val = files(world.generate(out_dir / f"val-{seed + 1}", val_videos, seed + 1, **spec)) if val_videos else []
         return train, val
 
 

@@ -1,4 +1,5 @@
-"""The LightningModule that trains routers (and optionally LoRA adapters or the whole language model).
+"""The LightningModule that trains routers (optionally with LoRA adapters or the language model), or a
+whole model from scratch (trainable="model": vision tower, projector and language model, routing dense).
 
 It wraps the runtime, it does not re-implement it: a sample's frames and exchanges are laid out with the
 runtime's `dialogue_segments` (the same layout a Session feeds), embedded, and run through the runtime's
@@ -26,6 +27,7 @@ Checkpoints hold only trainable weights (the frozen model is reloaded from `mode
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -49,7 +51,7 @@ logger = logging.getLogger(__name__)
 # The frozen model stays in eval mode on purpose (no dropout); Lightning warns about it at every fit.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
-TRAINABLE = ("router", "router+lora", "all")
+TRAINABLE = ("router", "router+lora", "all", "model")
 LOSSES = ("distill", "lm", "distill+lm")
 
 
@@ -72,20 +74,25 @@ def tiny_training_model_dir() -> Path:
 
 
 class RouterTrainingModule(L.LightningModule):
-    def __init__(self, model_dir: str | None = None, tiny: bool = False, routing: str = "mod:0.2:interleaved",
+    def __init__(self, model_dir: str | None = None, tiny: bool = False, world_model: bool = False,
+                 routing: str = "mod:0.2:interleaved",
                  trainable: str = "router", loss: str = "distill", lm_weight: float = 1.0,
                  distill_weight: float = 1.0, rank_weight: float = 0.0, agree_weight: float = 0.0,
                  z_loss_weight: float = 0.0,
                  lr: float = 1e-3,
-                 weight_decay: float = 0.0, lora_rank: int = 8, lora_alpha: int = 16):
+                 weight_decay: float = 0.0, warmup_steps: int = 0, cosine: bool = False,
+                 lora_rank: int = 8, lora_alpha: int = 16):
         """
         Args:
             model_dir: local Hugging Face checkpoint folder of the model whose router is trained.
             tiny: with no model_dir, make and use a small random checkpoint (for CPU trial runs and tests).
+            world_model: with no model_dir, start from the untrained world model (`streamvlm.train.world_model`).
             routing: the router to train, as --routing takes it ("mod:0.2:interleaved") or a router folder
                 to continue from.
             trainable: "router" (default; the model stays frozen), "router+lora" (LoRA on the language
-                model's attention projections, needs peft), or "all" (router and language model).
+                model's attention projections, needs peft), "all" (router and language model), or
+                "model" (every weight of the model, vision tower included, with routing "dense" and
+                loss "lm": training a model from scratch).
             loss: "distill" (KL to the dense model), "lm" (cross-entropy on the answers) or "distill+lm".
             lm_weight: weight of the cross-entropy term.
             distill_weight: weight of the distillation term.
@@ -94,6 +101,8 @@ class RouterTrainingModule(L.LightningModule):
             z_loss_weight: weight of the router z-loss (0: off).
             lr: AdamW learning rate.
             weight_decay: AdamW weight decay.
+            warmup_steps: optimizer steps of linear warm-up from 0 to lr.
+            cosine: decay the learning rate to 0 along a cosine over the run's steps (after warm-up).
             lora_rank: LoRA rank for trainable="router+lora".
             lora_alpha: LoRA alpha for trainable="router+lora".
         """
@@ -102,15 +111,22 @@ class RouterTrainingModule(L.LightningModule):
             raise StreamVLMError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
         if loss not in LOSSES:
             raise StreamVLMError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        if trainable == "model" and (loss != "lm" or routing != "dense"):
+            raise StreamVLMError("trainable='model' trains a model from its labels: set loss: lm and routing: dense")
         if model_dir is None:
-            if not tiny:
+            if world_model:
+                from streamvlm.train.world_model import initial_model_dir
+
+                model_dir = str(initial_model_dir())
+            elif tiny:
+                model_dir = str(tiny_training_model_dir())
+            else:
                 raise StreamVLMError("set model.model_dir to a checkpoint folder (or model.tiny: true for a trial)")
-            model_dir = str(tiny_training_model_dir())
         self.save_hyperparameters()
         self.hparams.model_dir = model_dir
         # Frozen weights are loaded in float32; Lightning's precision flag (bf16-mixed) casts compute.
         vlm = StreamVLM.from_pretrained(model_dir, routing=routing, device="cpu", dtype=torch.float32)
-        if not isinstance(vlm.router, MoDRouter):
+        if trainable != "model" and not isinstance(vlm.router, MoDRouter):
             raise StreamVLMError(f"routing {routing!r} has nothing to train; use a learned policy such as mod:0.2")
         self.vlm = vlm
         self.model = vlm.adapter.model  # registered, so Lightning moves it to the device
@@ -121,6 +137,8 @@ class RouterTrainingModule(L.LightningModule):
         elif trainable == "all":
             self.model.model.language_model.requires_grad_(True)
             self.model.lm_head.requires_grad_(True)
+        elif trainable == "model":
+            self.model.requires_grad_(True)
         self.router.requires_grad_(True)
         # Lightning keeps each module's train/eval mode as it finds it: the frozen model stays in eval
         # mode (no dropout), the router trains.
@@ -162,6 +180,8 @@ class RouterTrainingModule(L.LightningModule):
 
     def _features(self, sample: Sample) -> torch.Tensor:
         """(T, tokens_per_frame, d) frame tokens, from the feature cache when present."""
+        if self.hparams.trainable == "model":  # the vision tower trains: no cache, gradients flow
+            return self.vlm.adapter.frame_features(sample.pixels.to(self.device, self.vlm.adapter.dtype))
         path = sample.feature_path
         if path and os.path.exists(path):
             return torch.load(path, map_location=self.device, weights_only=True).to(self.vlm.adapter.dtype)
@@ -214,9 +234,10 @@ class RouterTrainingModule(L.LightningModule):
     def losses(self, sample: Sample) -> dict[str, torch.Tensor]:
         chunk, rows, targets = self.sequence(sample)
         hp = self.hparams
-        self.router.recorded.clear()
+        if isinstance(self.router, MoDRouter):
+            self.router.recorded.clear()
         student = self._run(self.student, chunk)[rows].float()  # (R, vocab)
-        out = {}
+        out = {"acc": (student.detach().argmax(-1) == targets).float().mean()}
         if "distill" in hp.loss or hp.rank_weight:
             teacher_logits, teacher_cache, hidden = self._teacher(chunk)
         if "distill" in hp.loss:
@@ -226,13 +247,14 @@ class RouterTrainingModule(L.LightningModule):
         if "lm" in hp.loss:
             out["lm"] = F.cross_entropy(student, targets)
         loss = hp.distill_weight * out.get("distill", 0.0) + hp.lm_weight * out.get("lm", 0.0)
-        if hp.rank_weight and self.router.recorded:
+        recorded = getattr(self.router, "recorded", {})
+        if hp.rank_weight and recorded:
             out["rank"] = self._rank_loss(chunk, teacher_cache, hidden)
             loss = loss + hp.rank_weight * out["rank"]
-        if hp.agree_weight and len(self.router.recorded) > 1:
+        if hp.agree_weight and len(recorded) > 1:
             out["agree"] = self._agree_loss()
             loss = loss + hp.agree_weight * out["agree"]
-        if hp.z_loss_weight and self.router.recorded:
+        if hp.z_loss_weight and recorded:
             out["z"] = torch.stack([s.pow(2).mean() for s in self.router.recorded.values()]).mean()
             loss = loss + hp.z_loss_weight * out["z"]
         out["loss"] = loss
@@ -298,6 +320,13 @@ class RouterTrainingModule(L.LightningModule):
                      sync_dist=stage != "train")
         return totals["loss"]
 
+    def setup(self, stage: str) -> None:
+        # DDP ranks on one CPU machine share its cores: without this each rank starts a thread per core
+        # and they oversubscribe. Measured on 2 cores: 2 ranks x 1 thread run ~1.4x the samples/s of one
+        # process with 2 threads (the small model's steps are bound by per-op overhead, not by matmuls).
+        if self.device.type == "cpu" and self.trainer.world_size > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.trainer.world_size))
+
     def on_fit_start(self) -> None:
         if hasattr(self, "_teacher_model"):
             self._teacher_model[0].to(self.device)
@@ -310,7 +339,21 @@ class RouterTrainingModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        warmup, cosine = self.hparams.warmup_steps, self.hparams.cosine
+        if not warmup and not cosine:
+            return optimizer
+        total = max(int(self.trainer.estimated_stepping_batches), warmup + 1) if cosine else None
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if total is None:
+                return 1.0
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -318,7 +361,8 @@ class RouterTrainingModule(L.LightningModule):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         parts = self.vlm.adapter.decoder
-        checkpoint["streamvlm"] = {"routing": self.router.config.to_dict(), "num_layers": parts.num_layers,
+        routing = self.router.config.to_dict() if isinstance(self.router, MoDRouter) else None
+        checkpoint["streamvlm"] = {"routing": routing, "num_layers": parts.num_layers, "trainable": self.hparams.trainable,
                                    "hidden_size": parts.hidden_size, "model_dir": str(self.hparams.model_dir)}
 
 
@@ -347,6 +391,9 @@ def export_router(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     meta = ckpt.get("streamvlm")
     if meta is None:
         raise StreamVLMError(f"{checkpoint_path} is not a streamvlm training checkpoint")
+    if meta.get("routing") is None:
+        raise StreamVLMError(f"{checkpoint_path} trained a whole model, not a router; export it with "
+                             "`streamvlm-train export-model`")
     config = RoutingConfig.from_dict(meta["routing"])
     router = build_router(config, meta["num_layers"], meta["hidden_size"])
     prefix = "router."

@@ -18,14 +18,13 @@ import json
 import logging
 import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from streamvlm.errors import StreamVLMError
-from streamvlm.video.files import write_video
+from streamvlm.video.files import write_atomic, write_video
 
 log = logging.getLogger(__name__)
 
@@ -183,20 +182,8 @@ def _complete(out: Path, params: dict) -> bool:
 
 
 def _atomic_video(path: Path, frames: torch.Tensor, fps: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".synthetic-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:  # written beside the target and renamed: a crash never leaves a half-written video
-        write_video(tmp, frames, fps=fps, codec="mpeg4")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, lambda tmp: write_video(tmp, frames, fps=fps, codec="mpeg4"))
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".synthetic-", suffix=path.suffix, dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))

@@ -99,8 +99,14 @@ class FamilyAdapter(ABC):
         """The decoder's modules in `model`; called again after something (e.g. LoRA) replaces them."""
 
     @abstractmethod
+    def frame_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed pixels (T, 3, h, w) on the model's device and dtype -> frame tokens
+        (T, tokens_per_frame, hidden_size), differentiable (training the vision tower goes through it)."""
+
+    @torch.inference_mode()
     def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
         """Preprocessed pixels (T, 3, h, w) -> frame tokens (T, tokens_per_frame, hidden_size)."""
+        return self.frame_features(pixels.to(self.device, self.dtype))
 
     @abstractmethod
     def video_tail(self) -> torch.Tensor:

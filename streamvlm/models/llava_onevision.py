@@ -73,13 +73,12 @@ class LlavaOneVisionAdapter(FamilyAdapter):
             vocab_size=text.vocab_size, max_positions=text.max_position_embeddings,
         )
 
-    @torch.inference_mode()
-    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+    def frame_features(self, pixels: torch.Tensor) -> torch.Tensor:
         # transformers' own video path (tower, feature layer, projector, 2x2 bilinear pooling) on a batch
         # of one video; every step is per frame, so T frames at once equal T calls of one frame.
-        out = self.model.model.get_video_features(pixels.to(self.device, self.dtype)[None], return_dict=True)
+        out = self.model.model.get_video_features(pixels[None], return_dict=True)
         feats = out.pooler_output[0, :-1]  # (T * tokens_per_frame, d); the last row is the newline
         return feats.view(pixels.shape[0], self.vision.tokens_per_frame, -1)
 
     def video_tail(self) -> torch.Tensor:
-        return self.model.model.image_newline.detach()[None]  # (1, d)
+        return self.model.model.image_newline[None]  # (1, d); trains with the model (trainable="model")

@@ -236,6 +236,24 @@ def write_video(
     return out
 
 
+def write_atomic(path: str | os.PathLike, write) -> Path:
+    """Call write(tmp) on a temporary file beside `path` (same suffix), then rename it onto `path`: a crash
+    never leaves half a file, and two writers racing both end with a complete one."""
+    import tempfile
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
 # ---------------------------------------------------------------- checks
 
 

@@ -1,31 +1,37 @@
-"""The built-in sample video, drawn with torch and cached on first use, so examples run offline.
+"""The built-in sample video, a scene of the procedural world (`streamvlm.world`), drawn with torch and
+cached on first use, so examples run offline and the built-in model, trained on that world, has something
+to answer about.
 
-Content (8 s at 8 fps, 256x256, 64 frames, deterministic):
-- background: dark teal at the top shading lighter downwards, brightening over time;
-- a red 48x48 square moving left to right along the top (x from 8 to 200, y 40..88);
-- a blue disc of radius 32 centred at (x=176, y=176), appearing at second 3;
-- a white progress bar along the bottom (y 232..244) growing from empty to full.
+Content (8 s at 8 fps, 256x256, 64 frames, deterministic), in unit coordinates (x right, y down):
+- a big red square moving right along y = 0.3, from x = 0.2 to 0.76, the whole time;
+- a small green triangle moving left along y = 0.75, from x = 0.75, until it leaves at second 4.5;
+- a small blue circle that appears at second 3 at (0.3, 0.85) and moves up, to y = 0.6 at the end.
+
+At the end: two objects; the first (and only) object that left was green.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from streamvlm.errors import StreamVLMError
-from streamvlm.video.files import write_video
+from streamvlm.video.files import write_atomic, write_video
+from streamvlm.world import WorldObject, WorldVideo, render
 
 log = logging.getLogger(__name__)
 
 _SIZE = 256
 _FPS = 8
 _SECONDS = 8
-_SQUARE = 48
-_DISC_AT = 3.0  # seconds
+SCENE = WorldVideo.of((
+    WorldObject("red", "square", "big", "right", start=(0.2, 0.3), speed=0.07, appear=0.0, leave=None),
+    WorldObject("green", "triangle", "small", "left", start=(0.75, 0.75), speed=0.06, appear=0.0, leave=4.5),
+    WorldObject("blue", "circle", "small", "up", start=(0.3, 0.85), speed=0.05, appear=3.0, leave=None),
+), seconds=_SECONDS)
 
 
 def cache_dir() -> Path:
@@ -42,43 +48,15 @@ def sample_video(path: Path | None = None) -> Path:
     if target.is_file() and target.stat().st_size > 0:
         return target
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".sample-", suffix=target.suffix or ".mp4", dir=target.parent)
-        os.close(fd)
+        write_atomic(target, lambda tmp: write_video(tmp, _draw_sample(), fps=_FPS, codec="mpeg4"))
     except OSError as e:
         raise StreamVLMError(
             f"cannot write the sample video in {target.parent} ({e}); set STREAMVLM_CACHE to a writable folder"
         ) from e
-    # written beside the target and renamed: a crash never leaves a half-written sample, and two
-    # processes racing both end with a complete file
-    try:
-        write_video(tmp, _draw_sample(), fps=_FPS, codec="mpeg4")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     log.info("wrote the sample video to %s", target)
     return target
 
 
 def _draw_sample() -> torch.Tensor:
-    """uint8 (64, 256, 256, 3): the sample's frames, all drawn at once (few large ops, not 64x many small)."""
-    count = _FPS * _SECONDS
-    index = torch.arange(count).view(-1, 1, 1)  # (T, 1, 1)
-    progress = index / (count - 1)  # 0 on the first frame, 1 on the last
-    y = torch.arange(_SIZE).view(1, -1, 1)  # (1, H, 1)
-    x = torch.arange(_SIZE).view(1, 1, -1)  # (1, 1, W)
-
-    ramp = (y * 60 // _SIZE).unsqueeze(-1) * torch.tensor([0, 1, 1])  # (1, H, 1, 3): lighter downwards
-    shade = (40 * progress).long().unsqueeze(-1)  # (T, 1, 1, 1): lighter over time
-    background = torch.tensor([20, 60, 70]) + ramp + shade  # (T, H, 1, 3)
-    frames = background.to(torch.uint8).expand(count, _SIZE, _SIZE, 3).clone()
-
-    left = 8 + ((_SIZE - 16 - _SQUARE) * progress).round().long()  # (T, 1, 1)
-    square = (y >= 40) & (y < 40 + _SQUARE) & (x >= left) & (x < left + _SQUARE)  # (T, H, W)
-    frames[square] = torch.tensor([220, 30, 30], dtype=torch.uint8)
-    disc = ((x - 176) ** 2 + (y - 176) ** 2 <= 32**2) & (index >= _DISC_AT * _FPS)
-    frames[disc] = torch.tensor([30, 60, 220], dtype=torch.uint8)
-    bar = (y >= 232) & (y < 244) & (x >= 8) & (x < 8 + ((_SIZE - 16) * progress).round().long())
-    frames[bar] = 255
-    return frames
+    """uint8 (64, 256, 256, 3): the sample's frames."""
+    return render(SCENE, _SIZE, _FPS)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from streamvlm import world
 from streamvlm.errors import StreamVLMError
 from streamvlm.video import files, sample
 from streamvlm.video.files import probe_video, read_video, write_video
@@ -330,18 +331,22 @@ def test_sample_video_is_created_once_and_shows_its_content(monkeypatch, tmp_pat
     clip = read_video(path)
     assert clip.frames.shape == (64, 256, 256, 3)
     assert clip.duration == pytest.approx(8.0) and clip.fps == pytest.approx(8.0)
-    first, last = clip.frames[0], clip.frames[-1]
-    red, blue = [220, 30, 30], [30, 60, 220]
-    # the red square moves from the left (x 8..56) to the right (x 200..248) along y 40..88
-    assert region(first, 56, 24) == pytest.approx(red, abs=12)
-    assert region(last, 56, 216) == pytest.approx(red, abs=12)
-    assert region(first, 56, 216)[0] < 100 and region(last, 56, 24)[0] < 100
-    # the blue disc (centre 176, 176) is absent before second 3 and present from it on
-    assert region(clip.frames[23], 168, 168)[2] < 150
-    assert region(clip.frames[24], 168, 168) == pytest.approx(blue, abs=12)
-    # the progress bar along y 232..244 is empty at the start and full at the end
-    assert region(first, 234, 200, size=8)[1] < 200
-    assert region(last, 234, 200, size=8) == pytest.approx([255] * 3, abs=12)
+    red, green, blue = ([float(v) for v in world.COLOURS[c]] for c in ("red", "green", "blue"))
+
+    def at(frame_index: int, x: float, y: float) -> list[float]:  # unit coordinates -> the 16 px around it
+        return region(clip.frames[frame_index], int(y * 256) - 8, int(x * 256) - 8)
+
+    # the red square moves right along y = 0.3: x = 0.2 at the start, 0.2 + 0.07 * 7.875 at the end
+    assert at(0, 0.2, 0.3) == pytest.approx(red, abs=12)
+    assert at(63, 0.2 + 0.07 * 63 / 8, 0.3) == pytest.approx(red, abs=12)
+    assert at(63, 0.2, 0.3)[0] < 100
+    # the green triangle (moving left along y = 0.75) is there until second 4.5, then gone
+    assert at(0, 0.75, 0.77) == pytest.approx(green, abs=12)
+    assert at(35, 0.75 - 0.06 * 35 / 8, 0.77) == pytest.approx(green, abs=12)
+    assert at(36, 0.75 - 0.06 * 36 / 8, 0.77)[1] < 100
+    # the blue circle appears at second 3 at (0.3, 0.85)
+    assert at(23, 0.3, 0.85)[2] < 100
+    assert at(24, 0.3, 0.85) == pytest.approx(blue, abs=12)
     # the whole picture matches what was drawn
     assert (clip.frames.float() - sample._draw_sample().float()).abs().mean() < 3
 

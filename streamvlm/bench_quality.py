@@ -1,0 +1,143 @@
+"""`streamvlm bench quality`: what each router costs in answer accuracy, on held-out world videos.
+
+The videos come from the procedural world (`streamvlm.world`) drawn with a seed that no training run uses
+(default 1234; any seed works), written as MP4 and read back at 1 frame per second, as in training. Each
+video has questions asked mid-stream (answers as of that moment) and questions asked at its end. Every
+question is answered by its own fresh session that has streamed the frames up to the question's time, so
+an error never carries into the next question and each figure is what a user asking once about a stream
+gets.
+
+An answer is right when its first word is the expected word. Frames are encoded once per video and shared
+by every policy: the vision tower does not route. `flops_fraction` and `kv_fraction` are the language
+model's analytic FLOPs and its KV bytes at the answer, summed over all sessions, as fractions of the same
+sessions run dense.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SEED = 1234
+"""Held out: training uses seeds 0 (train) and 1 (validation)."""
+DEFAULT_POLICIES = ("dense", "mod:0.5", "mod:0.2", "random:0.2", "uniform:0.2", "layer_drop:2", "fastv",
+                    "cls_knee")
+FPS = 1.0
+_WORD = re.compile(r"[a-z]+")
+
+
+def first_word(text: str) -> str:
+    match = _WORD.search(text.lower())
+    return match.group(0) if match else ""
+
+
+def heldout_set(seed: int, num_videos: int) -> Path:
+    """The held-out videos and records, generated once per (seed, count) in the cache folder."""
+    from streamvlm import world
+    from streamvlm.video.sample import cache_dir
+
+    return world.generate(cache_dir() / "world-heldout" / f"seed-{seed}-n{num_videos}", num_videos, seed)
+
+
+def chance_by_kind(questions) -> dict[str, float]:
+    """Expected accuracy of guessing uniformly among a question template's possible answers, per kind."""
+    from streamvlm import world
+
+    totals, counts = defaultdict(float), defaultdict(int)
+    for q in questions:
+        totals[q.kind] += 1 / len(world.ANSWERS[q.template])
+        counts[q.kind] += 1
+    return {kind: totals[kind] / counts[kind] for kind in sorted(counts)}
+
+
+def _answer(vlm, features: torch.Tensor, times: list[float], question, max_new_tokens: int) -> tuple[str, dict]:
+    """A fresh session: the frames up to the question's time, then the question. Returns (answer, stats)."""
+    session = vlm.session(max_new_tokens=max_new_tokens)
+    upto = sum(1 for t in times if t <= question.time + 1e-6)
+    session.append_encoded(features[:upto], times[:upto])
+    return session.ask(question.text), session.stats()
+
+
+def run_quality_bench(model_dir: Path, policies: tuple[str, ...], seed: int, num_videos: int, device, dtype,
+                      max_new_tokens: int = 4) -> dict:
+    from tqdm import tqdm
+
+    from streamvlm import world
+    from streamvlm.runtime import StreamVLM
+    from streamvlm.video.files import read_video
+
+    folder = heldout_set(seed, num_videos)
+    base = StreamVLM.from_pretrained(model_dir, device=device, dtype=dtype)
+    models = {policy: base.with_routing(policy) for policy in policies}
+    right = {p: defaultdict(int) for p in policies}
+    right_template = {p: defaultdict(int) for p in policies}
+    asked = defaultdict(int)
+    asked_template = defaultdict(int)
+    flops = {p: [0.0, 0.0] for p in policies}  # [llm, llm_dense]
+    kv = {p: [0, 0] for p in policies}  # [kv_bytes, kv_bytes_dense]
+    seconds = {p: 0.0 for p in policies}
+    all_questions = []
+    for index in tqdm(range(num_videos), desc="quality", unit="video", disable=num_videos < 20):
+        _, mid, end = world.make_video(seed, index)
+        clip = read_video(folder / world.video_name(index), fps=FPS)
+        features = base.encode(clip.frames)
+        times = clip.timestamps.tolist()
+        for q in mid + end:
+            all_questions.append(q)
+            asked[q.kind] += 1
+            asked_template[q.template] += 1
+            for policy, vlm in models.items():
+                start = time.perf_counter()
+                answer, stats = _answer(vlm, features, times, q, max_new_tokens)
+                seconds[policy] += time.perf_counter() - start
+                correct = first_word(answer) == q.answer
+                right[policy][q.kind] += correct
+                right_template[policy][q.template] += correct
+                flops[policy][0] += stats["flops"]["llm"]
+                flops[policy][1] += stats["flops"]["llm_dense"]
+                kv[policy][0] += stats["kv_bytes"]
+                kv[policy][1] += stats["kv_bytes_dense"]
+    total = sum(asked.values())
+    rows = []
+    for policy, vlm in models.items():
+        rows.append({
+            "policy": policy,
+            "router": vlm.router.spec(),
+            "accuracy": sum(right[policy].values()) / total,
+            "accuracy_by_kind": {kind: right[policy][kind] / asked[kind] for kind in sorted(asked)},
+            "accuracy_by_question": {t: right_template[policy][t] / asked_template[t] for t in sorted(asked_template)},
+            "flops_fraction": flops[policy][0] / flops[policy][1],
+            "kv_fraction": kv[policy][0] / kv[policy][1],
+            "seconds": seconds[policy],
+            "questions": total, "questions_by_kind": dict(sorted(asked.items())),
+            "chance_by_kind": chance_by_kind(all_questions), "seed": seed, "videos": num_videos,
+        })
+    parts = base.adapter.decoder
+    return {
+        "suite": "quality", "device": str(base.adapter.device), "dtype": str(base.adapter.dtype).replace("torch.", ""),
+        "model": {"dir": str(model_dir), "layers": parts.num_layers, "hidden": parts.hidden_size,
+                  "tokens_per_frame": base.tokens_per_frame},
+        "seed": seed, "videos": num_videos, "fps": FPS, "questions": total,
+        "questions_by_kind": dict(sorted(asked.items())), "chance_by_kind": chance_by_kind(all_questions),
+        "rows": rows,
+    }
+
+
+def format_quality(result: dict) -> str:
+    kinds = list(result["questions_by_kind"])
+    lines = [f"bench quality: {result['videos']} held-out world videos (seed {result['seed']}), "
+             f"{result['questions']} questions, {result['device']} {result['dtype']}",
+             f"{'policy':<14}{'accuracy':>9}" + "".join(f"{k:>11}" for k in kinds) + f"{'LLM FLOPs':>11}{'KV':>7}"]
+    for r in result["rows"]:
+        lines.append(f"{r['policy']:<14}{r['accuracy']:>9.1%}"
+                     + "".join(f"{r['accuracy_by_kind'][k]:>11.1%}" for k in kinds)
+                     + f"{r['flops_fraction']:>11.2f}{r['kv_fraction']:>7.2f}")
+    lines.append(f"{'chance':<14}{'':>9}" + "".join(f"{result['chance_by_kind'][k]:>11.1%}" for k in kinds))
+    return "\n".join(lines)

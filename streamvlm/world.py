@@ -1,0 +1,445 @@
+"""A procedural video world whose questions have exact answers: coloured shapes that move, appear and leave.
+
+A video shows one to three objects over a plain dark background. Every object of a video has its own
+colour and its own shape, is big or small, and moves left, right, up or down at constant speed. Some are
+there from the start and stay, some leave (vanish) part-way, some appear part-way. Objects never overlap.
+Geometry is in unit coordinates (x right, y down, the frame is [0, 1]^2) and time in seconds, so a video
+can be drawn at any size and frame rate.
+
+Questions are answered as of the moment they are asked, from the frames up to that moment:
+
+    attribute  what colour is the triangle ?  /  what shape is the red object ?  /  what size is the red circle ?
+    count      how many objects are there now ?
+    motion     which way is the red circle moving ?
+    recall     what colour was the first object that left ?  /  what shape was the first object that left ?
+
+A question is only asked when its answer holds over a margin of time before it (an object asked about has
+been visible for a second, two for motion; no object appeared or left in the second before a count), so
+any frame rate from 1 fps up sees the same answer.
+
+Files written under out_dir by `generate`:
+    videos/NNNN.mp4   the videos (2 fps by default, drawn at `size` pixels)
+    train.json        LLaVA-Video records: questions about the whole video, asked after it
+    stream.jsonl      streaming records: questions asked mid-stream, with their times
+    world.json        the generation parameters, written last: a folder holding it is complete
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from streamvlm.errors import StreamVLMError
+from streamvlm.video.files import write_atomic, write_video
+
+log = logging.getLogger(__name__)
+
+COLOURS = {
+    "red": (225, 45, 45),
+    "green": (40, 195, 75),
+    "blue": (55, 90, 240),
+    "yellow": (240, 220, 50),
+    "white": (240, 240, 240),
+}
+"""Object colours, RGB; far from each other and from the background."""
+BACKGROUND = (40, 40, 48)
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 0.075, "big": 0.12}
+"""Size name -> radius (unit coordinates): a circle's radius, half a square's side, a triangle's
+circumradius divided by 1.25 (so the three shapes of one size look alike in extent)."""
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+"""Direction -> (dx, dy), y grows downwards."""
+NUMBERS = ("zero", "one", "two", "three")
+KINDS = ("attribute", "count", "motion", "recall")
+
+TEMPLATES = {
+    "colour": "what colour is the {shape} ?",
+    "shape": "what shape is the {colour} object ?",
+    "size": "what size is the {colour} {shape} ?",
+    "count": "how many objects are there now ?",
+    "motion": "which way is the {colour} {shape} moving ?",
+    "recall_colour": "what colour was the first object that left ?",
+    "recall_shape": "what shape was the first object that left ?",
+}
+TEMPLATE_KIND = {"colour": "attribute", "shape": "attribute", "size": "attribute", "count": "count",
+                 "motion": "motion", "recall_colour": "recall", "recall_shape": "recall"}
+ANSWERS = {
+    "colour": tuple(COLOURS), "shape": SHAPES, "size": tuple(SIZES), "count": NUMBERS[1:],
+    "motion": tuple(DIRECTIONS), "recall_colour": tuple(COLOURS), "recall_shape": SHAPES,
+}
+"""Template -> every answer it can have; chance for a template is 1 / len(its answers)."""
+
+# Margins (s) that make answers independent of the frame rate the video is read at (1 fps or more).
+_SEEN = 1.0      # an object asked about has been visible this long
+_MOVING = 2.0    # ... this long for its motion (two frames at 1 fps)
+_STEADY = 1.0    # no object appeared or left this long before a count
+_EDGE = 0.02     # gap between an object and the frame's edge
+_GAP = 0.05      # least gap between two objects' outlines
+RECORD_FILE = "train.json"
+STREAM_FILE = "stream.jsonl"
+_MANIFEST = "world.json"
+VIDEO_FPS = 2
+"""Frame rate of generated videos. The model reads them at 1 fps; 2 fps keeps the files small and the
+drawing quick (the sample video, drawn for people, has 8)."""
+
+
+def vocabulary() -> list[str]:
+    """Every word of the world's questions and answers, sorted."""
+    words = set()
+    for template in TEMPLATES.values():
+        words.update(template.replace("{shape}", "").replace("{colour}", "").split())
+    for answers in ANSWERS.values():
+        words.update(answers)
+    words.update(SHAPES)
+    words.update(COLOURS)
+    return sorted(words)
+
+
+@dataclass(frozen=True)
+class WorldObject:
+    colour: str
+    shape: str
+    size: str
+    direction: str
+    start: tuple[float, float]
+    """(x, y) centre when it appears."""
+    speed: float
+    """Units per second."""
+    appear: float
+    """Seconds; 0 for an object there from the start."""
+    leave: float | None
+    """Seconds it vanishes at; None when it stays to the end."""
+
+    @property
+    def radius(self) -> float:
+        return SIZES[self.size]
+
+    @property
+    def extent(self) -> float:
+        """Radius of a circle that holds the drawn shape."""
+        return self.radius * {"circle": 1.0, "square": math.sqrt(2), "triangle": 1.25}[self.shape]
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+    def visible(self, t: float) -> bool:
+        return self.appear <= t and (self.leave is None or t < self.leave)
+
+    def visible_over(self, start: float, end: float) -> bool:
+        """Visible at every moment of [start, end]."""
+        return start >= self.appear and (self.leave is None or end < self.leave)
+
+    def centre(self, t: float) -> tuple[float, float]:
+        dx, dy = DIRECTIONS[self.direction]
+        d = self.speed * (t - self.appear)
+        return self.start[0] + dx * d, self.start[1] + dy * d
+
+
+@dataclass(frozen=True)
+class Question:
+    time: float
+    """Seconds into the video the question is asked at; its answer holds as of then."""
+    template: str
+    """A TEMPLATES key."""
+    text: str
+    answer: str
+
+    @property
+    def kind(self) -> str:
+        return TEMPLATE_KIND[self.template]
+
+
+@dataclass(frozen=True)
+class WorldVideo:
+    objects: tuple[WorldObject, ...]
+    seconds: float
+    events: tuple[tuple[float, str, str], ...] = field(default=())
+    """(time, "appear" | "leave", object name), in time order."""
+
+    @classmethod
+    def of(cls, objects, seconds: float) -> WorldVideo:
+        """A video of these objects, its events worked out from their appear and leave times."""
+        events = sorted([(o.appear, "appear", o.name) for o in objects if o.appear > 0]
+                        + [(o.leave, "leave", o.name) for o in objects if o.leave is not None])
+        return cls(tuple(objects), seconds, tuple(events))
+
+    def visible(self, t: float) -> list[WorldObject]:
+        return [o for o in self.objects if o.visible(t)]
+
+    def first_leaver(self) -> WorldObject | None:
+        leavers = [o for o in self.objects if o.leave is not None]
+        return min(leavers, key=lambda o: o.leave) if leavers else None
+
+
+# ---------------------------------------------------------------- drawing the parameters
+
+
+def draw_video(rng: random.Random, seconds: float = 8.0) -> WorldVideo:
+    """A random video: 1-3 objects (distinct colours and shapes) that never overlap."""
+    count = rng.choices((1, 2, 3), weights=(2, 3, 5))[0]
+    for attempt in range(300):
+        if attempt and attempt % 100 == 0:
+            count = max(1, count - 1)  # a crowded draw that will not fit: one object fewer
+        colours = rng.sample(sorted(COLOURS), count)
+        shapes = rng.sample(SHAPES, count)
+        roles = ["stay"] + rng.choices(("stay", "leave", "appear"), weights=(3, 5, 3), k=count - 1)
+        rng.shuffle(roles)
+        objects = [_draw_object(rng, colour, shape, role, seconds) for colour, shape, role in zip(colours, shapes, roles)]
+        if any(o is None for o in objects) or not _apart(objects, seconds) or not _events_apart(objects):
+            continue
+        return WorldVideo.of(objects, seconds)
+    raise RuntimeError("could not place the objects of a world video")  # not reached for sane sizes
+
+
+def _draw_object(rng: random.Random, colour: str, shape: str, role: str, seconds: float) -> WorldObject | None:
+    appear, leave = 0.0, None
+    if role == "leave":
+        leave = round(rng.uniform(2.0, seconds - 2.5), 2)
+    elif role == "appear":
+        appear = round(rng.uniform(1.5, seconds - 3.0), 2)
+    size = rng.choice(sorted(SIZES))
+    direction = rng.choice(sorted(DIRECTIONS))
+    probe = WorldObject(colour, shape, size, direction, (0.5, 0.5), 0.0, appear, leave)
+    low, high = probe.extent + _EDGE, 1 - probe.extent - _EDGE
+    duration = (leave if leave is not None else seconds) - appear
+    speed = rng.uniform(0.06, 0.1)
+    travel = speed * duration
+    if travel > high - low:
+        speed = (high - low) / duration
+        travel = high - low
+        if speed < 0.04:
+            return None
+    along = rng.uniform(low, high - travel)  # where the path starts along the motion axis
+    dx, dy = DIRECTIONS[direction]
+    first = along if dx + dy > 0 else along + travel
+    across = rng.uniform(low, high)
+    start = (first, across) if dx else (across, first)
+    return WorldObject(colour, shape, size, direction, (round(start[0], 4), round(start[1], 4)),
+                       round(speed, 4), appear, leave)
+
+
+def _apart(objects: list[WorldObject], seconds: float) -> bool:
+    """No two objects come closer than their extents plus a gap while both are visible."""
+    steps = int(seconds * 16) + 1
+    for i, a in enumerate(objects):
+        for b in objects[i + 1:]:
+            for s in range(steps):
+                t = s / 16
+                if a.visible(t) and b.visible(t):
+                    (ax, ay), (bx, by) = a.centre(t), b.centre(t)
+                    if math.hypot(ax - bx, ay - by) < a.extent + b.extent + _GAP:
+                        return False
+    return True
+
+
+def _events_apart(objects: list[WorldObject]) -> bool:
+    """Appear and leave times at least 1.5 s apart, so "first to leave" and counts are clear-cut."""
+    times = sorted([o.appear for o in objects if o.appear > 0] + [o.leave for o in objects if o.leave is not None])
+    return all(b - a >= 1.5 for a, b in zip(times, times[1:]))
+
+
+# ---------------------------------------------------------------- drawing the frames
+
+
+def render(video: WorldVideo, size: int, fps: float, count: int | None = None, supersample: int = 2) -> torch.Tensor:
+    """uint8 (T, size, size, 3): frame i shows the world at t = i / fps (T = seconds * fps by default).
+
+    Drawn at supersample x the size and averaged down, so edges are anti-aliased the way a larger video
+    resized by the preprocessing is.
+    """
+    count = int(round(video.seconds * fps)) if count is None else count
+    big = size * supersample
+    times = torch.arange(count, dtype=torch.float64) / fps
+    frames = torch.tensor(BACKGROUND, dtype=torch.float32).expand(count, big, big, 3).clone()
+    coords = (torch.arange(big, dtype=torch.float64) + 0.5) / big  # pixel centres, unit coordinates
+    x, y = coords.view(1, 1, -1), coords.view(1, -1, 1)
+    for obj in video.objects:
+        shown = torch.tensor([obj.visible(float(t)) for t in times]).view(-1, 1, 1)
+        dx, dy = DIRECTIONS[obj.direction]
+        travel = obj.speed * (times - obj.appear).view(-1, 1, 1)
+        cx, cy = obj.start[0] + dx * travel, obj.start[1] + dy * travel
+        mask = shape_mask(obj.shape, obj.radius, x - cx, y - cy) & shown
+        frames[mask] = torch.tensor(COLOURS[obj.colour], dtype=torch.float32)
+    if supersample > 1:
+        frames = torch.nn.functional.avg_pool2d(frames.permute(0, 3, 1, 2), supersample).permute(0, 2, 3, 1)
+    return frames.round().to(torch.uint8)
+
+
+def shape_mask(shape: str, radius: float, rx: torch.Tensor, ry: torch.Tensor) -> torch.Tensor:
+    """Whether offsets (rx, ry) from a shape's centre fall inside it."""
+    if shape == "circle":
+        return rx**2 + ry**2 <= radius**2
+    if shape == "square":
+        return (rx.abs() <= radius) & (ry.abs() <= radius)
+    # triangle pointing up, circumradius 1.25 r: apex (0, -R), base corners (+-R sin 60, R / 2)
+    big_r = 1.25 * radius
+    half = big_r * math.sqrt(3) / 2
+    base = ry <= big_r / 2
+    slope = (big_r * 1.5) / half  # rise of a side per unit of x
+    sides = ry >= -big_r + slope * rx.abs()
+    return base & sides
+
+
+# ---------------------------------------------------------------- questions
+
+
+def candidates(video: WorldVideo, t: float) -> list[Question]:
+    """Every question whose answer is settled at time t (see the margins above)."""
+    out = []
+    seen = [o for o in video.objects if o.visible_over(t - _SEEN, t)]
+    for o in seen:
+        out.append(Question(t, "colour", TEMPLATES["colour"].format(shape=o.shape), o.colour))
+        out.append(Question(t, "shape", TEMPLATES["shape"].format(colour=o.colour), o.shape))
+        out.append(Question(t, "size", TEMPLATES["size"].format(colour=o.colour, shape=o.shape), o.size))
+        if o.visible_over(t - _MOVING, t):
+            out.append(Question(t, "motion", TEMPLATES["motion"].format(colour=o.colour, shape=o.shape),
+                                o.direction))
+    recent = [e for e in video.events if t - _STEADY <= e[0] <= t + 1e-9]
+    if not recent and t >= _STEADY:
+        out.append(Question(t, "count", TEMPLATES["count"], NUMBERS[len(video.visible(t))]))
+    leaver = video.first_leaver()
+    if leaver is not None and t >= leaver.leave + _SEEN:
+        out.append(Question(t, "recall_colour", TEMPLATES["recall_colour"], leaver.colour))
+        out.append(Question(t, "recall_shape", TEMPLATES["recall_shape"], leaver.shape))
+    return out
+
+
+def plan_questions(rng: random.Random, video: WorldVideo, times: list[float]) -> list[Question]:
+    """One question per time, its kind the least asked so far among those possible then (ties at random),
+    so every kind is well represented."""
+    asked = {kind: 0 for kind in KINDS}
+    out = []
+    for t in times:
+        options = [q for q in candidates(video, t) if q not in out]
+        if not options:
+            continue
+        fewest = min(asked[q.kind] for q in options)
+        kind = rng.choice(sorted({q.kind for q in options if asked[q.kind] == fewest}))
+        question = rng.choice([q for q in options if q.kind == kind])
+        asked[kind] += 1
+        out.append(question)
+    return out
+
+
+def stream_questions(rng: random.Random, video: WorldVideo, times: int = 6, per_time: int = 2) -> list[Question]:
+    """Questions asked mid-stream: up to `per_time` different questions at each of `times` distinct
+    half-second times from 1 s to the end."""
+    grid = [k / 2 for k in range(2, int(video.seconds * 2) + 1)]
+    chosen = sorted(rng.sample(grid, min(times, len(grid))))
+    return plan_questions(rng, video, [t for t in chosen for _ in range(per_time)])
+
+
+def end_questions(rng: random.Random, video: WorldVideo, count: int = 8) -> list[Question]:
+    """Up to `count` different questions about the whole video, all asked at its end."""
+    return plan_questions(rng, video, [video.seconds] * count)
+
+
+# ---------------------------------------------------------------- files
+
+
+def video_seed(seed: int, index: int) -> int:
+    return seed * 1_000_003 + index
+
+
+def make_video(seed: int, index: int, seconds: float = 8.0) -> tuple[WorldVideo, list[Question], list[Question]]:
+    """Video `index` of the set made with `seed`: the video, its mid-stream and its end questions."""
+    rng = random.Random(video_seed(seed, index))
+    video = draw_video(rng, seconds)
+    return video, stream_questions(rng, video), end_questions(rng, video)
+
+
+def generate(out_dir: str | os.PathLike, num_videos: int, seed: int, size: int = 128, seconds: float = 8.0,
+             fps: int = VIDEO_FPS) -> Path:
+    """Write num_videos world videos and their records under out_dir; returns out_dir.
+
+    Deterministic for (num_videos, seed, size, seconds, fps); a folder already complete for the same
+    parameters is reused as it is.
+    """
+    if num_videos < 1:
+        raise StreamVLMError(f"world: num_videos must be at least 1, got {num_videos}")
+    if size < 32:
+        raise StreamVLMError(f"world: size must be at least 32 pixels, got {size}")
+    if seconds < 4:
+        raise StreamVLMError(f"world: videos must last at least 4 seconds, got {seconds}")
+    out = Path(out_dir).expanduser()
+    if fps < 1:
+        raise StreamVLMError(f"world: fps must be at least 1, got {fps}")
+    params = {"num_videos": num_videos, "seed": seed, "size": size, "seconds": seconds, "fps": fps, "version": 2}
+    if _complete(out, params):
+        return out
+    (out / _MANIFEST).unlink(missing_ok=True)  # until rewritten at the end, the folder is incomplete
+    # Videos of an interrupted run are kept: each depends only on (seed, index, size, seconds).
+    todo = [i for i in range(num_videos) if not (out / video_name(i)).is_file()]
+    _draw_videos(out, seed, todo, size, seconds, fps)
+    llava, stream = [], []
+    for index in range(num_videos):
+        video, mid, end = make_video(seed, index, seconds)
+        name = video_name(index)
+        meta = {"objects": [asdict(o) for o in video.objects], "seconds": seconds}
+        turns = []
+        for n, q in enumerate(end):
+            turns.append({"from": "human", "value": f"<video>\n{q.text}" if n == 0 else q.text, "kind": q.kind})
+            turns.append({"from": "gpt", "value": q.answer})
+        llava.append({"id": f"world-{seed}-{index:04d}", "video": name, "conversations": turns, "meta": meta})
+        messages = []
+        for q in mid:
+            messages.append({"role": "user", "content": q.text, "time": q.time, "kind": q.kind})
+            messages.append({"role": "assistant", "content": q.answer, "time": q.time})
+        stream.append({"id": f"world-stream-{seed}-{index:04d}", "video": name, "conversation": messages,
+                       "meta": meta})
+    texts = {RECORD_FILE: json.dumps(llava, indent=1), STREAM_FILE: "\n".join(json.dumps(r) for r in stream) + "\n",
+             _MANIFEST: json.dumps(params)}  # the manifest last: it marks the folder complete
+    for name, text in texts.items():
+        write_atomic(out / name, lambda tmp, text=text: Path(tmp).write_text(text))
+    log.info("wrote %d world videos to %s", num_videos, out)
+    return out
+
+
+def video_name(index: int) -> str:
+    """A video's path inside a generated folder."""
+    return f"videos/{index:04d}.mp4"
+
+
+def _draw_one(out: Path, seed: int, index: int, size: int, seconds: float, fps: int) -> None:
+    video = make_video(seed, index, seconds)[0]
+    frames = render(video, size, fps)
+    write_atomic(out / video_name(index), lambda tmp: write_video(tmp, frames, fps=fps, codec="mpeg4"))
+
+
+def _draw_videos(out: Path, seed: int, indices: list[int], size: int, seconds: float, fps: int) -> None:
+    """Draw and encode the videos, on every core for a large set (a progress bar from 200 videos)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(indices), desc="world videos", unit="video", disable=len(indices) < 200)
+    workers = min(os.cpu_count() or 1, 8)
+    if workers < 2 or len(indices) < 50:
+        for index in indices:
+            _draw_one(out, seed, index, size, seconds, fps)
+            bar.update()
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: forking a process that has run torch can deadlock in its thread pools
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for _ in pool.map(_draw_one, *zip(*[(out, seed, i, size, seconds, fps) for i in indices]), chunksize=16):
+                bar.update()
+    bar.close()
+
+
+def _complete(out: Path, params: dict) -> bool:
+    try:
+        if json.loads((out / _MANIFEST).read_text()) != params:
+            return False
+    except (OSError, ValueError):
+        return False
+    return (out / RECORD_FILE).is_file() and (out / STREAM_FILE).is_file()

@@ -1,0 +1,167 @@
+"""The procedural world: answers correct by construction, checked against the rendered frames."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from streamvlm import world
+from streamvlm.train.data import load_records
+from streamvlm.video.files import read_video
+
+FPS = 8
+SIZE = 128
+
+
+def _frame(frames: torch.Tensor, t: float) -> torch.Tensor:
+    """The last frame drawn at or before t."""
+    return frames[min(int(t * FPS + 1e-6), len(frames) - 1)]
+
+
+def _mask(frame: torch.Tensor, colour: str) -> torch.Tensor:
+    target = torch.tensor(world.COLOURS[colour], dtype=torch.float32)
+    return (frame.float() - target).abs().max(dim=-1).values < 40
+
+
+def _blob(frame: torch.Tensor, colour: str) -> dict | None:
+    """What the pixels of one colour look like: area, centre, and how much of their bounding box they fill."""
+    mask = _mask(frame, colour)
+    if int(mask.sum()) < 4:
+        return None
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    height, width = int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
+    return {"area": int(mask.sum()), "centre": (float(xs.float().mean()), float(ys.float().mean())),
+            "fill": int(mask.sum()) / (height * width), "width": width}
+
+
+def _shape_from_pixels(blob: dict) -> str:
+    # a square fills its bounding box, a circle pi/4 of it, a triangle half
+    return "square" if blob["fill"] > 0.9 else "circle" if blob["fill"] > 0.65 else "triangle"
+
+
+def _answer_from_pixels(question: world.Question, frames: torch.Tensor) -> str:
+    """Work the answer out from the pixels alone, as a viewer would."""
+    now = _frame(frames, question.time)
+    blobs = {c: _blob(now, c) for c in world.COLOURS}
+    present = {c: b for c, b in blobs.items() if b is not None}
+    words = question.text.split()
+    if question.template == "count":
+        return world.NUMBERS[len(present)]
+    if question.template == "colour":
+        shape = words[words.index("the") + 1]
+        return next(c for c, b in present.items() if _shape_from_pixels(b) == shape)
+    colour = next((w for w in words if w in world.COLOURS), None)
+    if question.template == "shape":
+        return _shape_from_pixels(present[colour])
+    if question.template == "size":
+        # big objects are 1.6x the small ones across: split the widths at the geometric mean
+        small, big = (world.SIZES[s] * 2 * SIZE for s in ("small", "big"))
+        shape = _shape_from_pixels(present[colour])
+        scale = {"circle": 1.0, "square": 1.0, "triangle": 1.25 * 3**0.5 / 2}[shape]
+        return "big" if present[colour]["width"] > (small * big) ** 0.5 * scale else "small"
+    if question.template == "motion":
+        before = _blob(_frame(frames, question.time - 1.5), colour)
+        dx = present[colour]["centre"][0] - before["centre"][0]
+        dy = present[colour]["centre"][1] - before["centre"][1]
+        if abs(dx) > abs(dy):
+            return "right" if dx > 0 else "left"
+        return "down" if dy > 0 else "up"
+    # recall: the first colour to vanish from the frames seen so far, and its shape while it was there
+    seen: dict[str, dict] = {}
+    for i in range(int(question.time * FPS) + 1):
+        frame = frames[min(i, len(frames) - 1)]
+        for c in world.COLOURS:
+            blob = _blob(frame, c)
+            if blob is not None:
+                seen[c] = blob
+            elif c in seen:
+                return c if question.template == "recall_colour" else _shape_from_pixels(seen[c])
+    raise AssertionError("no object left before the recall question")
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_answers_match_the_rendered_frames(index):
+    video, mid, end = world.make_video(seed=77, index=index)
+    frames = world.render(video, SIZE, FPS)
+    questions = mid + end
+    assert questions, "every video gets questions"
+    for q in questions:
+        assert _answer_from_pixels(q, frames) == q.answer, q
+
+
+def test_every_kind_and_answer_occurs():
+    kinds, answers = set(), {}
+    for index in range(60):
+        _, mid, end = world.make_video(seed=5, index=index)
+        for q in mid + end:
+            kinds.add(q.kind)
+            answers.setdefault(q.template, set()).add(q.answer)
+    assert kinds == set(world.KINDS)
+    for template, seen in answers.items():
+        assert seen == set(world.ANSWERS[template]), template
+
+
+def test_objects_never_overlap_and_stay_in_the_frame():
+    for index in range(40):
+        video = world.make_video(seed=3, index=index)[0]
+        for step in range(int(video.seconds * 8)):
+            t = step / 8
+            shown = video.visible(t)
+            for o in shown:
+                x, y = o.centre(t)
+                assert o.extent <= x <= 1 - o.extent and o.extent <= y <= 1 - o.extent
+            for i, a in enumerate(shown):
+                for b in shown[i + 1:]:
+                    (ax, ay), (bx, by) = a.centre(t), b.centre(t)
+                    assert ((ax - bx) ** 2 + (ay - by) ** 2) ** 0.5 > a.extent + b.extent
+
+
+def test_generate_writes_records_the_data_module_reads(tmp_path):
+    out = world.generate(tmp_path / "w", num_videos=3, seed=11)
+    llava = load_records(out / world.RECORD_FILE)
+    stream = load_records(out / world.STREAM_FILE)
+    assert [r.kind for r in llava] == ["llava"] * 3 and [r.kind for r in stream] == ["stream"] * 3
+    raw = json.loads((out / world.RECORD_FILE).read_text())
+    assert raw[0]["conversations"][0]["value"].startswith("<video>\n")
+    for record, (_, mid, end) in zip(stream, (world.make_video(11, i) for i in range(3))):
+        assert [(e.question, e.answer, e.time) for e in record.exchanges] == [(q.text, q.answer, q.time) for q in mid]
+    for record, (_, _, end) in zip(llava, (world.make_video(11, i) for i in range(3))):
+        assert [(e.question, e.answer) for e in record.exchanges] == [(q.text, q.answer) for q in end]
+    clip = read_video(out / world.video_name(0), fps=1)
+    assert clip.frames.shape == (8, 128, 128, 3)
+    # the MP4 shows what was drawn (up to compression)
+    drawn = world.render(world.make_video(11, 0)[0], 128, world.VIDEO_FPS)[::world.VIDEO_FPS]
+    assert (clip.frames.float() - drawn.float()).abs().mean() < 4
+    before = (out / world.video_name(0)).stat().st_mtime_ns
+    assert world.generate(tmp_path / "w", num_videos=3, seed=11) == out  # complete: reused, not redrawn
+    assert (out / world.video_name(0)).stat().st_mtime_ns == before
+
+
+def test_the_same_seed_gives_the_same_world_and_another_seed_another():
+    assert world.make_video(9, 4) == world.make_video(9, 4)
+    assert world.make_video(9, 4)[0] != world.make_video(10, 4)[0]
+
+
+def test_questions_are_only_asked_when_settled():
+    rng = random.Random(0)
+    for index in range(30):
+        video = world.make_video(2, index)[0]
+        for q in world.stream_questions(rng, video):
+            if q.template == "count":
+                assert not any(q.time - 1.0 <= t <= q.time for t, _, _ in video.events)
+            if q.kind == "recall":
+                assert video.first_leaver().leave + 1.0 <= q.time
+
+
+def test_bad_generate_arguments_are_refused(tmp_path):
+    from streamvlm.errors import StreamVLMError
+
+    with pytest.raises(StreamVLMError, match="num_videos"):
+        world.generate(tmp_path, 0, seed=0)
+    with pytest.raises(StreamVLMError, match="size"):
+        world.generate(tmp_path, 1, seed=0, size=8)
+    with pytest.raises(StreamVLMError, match="fps"):
+        world.generate(tmp_path, 1, seed=0, fps=0)

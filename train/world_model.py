@@ -1,0 +1,142 @@
+"""The world model: a small LLaVA-OneVision that learns the procedural world (`streamvlm.world`).
+
+Its starting point is a random checkpoint with a word-level tokenizer over the world's vocabulary (plus
+the chat template's words), made here offline; `RouterTrainingModule(world=True, trainable="model")`
+trains all of it with the project's own pipeline, and `export_model` writes the trained weights back as
+a Hugging Face checkpoint folder, the form the runtime loads and the package ships.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from streamvlm.errors import StreamVLMError
+from streamvlm.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, TinySpec, write_tiny_checkpoint
+from streamvlm import world
+
+UNKNOWN = "[UNK]"
+CHAT_WORDS = ("user", "assistant", "system")
+"""Words the chat template writes besides its special tokens."""
+
+WORLD_SPEC = TinySpec(
+    hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384,
+    vision_hidden_size=96, vision_layers=3, vision_heads=4, image_size=128, patch_size=16,
+    max_position_embeddings=2048, vocab_size=0, seed=0,
+)
+"""128 px frames in 16 px patches: an 8x8 grid pooled 2x2 to 16 tokens per frame. vocab_size is set from
+the tokenizer. (At 64 px in 8 px patches, shape questions stayed at chance after 1900 steps: a small
+triangle, circle and square differ in a handful of pixels there.)"""
+
+
+def build_word_tokenizer():
+    """A word-level tokenizer: lowercased, split on spaces and punctuation, one id per known word."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = [*SPECIAL_TOKENS, UNKNOWN, *CHAT_WORDS, *world.vocabulary()]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=UNKNOWN))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=UNKNOWN,
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"}, chat_template=CHAT_TEMPLATE,
+    )
+
+
+def sincos_2d(side: int, dim: int, scale: float = 0.5) -> torch.Tensor:
+    """(side * side, dim) fixed 2-D sine-cosine codes of a side x side grid in row-major order (as MAE's
+    ViT uses): the first half of the channels code the row, the second half the column."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    angle = torch.arange(side, dtype=torch.float64)[:, None] * omega[None]  # (side, dim / 4)
+    code = torch.cat([angle.sin(), angle.cos()], dim=1)  # (side, dim / 2)
+    rows = code[:, None, :].expand(side, side, -1)
+    cols = code[None, :, :].expand(side, side, -1)
+    return (scale * torch.cat([rows, cols], dim=-1)).reshape(side * side, dim).float()
+
+
+def write_initial_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
+    """The untrained world model (random weights, word-level tokenizer) in the Hugging Face layout.
+
+    The vision tower's position embeddings start as 2-D sine-cosine codes instead of noise (they still
+    train). Measured: from a random start, motion questions stayed at chance for the first 1900 steps
+    (which way an object moves needs each token's place, which only motion questions reward), while
+    count reached 82%.
+    """
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+
+    tokenizer = build_word_tokenizer()
+    spec = replace(WORLD_SPEC, vocab_size=len(tokenizer), seed=seed)
+    out = write_tiny_checkpoint(out_dir, spec, tokenizer)
+    weights = out / "model.safetensors"
+    state = load_file(str(weights))
+    key = "vision_tower.embeddings.position_embedding.weight"
+    side = spec.image_size // spec.patch_size
+    state[key] = sincos_2d(side, spec.vision_hidden_size)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    return out
+
+
+def initial_model_dir(seed: int = 0) -> Path:
+    """The untrained world model, made once in the cache folder."""
+    from streamvlm.video.sample import cache_dir
+
+    target = cache_dir() / f"world-init-v3-{seed}"
+    if not (target / "config.json").is_file():
+        tmp = target.with_name(f".world-init-{os.getpid()}")
+        write_initial_checkpoint(tmp, seed)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process (a DDP rank) made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (target / "config.json").is_file():
+                raise
+    return target
+
+
+def export_model(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
+    """Write the model of a full-training checkpoint (trainable="model") as a Hugging Face checkpoint
+    folder: the starting checkpoint's files with the trained weights."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    try:
+        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError) as e:
+        raise StreamVLMError(f"cannot read checkpoint {checkpoint_path}: {e}") from None
+    meta = ckpt.get("streamvlm")
+    if meta is None or meta.get("trainable") != "model":
+        raise StreamVLMError(f"{checkpoint_path} is not a full-training checkpoint (trainable: model); "
+                             "a router checkpoint is exported with `streamvlm-train export`")
+    source = Path(meta["model_dir"])
+    if not (source / "config.json").is_file():
+        raise StreamVLMError(f"the starting checkpoint {source} of {checkpoint_path} is gone; the export needs "
+                             "its config and tokenizer")
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(source, dtype=torch.float32, local_files_only=True)
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise StreamVLMError(f"{checkpoint_path} does not fit {source}: missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}")
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("*.safetensors", "streamvlm_tiny.json"))
+    model.save_pretrained(tmp)
+    (tmp / "streamvlm_model.json").write_text(json.dumps({
+        "trained_on": "streamvlm.world", "steps": ckpt.get("global_step"), "epochs": ckpt.get("epoch"),
+        "spec": asdict(WORLD_SPEC) | {"vocab_size": model.config.text_config.vocab_size},
+    }, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
