@@ -18,14 +18,6 @@ from streamvlm.train.module import RouterTrainingModule, export_router
 ROUTING = "mod:0.25:all:1"
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("STREAMVLM_CACHE", str(root / "cache"))
-        yield root
-
-
 def _data(workdir, module, num_videos=12, val_videos=4, batch_size=4):
     dm = VideoDataModule(synthetic={"num_videos": num_videos, "val_videos": val_videos, "seed": 0,
                                     "out_dir": str(workdir / "synthetic")}, batch_size=batch_size, num_frames=8)

@@ -12,14 +12,6 @@ from streamvlm.train.module import RouterTrainingModule, export_router
 from streamvlm.train.world_model import build_word_tokenizer, export_model
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("STREAMVLM_CACHE", str(root / "cache"))
-        yield root
-
-
 def test_word_tokenizer_knows_every_world_word_and_round_trips():
     from streamvlm import world
 
