@@ -57,8 +57,9 @@ class Router(nn.Module):
         return config.spec() if config is not None else type(self).__name__
 
     def question_evictions(self, cache, question_embeds: torch.Tensor,
-                           question_positions: torch.Tensor) -> torch.Tensor | None:
-        """Called when a question is about to be fed, with its embeddings (m, d) and positions (m,): return
+                           question_rope_ids: torch.Tensor) -> torch.Tensor | None:
+        """Called when a question is about to be fed, with its embeddings (m, d) and RoPE position ids as the
+        decoder's rotary module takes them ((1, m), or (3, 1, m) with M-RoPE; see Chunk.rope_ids): return
         positions of cached vision entries to drop from every layer (question-aware KV selection), or None.
         The session does the dropping; the router only reads the cache."""
         return None

@@ -42,7 +42,7 @@ def frame_attention_ranking(parts: DecoderParts, layer: int, hidden: torch.Tenso
     vision = chunk.vision_index  # (F, T)
     frames, tokens = vision.shape
     h = lp.input_norm(hidden[vision])  # (F, T, d)
-    cos, sin = parts.rotary(h, chunk.positions[vision])  # (F, T, hd)
+    cos, sin = parts.rotary(h, chunk.rope_ids(vision))  # (F, T, hd)
     q = lp.q_proj(h[:, -1:]).view(frames, 1, parts.num_heads, parts.head_dim).transpose(1, 2)  # (F, H, 1, hd)
     k = lp.k_proj(h).view(frames, tokens, parts.num_kv_heads, parts.head_dim).transpose(1, 2)  # (F, KV, T, hd)
     q = apply_rope(q, cos[:, None, -1:], sin[:, None, -1:])
@@ -347,7 +347,7 @@ class ClsKneeRouter(_BoundRouter):
             self._kept = torch.cat([vision[f, k] for f, k in enumerate(kept)])
         return decision_from_kept(chunk, self._kept, None)
 
-    def question_evictions(self, cache, question_embeds, question_positions):
+    def question_evictions(self, cache, question_embeds, question_rope_ids):
         keep = self.config.question_keep
         if keep is None or self.parts is None:
             return None
@@ -359,7 +359,7 @@ class ClsKneeRouter(_BoundRouter):
         h = lp.input_norm(question_embeds)
         m = h.shape[0]
         q = lp.q_proj(h).view(m, parts.num_heads, parts.head_dim).transpose(0, 1)
-        cos, sin = parts.rotary(h, question_positions[None])
+        cos, sin = parts.rotary(h, question_rope_ids)
         q = apply_rope(q, cos[0], sin[0])
         keys = cache.keys(0).repeat_interleave(parts.num_heads // parts.num_kv_heads, 0)
         attention = ((q @ keys.transpose(1, 2)) * parts.head_dim ** -0.5).softmax(-1).mean(dim=(0, 1))  # (L,)

@@ -79,10 +79,18 @@ def stream_tiny_dir() -> Path:
     return target
 
 
+def require_llava(vlm, what: str) -> None:
+    """The benches that time transformers' own forward next to ours build its inputs the LLaVA-OneVision way."""
+    if vlm.adapter.family != "llava_onevision":
+        raise StreamVLMError(f"bench {what} times transformers' LLaVA-OneVision forward next to ours; "
+                             f"{vlm.adapter.family} checkpoints are not supported there yet (bench routing is)")
+
+
 def run_dense(model_dir: Path, frames_count: int, new_tokens: int, repeats: int, device, dtype) -> dict:
     from streamvlm.runtime import StreamVLM
 
     vlm = StreamVLM.from_pretrained(model_dir, device=device, dtype=dtype)
+    require_llava(vlm, "dense")
     hf = vlm.adapter.model
     size = vlm.adapter.preprocess_config
     g = torch.Generator().manual_seed(0)

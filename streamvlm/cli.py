@@ -209,6 +209,8 @@ def cmd_init_tiny(args) -> int:
     out = Path(args.dir)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise StreamVLMError(f"{out} exists and is not empty; pass --force to write into it")
+    if args.family != "llava_onevision":
+        return _init_tiny_family(args, out)
     if args.real_small:
         spec = TinySpec.real_small(num_layers=args.layers or 12, hidden_size=args.hidden or 640, seed=args.seed)
     else:
@@ -217,6 +219,28 @@ def cmd_init_tiny(args) -> int:
     write_tiny_checkpoint(out, spec)
     print(f"wrote a random (untrained) LLaVA-OneVision checkpoint to {out}: {spec.num_layers} layers, "
           f"hidden {spec.hidden_size}, {spec.tokens_per_frame} tokens per frame")
+    return 0
+
+
+def _init_tiny_family(args, out: Path) -> int:
+    """init-tiny for the families other than LLaVA-OneVision (one fixed tiny shape each, --layers/--hidden
+    for the Qwen2-VL ones)."""
+    sizes = {k: v for k, v in (("num_layers", args.layers), ("hidden_size", args.hidden)) if v}
+    if args.real_small:
+        raise StreamVLMError(f"--real-small is only for llava_onevision, not {args.family}")
+    if args.family in ("qwen2_vl", "qwen2_5_vl"):
+        from streamvlm.tiny_qwen import write_tiny_qwen
+        write_tiny_qwen(out, args.family, seed=args.seed, **sizes)
+    else:
+        if sizes:
+            raise StreamVLMError(f"--layers and --hidden are not supported for {args.family}")
+        if args.family == "qwen3_vl":
+            from streamvlm.tiny_qwen3 import write_tiny_qwen3_vl
+            write_tiny_qwen3_vl(out, seed=args.seed)
+        else:
+            from streamvlm.tiny_smolvlm import write_tiny_smolvlm
+            write_tiny_smolvlm(out, seed=args.seed)
+    print(f"wrote a random (untrained) {args.family} checkpoint to {out}")
     return 0
 
 
@@ -429,10 +453,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("init-tiny", help="write a small random checkpoint (offline)",
-                       description="Write a randomly initialised LLaVA-OneVision checkpoint in the Hugging Face "
-                                   "layout (weights, tokenizer, chat template, preprocessor configs). It is "
-                                   "untrained: use it to try the runtime and to test, not for answers.")
+                       description="Write a randomly initialised checkpoint of a supported family in the Hugging "
+                                   "Face layout (weights, tokenizer, chat template, preprocessor configs), made "
+                                   "with transformers' own classes. It is untrained: use it to try the runtime "
+                                   "and to test, not for answers.")
     p.add_argument("dir", help="output folder")
+    p.add_argument("--family", default="llava_onevision",
+                   choices=("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm"),
+                   help="model family (default llava_onevision)")
     p.add_argument("--real-small", action="store_true",
                    help="the shape of a real small model (12 layers, hidden 640, 196 tokens per frame)")
     p.add_argument("--layers", type=int, default=None, help="decoder layers")

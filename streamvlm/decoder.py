@@ -159,9 +159,15 @@ class Decoder:
         """
         p = self.parts
         x = chunk.embeds
-        cos, sin = p.rotary(x, chunk.positions[None])  # (1, n, head_dim) each
+        cos, sin = p.rotary(x, chunk.rope_ids())  # (1, n, head_dim) each
         cos, sin = cos[0], sin[0]
+        deepstack = chunk.deepstack
+        vision_rows = chunk.vision_index.flatten() if deepstack is not None else None
         for index, layer in enumerate(p.layers):
+            if deepstack is not None and 0 < index <= deepstack.shape[0]:
+                # DeepStack: the vision tower's intermediate features join the vision tokens' residual stream
+                # after each early layer, whether or not the router sent the tokens through that layer.
+                x = x.index_add(0, vision_rows, deepstack[index - 1].to(x.dtype))
             decision = self.router.decide(index, x, chunk)
             if decision is None:
                 x = self._layer(index, layer, x, cos, sin, chunk, slice(None), None, cache, flops)
@@ -178,6 +184,8 @@ class Decoder:
                 out = self._layer(index, layer, x[keep], cos[keep], sin[keep], chunk, keep, decision.weight,
                                   cache, flops)
                 x = x.index_copy(0, keep, out)
+        if deepstack is not None and deepstack.shape[0] >= len(p.layers):
+            x = x.index_add(0, vision_rows, deepstack[len(p.layers) - 1].to(x.dtype))
         flops.add_dense(len(chunk), int(chunk.positions[0]))  # what this chunk costs with routing off
         if logits == "none":
             return None
@@ -195,6 +203,8 @@ class Decoder:
         q = layer.q_proj(h).view(m, p.num_heads, p.head_dim).transpose(0, 1)  # (H, m, hd)
         k = layer.k_proj(h).view(m, p.num_kv_heads, p.head_dim).transpose(0, 1)  # (KV, m, hd)
         v = layer.v_proj(h).view(m, p.num_kv_heads, p.head_dim).transpose(0, 1)
+        if layer.q_norm is not None:  # per-head RMSNorm of queries and keys before RoPE (Qwen3)
+            q, k = layer.q_norm(q), layer.k_norm(k)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         keys, values = cache.append(index, k, v, chunk.positions[keep], chunk.kinds[keep], chunk.frames[keep])

@@ -241,6 +241,11 @@ class LiveSession:
             self._buffer.close()
 
     def _ingest(self) -> None:
+        # A family that folds frames in pairs (Qwen-VL) encodes whole pairs only: an odd frame waits in
+        # `carry` for the next batch (a question meanwhile sees the frames before it), and the stream's last
+        # odd frame is paired with a copy of itself.
+        step = self.vlm.adapter.frames_per_step
+        carry: list[LiveFrame] = []
         try:
             while not self._stop.is_set():
                 batch: list[LiveFrame] = self._buffer.take(self.max_batch, timeout=0.2)
@@ -248,13 +253,14 @@ class LiveSession:
                     if self._buffer.drained:
                         break
                     continue
-                for group in _same_size_runs(batch):
-                    features = self.vlm.encode(torch.stack([f.frame for f in group]))
-                    for first in range(0, len(group), self.append_frames):
-                        part = group[first:first + self.append_frames]
-                        with self._lock:  # held briefly: a question waits for at most one part's append
-                            self.session.append_encoded(features[first:first + len(part)], [f.time for f in part])
-                        self._ingested(part)
+                *changed, last = _same_size_runs(carry + batch)
+                for group in changed:  # the frame size changed after these: an odd one is padded
+                    self._append(group, step)
+                whole = len(last) - len(last) % step
+                self._append(last[:whole], step)
+                carry = last[whole:]
+            if carry and not self._stop.is_set():
+                self._append(carry, step)
         except BaseException as e:  # noqa: BLE001
             self._fail(e, "ingest")
             self._stop.set()
@@ -265,6 +271,20 @@ class LiveSession:
                 self._progress.notify_all()
             self._emit({"type": "done", "t": self.stream_time, "frames": self.ingested,
                         "error": str(self.error) if self.error else None})
+
+    def _append(self, frames: list[LiveFrame], step: int) -> None:
+        """Encode frames (outside the lock) and append them, append_frames frames of tokens at a time."""
+        if not frames:
+            return
+        features = self.vlm.encode(torch.stack([f.frame for f in frames]))  # (ceil(n / step), tpf, d)
+        for first in range(0, features.shape[0], self.append_frames):
+            rows = features[first:first + self.append_frames]
+            part = frames[first * step:(first + rows.shape[0]) * step]
+            times = [f.time for f in part]
+            times += times[-1:] * (rows.shape[0] * step - len(times))  # an odd last frame is paired with itself
+            with self._lock:  # held briefly: a question waits for at most one part's append
+                self.session.append_encoded(rows, times)
+            self._ingested(part)
 
     def _ingested(self, frames: list[LiveFrame]) -> None:
         now = time.monotonic()

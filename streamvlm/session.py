@@ -42,8 +42,26 @@ Piece = tuple[torch.Tensor, int, Sequence[int] | None]
 """(embeddings (n, d), frame index or -1 for text, token ids or None for video embeddings)."""
 
 
-def chunk_from_pieces(pieces: list[Piece], start: int, frame_grid: tuple[int, int] | None = None) -> Chunk:
-    """Concatenate pieces into a Chunk whose tokens sit at positions start, start + 1, ..."""
+@dataclass(frozen=True)
+class FramePiece:
+    """The tokens of one frame, with what the family needs besides their embeddings."""
+
+    embeds: torch.Tensor
+    """(tokens_per_frame, d)."""
+    frame: int
+    """Session frame index (frames of tokens, see FamilyAdapter.frames_per_step)."""
+    index_in_video: int
+    """Index within the current video (the user turn's run of frames)."""
+    elapsed: float
+    """Seconds since the video's first frame."""
+    deepstack: torch.Tensor | None = None
+    """(L, tokens_per_frame, d) DeepStack features, or None."""
+
+
+def chunk_from_pieces(pieces: list[Piece], start: int, frame_grid: tuple[int, int] | None = None,
+                      rope: torch.Tensor | None = None, deepstack: torch.Tensor | None = None) -> Chunk:
+    """Concatenate pieces into a Chunk whose tokens sit at positions start, start + 1, ...; rope and deepstack
+    are passed through (see Chunk)."""
     device = pieces[0][0].device
     embeds, kinds, frames, spans = [], [], [], []
     n = start
@@ -56,7 +74,8 @@ def chunk_from_pieces(pieces: list[Piece], start: int, frame_grid: tuple[int, in
             spans.append((n - start, n - start + size))
         n += size
     positions = torch.arange(start, n, device=device)
-    return Chunk(torch.cat(embeds), positions, torch.cat(kinds), torch.cat(frames), tuple(spans), frame_grid)
+    return Chunk(torch.cat(embeds), positions, torch.cat(kinds), torch.cat(frames), tuple(spans), frame_grid,
+                 rope, deepstack)
 
 
 @dataclass
@@ -93,10 +112,19 @@ class Session:
         # The rendered system message, fed in front of the first text the session feeds.
         self._preamble = self._layout.render(self._history, add_generation_prompt=False)
         self._next_pos = 0
-        self._frames = 0
+        self._frames = 0  # input frames taken, including one held for its pair
+        self._steps = 0  # frames of tokens fed (FamilyAdapter.frames_per_step input frames each)
         self._last_timestamp: float | None = None
         self._open_video_text: str | None = None  # the current turn's text before its video, once appended
-        self._video_token_id = vlm.adapter.tokenizer.convert_tokens_to_ids(vlm.adapter.video_token)
+        # The open video (the current user turn's frames): frames of tokens fed, the first one's time, its
+        # M-RoPE start, and the text owed after its last frame (written before the next frame or the question).
+        self._video_steps = 0
+        self._video_t0 = 0.0
+        self._video_rope = 0
+        self._owed_text = ""
+        self._next_rope = 0  # M-RoPE families: the rope position of the next text token
+        self._pending: tuple[torch.Tensor, list[float]] | None = None  # preprocessed frames awaiting their pair
+        self._video_token_id = vlm.adapter.tokenizer.convert_tokens_to_ids(vlm.adapter.frame_token)
         # The sequence as token ids, frame tokens and video tails written as the video placeholder id:
         # what transformers' processor would build for the same dialogue. 4 bytes a token; not kept under
         # a memory budget, whose point is that nothing grows with the stream.
@@ -109,10 +137,12 @@ class Session:
 
     # -- feeding ---------------------------------------------------------------------------------
 
-    def _text_ids(self, text: str) -> list[int]:
+    def _text_ids(self, text: str, first: bool | None = None) -> list[int]:
         # The first piece of a session gets the tokenizer's special tokens (a BOS where the family has one),
-        # as transformers' processor does for the whole prompt.
-        return self._adapter.tokenizer(text, add_special_tokens=self._next_pos == 0)["input_ids"]
+        # as transformers' processor does for the whole prompt. first: whether this text opens the session
+        # (default: nothing fed yet).
+        first = self._next_pos == 0 if first is None else first
+        return self._adapter.tokenizer(text, add_special_tokens=first)["input_ids"]
 
     def _check_room(self, tokens: int, what: str) -> None:
         limit = self._parts.max_positions
@@ -128,14 +158,41 @@ class Session:
     def _text_piece(self, ids: Sequence[int]) -> Piece:
         return self._embed_text(ids), -1, ids
 
-    def _run(self, pieces: list[Piece], logits: str) -> torch.Tensor | None:
-        """Feed pieces as one chunk at the end of the sequence."""
-        chunk = chunk_from_pieces(pieces, self._next_pos, self._adapter.vision.grid)
+    def _run(self, pieces: list[Piece | FramePiece], logits: str) -> torch.Tensor | None:
+        """Feed pieces as one chunk at the end of the sequence, placing M-RoPE positions the Qwen-VL way: text
+        runs on from the largest position so far + 1 (as the original code and transformers' generate do); a
+        frame's grid comes from the adapter's vision_rope, given the position after the text before it and
+        its video's first position."""
+        adapter = self._adapter
+        flat: list[Piece] = []
+        ropes, stacks = [], []
+        cursor = self._next_rope
+        for piece in pieces:
+            if isinstance(piece, FramePiece):
+                flat.append((piece.embeds, piece.frame, None))
+                if piece.deepstack is not None:
+                    stacks.append(piece.deepstack)
+                if adapter.mrope:
+                    if piece.index_in_video == 0:
+                        self._video_rope = cursor
+                    ropes.append(adapter.vision_rope(cursor, self._video_rope, piece.index_in_video,
+                                                     piece.elapsed).to(adapter.device))
+            else:
+                flat.append(piece)
+                if adapter.mrope:
+                    size = piece[0].shape[0]
+                    ropes.append(torch.arange(cursor, cursor + size, device=adapter.device).expand(3, size))
+            if adapter.mrope and ropes[-1].numel():
+                cursor = max(cursor, int(ropes[-1].max()) + 1)
+        chunk = chunk_from_pieces(flat, self._next_pos, adapter.vision.grid,
+                                  torch.cat(ropes, dim=1) if adapter.mrope else None,
+                                  torch.cat(stacks, dim=1) if stacks else None)
         out = self._vlm.decoder.forward(chunk, self.cache, self.flops, logits=logits)
         if self._trace is not None:
-            for emb, _, ids in pieces:
+            for emb, _, ids in flat:
                 self._trace.extend(ids if ids is not None else [self._video_token_id] * emb.shape[0])
         self._next_pos += len(chunk)
+        self._next_rope = cursor
         self._tokens_seen += len(chunk)
         self._peak_kv_bytes = max(self._peak_kv_bytes, self.cache.kv_bytes)
         return out
@@ -174,7 +231,12 @@ class Session:
         self._renumber()
 
     def _renumber(self) -> None:
-        """Give the positions still held (at any layer) consecutive numbers, re-rotating cached keys."""
+        """Give the positions still held (at any layer) consecutive numbers, re-rotating cached keys.
+
+        With M-RoPE every entry moves by its scalar shift on all three axes (exact: each rotary frequency
+        reads one axis, and all three move alike), and the rope positions of what comes next (text, the open
+        video's grid) move by the shift of the newest entries, so the recent past keeps its relative layout.
+        """
         held = torch.cat([self.cache.positions(l) for l in range(self.cache.num_layers)]).unique()  # sorted
         if held.numel() and int(held[-1]) == held.numel() - 1:
             return
@@ -183,63 +245,139 @@ class Session:
             old = self.cache.positions(layer)
             new = torch.searchsorted(held, old)
             self.cache.set_positions(layer, new, shift_rope(self.cache.keys(layer), new - old, inv_freq))
+        shift = held.numel() - self._next_pos
         self._next_pos = held.numel()
+        self._next_rope += shift
+        self._video_rope += shift
+
+    def _frame_times(self, count: int, timestamps: Sequence[float] | None) -> list[float]:
+        """Seconds of `count` new input frames: the caller's, or frame i at i / the family's assumed fps."""
+        if count == 0:
+            raise StreamVLMError("no frames given")
+        if timestamps is None:
+            return [(self._frames + i) / self._adapter.assumed_fps for i in range(count)]
+        times = [float(t) for t in timestamps]
+        if len(times) != count:
+            raise StreamVLMError(f"got {count} frames but {len(times)} timestamps")
+        self._last_timestamp = times[-1]
+        return times
 
     @torch.inference_mode()
     def append_frames(self, frames: FrameInput, timestamps: Sequence[float] | None = None) -> None:
         """Encode frames and push their tokens into the cache. Any chunking gives the same result.
 
         frames: uint8 (T, H, W, 3) tensor or array, or a list of (H, W, 3); timestamps: T seconds, optional.
+        A family that folds frames in pairs (Qwen-VL) holds an odd last frame until its pair arrives; a
+        question feeds it first, paired with a copy of itself (as transformers pads an odd frame count).
         """
         frames = as_frame_tensor(frames)
-        self._ingest(frames.shape[0], timestamps,
-                     lambda first, last: self._vlm.encode(frames[first:last]), count_vision=True)
+        times = self._frame_times(frames.shape[0], timestamps)
+        self._frames += frames.shape[0]
+        step = self._adapter.frames_per_step
+        held, held_times = self._pending if self._pending is not None else (None, [])
+        self._pending = None
+        have = len(held_times)
+        total = have + frames.shape[0]
+        usable = total - total % step
+
+        def pixels(first: int, last: int) -> torch.Tensor:
+            """Preprocessed input frames first..last-1 of the held frames followed by the new ones."""
+            parts = [held[first:min(last, have)]] if first < have else []
+            if last > have:
+                parts.append(self._vlm.preprocess(frames[max(first - have, 0):last - have]))
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+        if usable < total:
+            self._pending = (pixels(usable, total), (held_times + times)[usable:])
+        if usable:
+            all_times = held_times + times
+            self._ingest(usable // step, [all_times[i:i + step] for i in range(0, usable, step)],
+                         lambda first, last: self._adapter.encode_frames(pixels(first * step, last * step)),
+                         count_vision=True)
 
     @torch.inference_mode()
     def append_encoded(self, features: torch.Tensor, timestamps: Sequence[float] | None = None) -> None:
-        """Push frames that were already encoded (`StreamVLM.encode`): (T, tokens_per_frame, d)."""
-        tpf, d = self._adapter.vision.tokens_per_frame, self._parts.hidden_size
-        if features.dim() != 3 or tuple(features.shape[1:]) != (tpf, d):
-            raise StreamVLMError(f"encoded frames must have shape (T, {tpf}, {d}), got {tuple(features.shape)}")
+        """Push frames that were already encoded (`StreamVLM.encode`): (T, tokens_per_frame, feature_dim),
+        one row per frame of tokens (frames_per_step input frames). timestamps: one per input frame
+        (T * frames_per_step), or one per row (the time of its first input frame)."""
+        tpf, dim = self._adapter.vision.tokens_per_frame, self._adapter.feature_dim
+        if features.dim() != 3 or tuple(features.shape[1:]) != (tpf, dim):
+            raise StreamVLMError(f"encoded frames must have shape (T, {tpf}, {dim}), got {tuple(features.shape)}")
         features = features.to(self._adapter.device, self._adapter.dtype)
-        self._ingest(features.shape[0], timestamps, lambda first, last: features[first:last], count_vision=False)
+        self._feed_pending()
+        rows, step = features.shape[0], self._adapter.frames_per_step
+        if timestamps is not None and step > 1 and len(timestamps) == rows * step:
+            times = self._frame_times(rows * step, timestamps)
+            spans = [times[i:i + step] for i in range(0, rows * step, step)]
+        elif timestamps is not None:
+            spans = [[t] for t in self._frame_times(rows, timestamps)]
+        else:
+            spans = [[(self._frames + i * step + j) / self._adapter.assumed_fps for j in range(step)]
+                     for i in range(rows)]
+        self._frames += rows * step
+        self._ingest(rows, spans, lambda first, last: features[first:last], count_vision=False)
 
-    def _ingest(self, count: int, timestamps: Sequence[float] | None, encode, count_vision: bool) -> None:
-        """Feed `count` frames whose tokens encode(first, last) returns, max_chunk_frames per chunk."""
-        if count == 0:
-            raise StreamVLMError("no frames given")
-        if timestamps is not None:
-            timestamps = [float(t) for t in timestamps]
-            if len(timestamps) != count:
-                raise StreamVLMError(f"got {count} frames but {len(timestamps)} timestamps")
+    @torch.inference_mode()
+    def _feed_pending(self) -> None:
+        """Feed a frame held for its pair, paired with copies of itself."""
+        if self._pending is None:
+            return
+        held, times = self._pending
+        self._pending = None
+        span = times + times[-1:] * (self._adapter.frames_per_step - len(times))  # padded as the pixels are
+        self._ingest(1, [span], lambda first, last: self._adapter.encode_frames(held), count_vision=True)
+
+    def _ingest(self, count: int, spans: list[list[float]], encode, count_vision: bool) -> None:
+        """Feed `count` frames of tokens, frame i made of the input frames at spans[i] (seconds), whose
+        features encode(first, last) returns, max_chunk_frames per chunk, with the family's text around
+        each frame. A frame of tokens starts at its first input frame (M-RoPE time) and is shown at their
+        mean (the stamp Qwen3-VL writes)."""
+        adapter = self._adapter
+        times = [span[0] for span in spans]
+        shown = [sum(span) / len(span) for span in spans]
+        tpf, d = adapter.vision.tokens_per_frame, self._parts.hidden_size
         opening = self._layout.before_video(self._history) if self._open_video_text is None else ""
-        opening_ids = self._text_ids(self._preamble + opening) if opening else []
-        tpf = self._adapter.vision.tokens_per_frame
+        if self._open_video_text is None:
+            self._video_t0 = times[0]
         step = self._vlm.max_chunk_frames
         if self._budget is None:
-            self._check_room(len(opening_ids) + count * tpf + self._adapter.video_tail().shape[0] + 1,
+            self._check_room(count * tpf + adapter.video_tail().shape[0] + 1,
                              f"appending {count} frames ({tpf} tokens each)")
         else:  # chunks of at most a quarter of the budget, so eviction always has room to work
             step = max(1, min(step, (self._limit // 4) // tpf))
         for first in range(0, count, step):
             last = min(first + step, count)
-            incoming = (last - first) * tpf + (len(opening_ids) if first == 0 else 0)
+            # The text before each frame: the turn's opening before a video's first frame, else what the
+            # previous frame owes; then the family's own text before this frame.
+            texts, owed = [], self._owed_text
+            for i in range(first, last):
+                index = self._video_steps + i - first
+                before, after = adapter.frame_text(index, shown[i])
+                texts.append((owed if index else self._preamble + opening + adapter.video_intro()) + before)
+                owed = after
+            text_ids = [self._text_ids(t, first=self._next_pos == 0 and i == 0) if t else []
+                        for i, t in enumerate(texts)]
+            incoming = (last - first) * tpf + sum(map(len, text_ids))
             if self._budget is not None:
                 self._make_room(incoming)
-                self._check_room(incoming, f"appending {last - first} frames")
-            feats = encode(first, last)  # (t, tpf, d)
+            self._check_room(incoming, f"appending {last - first} frames")
+            feats = encode(first, last)  # (t, tpf, feature_dim)
             if count_vision:
-                self.flops.vision += (last - first) * self._adapter.vision.vision_flops_per_frame
-            pieces = [self._text_piece(opening_ids)] if opening_ids and first == 0 else []
-            pieces += [(feats[i], self._frames + i, None) for i in range(last - first)]
+                self.flops.vision += (last - first) * adapter.vision.vision_flops_per_frame
+            pieces: list[Piece | FramePiece] = []
+            for i, ids in zip(range(first, last), text_ids):
+                if ids:
+                    pieces.append(self._text_piece(ids))
+                index = self._video_steps
+                stack = feats[i - first, :, d:].unflatten(-1, (-1, d)).transpose(0, 1) if adapter.vision.deepstack else None
+                pieces.append(FramePiece(feats[i - first, :, :d], self._steps, index, times[i] - self._video_t0, stack))
+                self._owed_text = adapter.frame_text(index, shown[i])[1]
+                self._video_steps += 1
+                self._steps += 1
             self._run(pieces, logits="none")
-            self._frames += last - first
-            if opening_ids:
-                self._preamble = ""
-        if self._open_video_text is None:
-            self._open_video_text = opening
-        if timestamps:
-            self._last_timestamp = timestamps[-1]
+            self._preamble = ""
+            if self._open_video_text is None:
+                self._open_video_text = opening
 
     # -- asking ----------------------------------------------------------------------------------
 
@@ -271,9 +409,11 @@ class Session:
         return logits[-(len(answer_ids) + 1):]
 
     def _open_question(self, question: str, extra_tokens: int) -> _OpenTurn:
-        """Check the question and build the pieces of its user turn (nothing is fed yet)."""
+        """Check the question and build the pieces of its user turn (nothing of the turn is fed yet; a frame
+        held for its pair is fed now, closing the video)."""
         if not isinstance(question, str) or not question.strip():
             raise StreamVLMError("the question is empty; ask something about the video")
+        self._feed_pending()
         with_video = self._open_video_text is not None
         turn_text = self._layout.user_turn(self._history, question, with_video)
         if with_video and turn_text.before_video != self._open_video_text:
@@ -281,8 +421,9 @@ class Session:
                                  "it cannot be streamed")
         closing_ids = self._adapter.tokenizer(self._layout.closing(self._history, question, with_video),
                                               add_special_tokens=False)["input_ids"]
-        prompt_ids = self._text_ids(turn_text.after_video if with_video else self._preamble + turn_text.before_video
-                                    + turn_text.after_video)
+        video_end = self._owed_text + self._adapter.video_outro()
+        prompt_ids = self._text_ids(video_end + turn_text.after_video if with_video
+                                    else self._preamble + turn_text.before_video + turn_text.after_video)
         pieces = [self._text_piece(prompt_ids)]
         if with_video:
             tail = self._adapter.video_tail()
@@ -297,8 +438,11 @@ class Session:
     def _before_question(self, turn: _OpenTurn) -> None:
         """Let the router drop cached vision entries that matter little for this question."""
         embeds = torch.cat([piece[0] for piece in turn.prompt_pieces])
-        positions = torch.arange(self._next_pos, self._next_pos + embeds.shape[0], device=embeds.device)
-        drop = self._vlm.router.question_evictions(self.cache, embeds, positions)
+        start = self._next_rope if self._adapter.mrope else self._next_pos
+        rope_ids = torch.arange(start, start + embeds.shape[0], device=embeds.device)[None]
+        if self._adapter.mrope:
+            rope_ids = rope_ids.expand(3, 1, -1)
+        drop = self._vlm.router.question_evictions(self.cache, embeds, rope_ids)
         if drop is None or drop.numel() == 0:
             return
         for layer in range(self.cache.num_layers):
@@ -360,6 +504,8 @@ class Session:
                                frames_seen=self._frames, stream_time=self._last_timestamp, stop_reason=stop_reason,
                                context_tokens=turn.context_tokens))
         self._open_video_text = None
+        self._video_steps = 0
+        self._owed_text = ""
 
     def token_ids(self) -> list[int]:
         """The session's sequence as token ids, with every frame token and video tail written as the video

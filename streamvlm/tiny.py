@@ -112,8 +112,11 @@ class TinySpec:
         )
 
 
-def build_tokenizer(vocab_size: int):
-    """A byte-level BPE tokenizer trained on a few sentences, wrapped for transformers."""
+def build_tokenizer(vocab_size: int, special_tokens: tuple[str, ...] = SPECIAL_TOKENS,
+                    chat_template: str = CHAT_TEMPLATE, eos_token: str = "<|im_end|>",
+                    pad_token: str = "<|endoftext|>", extra_special_tokens: dict | None = None):
+    """A byte-level BPE tokenizer trained on a few sentences, wrapped for transformers. The defaults are
+    LLaVA-OneVision's; other families pass their own special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -122,18 +125,28 @@ def build_tokenizer(vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
+    if extra_special_tokens is None:
+        extra_special_tokens = {"image_token": "<image>", "video_token": "<video>"}
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
-        chat_template=CHAT_TEMPLATE,
+        eos_token=eos_token,
+        pad_token=pad_token,
+        extra_special_tokens=extra_special_tokens,
+        chat_template=chat_template,
     )
+
+
+def spread_weights(model) -> None:
+    """Re-initialise a random model's matrices so that greedy answers vary (see build_model)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 1.0 if "embed_tokens" in name else 1.0 / p.shape[1] ** 0.5)
 
 
 def build_model(spec: TinySpec, tokenizer):
@@ -164,10 +177,7 @@ def build_model(spec: TinySpec, tokenizer):
     # transformers initialises with std 0.02, under which a random model repeats one token forever.
     # Unit-variance embeddings and 1/sqrt(fan_in) matrices keep each new token visible in the residual
     # stream, so greedy answers vary and parity tests can tell two implementations apart.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 1.0 if "embed_tokens" in name else 1.0 / p.shape[1] ** 0.5)
+    spread_weights(model)
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -33,11 +33,26 @@ class Chunk:
     """(start, end) within the chunk of each frame's vision tokens, in order."""
     frame_grid: tuple[int, int] | None = None
     """(rows, cols) of a frame's tokens (row-major), for policies that look at spatial neighbours."""
+    rope: torch.Tensor | None = None
+    """(3, n) int64 multimodal RoPE positions (temporal, height, width) for families with M-RoPE (Qwen-VL);
+    None when RoPE reads `positions`. `positions` stays the sequence order either way (causality, eviction)."""
+    deepstack: torch.Tensor | None = None
+    """(L, v, d) features added to the chunk's v vision tokens (in chunk order) after decoder layers 0..L-1
+    (Qwen3-VL's DeepStack); None for other families."""
 
     def __post_init__(self):
         n = self.embeds.shape[0]
         if not (self.positions.shape == self.kinds.shape == self.frames.shape == (n,)):
             raise ValueError("chunk fields must all have one entry per token")
+        if self.rope is not None and tuple(self.rope.shape) != (3, n):
+            raise ValueError(f"chunk rope positions must be (3, {n}), got {tuple(self.rope.shape)}")
+
+    def rope_ids(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Position ids for the decoder's rotary module: of every token as a batch of one ((1, n), or (3, 1, n)
+        with M-RoPE), or of `index` (a 2-D tensor of chunk indices (B, m) -> (B, m), or (3, B, m))."""
+        if index is None:
+            return self.positions[None] if self.rope is None else self.rope[:, None]
+        return self.positions[index] if self.rope is None else self.rope[:, index]
 
     def __len__(self) -> int:
         return self.embeds.shape[0]

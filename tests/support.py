@@ -120,3 +120,38 @@ def upright_picture(height: int = 48, width: int = 64) -> np.ndarray:
     picture[:16, :16] = 235
     return picture
 
+
+
+def check_caption_and_live(model_dir, tmp_path, capsys) -> None:
+    """`streamvlm caption` and `streamvlm live` run in-process with `model_dir` on a 3 s clip: two caption
+    segments over 12 frames at 4 fps, and a live answer after 6 frames at 2 fps."""
+    from streamvlm.cli import main
+
+    clip = encode(tmp_path / "clip.mp4", indexed_frames(height=32, width=32))
+    out = tmp_path / "captions.jsonl"
+    assert main(["caption", "--model", str(model_dir), "--fps", "4", "--segment", "2", "--max-new-tokens", "3",
+                 "--no-progress", str(clip), "--out", str(out)]) == 0
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "error" not in record and record["stats"]["frames"] == 12
+    assert [(s["start"], s["end"]) for s in record["segments"]] == [(0.0, 2.0), (2.0, 3.0)]
+    assert isinstance(record["summary"], str)
+    capsys.readouterr()
+    assert main(["live", "--model", str(model_dir), "--source", str(clip), "--speed", "0", "--fps", "2",
+                 "--ask", "What happens?", "--json", "--no-stdin", "--max-new-tokens", "3",
+                 "--status-every", "0"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    answer = next(e for e in events if e["type"] == "answer")
+    assert answer["question"] == "What happens?" and answer["frames"] == 6 and answer["t"] == 2.5
+
+
+def record_chunk_rope(vlm) -> list:
+    """Wrap vlm's decoder so every chunk it runs appends its M-RoPE positions (Chunk.rope) to the returned list."""
+    seen = []
+    original = vlm.decoder.forward
+
+    def recording(chunk, *args, **kwargs):
+        seen.append(chunk.rope)
+        return original(chunk, *args, **kwargs)
+
+    vlm.decoder.forward = recording
+    return seen

@@ -126,6 +126,11 @@ class RouterTrainingModule(L.LightningModule):
         self.hparams.model_dir = model_dir
         # Frozen weights are loaded in float32; Lightning's precision flag (bf16-mixed) casts compute.
         vlm = StreamVLM.from_pretrained(model_dir, routing=routing, device="cpu", dtype=torch.float32)
+        if vlm.adapter.family != "llava_onevision":
+            # The training chunk is laid out here the LLaVA-OneVision way (frames back to back, plain RoPE);
+            # other families' layouts (frame pairs, M-RoPE, per-frame text) are only built by the Session.
+            raise StreamVLMError(f"training supports llava_onevision checkpoints; {model_dir} is "
+                                 f"{vlm.adapter.family}")
         if trainable != "model" and not isinstance(vlm.router, MoDRouter):
             raise StreamVLMError(f"routing {routing!r} has nothing to train; use a learned policy such as mod:0.2")
         self.vlm = vlm
@@ -290,7 +295,7 @@ class RouterTrainingModule(L.LightningModule):
         vision = chunk.vision_index  # (F, T)
         last_frame_end = int(vision[-1, -1]) + 1
         queries = torch.nonzero(chunk.text_mask[last_frame_end:]).squeeze(1) + last_frame_end
-        cos, sin = parts.rotary(chunk.embeds, chunk.positions[None])
+        cos, sin = parts.rotary(chunk.embeds, chunk.rope_ids())
         terms = []
         for layer, scores in self.router.recorded.items():
             lp = parts.layers[layer]

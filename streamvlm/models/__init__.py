@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from pathlib import Path
@@ -10,14 +11,26 @@ import torch
 
 from streamvlm.errors import StreamVLMError
 from streamvlm.models.base import DecoderParts, FamilyAdapter, LayerParts, VisionShape
-from streamvlm.models.llava_onevision import LlavaOneVisionAdapter
 
-# config.json "model_type" -> adapter class.
-FAMILIES: dict[str, type[FamilyAdapter]] = {
-    "llava_onevision": LlavaOneVisionAdapter,
+# config.json "model_type" -> "module:class" of its adapter, imported when a checkpoint of the family loads.
+FAMILIES: dict[str, str] = {
+    "llava_onevision": "streamvlm.models.llava_onevision:LlavaOneVisionAdapter",
+    "qwen2_vl": "streamvlm.models.qwen2_5_vl:Qwen2VLAdapter",
+    "qwen2_5_vl": "streamvlm.models.qwen2_5_vl:Qwen25VLAdapter",
+    "qwen3_vl": "streamvlm.models.qwen3_vl:Qwen3VLAdapter",
+    "smolvlm": "streamvlm.models.smolvlm:SmolVLMAdapter",
 }
 
-__all__ = ["FAMILIES", "DecoderParts", "FamilyAdapter", "LayerParts", "VisionShape", "load_adapter"]
+
+def adapter_class(model_type: str) -> type[FamilyAdapter] | None:
+    """The adapter class of a config.json model_type, or None for an unsupported one."""
+    target = FAMILIES.get(model_type)
+    if target is None:
+        return None
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+__all__ = ["FAMILIES", "adapter_class", "DecoderParts", "FamilyAdapter", "LayerParts", "VisionShape", "load_adapter"]
 
 
 def _check_checkpoint_dir(model_dir: Path) -> dict:
@@ -45,7 +58,7 @@ def load_adapter(model_dir: str | Path, dtype: torch.dtype, device: torch.device
     model_dir = Path(model_dir).expanduser()
     config = _check_checkpoint_dir(model_dir)
     model_type = config.get("model_type")
-    adapter_cls = FAMILIES.get(model_type)
+    adapter_cls = adapter_class(model_type)
     if adapter_cls is None:
         raise StreamVLMError(
             f"{model_dir} holds a {model_type!r} checkpoint; supported families are: {', '.join(sorted(FAMILIES))}")

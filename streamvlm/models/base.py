@@ -29,6 +29,10 @@ class LayerParts:
     post_attention_norm: nn.Module
     mlp: nn.Module
     """Called as mlp(x) on normed hidden states: (n, d) -> (n, d)."""
+    q_norm: nn.Module | None = None
+    """Per-head norm of queries, (..., head_dim) -> same, applied before RoPE (Qwen3); None if absent."""
+    k_norm: nn.Module | None = None
+    """Per-head norm of keys, as q_norm."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,8 @@ class DecoderParts:
     embed_tokens: nn.Embedding
     layers: tuple[LayerParts, ...]
     rotary: nn.Module
-    """rotary(x, position_ids (1, n)) -> (cos, sin), each (1, n, head_dim) in x's dtype."""
+    """rotary(x, position_ids) -> (cos, sin) in x's dtype: ids (B, n) -> (B, n, head_dim) each; families with
+    M-RoPE also take (3, B, n) (temporal, height, width), see Chunk.rope_ids."""
     norm: nn.Module
     lm_head: nn.Linear
     hidden_size: int
@@ -54,6 +59,28 @@ class DecoderParts:
         return len(self.layers)
 
 
+def standard_decoder_parts(lm: nn.Module, text_config, lm_head: nn.Linear) -> DecoderParts:
+    """DecoderParts of a Llama-style text model (Llama, Qwen2, Qwen3): lm.embed_tokens, lm.layers (pre-norm
+    self_attn + mlp, per-head q_norm/k_norm where the family has them), lm.rotary_emb and lm.norm."""
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    layers = tuple(
+        LayerParts(
+            input_norm=layer.input_layernorm, q_proj=layer.self_attn.q_proj, k_proj=layer.self_attn.k_proj,
+            v_proj=layer.self_attn.v_proj, o_proj=layer.self_attn.o_proj,
+            post_attention_norm=layer.post_attention_layernorm, mlp=layer.mlp,
+            q_norm=getattr(layer.self_attn, "q_norm", None), k_norm=getattr(layer.self_attn, "k_norm", None),
+        )
+        for layer in lm.layers
+    )
+    return DecoderParts(
+        embed_tokens=lm.embed_tokens, layers=layers, rotary=lm.rotary_emb, norm=lm.norm, lm_head=lm_head,
+        hidden_size=text_config.hidden_size, num_heads=text_config.num_attention_heads,
+        num_kv_heads=text_config.num_key_value_heads, head_dim=head_dim,
+        intermediate_size=text_config.intermediate_size, vocab_size=text_config.vocab_size,
+        max_positions=text_config.max_position_embeddings,
+    )
+
+
 @dataclass(frozen=True)
 class VisionShape:
     """Per-frame token geometry after the family's pooling."""
@@ -61,7 +88,10 @@ class VisionShape:
     grid: tuple[int, int]
     """(rows, cols) of a frame's tokens; tokens_per_frame = rows * cols, in row-major order."""
     vision_flops_per_frame: float
-    """Analytic FLOPs of encoding one frame (vision tower, projector, pooling)."""
+    """Analytic FLOPs of encoding one frame of tokens (vision tower, projector, pooling)."""
+    deepstack: int = 0
+    """Extra feature sets per token for the first decoder layers (Qwen3-VL's DeepStack); encoded frames
+    then carry (1 + deepstack) * hidden_size features per token: the token, then each layer's addition."""
 
     @property
     def tokens_per_frame(self) -> int:
@@ -69,10 +99,25 @@ class VisionShape:
 
 
 class FamilyAdapter(ABC):
-    """A loaded checkpoint of one model family."""
+    """A loaded checkpoint of one model family.
+
+    Besides the weights, an adapter says how a family lays a video out in its sequence, through hooks whose
+    defaults are LLaVA-OneVision's (frames back to back, no text between them, plain RoPE):
+
+        [template text before the video] video_intro() frame_text(0)[0] <frame 0 tokens> frame_text(0)[1]
+        frame_text(1)[0] <frame 1 tokens> ... frame_text(k)[1] video_outro() <video_tail()> [template text after]
+
+    A "frame" here is one frame of tokens: frames_per_step input frames (Qwen-VL folds 2 into one).
+    """
 
     family: str
     """Name used in errors and `stats()`, e.g. "llava_onevision"."""
+    frames_per_step: int = 1
+    """Input frames the vision tower folds into one frame of tokens (Qwen-VL's temporal patch: 2)."""
+    mrope: bool = False
+    """True when the decoder uses 3-D multimodal RoPE; `vision_rope` then gives each frame's positions."""
+    assumed_fps: float = 1.0
+    """Frame rate assumed for frames given without timestamps (frame i at i / assumed_fps seconds)."""
 
     def __init__(self, model_dir: Path, model: nn.Module, tokenizer, preprocess: PreprocessConfig,
                  decoder: DecoderParts, vision: VisionShape, video_token: str):
@@ -84,6 +129,18 @@ class FamilyAdapter(ABC):
         self.vision = vision
         self.video_token = video_token
         """The placeholder the chat template writes where a video goes."""
+        self.frame_token = video_token
+        """The token transformers' processor writes once per frame token (Session.token_ids uses it)."""
+
+    @staticmethod
+    def load_frozen(model_class: str, model_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        """transformers' `model_class` loaded from a local folder onto `device`, in eval mode, no gradients."""
+        import transformers
+
+        model = getattr(transformers, model_class).from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+        model = model.to(device).eval()
+        model.requires_grad_(False)
+        return model
 
     @property
     def dtype(self) -> torch.dtype:
@@ -100,17 +157,47 @@ class FamilyAdapter(ABC):
 
     @abstractmethod
     def frame_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Preprocessed pixels (T, 3, h, w) on the model's device and dtype -> frame tokens
-        (T, tokens_per_frame, hidden_size), differentiable (training the vision tower goes through it)."""
+        """Preprocessed pixels (T, 3, h, w) on the model's device and dtype, T a multiple of frames_per_step
+        -> frame tokens (T / frames_per_step, tokens_per_frame, feature_dim), differentiable (training the
+        vision tower goes through it)."""
+
+    @property
+    def feature_dim(self) -> int:
+        """Features per encoded token: hidden_size, times (1 + deepstack) for DeepStack families."""
+        return self.decoder.hidden_size * (1 + self.vision.deepstack)
 
     @torch.inference_mode()
     def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Preprocessed pixels (T, 3, h, w) -> frame tokens (T, tokens_per_frame, hidden_size)."""
-        return self.frame_features(pixels.to(self.device, self.dtype))
+        """Preprocessed pixels (T, 3, h, w) -> frame tokens (ceil(T / frames_per_step), tokens_per_frame,
+        feature_dim). A count that is not a multiple of frames_per_step is padded with copies of the last
+        frame, as transformers' Qwen-VL video processors do."""
+        pixels = pixels.to(self.device, self.dtype)
+        if pad := -pixels.shape[0] % self.frames_per_step:
+            pixels = torch.cat([pixels, pixels[-1:].expand(pad, -1, -1, -1)])
+        return self.frame_features(pixels)
 
     @abstractmethod
     def video_tail(self) -> torch.Tensor:
         """Embeddings (n, hidden_size) that close a run of frames, before the text after the video."""
+
+    def video_intro(self) -> str:
+        """Text a video opens with, after the template's text before the video placeholder."""
+        return ""
+
+    def frame_text(self, index: int, seconds: float) -> tuple[str, str]:
+        """Text before and after the tokens of frame `index` of a video, shown at `seconds` of the stream (the
+        mean time of the input frames folded into it)."""
+        return "", ""
+
+    def video_outro(self) -> str:
+        """Text that closes a video, before `video_tail()` and the template's text after the placeholder."""
+        return ""
+
+    def vision_rope(self, start: int, video_start: int, index: int, elapsed: float) -> torch.Tensor:
+        """M-RoPE positions (3, tokens_per_frame) of frame `index` of a video whose first frame began at
+        rope position `video_start` and `elapsed` seconds earlier; `start` is the rope position right after
+        the text before this frame. Only families with mrope = True implement it."""
+        raise NotImplementedError(f"{self.family} uses plain RoPE")
 
     @property
     def stop_token_ids(self) -> tuple[int, ...]:

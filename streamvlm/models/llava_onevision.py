@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from streamvlm.models.base import DecoderParts, FamilyAdapter, LayerParts, VisionShape
+from streamvlm.models.base import DecoderParts, FamilyAdapter, VisionShape, standard_decoder_parts
 from streamvlm.video.preprocess import PreprocessConfig
 
 
@@ -32,11 +32,7 @@ class LlavaOneVisionAdapter(FamilyAdapter):
 
     @classmethod
     def load(cls, model_dir: Path, dtype: torch.dtype, device: torch.device, tokenizer) -> LlavaOneVisionAdapter:
-        from transformers import LlavaOnevisionForConditionalGeneration
-
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            model_dir, dtype=dtype, local_files_only=True).to(device).eval()
-        model.requires_grad_(False)
+        model = cls.load_frozen("LlavaOnevisionForConditionalGeneration", model_dir, dtype, device)
         config = model.config
         if config.vision_feature_select_strategy != "full":
             # "default" drops a CLS token SigLIP does not have; no released video checkpoint uses it.
@@ -54,24 +50,8 @@ class LlavaOneVisionAdapter(FamilyAdapter):
 
     @staticmethod
     def decoder_parts(model) -> DecoderParts:
-        """The language model's modules; call again after something (e.g. LoRA) replaces projections."""
-        lm = model.model.language_model
-        text = model.config.text_config
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        layers = tuple(
-            LayerParts(
-                input_norm=layer.input_layernorm, q_proj=layer.self_attn.q_proj, k_proj=layer.self_attn.k_proj,
-                v_proj=layer.self_attn.v_proj, o_proj=layer.self_attn.o_proj,
-                post_attention_norm=layer.post_attention_layernorm, mlp=layer.mlp,
-            )
-            for layer in lm.layers
-        )
-        return DecoderParts(
-            embed_tokens=lm.embed_tokens, layers=layers, rotary=lm.rotary_emb, norm=lm.norm, lm_head=model.lm_head,
-            hidden_size=text.hidden_size, num_heads=text.num_attention_heads,
-            num_kv_heads=text.num_key_value_heads, head_dim=head_dim, intermediate_size=text.intermediate_size,
-            vocab_size=text.vocab_size, max_positions=text.max_position_embeddings,
-        )
+        """The Qwen2 decoder's modules; call again after something (e.g. LoRA) replaces projections."""
+        return standard_decoder_parts(model.model.language_model, model.config.text_config, model.lm_head)
 
     def frame_features(self, pixels: torch.Tensor) -> torch.Tensor:
         # transformers' own video path (tower, feature layer, projector, 2x2 bilinear pooling) on a batch
