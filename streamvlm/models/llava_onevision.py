@@ -16,15 +16,21 @@ from streamvlm.models.base import DecoderParts, FamilyAdapter, VisionShape, stan
 from streamvlm.video.preprocess import PreprocessConfig
 
 
-def _vision_flops_per_frame(config) -> float:
-    """Analytic FLOPs (multiply-add = 2) of the SigLIP tower, the projector and nothing else per frame."""
-    v, t = config.vision_config, config.text_config
+def siglip_flops(v) -> float:
+    """Analytic FLOPs (multiply-add = 2) of a SigLIP tower (patch embedding and encoder layers) on one image."""
     patches = (v.image_size // v.patch_size) ** 2
     d, inter = v.hidden_size, v.intermediate_size
     embed = 2 * patches * (3 * v.patch_size**2) * d
     per_layer = 2 * patches * d * d * 4 + 2 * patches * d * inter * 2 + 4 * patches * patches * d
-    projector = 2 * patches * d * t.hidden_size + 2 * patches * t.hidden_size * t.hidden_size
-    return float(embed + v.num_hidden_layers * per_layer + projector)
+    return float(embed + v.num_hidden_layers * per_layer)
+
+
+def _vision_flops_per_frame(config) -> float:
+    """Analytic FLOPs of the SigLIP tower, the projector and nothing else per frame."""
+    v, t = config.vision_config, config.text_config
+    patches = (v.image_size // v.patch_size) ** 2
+    projector = 2 * patches * v.hidden_size * t.hidden_size + 2 * patches * t.hidden_size * t.hidden_size
+    return siglip_flops(v) + float(projector)
 
 
 class LlavaOneVisionAdapter(FamilyAdapter):

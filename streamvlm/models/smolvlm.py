@@ -31,6 +31,7 @@ import torch
 
 from streamvlm.errors import StreamVLMError
 from streamvlm.models.base import DecoderParts, FamilyAdapter, VisionShape, standard_decoder_parts
+from streamvlm.models.llava_onevision import siglip_flops
 from streamvlm.video.preprocess import PreprocessConfig
 
 VIDEO_INTRO = "You are provided the following series of frames from a video.\n"
@@ -44,12 +45,8 @@ def _vision_flops_per_frame(config) -> float:
     """Analytic FLOPs (multiply-add = 2) of the SigLIP tower and the connector's projection per frame."""
     v, t = config.vision_config, config.text_config
     patches = (v.image_size // v.patch_size) ** 2
-    d, inter = v.hidden_size, v.intermediate_size
-    embed = 2 * patches * (3 * v.patch_size**2) * d
-    per_layer = 2 * patches * d * d * 4 + 2 * patches * d * inter * 2 + 4 * patches * patches * d
     # pixel shuffle only moves data; the projection maps patches / s^2 tokens of d * s^2 features each
-    projector = 2 * patches * d * t.hidden_size
-    return float(embed + v.num_hidden_layers * per_layer + projector)
+    return siglip_flops(v) + float(2 * patches * v.hidden_size * t.hidden_size)
 
 
 def _processor_config(model_dir: Path) -> dict:
