@@ -304,7 +304,6 @@ class Session:
         if features.dim() != 3 or tuple(features.shape[1:]) != (tpf, dim):
             raise StreamVLMError(f"encoded frames must have shape (T, {tpf}, {dim}), got {tuple(features.shape)}")
         features = features.to(self._adapter.device, self._adapter.dtype)
-        self._feed_pending()
         rows, step = features.shape[0], self._adapter.frames_per_step
         if timestamps is not None and step > 1 and len(timestamps) == rows * step:
             times = self._frame_times(rows * step, timestamps)
@@ -314,6 +313,7 @@ class Session:
         else:
             spans = [[(self._frames + i * step + j) / self._adapter.assumed_fps for j in range(step)]
                      for i in range(rows)]
+        self._feed_pending()  # after the checks: a refused call feeds nothing
         self._frames += rows * step
         self._ingest(rows, spans, lambda first, last: features[first:last], count_vision=False)
 

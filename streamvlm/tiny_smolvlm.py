@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from streamvlm.tiny import build_tokenizer, spread_weights
+from streamvlm.tiny import TinySpec, build_tokenizer, spread_weights
 
 logger = logging.getLogger(__name__)
 
@@ -50,46 +50,26 @@ CHAT_TEMPLATE = (
 
 
 @dataclass(frozen=True)
-class TinySmolVLMSpec:
-    """Shape of a random SmolVLM2 checkpoint: a few hundred KB, milliseconds per frame on a CPU."""
+class TinySmolVLMSpec(TinySpec):
+    """Shape of a random SmolVLM2 checkpoint: TinySpec's decoder and tower, a 32 px frame in 4 px patches
+    and a pixel shuffle; a few hundred KB, milliseconds per frame on a CPU."""
 
-    hidden_size: int = 64
-    """Language model width."""
-    num_layers: int = 2
-    """Language model decoder layers."""
-    num_heads: int = 4
-    """Query heads."""
-    num_kv_heads: int = 2
-    """Key/value heads (grouped-query attention when smaller than num_heads)."""
-    intermediate_size: int = 128
-    """Language model MLP width."""
-    vision_hidden_size: int = 32
-    """Vision tower width."""
-    vision_layers: int = 2
-    """Vision tower layers."""
-    vision_heads: int = 2
-    """Vision tower heads."""
     image_size: int = 32
     """Frame side in pixels; image_size // patch_size patches per side."""
     patch_size: int = 4
     """Vision patch side in pixels."""
-    scale_factor: int = 2
-    """Pixel-shuffle factor: scale_factor x scale_factor patches fold into one token."""
     vocab_size: int = 400
     """Tokenizer vocabulary (byte-level BPE: 256 bytes, merges and the special tokens)."""
-    max_position_embeddings: int = 4096
-    """Context length."""
     rope_theta: float = 100_000.0
     """RoPE base."""
-    seed: int = 0
-    """Seed for the random weights."""
+    scale_factor: int = 2
+    """Pixel-shuffle factor: scale_factor x scale_factor patches fold into one token."""
 
     def __post_init__(self):
+        super().__post_init__()
         if (self.image_size // self.patch_size) % self.scale_factor:
             raise ValueError(f"image_size {self.image_size} // patch_size {self.patch_size} patches per side must be "
                              f"a multiple of scale_factor {self.scale_factor}")
-        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ValueError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
         if self.vocab_size < 256 + len(SPECIAL_TOKENS):
             raise ValueError(f"vocab_size {self.vocab_size} is below the 256 byte tokens plus specials")
 

@@ -258,3 +258,21 @@ def test_init_tiny_family_then_ask(tmp_path, monkeypatch, capsys, family):
     assert main(["ask", "--model", str(out), "--num-frames", "3", "--max-new-tokens", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["frames"] == 3
     assert main(["init-tiny", str(tmp_path / "x"), "--family", family, "--real-small"]) == (0 if family == "llava_onevision" else 2)
+
+
+def test_bad_input_for_paired_frames_is_refused_with_nothing_fed(qwen_dirs, tmp_path, capsys):
+    from streamvlm import StreamVLMError
+
+    vlm = StreamVLM.from_pretrained(qwen_dirs["qwen2_5_vl"])
+    session = vlm.session()
+    session.append_frames(random_frames(3, seed=11), _times(3))  # one pair fed, one frame held
+    before = session.token_ids()
+    with pytest.raises(StreamVLMError, match="3 frames but 2 timestamps"):
+        session.append_frames(random_frames(3, seed=12), [0.0, 0.5])
+    with pytest.raises(StreamVLMError, match="encoded frames must have shape"):
+        session.append_encoded(torch.zeros(2, vlm.tokens_per_frame + 1, vlm.adapter.feature_dim))
+    with pytest.raises(StreamVLMError, match="2 frames but 3 timestamps"):
+        session.append_encoded(vlm.encode(random_frames(3, seed=13)), [0.0, 0.5, 1.0])
+    assert session.token_ids() == before and session.stats()["frames"] == 3
+    assert main(["init-tiny", str(tmp_path / "s"), "--family", "smolvlm", "--layers", "3"]) == 2
+    assert "--layers and --hidden are not supported for smolvlm" in capsys.readouterr().err
