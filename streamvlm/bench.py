@@ -66,7 +66,7 @@ def bench_model_dir() -> Path:
 
 
 def stream_tiny_dir() -> Path:
-    """The built-in model's shape with a context long enough for an hour at 1 fps (16 tokens a frame), so
+    """The built-in model's decoder with a context long enough for an hour at 1 fps (16 tokens a frame), so
     the transformers baseline can take every frame; cached between runs."""
     from streamvlm.tiny import TinySpec, write_tiny_checkpoint
     from streamvlm.video.sample import cache_dir

@@ -12,6 +12,7 @@ Questions are answered as of the moment they are asked, from the frames up to th
     count      how many objects are there now ?
     motion     which way is the red circle moving ?
     recall     what colour was the first object that left ?  /  what shape was the first object that left ?
+    describe   what is there now ?  ->  "big red square moving right and small green triangle moving left"
 
 A question is only asked when its answer holds over a margin of time before it (an object asked about has
 been visible for a second, two for motion; no object appeared or left in the second before a count), so
@@ -19,8 +20,9 @@ any frame rate from 1 fps up sees the same answer.
 
 Files written under out_dir by `generate`:
     videos/NNNN.mp4   the videos (2 fps by default, drawn at `size` pixels)
-    train.json        LLaVA-Video records: questions about the whole video, asked after it
-    stream.jsonl      streaming records: questions asked mid-stream, with their times
+    train.json        LLaVA-Video records: a description of the video, asked after it
+    stream.jsonl      streaming records: questions asked mid-stream, with their times (no two about
+                      the same object, so no answer can be read off an earlier question)
     world.json        the generation parameters, written last: a folder holding it is complete
 """
 
@@ -67,19 +69,24 @@ TEMPLATES = {
     "motion": "which way is the {colour} {shape} moving ?",
     "recall_colour": "what colour was the first object that left ?",
     "recall_shape": "what shape was the first object that left ?",
+    "describe": "what is there now ?",
 }
 TEMPLATE_KIND = {"colour": "attribute", "shape": "attribute", "size": "attribute", "count": "count",
-                 "motion": "motion", "recall_colour": "recall", "recall_shape": "recall"}
+                 "motion": "motion", "recall_colour": "recall", "recall_shape": "recall", "describe": "describe"}
 ANSWERS = {
     "colour": tuple(COLOURS), "shape": SHAPES, "size": tuple(SIZES), "count": NUMBERS[1:],
     "motion": tuple(DIRECTIONS), "recall_colour": tuple(COLOURS), "recall_shape": SHAPES,
 }
-"""Template -> every answer it can have; chance for a template is 1 / len(its answers)."""
+"""Template -> every answer it can have; chance for a template is 1 / len(its answers). (A description has
+too many to list: see `describe`.)"""
+AND = "and"
+"""Joins the objects of a description."""
 
 # Margins (s) that make answers independent of the frame rate the video is read at (1 fps or more).
 _SEEN = 1.0      # an object asked about has been visible this long
 _MOVING = 2.0    # ... this long for its motion (two frames at 1 fps)
 _STEADY = 1.0    # no object appeared or left this long before a count
+MAX_COUNTS = 2   # count questions in one dialogue
 _EDGE = 0.02     # gap between an object and the frame's edge
 _GAP = 0.05      # least gap between two objects' outlines
 RECORD_FILE = "train.json"
@@ -88,6 +95,10 @@ _MANIFEST = "world.json"
 VIDEO_FPS = 2
 """Frame rate of generated videos. The model reads them at 1 fps; 2 fps keeps the files small and the
 drawing quick (the sample video, drawn for people, has 8)."""
+SIZE = 96
+"""Side of generated videos in pixels: the built-in model's frame size, so its frames are not resized."""
+SHORT = 5.0
+"""Videos shorter than this (s) are clips: every object stays from start to end (no room for events)."""
 
 
 def vocabulary() -> list[str]:
@@ -99,6 +110,8 @@ def vocabulary() -> list[str]:
         words.update(answers)
     words.update(SHAPES)
     words.update(COLOURS)
+    words.update(DIRECTIONS)
+    words.add(AND)
     return sorted(words)
 
 
@@ -183,7 +196,8 @@ class WorldVideo:
 
 
 def draw_video(rng: random.Random, seconds: float = 8.0) -> WorldVideo:
-    """A random video: 1-3 objects (distinct colours and shapes) that never overlap."""
+    """A random video: 1-3 objects (distinct colours and shapes) that never overlap; in a clip (shorter
+    than SHORT) they all stay."""
     count = rng.choices((1, 2, 3), weights=(2, 3, 5))[0]
     for attempt in range(300):
         if attempt and attempt % 100 == 0:
@@ -192,6 +206,8 @@ def draw_video(rng: random.Random, seconds: float = 8.0) -> WorldVideo:
         shapes = rng.sample(SHAPES, count)
         roles = ["stay"] + rng.choices(("stay", "leave", "appear"), weights=(3, 5, 3), k=count - 1)
         rng.shuffle(roles)
+        if seconds < SHORT:
+            roles = ["stay"] * count
         objects = [_draw_object(rng, colour, shape, role, seconds) for colour, shape, role in zip(colours, shapes, roles)]
         if any(o is None for o in objects) or not _apart(objects, seconds) or not _events_apart(objects):
             continue
@@ -312,19 +328,58 @@ def candidates(video: WorldVideo, t: float) -> list[Question]:
     return out
 
 
+def subject(video: WorldVideo, question: Question) -> str | None:
+    """The colour of the object a question is about (None for a count)."""
+    if question.template == "count":
+        return None
+    if question.kind == "recall":
+        return video.first_leaver().colour
+    if question.template == "colour":
+        return question.answer
+    return next(w for w in question.text.split() if w in COLOURS)
+
+
+def describe(video: WorldVideo, t: float) -> Question | None:
+    """"what is there now ?" answered with every visible object, in the order of COLOURS, as "size colour
+    shape moving direction", joined by "and"; None unless every visible object has been there for the
+    motion margin and nothing appeared or left in the count margin before t.
+
+    One answer that binds every attribute of every object: where separate questions each teach one fact
+    about one object, a description teaches all of them at every word, and it gives the model a caption.
+    """
+    shown = video.visible(t)
+    if not shown or not all(o.visible_over(t - _MOVING, t) for o in shown):
+        return None
+    if any(t - _STEADY <= e[0] <= t + 1e-9 for e in video.events):
+        return None
+    order = list(COLOURS)
+    parts = [f"{o.size} {o.colour} {o.shape} moving {o.direction}" for o in sorted(shown, key=lambda o: order.index(o.colour))]
+    return Question(t, "describe", TEMPLATES["describe"], f" {AND} ".join(parts))
+
+
 def plan_questions(rng: random.Random, video: WorldVideo, times: list[float]) -> list[Question]:
     """One question per time, its kind the least asked so far among those possible then (ties at random),
-    so every kind is well represented."""
+    so every kind is well represented.
+
+    One dialogue never asks two questions about the same object, and asks at most MAX_COUNTS counts:
+    "what size is the red circle ?" would otherwise tell a later "what shape is the red object ?" its
+    answer, and a model trained on such dialogues learns to copy from the question before instead of
+    looking (the held-out benchmark asks every question on its own).
+    """
     asked = {kind: 0 for kind in KINDS}
+    about: set[str] = set()
     out = []
     for t in times:
-        options = [q for q in candidates(video, t) if q not in out]
+        options = [q for q in candidates(video, t) if q not in out and subject(video, q) not in about
+                   and (q.template != "count" or asked["count"] < MAX_COUNTS)]
         if not options:
             continue
         fewest = min(asked[q.kind] for q in options)
         kind = rng.choice(sorted({q.kind for q in options if asked[q.kind] == fewest}))
         question = rng.choice([q for q in options if q.kind == kind])
         asked[kind] += 1
+        if (colour := subject(video, question)) is not None:
+            about.add(colour)
         out.append(question)
     return out
 
@@ -356,7 +411,7 @@ def make_video(seed: int, index: int, seconds: float = 8.0) -> tuple[WorldVideo,
     return video, stream_questions(rng, video), end_questions(rng, video)
 
 
-def generate(out_dir: str | os.PathLike, num_videos: int, seed: int, size: int = 128, seconds: float = 8.0,
+def generate(out_dir: str | os.PathLike, num_videos: int, seed: int, size: int = SIZE, seconds: float = 8.0,
              fps: int = VIDEO_FPS) -> Path:
     """Write num_videos world videos and their records under out_dir; returns out_dir.
 
@@ -367,12 +422,12 @@ def generate(out_dir: str | os.PathLike, num_videos: int, seed: int, size: int =
         raise StreamVLMError(f"world: num_videos must be at least 1, got {num_videos}")
     if size < 32:
         raise StreamVLMError(f"world: size must be at least 32 pixels, got {size}")
-    if seconds < 4:
-        raise StreamVLMError(f"world: videos must last at least 4 seconds, got {seconds}")
+    if seconds < 3:
+        raise StreamVLMError(f"world: videos must last at least 3 seconds, got {seconds}")
     out = Path(out_dir).expanduser()
     if fps < 1:
         raise StreamVLMError(f"world: fps must be at least 1, got {fps}")
-    params = {"num_videos": num_videos, "seed": seed, "size": size, "seconds": seconds, "fps": fps, "version": 2}
+    params = {"num_videos": num_videos, "seed": seed, "size": size, "seconds": seconds, "fps": fps, "version": 4}
     if _complete(out, params):
         return out
     (out / _MANIFEST).unlink(missing_ok=True)  # until rewritten at the end, the folder is incomplete
@@ -384,10 +439,11 @@ def generate(out_dir: str | os.PathLike, num_videos: int, seed: int, size: int =
         video, mid, end = make_video(seed, index, seconds)
         name = video_name(index)
         meta = {"objects": [asdict(o) for o in video.objects], "seconds": seconds}
-        turns = []
-        for n, q in enumerate(end):
-            turns.append({"from": "human", "value": f"<video>\n{q.text}" if n == 0 else q.text, "kind": q.kind})
-            turns.append({"from": "gpt", "value": q.answer})
+        # The LLaVA record describes the whole video at its end (settled there for any video `draw_video`
+        # makes); the end questions (`make_video`) are the held-out benchmark's, asked one by one.
+        summary = describe(video, video.seconds)
+        turns = [{"from": "human", "value": f"<video>\n{summary.text}", "kind": summary.kind},
+                 {"from": "gpt", "value": summary.answer}]
         llava.append({"id": f"world-{seed}-{index:04d}", "video": name, "conversations": turns, "meta": meta})
         messages = []
         for q in mid:

@@ -92,6 +92,44 @@ def test_answers_match_the_rendered_frames(index):
         assert _answer_from_pixels(q, frames) == q.answer, q
 
 
+@pytest.mark.parametrize("index", range(6))
+def test_clip_answers_match_the_rendered_frames_and_every_object_stays(index):
+    video, mid, end = world.make_video(seed=78, index=index, seconds=3.0)
+    assert video.events == () and all(o.appear == 0 and o.leave is None for o in video.objects)
+    frames = world.render(video, SIZE, FPS)
+    questions = mid + end
+    assert {q.kind for q in questions} <= {"attribute", "count", "motion"}
+    # a clip is long enough to see which way each object moves
+    assert sum(q.kind == "motion" for q in world.candidates(video, video.seconds)) == len(video.objects)
+    for q in questions:
+        assert _answer_from_pixels(q, frames) == q.answer, q
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_descriptions_match_the_rendered_frames(index):
+    seconds = 3.0 if index % 2 else 8.0
+    video = world.make_video(seed=79, index=index, seconds=seconds)[0]
+    frames = world.render(video, SIZE, FPS)
+    summary = world.describe(video, video.seconds)
+    parts = [p.split() for p in summary.answer.split(f" {world.AND} ")]
+    colours = [p[1] for p in parts]
+    present = [c for c in world.COLOURS if _blob(_frame(frames, video.seconds), c) is not None]
+    assert colours == present  # every object in view, in the order of COLOURS
+    for size, colour, shape, moving, direction in parts:
+        assert moving == "moving"
+
+        def ask(template, text, answer):
+            return _answer_from_pixels(world.Question(video.seconds, template, text, answer), frames)
+
+        assert ask("shape", f"what shape is the {colour} object ?", shape) == shape
+        assert ask("size", f"what size is the {colour} {shape} ?", size) == size
+        assert ask("motion", f"which way is the {colour} {shape} moving ?", direction) == direction
+    # not settled right after an object appears
+    newcomer = next((o for o in video.objects if o.appear > 0), None)
+    if newcomer is not None:
+        assert world.describe(video, newcomer.appear + 0.5) is None
+
+
 def test_every_kind_and_answer_occurs():
     kinds, answers = set(), {}
     for index in range(60):
@@ -128,12 +166,13 @@ def test_generate_writes_records_the_data_module_reads(tmp_path):
     assert raw[0]["conversations"][0]["value"].startswith("<video>\n")
     for record, (_, mid, end) in zip(stream, (world.make_video(11, i) for i in range(3))):
         assert [(e.question, e.answer, e.time) for e in record.exchanges] == [(q.text, q.answer, q.time) for q in mid]
-    for record, (_, _, end) in zip(llava, (world.make_video(11, i) for i in range(3))):
-        assert [(e.question, e.answer) for e in record.exchanges] == [(q.text, q.answer) for q in end]
+    for record, (video, _, _) in zip(llava, (world.make_video(11, i) for i in range(3))):
+        summary = world.describe(video, video.seconds)  # the LLaVA record describes the video at its end
+        assert [(e.question, e.answer) for e in record.exchanges] == [(summary.text, summary.answer)]
     clip = read_video(out / world.video_name(0), fps=1)
-    assert clip.frames.shape == (8, 128, 128, 3)
+    assert clip.frames.shape == (8, world.SIZE, world.SIZE, 3)
     # the MP4 shows what was drawn (up to compression)
-    drawn = world.render(world.make_video(11, 0)[0], 128, world.VIDEO_FPS)[::world.VIDEO_FPS]
+    drawn = world.render(world.make_video(11, 0)[0], world.SIZE, world.VIDEO_FPS)[::world.VIDEO_FPS]
     assert (clip.frames.float() - drawn.float()).abs().mean() < 4
     before = (out / world.video_name(0)).stat().st_mtime_ns
     assert world.generate(tmp_path / "w", num_videos=3, seed=11) == out  # complete: reused, not redrawn
@@ -143,6 +182,25 @@ def test_generate_writes_records_the_data_module_reads(tmp_path):
 def test_the_same_seed_gives_the_same_world_and_another_seed_another():
     assert world.make_video(9, 4) == world.make_video(9, 4)
     assert world.make_video(9, 4)[0] != world.make_video(10, 4)[0]
+
+
+def _objects_mentioned(video: world.WorldVideo, q: world.Question) -> set[str]:
+    """Colours of the objects a question names or answers with (by colour or by shape)."""
+    words = set(q.text.split()) | {q.answer}
+    if q.kind == "recall":
+        words.add(video.first_leaver().colour)
+    return {o.colour for o in video.objects if o.colour in words or o.shape in words}
+
+
+def test_no_question_of_a_dialogue_gives_away_another_ones_answer():
+    for index in range(40):
+        video, mid, end = world.make_video(seed=6, index=index)
+        for dialogue in (mid, end):
+            assert sum(q.template == "count" for q in dialogue) <= world.MAX_COUNTS
+            for i, a in enumerate(dialogue):
+                assert world.subject(video, a) in _objects_mentioned(video, a) | {None}
+                for b in dialogue[i + 1:]:
+                    assert not _objects_mentioned(video, a) & _objects_mentioned(video, b), (a, b)
 
 
 def test_questions_are_only_asked_when_settled():
@@ -165,3 +223,5 @@ def test_bad_generate_arguments_are_refused(tmp_path):
         world.generate(tmp_path, 1, seed=0, size=8)
     with pytest.raises(StreamVLMError, match="fps"):
         world.generate(tmp_path, 1, seed=0, fps=0)
+    with pytest.raises(StreamVLMError, match="at least 3 seconds"):
+        world.generate(tmp_path, 1, seed=0, seconds=2)

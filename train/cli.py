@@ -4,6 +4,7 @@
     streamvlm-train fit --config train/configs/tiny_cpu.yaml --ckpt_path last     # resume
     streamvlm-train export CKPT OUT_DIR                                           # -> router folder
     streamvlm-train export-model CKPT OUT_DIR               # a trainable: model run -> checkpoint folder
+    streamvlm-train vision --out runs/world_vision/model     # stage 0 of the world model: the vision tower
     streamvlm-train bench [--json]                       # a training step, routed vs dense, time and memory
     streamvlm-train plot runs/tiny_cpu/csv/metrics.csv loss.svg                   # the loss curves
     python -m streamvlm.train ...                                                 # the same
@@ -70,6 +71,36 @@ def export_model_main(argv: list[str]) -> int:
     return 0
 
 
+def vision_main(argv: list[str]) -> int:
+    import argparse
+    import logging
+
+    from streamvlm.train.vision import pretrain_tower
+
+    parser = argparse.ArgumentParser(
+        prog="streamvlm-train vision",
+        description="Stage 0 of the world model: train the vision tower and projector to label every token "
+                    "of random world frames with what covers its cell (colour, shape, size), then write the "
+                    "checkpoint with them. The language model is copied unchanged; train it next with "
+                    "train/configs/world_model.yaml (model.model_dir: the folder written here).")
+    parser.add_argument("--model", help="checkpoint folder to start from (default: the untrained world model)")
+    parser.add_argument("--out", default="runs/world_vision/model", help="checkpoint folder to write "
+                        "(replaced if it exists; default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=32, help="frames per step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the frames and the head (default: %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.model is None:
+        from streamvlm.train.world_model import initial_model_dir
+
+        args.model = str(initial_model_dir())
+    last = pretrain_tower(args.model, args.out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+    print(f"wrote the model to {args.out} ({', '.join(f'{k} {v}' for k, v in last.items())})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -77,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             return export_main(argv[1:])
         if argv and argv[0] == "export-model":
             return export_model_main(argv[1:])
+        if argv and argv[0] == "vision":
+            return vision_main(argv[1:])
         if argv and argv[0] == "bench":
             from streamvlm.train.bench import main as bench_main
 

@@ -448,7 +448,7 @@ class EpochShuffleSampler(Sampler[int]):
 # ---------------------------------------------------------------- data module
 
 _SYNTHETIC_KEYS = {"num_videos", "val_videos", "out_dir", "seed", "fps", "seconds", "size", "streaming"}
-_WORLD_KEYS = {"num_videos", "val_videos", "out_dir", "seed", "seconds", "size", "fps"}
+_WORLD_KEYS = {"num_videos", "val_videos", "out_dir", "seed", "seconds", "size", "fps", "clips", "clip_seconds"}
 
 
 class VideoDataModule(lightning.LightningDataModule):
@@ -492,6 +492,8 @@ class VideoDataModule(lightning.LightningDataModule):
             world: when train_file is unset, generate procedural world videos (`streamvlm.world`)
                 with their LLaVA-Video records and mid-stream records, e.g. {num_videos: 4000,
                 val_videos: 64, seed: 0, out_dir: ...} (also size, seconds, fps); validation uses seed + 1.
+                `clips: N` adds N short clips (`clip_seconds`, default 3; seed + 2) to the training set:
+                every object stays, and a sample costs three frames instead of eight.
         """
         super().__init__()
         check_sampling("data", num_frames, fps, 0.0, None, max_frames)
@@ -663,11 +665,16 @@ class VideoDataModule(lightning.LightningDataModule):
         seed = int(spec.pop("seed", self.seed))
         num_videos = int(spec.pop("num_videos", 1000))
         val_videos = int(spec.pop("val_videos", 0))
+        clips = int(spec.pop("clips", 0))
+        clip_seconds = float(spec.pop("clip_seconds", 3.0))
 
         def files(folder: Path) -> list[Path]:
             return [folder / world.RECORD_FILE, folder / world.STREAM_FILE]
 
         train = files(world.generate(out_dir / f"train-{seed}", num_videos, seed, **spec))
+        if clips:
+            clip_spec = spec | {"seconds": clip_seconds}
+            train += files(world.generate(out_dir / f"clips-{seed + 2}", clips, seed + 2, **clip_spec))
         val = files(world.generate(out_dir / f"val-{seed + 1}", val_videos, seed + 1, **spec)) if val_videos else []
         return train, val
 

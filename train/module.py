@@ -81,7 +81,7 @@ class RouterTrainingModule(L.LightningModule):
                  z_loss_weight: float = 0.0,
                  lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 0, cosine: bool = False,
-                 lora_rank: int = 8, lora_alpha: int = 16):
+                 lora_rank: int = 8, lora_alpha: int = 16, freeze_vision: bool = False):
         """
         Args:
             model_dir: local Hugging Face checkpoint folder of the model whose router is trained.
@@ -105,12 +105,17 @@ class RouterTrainingModule(L.LightningModule):
             cosine: decay the learning rate to 0 along a cosine over the run's steps (after warm-up).
             lora_rank: LoRA rank for trainable="router+lora".
             lora_alpha: LoRA alpha for trainable="router+lora".
+            freeze_vision: with trainable="model", keep the vision tower as it is (after a vision stage,
+                `streamvlm-train vision`): the language model's early, noisy gradients otherwise wash out
+                what the tower learned there.
         """
         super().__init__()
         if trainable not in TRAINABLE:
             raise StreamVLMError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
         if loss not in LOSSES:
             raise StreamVLMError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        if freeze_vision and trainable != "model":
+            raise StreamVLMError("freeze_vision applies to trainable='model' (the other modes never train the tower)")
         if trainable == "model" and (loss != "lm" or routing != "dense"):
             raise StreamVLMError("trainable='model' trains a model from its labels: set loss: lm and routing: dense")
         if model_dir is None:
@@ -144,6 +149,8 @@ class RouterTrainingModule(L.LightningModule):
             self.model.lm_head.requires_grad_(True)
         elif trainable == "model":
             self.model.requires_grad_(True)
+            if freeze_vision:
+                self.model.model.vision_tower.requires_grad_(False)
         self.router.requires_grad_(True)
         # Lightning keeps each module's train/eval mode as it finds it: the frozen model stays in eval
         # mode (no dropout), the router trains.
@@ -364,6 +371,8 @@ class RouterTrainingModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        if self.hparams.trainable == "model":  # the whole model, frozen tower included: export needs it all
+            trainable |= {name for name, _ in self.named_parameters() if name.startswith("model.")}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         parts = self.vlm.adapter.decoder
         routing = self.router.config.to_dict() if isinstance(self.router, MoDRouter) else None

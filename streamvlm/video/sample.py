@@ -42,9 +42,14 @@ def cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "streamvlm"
 
 
+SAMPLE_NAME = "world-sample.mp4"
+"""The sample's file in the cache folder. A new name whenever the content changes: a file is reused as it
+is, and an older version's sample left in the cache (another scene) must not be taken for this one."""
+
+
 def sample_video(path: Path | None = None) -> Path:
-    """Path of the sample video (default `cache_dir()/sample.mp4`), written on first use."""
-    target = Path(path) if path is not None else cache_dir() / "sample.mp4"
+    """Path of the sample video (default `cache_dir()/world-sample.mp4`), written on first use."""
+    target = Path(path) if path is not None else cache_dir() / SAMPLE_NAME
     if target.is_file() and target.stat().st_size > 0:
         return target
     try:

@@ -317,6 +317,25 @@ def test_data_module_with_synthetic_data_gives_lists_of_samples(tmp_path):
     assert [s.events for s in moved] == [s.events for s in batches[0]]
 
 
+def test_world_data_module_adds_short_clips_to_the_training_set(tmp_path):
+    from streamvlm import world
+
+    module = VideoDataModule(fps=1, num_frames=None, batch_size=2, world={
+        "num_videos": 2, "val_videos": 1, "clips": 3, "clip_seconds": 3, "out_dir": str(tmp_path / "w"), "size": 32})
+    module.set_preprocess_config(CFG)
+    module.prepare_data()
+    module.setup("fit")
+    train = module.train_dataset.records
+    assert len(train) == 2 * (2 + 3) and len(module.val_dataset) == 2  # LLaVA and streaming records
+    clips = [r for r in train if "clips-2" in str(r.video)]  # seed 0: clips are drawn with seed 2
+    assert len(clips) == 6
+    frames = {len(s.pixels) for b in module.train_dataloader() for s in b if "clips-2" in str(s.video)}
+    assert frames <= {1, 2, 3} and 3 in frames  # 3 s at 1 fps; a mid-stream record stops at its last question
+    assert world.make_video(2, 0, seconds=3.0)[0].seconds == 3.0
+    with pytest.raises(StreamVLMError, match="unknown world keys"):
+        VideoDataModule(world={"num_videos": 2, "clip": 3})
+
+
 def test_data_module_loader_settings(tmp_path):
     module = VideoDataModule(num_workers=2, seed=4, synthetic={"num_videos": 3, "out_dir": str(tmp_path)})
     module.setup("fit")

@@ -71,7 +71,37 @@ def test_full_training_trains_every_weight_and_exports_a_checkpoint_the_runtime_
 
 
 def test_full_training_settings_are_checked():
+    with pytest.raises(StreamVLMError, match="freeze_vision applies to trainable='model'"):
+        RouterTrainingModule(world_model=True, trainable="router", routing="mod:0.2", freeze_vision=True)
     with pytest.raises(StreamVLMError, match="loss: lm and routing: dense"):
         RouterTrainingModule(world_model=True, trainable="model", routing="mod:0.2", loss="lm")
     with pytest.raises(StreamVLMError, match="loss: lm and routing: dense"):
         RouterTrainingModule(world_model=True, trainable="model", routing="dense", loss="distill")
+
+
+def test_full_training_can_keep_the_vision_tower_and_still_exports_every_weight(workdir):
+    workdir = workdir / "frozen"  # the module's runs share workdir; a checkpoint folder of its own
+    L.seed_everything(0)
+    module = RouterTrainingModule(world_model=True, trainable="model", routing="dense", loss="lm", lr=3e-3,
+                                  freeze_vision=True)
+    tower = module.model.model.vision_tower
+    assert not any(p.requires_grad for p in tower.parameters())
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    dm = VideoDataModule(world={"num_videos": 2, "seed": 0, "out_dir": str(workdir / "videos")}, num_frames=None,
+                         fps=1, batch_size=4)
+    dm.set_preprocess_config(module.vlm.adapter.preprocess_config)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=workdir / "ckpt", save_last=True,
+                                                                       save_top_k=0)])
+    trainer.fit(module, dm)
+    after = module.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("model.vision_tower."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("model.multi_modal_projector."))
+    saved = torch.load(workdir / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    out = export_model(workdir / "ckpt" / "last.ckpt", workdir / "model")
+    exported = StreamVLM.from_pretrained(out).adapter.model.state_dict()
+    for key, value in exported.items():
+        assert torch.equal(value, saved[f"model.{key}"]), key  # the checkpoint holds every weight
+        if key.startswith("model.vision_tower."):
+            assert torch.equal(value, before[key]), key  # ... the frozen tower as it started

@@ -321,8 +321,8 @@ def region(frame: torch.Tensor, top: int, left: int, size: int = 16) -> list[flo
 def test_sample_video_is_created_once_and_shows_its_content(monkeypatch, tmp_path):
     monkeypatch.setenv("STREAMVLM_CACHE", str(tmp_path))
     path = sample.sample_video()
-    assert path == tmp_path / "sample.mp4"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample.mp4"]  # no temp file left behind
+    assert path == tmp_path / sample.SAMPLE_NAME
+    assert sorted(p.name for p in tmp_path.iterdir()) == [sample.SAMPLE_NAME]  # no temp file left behind
 
     writes = []
     monkeypatch.setattr(sample, "write_video", lambda *a, **k: writes.append(a))
