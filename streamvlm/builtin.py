@@ -1,7 +1,7 @@
 """The built-in default model: what commands use when no --model is given.
 
-A small LLaVA-OneVision (SigLIP-style tower on 64 px frames, 16 tokens per frame, a 4-layer Qwen2-style
-decoder of width 128, a word-level tokenizer; 1.2 M parameters) trained from scratch on the procedural
+A small LLaVA-OneVision (SigLIP-style tower on 96 px frames in 8 px patches, 36 tokens per frame, a
+4-layer Qwen2-style decoder of width 128, a word-level tokenizer; 1.2 M parameters) trained from scratch on the procedural
 world (`streamvlm.world`) with the project's own Lightning pipeline, plus a `mod` router trained for it by
 distillation. Both ship inside the package (`streamvlm/builtin_model`, about 5 MB), so nothing is made or
 downloaded at run time. `train/configs/world_model.yaml` and `world_router.yaml` reproduce them.
@@ -18,13 +18,15 @@ from streamvlm.errors import StreamVLMError
 
 BUILTIN_DIR = Path(__file__).parent / "builtin_model"
 
-BUILTIN_NOTICE = ("note: the built-in model knows only its world of coloured shapes; ask e.g. \"what colour is "
-                  "the square?\", \"how many objects are there now?\", \"which way is the red square moving?\" "
-                  "or \"what colour was the first object that left?\" (pass --model DIR for another checkpoint)")
+BUILTIN_NOTICE = ("note: the built-in model knows only its world of coloured shapes; ask e.g. \"what is there "
+                  "now?\", \"how many objects are there now?\", \"what shape is the red object?\", \"what size "
+                  "is the red square?\" or \"which way is the red square moving?\" (pass --model DIR for another "
+                  "checkpoint)")
 
-EXAMPLE_QUESTIONS = ("what colour is the square?", "how many objects are there now?",
-                     "which way is the red square moving?", "what colour was the first object that left?")
-"""Questions the built-in model answers about the sample video (answers: red, two, right, green)."""
+EXAMPLE_QUESTIONS = ("what is there now?", "how many objects are there now?", "what shape is the red object?",
+                     "which way is the red square moving?")
+"""Questions the built-in model answers about the sample video (answers: big red square moving right and
+small blue circle moving up; two; square; right)."""
 
 
 def default_model_dir() -> Path:

@@ -38,22 +38,32 @@ def test_the_shipped_model_answers_the_sample_video(builtin, cache):
     from streamvlm.video.sample import SCENE, sample_video
 
     clip = read_video(sample_video(), fps=1)
-    session = builtin.session(max_new_tokens=4)
-    session.append_frames(clip.frames, clip.timestamps.tolist())
-    answers = [first_word(session.ask(q)) for q in EXAMPLE_QUESTIONS]
-    # The shipped model has learned counting and recall of colours (about 99% and 100% on held-out videos)
-    # but not shape binding or motion (near chance; README, bench quality): only those two are asserted.
+
+    def ask(question: str, max_new_tokens: int = 4) -> str:
+        session = builtin.session(max_new_tokens=max_new_tokens)
+        session.append_frames(clip.frames, clip.timestamps.tolist())
+        return session.ask(question)
+
+    # What the shipped model has learned (README, bench quality: count 99%, size 94%, shape 83% on
+    # held-out videos): how many objects, and each object's colour, shape and size. Which way things move
+    # and which object left are near chance, and are not asserted.
     expected = {q.text: q.answer for q in world.candidates(SCENE, SCENE.seconds)}
-    assert answers[1] == expected["how many objects are there now ?"] == "two"
-    assert answers[3] == expected["what colour was the first object that left ?"] == "green"
-    assert answers[0] in world.COLOURS and answers[2] in world.DIRECTIONS  # well-formed, if not right
+    assert first_word(ask("how many objects are there now?")) == expected["how many objects are there now ?"] == "two"
+    assert first_word(ask("what shape is the red object?")) == "square"
+    assert first_word(ask("what size is the blue circle?")) == "small"
+    described = [part.split() for part in ask("what is there now?", 24).split(f" {world.AND} ")]
+    truth = [part.split() for part in world.describe(SCENE, SCENE.seconds).answer.split(f" {world.AND} ")]
+    assert [p[:3] for p in described] == [t[:3] for t in truth] == [["big", "red", "square"], ["small", "blue", "circle"]]
+    assert all(p[3] == "moving" and p[4] in world.DIRECTIONS for p in described)  # well-formed, if not right
+    for question in EXAMPLE_QUESTIONS:  # the CLI's default questions get answers in the world's words
+        assert first_word(ask(question)) in {*world.SIZES, *world.NUMBERS, *world.SHAPES, *world.DIRECTIONS}
 
 
 # Held-out questions (seed 4321, which no training run used): the first count question and the first
-# recall-of-colour question the generator plans at the end of each of videos 0-3. Those are the kinds the
-# model has learned; shape and motion questions are at chance (see the README's quality table).
+# size question the generator plans at the end of each of videos 0-3. Those are the kinds the model has
+# learned best; the README's quality table has every kind.
 HELD_OUT_SEED = 4321
-LEARNED = ("count", "recall_colour")
+LEARNED = ("count", "size")
 
 
 def _fixed_handful():
