@@ -22,6 +22,7 @@ is 2.4x the median. Stage 1 must then keep the tower frozen (`freeze_vision`): t
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -122,7 +123,7 @@ def pretrain_tower(model_dir: str | Path, out_dir: str | Path, steps: int = 600,
     start, last = time.perf_counter(), {}
     for step in range(1, steps + 1):
         for group in opt.param_groups:  # linear warm-up over 50 steps, then cosine to 0
-            group["lr"] = lr * min(1.0, step / 50) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / steps)).item())
+            group["lr"] = lr * min(1.0, step / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
         frames, labels = draw_batch(rng, batch, size, side)
         tokens = adapter.frame_features(vlm.preprocess(frames))  # (batch, side * side, d)
         out = head.losses(tokens, labels)
