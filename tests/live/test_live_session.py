@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
@@ -83,16 +82,15 @@ def test_slow_model_behind_a_fast_source_drops_frames_and_its_lag_stays_bounded(
     encode_frames = vlm.encode
     vlm.encode = lambda frames: (threading.Event().wait(0.1), encode_frames(frames))[1]  # <= 10 batches/s
     rate, capacity = 50, 4  # a 50 fps source in real time; the model takes at most 20 frames/s
-    lags, marks = [], []
+    seen = []  # (newest captured, newest ingested) stream times at each ingested event: one per batch
 
     def on_event(event):
         events(event)
-        if event["type"] == "ingested":  # how far the newest frame in the cache is behind the newest captured
-            lags.append(live.source_time - event["t"])
-            marks.append(time.monotonic())
+        if event["type"] == "ingested":
+            seen.append((live.source_time, event["t"]))
 
     source = open_source(f"lavfi:testsrc=size=32x32:rate={rate}")
-    live = LiveSession(vlm, source, buffer_frames=capacity, max_batch=2, on_event=on_event)
+    live = LiveSession(vlm, source, buffer_frames=capacity, max_batch=2, append_frames=2, on_event=on_event)
     with live:
         assert live.wait_for_frames(20, timeout=60)
         answer = live.ask("What now?", max_new_tokens=2)  # asking holds ingestion back: more drops
@@ -100,11 +98,15 @@ def test_slow_model_behind_a_fast_source_drops_frames_and_its_lag_stays_bounded(
         stats = live.stats()
     assert stats["dropped"] > stats["ingested"] and events.wait_for(lambda e: e["type"] == "dropped", 5)
     assert stats["captured"] >= stats["ingested"] + stats["dropped"] + stats["buffered"]
-    # Bounded lag: the frame ingested is at most the buffer's frames behind the source when it is taken,
-    # plus what the source gives while one batch is processed. Queued without bound, the lag would grow by
-    # 30 frames a second here (0.6 s per second of stream).
-    longest_batch = max(b - a for a, b in zip(marks, marks[1:]))
-    assert max(lags) <= (capacity + 1) / rate + longest_batch
+    # Bounded lag: a batch is taken after the previous one was reported, when the buffer holds at most
+    # `capacity` frames (plus one being put) and the newest captured is at least what the previous report
+    # saw. So the frame ingested is never more than capacity + 1 frames behind that. Stream time, not wall
+    # time: a capture thread starved on a busy machine catches up in a burst. Queued without bound, frames
+    # would instead fall further behind by 30 a second here.
+    previous = 0.0
+    for captured, ingested in seen:
+        assert ingested >= previous - (capacity + 1) / rate - 1e-9, seen
+        previous = captured
     assert answer.frames >= 20
 
 
