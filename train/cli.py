@@ -80,9 +80,10 @@ def vision_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="streamvlm-train vision",
         description="Stage 0 of the world model: train the vision tower and projector to label every token "
-                    "of random world frames with what covers its cell (colour, shape, size), then write the "
-                    "checkpoint with them. The language model is copied unchanged; train it next with "
-                    "train/configs/world_model.yaml (model.model_dir: the folder written here).")
+                    "of random world frames with what covers its cell (colour, shape, size, and where that "
+                    "object's centre is), then write the checkpoint with them. The language model is copied "
+                    "unchanged; train it next with train/configs/world_model.yaml (model.model_dir: the folder "
+                    "written here).")
     parser.add_argument("--model", help="checkpoint folder to start from (default: the untrained world model)")
     parser.add_argument("--out", default="runs/world_vision/model", help="checkpoint folder to write "
                         "(replaced if it exists; default: %(default)s)")

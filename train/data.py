@@ -290,8 +290,11 @@ class VideoInstructionDataset(Dataset):
         max_frames: int | None = 64,
         feature_dir: str | os.PathLike | None = None,
         strict: bool = False,
+        encoder: str | None = None,
     ):
+        """encoder: an identity of the weights that encode frames (a hash), part of the feature cache's key."""
         check_sampling("data", num_frames, fps, 0.0, None, max_frames)
+        self.encoder = encoder
         self.records = list(records)
         self.preprocess_config = preprocess_config
         self.num_frames = num_frames
@@ -316,8 +319,9 @@ class VideoInstructionDataset(Dataset):
             return None
 
     def feature_path(self, record: Record) -> str | None:
-        """Where the features of `record` are cached: a hash of the file's identity, the sampling and the
-        preprocessing, so a changed video or setting never reuses stale features. None when caching is off."""
+        """Where the features of `record` are cached: a hash of the file's identity, the sampling, the
+        preprocessing and the encoder, so a changed video, setting or vision tower never reuses stale features.
+        None when caching is off."""
         if self.feature_dir is None:
             return None
         stat = os.stat(record.video)
@@ -326,6 +330,8 @@ class VideoInstructionDataset(Dataset):
             "num_frames": self.num_frames, "fps": self.fps, "max_frames": self.max_frames,
             "end": _decode_end(record), "preprocess": asdict(self.preprocess_config),
         }
+        if self.encoder is not None:
+            key["encoder"] = self.encoder
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
         return str(self.feature_dir / f"{digest}.pt")
 
@@ -524,6 +530,7 @@ class VideoDataModule(lightning.LightningDataModule):
         self.val_records: list[Record] | None = None
         """Validation records with readable videos, after setup; None without validation data."""
         self._preprocess_config: PreprocessConfig | None = None
+        self._encoder: str | None = None
         self._datasets: dict[str, VideoInstructionDataset] = {}
 
     def set_preprocess_config(self, cfg: PreprocessConfig) -> None:
@@ -532,6 +539,12 @@ class VideoDataModule(lightning.LightningDataModule):
         Call it any time before the dataloaders are made (LightningModule.setup is early enough).
         """
         self._preprocess_config = cfg
+        self._datasets.clear()
+
+    def set_encoder(self, encoder: str) -> None:
+        """Key cached features by encoder, an identity of the weights that encode frames (the training module
+        sets a hash of them in its setup): features of another vision tower are then never reused."""
+        self._encoder = encoder
         self._datasets.clear()
 
     @property
@@ -587,7 +600,7 @@ class VideoDataModule(lightning.LightningDataModule):
         if split not in self._datasets:
             self._datasets[split] = VideoInstructionDataset(
                 records, self.preprocess_config, self.num_frames, self.fps, self.max_frames, self.feature_cache,
-                self.strict)
+                self.strict, self._encoder)
         return self._datasets[split]
 
     def _loader(self, dataset: VideoInstructionDataset, sampler: Sampler | None) -> DataLoader:

@@ -26,6 +26,7 @@ Checkpoints hold only trainable weights (the frozen model is reloaded from `mode
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -45,7 +46,7 @@ from streamvlm.flops import FlopCounter
 from streamvlm.routers import DenseRouter, MoDRouter, RoutingConfig, build_router
 from streamvlm.runtime import StreamVLM
 from streamvlm.session import chunk_from_pieces
-from streamvlm.train.data import Sample
+from streamvlm.train.data import Sample, VideoDataModule
 
 logger = logging.getLogger(__name__)
 # The frozen model stays in eval mode on purpose (no dropout); Lightning warns about it at every fit.
@@ -53,6 +54,9 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 
 TRAINABLE = ("router", "router+lora", "all", "model")
 LOSSES = ("distill", "lm", "distill+lm")
+_LANGUAGE_MODEL_PARTS = ("language_model.", "text_model.", "lm_head.", "lora_")
+"""Weight names of the language model (LLaVA-OneVision, Qwen-VL: language_model; SmolVLM: text_model) and
+its adapters: they play no part in encoding frames, so the encoder fingerprint leaves them out."""
 
 
 def tiny_training_model_dir() -> Path:
@@ -338,6 +342,20 @@ class RouterTrainingModule(L.LightningModule):
         # process with 2 threads (the small model's steps are bound by per-op overhead, not by matmuls).
         if self.device.type == "cpu" and self.trainer.world_size > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.trainer.world_size))
+        data = getattr(self.trainer, "datamodule", None)
+        if isinstance(data, VideoDataModule) and data.feature_cache and self.hparams.trainable != "model":
+            data.set_encoder(self.encoder_fingerprint())
+
+    def encoder_fingerprint(self) -> str:
+        """A hash of every weight outside the language model (the tower and projector that encode frames),
+        part of the feature cache's key: features a retrained tower would encode differently are not reused."""
+        digest = hashlib.sha1()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            if any(part in name for part in _LANGUAGE_MODEL_PARTS):
+                continue
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def on_fit_start(self) -> None:
         if hasattr(self, "_teacher_model"):

@@ -190,6 +190,73 @@ def test_distillation_falls_and_the_trained_router_beats_a_random_one(workdir):
     assert trained_val < random_val
 
 
+def test_the_ranking_loss_teaches_every_scorer_the_dense_attention(workdir):
+    # rank_weight alone (no distillation): each routed layer's scores should come to rank a frame's tokens
+    # as the dense model's attention from the text does, on held-out videos too.
+    L.seed_everything(0)
+    module = RouterTrainingModule(tiny=True, routing=ROUTING, lr=0.01, distill_weight=0.0, rank_weight=1.0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a random ranking to start from (the zero init ranks every token alike)
+        for p in module.router.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / 8)
+    dm = _data(workdir, module)
+    dm.prepare_data()
+    dm.setup("fit")
+
+    def mean_rank(loader) -> float:
+        module.train()  # the router records its scores in training mode only
+        with torch.no_grad():
+            values = [float(module.losses(s)["rank"]) for batch in loader for s in batch]
+        return sum(values) / len(values)
+
+    before_train, before_val = mean_rank(dm.train_dataloader()), mean_rank(dm.val_dataloader())
+    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    trainer.fit(module, dm)
+    assert mean_rank(dm.train_dataloader()) < before_train
+    assert mean_rank(dm.val_dataloader()) < before_val / 2
+
+
+def test_the_feature_cache_never_serves_features_of_another_vision_tower(workdir):
+    # Retraining the world model and then its router on the same cache folder used to reuse the old
+    # tower's features: the key named the video and the preprocessing, not the encoder.
+    cache = workdir / "features"
+
+    def fit_one_step(module) -> VideoDataModule:
+        dm = VideoDataModule(synthetic={"num_videos": 4, "val_videos": 0, "seed": 0,
+                                        "out_dir": str(workdir / "synthetic")},
+                             batch_size=2, num_frames=4, feature_cache=str(cache))
+        dm.set_preprocess_config(module.vlm.adapter.preprocess_config)
+        L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, accelerator="cpu", logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(module, dm)
+        return dm
+
+    first = RouterTrainingModule(tiny=True, routing=ROUTING)
+    fit_one_step(first)
+    written = set(cache.glob("*.pt"))
+    assert len(written) == 2
+
+    second = RouterTrainingModule(tiny=True, routing=ROUTING)
+    with torch.no_grad():  # another projector: every frame encodes differently
+        next(p for n, p in second.model.named_parameters() if "multi_modal_projector" in n).add_(0.1)
+    assert second.encoder_fingerprint() != first.encoder_fingerprint()
+    dm = fit_one_step(second)
+    assert len(set(cache.glob("*.pt")) - written) == 2  # its own features, not the first tower's
+
+    dataset = dm._dataset("train", dm.train_records)
+    record = next(r for r in dm.train_records if dataset.feature_path(r) not in map(str, written))
+    fresh = VideoDataModule(synthetic={"num_videos": 4, "val_videos": 0, "seed": 0,
+                                       "out_dir": str(workdir / "synthetic")}, batch_size=2, num_frames=4)
+    fresh.set_preprocess_config(second.vlm.adapter.preprocess_config)
+    fresh.setup("fit")
+    index = next(i for i, r in enumerate(fresh.train_records) if r.id == record.id)
+    pixels = fresh._dataset("train", fresh.train_records)[index].pixels
+    with torch.no_grad():
+        encoded = second.vlm.adapter.encode_frames(pixels)
+    assert torch.allclose(torch.load(dataset.feature_path(record)), encoded, atol=1e-6)
+
+
 def test_plot_and_bench_commands(tmp_path, capsys):
     from streamvlm.tiny import TinySpec, write_tiny_checkpoint
     from streamvlm.train.cli import main

@@ -27,6 +27,7 @@ def test_cell_labels_agree_with_the_drawn_pixels():
             colour = int(labels["colour"][index])
             if colour == BACKGROUND:
                 assert int(labels["shape"][index]) == int(labels["size"][index]) == -100
+                assert labels["position"][index].isnan().all()
                 # a background cell is mostly background (any object in it covers less than MIN_COVER)
                 background = (pixels - torch.tensor(world.BACKGROUND)).abs().max(-1).values < 30
                 assert background.float().mean() > 0.8
@@ -36,6 +37,13 @@ def test_cell_labels_agree_with_the_drawn_pixels():
             assert obj.visible(t)
             assert world.SHAPES[int(labels["shape"][index])] == obj.shape
             assert sorted(world.SIZES)[int(labels["size"][index])] == obj.size
+            # the position is the centre of that colour's pixels (cell units), and the cell is near it
+            ys, xs = torch.nonzero((frame - torch.tensor(world.COLOURS[name])).abs().max(-1).values < 40,
+                                   as_tuple=True)
+            drawn = torch.stack([xs.float().mean() + 0.5, ys.float().mean() + 0.5]) / cell
+            label = labels["position"][index]
+            assert (label - drawn).abs().max() < 0.1, (label, drawn)
+            assert abs(float(label[0]) - (c + 0.5)) < 2 and abs(float(label[1]) - (r + 0.5)) < 2
             # the cell shows that colour
             matches = (pixels - torch.tensor(world.COLOURS[name])).abs().max(-1).values < 40
             assert matches.float().mean() > 0.1
@@ -46,7 +54,8 @@ def test_cell_labels_agree_with_the_drawn_pixels():
 def test_a_batch_has_frames_and_labels_of_matching_shape():
     frames, labels = draw_batch(random.Random(0), 3, 48, 6)
     assert frames.shape == (3, 48, 48, 3) and frames.dtype == torch.uint8
-    assert {k: tuple(v.shape) for k, v in labels.items()} == {"colour": (3, 36), "shape": (3, 36), "size": (3, 36)}
+    assert {k: tuple(v.shape) for k, v in labels.items()} == {"colour": (3, 36), "shape": (3, 36), "size": (3, 36),
+                                                              "position": (3, 36, 2)}
     assert (labels["colour"] > 0).any()  # every frame shows at least one object
 
 
