@@ -8,7 +8,8 @@ an error never carries into the next question and each figure is what a user ask
 gets.
 
 An answer is right when its first word is the expected word. Frames are encoded once per video and shared
-by every policy: the vision tower does not route. `flops_fraction` and `kv_fraction` are the language
+by every policy: the vision tower does not route. `random:KEEP` and `uniform:KEEP` route the layers that
+`mod:KEEP` routes (the checkpoint's own router's, when it ships one), so they spend the same budget. `flops_fraction` and `kv_fraction` are the language
 model's analytic FLOPs and its KV bytes at the answer, summed over all sessions, as fractions of the same
 sessions run dense.
 """
@@ -57,6 +58,18 @@ def chance_by_kind(questions) -> dict[str, float]:
     return {kind: totals[kind] / counts[kind] for kind in sorted(counts)}
 
 
+def same_layers_as_mod(base, policy: str) -> str:
+    """random:KEEP / uniform:KEEP -> the same baseline on the layers mod:KEEP routes for this model (e.g.
+    random:0.2:all:1 when the checkpoint's router leaves layer 0 dense); any other policy unchanged."""
+    from dataclasses import replace
+
+    name, *rest = policy.split(":")
+    if name not in ("random", "uniform") or len(rest) != 1:
+        return policy
+    config = base.with_routing(f"mod:{rest[0]}").router.config
+    return policy if config.schedule == "explicit" else replace(config, policy=name).spec()
+
+
 def _answer(vlm, features: torch.Tensor, times: list[float], question, max_new_tokens: int) -> tuple[str, dict]:
     """A fresh session: the frames up to the question's time, then the question. Returns (answer, stats)."""
     session = vlm.session(max_new_tokens=max_new_tokens)
@@ -75,7 +88,7 @@ def run_quality_bench(model_dir: Path, policies: tuple[str, ...], seed: int, num
 
     folder = heldout_set(seed, num_videos)
     base = StreamVLM.from_pretrained(model_dir, device=device, dtype=dtype)
-    models = {policy: base.with_routing(policy) for policy in policies}
+    models = {policy: base.with_routing(same_layers_as_mod(base, policy)) for policy in policies}
     right = {p: defaultdict(int) for p in policies}
     right_template = {p: defaultdict(int) for p in policies}
     asked = defaultdict(int)

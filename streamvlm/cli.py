@@ -541,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "shape), comma-separated (default tiny; --model DIR measures that checkpoint instead)")
     p.add_argument("--policies", default=None,
                    help="quality: --routing specs, comma-separated (default dense,mod:0.5,mod:0.2,random:0.2,"
-                        "uniform:0.2,layer_drop:2,fastv,cls_knee)")
+                        "uniform:0.2,layer_drop:2,fastv,cls_knee); random:KEEP and uniform:KEEP route the layers "
+                        "mod:KEEP routes for the model (its own router's), so they spend the same budget")
     p.add_argument("--seed", type=int, default=None,
                    help="quality: seed of the held-out videos (default 1234; training used 0 and 1)")
     p.add_argument("--num-videos", type=int, default=100, help="quality: held-out videos (default 100)")

@@ -111,6 +111,7 @@ def test_quality_bench_runs_end_to_end_on_a_reduced_set(cache, capsys):
     assert dense["flops_fraction"] == pytest.approx(1.0) and dense["kv_fraction"] == pytest.approx(1.0)
     assert mod["router"].startswith("mod:0.2:") and mod["flops_fraction"] < 0.8
     assert mod["kv_fraction"] < 0.8 and random_["flops_fraction"] == pytest.approx(mod["flops_fraction"], rel=0.02)
+    assert random_["router"] == "random" + mod["router"].removeprefix("mod")  # the same layers at the same keep
     assert fastv["flops_fraction"] < 1.0
 
     assert main(["bench", "quality", "--num-videos", "1", "--seed", "5", "--policies", "dense"]) == 0
@@ -118,6 +119,18 @@ def test_quality_bench_runs_end_to_end_on_a_reduced_set(cache, capsys):
     assert "chance" in table and "dense" in table
 
     assert main(["bench", "quality", "--num-videos", "0"]) == 2
+
+
+def test_baselines_route_the_layers_the_trained_router_routes(builtin, tmp_path):
+    from streamvlm.bench_quality import same_layers_as_mod
+    from streamvlm.tiny import TinySpec, write_tiny_checkpoint
+
+    trained = builtin.with_routing("mod:0.5").router.spec()  # the shipped router's layers at keep 0.5
+    assert same_layers_as_mod(builtin, "uniform:0.5") == "uniform" + trained.removeprefix("mod")
+    assert same_layers_as_mod(builtin, "random:0.2:interleaved") == "random:0.2:interleaved"  # named: kept
+    assert same_layers_as_mod(builtin, "fastv") == "fastv"
+    untrained = StreamVLM.from_pretrained(write_tiny_checkpoint(tmp_path / "tiny", TinySpec()))
+    assert same_layers_as_mod(untrained, "random:0.2") == "random:0.2:all"  # no router shipped: every layer
 
 
 def test_quality_bench_is_deterministic_for_a_seed(cache):
