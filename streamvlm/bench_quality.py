@@ -9,9 +9,9 @@ gets.
 
 An answer is right when its first word is the expected word. Frames are encoded once per video and shared
 by every policy: the vision tower does not route. `random:KEEP` and `uniform:KEEP` route the layers that
-`mod:KEEP` routes (the checkpoint's own router's, when it ships one), so they spend the same budget. `flops_fraction` and `kv_fraction` are the language
-model's analytic FLOPs and its KV bytes at the answer, summed over all sessions, as fractions of the same
-sessions run dense.
+`mod:KEEP` routes (the checkpoint's own router's, when it ships one), so they spend the same budget.
+`flops_fraction` and `kv_fraction` are the language model's analytic FLOPs and its KV bytes at the answer,
+summed over all sessions, as fractions of the same sessions run dense.
 """
 
 from __future__ import annotations

@@ -155,14 +155,24 @@ def test_cli_help_lists_the_settings():
         assert flag in out.stdout
 
 
-def test_distillation_falls_and_the_trained_router_beats_a_random_one(workdir):
-    L.seed_everything(0)
-    module = RouterTrainingModule(tiny=True, routing=ROUTING, lr=0.03, agree_weight=1.0)
-    # Start from a randomly initialised scorer (the default zero init is already a consistent choice).
+def _random_scorers(module) -> None:
+    """Start from a random ranking: the default zero init ranks every token alike, already a consistent choice."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in module.router.parameters():
             p.copy_(torch.randn(p.shape, generator=g) / 8)
+
+
+def _quiet_fit(module, dm, max_epochs: int, **trainer_args) -> None:
+    L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+              limit_val_batches=0, **trainer_args).fit(module, dm)
+
+
+def test_distillation_falls_and_the_trained_router_beats_a_random_one(workdir):
+    L.seed_everything(0)
+    module = RouterTrainingModule(tiny=True, routing=ROUTING, lr=0.03, agree_weight=1.0)
+    _random_scorers(module)
     dm = _data(workdir, module)
     dm.prepare_data()
     dm.setup("fit")
@@ -173,10 +183,7 @@ def test_distillation_falls_and_the_trained_router_beats_a_random_one(workdir):
         return sum(values) / len(values)
 
     before = mean_distill(dm.train_dataloader())
-    trainer = L.Trainer(max_epochs=8, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0)
-    trainer.fit(module, dm)
+    _quiet_fit(module, dm, 8)
     after = mean_distill(dm.train_dataloader())
     assert after < before
 
@@ -195,10 +202,7 @@ def test_the_ranking_loss_teaches_every_scorer_the_dense_attention(workdir):
     # as the dense model's attention from the text does, on held-out videos too.
     L.seed_everything(0)
     module = RouterTrainingModule(tiny=True, routing=ROUTING, lr=0.01, distill_weight=0.0, rank_weight=1.0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # a random ranking to start from (the zero init ranks every token alike)
-        for p in module.router.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / 8)
+    _random_scorers(module)
     dm = _data(workdir, module)
     dm.prepare_data()
     dm.setup("fit")
@@ -210,10 +214,7 @@ def test_the_ranking_loss_teaches_every_scorer_the_dense_attention(workdir):
         return sum(values) / len(values)
 
     before_train, before_val = mean_rank(dm.train_dataloader()), mean_rank(dm.val_dataloader())
-    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0)
-    trainer.fit(module, dm)
+    _quiet_fit(module, dm, 4)
     assert mean_rank(dm.train_dataloader()) < before_train
     assert mean_rank(dm.val_dataloader()) < before_val / 2
 
@@ -228,8 +229,7 @@ def test_the_feature_cache_never_serves_features_of_another_vision_tower(workdir
                                         "out_dir": str(workdir / "synthetic")},
                              batch_size=2, num_frames=4, feature_cache=str(cache))
         dm.set_preprocess_config(module.vlm.adapter.preprocess_config)
-        L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, accelerator="cpu", logger=False,
-                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(module, dm)
+        _quiet_fit(module, dm, 1, limit_train_batches=1)
         return dm
 
     first = RouterTrainingModule(tiny=True, routing=ROUTING)
