@@ -195,16 +195,25 @@ class WorldVideo:
 # ---------------------------------------------------------------- drawing the parameters
 
 
-def draw_video(rng: random.Random, seconds: float = 8.0) -> WorldVideo:
+def draw_video(rng: random.Random, seconds: float = 8.0, leaver: bool = False) -> WorldVideo:
     """A random video: 1-3 objects (distinct colours and shapes) that never overlap; in a clip (shorter
-    than SHORT) they all stay."""
-    count = rng.choices((1, 2, 3), weights=(2, 3, 5))[0]
+    than SHORT) they all stay.
+
+    leaver: two or three objects, one of which leaves early (between 2 s and 40% of the video), so the
+    first-leaver questions can be asked over most of it. The default draw asks them in about one dialogue
+    of eight; training sets made this way teach recall (`generate(..., leaver=True)`).
+    """
+    if leaver:
+        _check_leaver(seconds)
+    count = rng.choices((2, 3), weights=(1, 2))[0] if leaver else rng.choices((1, 2, 3), weights=(2, 3, 5))[0]
     for attempt in range(300):
         if attempt and attempt % 100 == 0:
-            count = max(1, count - 1)  # a crowded draw that will not fit: one object fewer
+            count = max(2 if leaver else 1, count - 1)  # a crowded draw that will not fit: one object fewer
         colours = rng.sample(sorted(COLOURS), count)
         shapes = rng.sample(SHAPES, count)
         roles = ["stay"] + rng.choices(("stay", "leave", "appear"), weights=(3, 5, 3), k=count - 1)
+        if leaver:
+            roles = ["stay", "early"] + roles[2:]
         rng.shuffle(roles)
         if seconds < SHORT:
             roles = ["stay"] * count
@@ -215,10 +224,17 @@ def draw_video(rng: random.Random, seconds: float = 8.0) -> WorldVideo:
     raise RuntimeError("could not place the objects of a world video")  # not reached for sane sizes
 
 
+def _check_leaver(seconds: float) -> None:
+    if seconds < SHORT:  # a clip's objects all stay
+        raise StreamVLMError(f"world: a video with a leaver must last at least {SHORT} s, got {seconds}")
+
+
 def _draw_object(rng: random.Random, colour: str, shape: str, role: str, seconds: float) -> WorldObject | None:
     appear, leave = 0.0, None
     if role == "leave":
         leave = round(rng.uniform(2.0, seconds - 2.5), 2)
+    elif role == "early":
+        leave = round(rng.uniform(2.0, 0.4 * seconds), 2)
     elif role == "appear":
         appear = round(rng.uniform(1.5, seconds - 3.0), 2)
     size = rng.choice(sorted(SIZES))
@@ -357,7 +373,8 @@ def describe(video: WorldVideo, t: float) -> Question | None:
     return Question(t, "describe", TEMPLATES["describe"], f" {AND} ".join(parts))
 
 
-def plan_questions(rng: random.Random, video: WorldVideo, times: list[float]) -> list[Question]:
+def plan_questions(rng: random.Random, video: WorldVideo, times: list[float],
+                   held: WorldObject | None = None) -> list[Question]:
     """One question per time, its kind the least asked so far among those possible then (ties at random),
     so every kind is well represented.
 
@@ -365,13 +382,22 @@ def plan_questions(rng: random.Random, video: WorldVideo, times: list[float]) ->
     "what size is the red circle ?" would otherwise tell a later "what shape is the red object ?" its
     answer, and a model trained on such dialogues learns to copy from the question before instead of
     looking (the held-out benchmark asks every question on its own).
+
+    held: the first object to leave, kept for the recall questions: nothing is asked about it while it
+    is there, and after it left both recall questions may be asked (neither tells the other's answer).
     """
     asked = {kind: 0 for kind in KINDS}
     about: set[str] = set()
     out = []
+
+    def allowed(q: Question) -> bool:
+        who = subject(video, q)
+        if held is not None and who == held.colour:
+            return q.kind == "recall" and all(q.template != o.template for o in out)
+        return who not in about and (q.template != "count" or asked["count"] < MAX_COUNTS)
+
     for t in times:
-        options = [q for q in candidates(video, t) if q not in out and subject(video, q) not in about
-                   and (q.template != "count" or asked["count"] < MAX_COUNTS)]
+        options = [q for q in candidates(video, t) if q not in out and allowed(q)]
         if not options:
             continue
         fewest = min(asked[q.kind] for q in options)
@@ -384,17 +410,20 @@ def plan_questions(rng: random.Random, video: WorldVideo, times: list[float]) ->
     return out
 
 
-def stream_questions(rng: random.Random, video: WorldVideo, times: int = 6, per_time: int = 2) -> list[Question]:
+def stream_questions(rng: random.Random, video: WorldVideo, times: int = 6, per_time: int = 2,
+                     held: WorldObject | None = None) -> list[Question]:
     """Questions asked mid-stream: up to `per_time` different questions at each of `times` distinct
-    half-second times from 1 s to the end."""
+    half-second times from 1 s to the end (held: see plan_questions)."""
     grid = [k / 2 for k in range(2, int(video.seconds * 2) + 1)]
     chosen = sorted(rng.sample(grid, min(times, len(grid))))
-    return plan_questions(rng, video, [t for t in chosen for _ in range(per_time)])
+    return plan_questions(rng, video, [t for t in chosen for _ in range(per_time)], held)
 
 
-def end_questions(rng: random.Random, video: WorldVideo, count: int = 8) -> list[Question]:
-    """Up to `count` different questions about the whole video, all asked at its end."""
-    return plan_questions(rng, video, [video.seconds] * count)
+def end_questions(rng: random.Random, video: WorldVideo, count: int = 8,
+                  held: WorldObject | None = None) -> list[Question]:
+    """Up to `count` different questions about the whole video, all asked at its end (held: see
+    plan_questions)."""
+    return plan_questions(rng, video, [video.seconds] * count, held)
 
 
 # ---------------------------------------------------------------- files
@@ -404,19 +433,23 @@ def video_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
-def make_video(seed: int, index: int, seconds: float = 8.0) -> tuple[WorldVideo, list[Question], list[Question]]:
-    """Video `index` of the set made with `seed`: the video, its mid-stream and its end questions."""
+def make_video(seed: int, index: int, seconds: float = 8.0,
+               leaver: bool = False) -> tuple[WorldVideo, list[Question], list[Question]]:
+    """Video `index` of the set made with `seed`: the video, its mid-stream and its end questions.
+    leaver: a video whose first leaver goes early and is kept for the recall questions (draw_video,
+    plan_questions)."""
     rng = random.Random(video_seed(seed, index))
-    video = draw_video(rng, seconds)
-    return video, stream_questions(rng, video), end_questions(rng, video)
+    video = draw_video(rng, seconds, leaver)
+    held = video.first_leaver() if leaver else None
+    return video, stream_questions(rng, video, held=held), end_questions(rng, video, held=held)
 
 
 def generate(out_dir: str | os.PathLike, num_videos: int, seed: int, size: int = SIZE, seconds: float = 8.0,
-             fps: int = VIDEO_FPS) -> Path:
+             fps: int = VIDEO_FPS, leaver: bool = False) -> Path:
     """Write num_videos world videos and their records under out_dir; returns out_dir.
 
-    Deterministic for (num_videos, seed, size, seconds, fps); a folder already complete for the same
-    parameters is reused as it is.
+    Deterministic for (num_videos, seed, size, seconds, fps, leaver); a folder already complete for the
+    same parameters is reused as it is. leaver: every video has an object that leaves early (draw_video).
     """
     if num_videos < 1:
         raise StreamVLMError(f"world: num_videos must be at least 1, got {num_videos}")
@@ -428,15 +461,18 @@ def generate(out_dir: str | os.PathLike, num_videos: int, seed: int, size: int =
     if fps < 1:
         raise StreamVLMError(f"world: fps must be at least 1, got {fps}")
     params = {"num_videos": num_videos, "seed": seed, "size": size, "seconds": seconds, "fps": fps, "version": 4}
+    if leaver:
+        _check_leaver(seconds)
+        params["leaver"] = True  # only when set: folders written before the option stay complete
     if _complete(out, params):
         return out
     (out / _MANIFEST).unlink(missing_ok=True)  # until rewritten at the end, the folder is incomplete
     # Videos of an interrupted run are kept: each depends only on (seed, index, size, seconds).
     todo = [i for i in range(num_videos) if not (out / video_name(i)).is_file()]
-    _draw_videos(out, seed, todo, size, seconds, fps)
+    _draw_videos(out, seed, todo, size, seconds, fps, leaver)
     llava, stream = [], []
     for index in range(num_videos):
-        video, mid, end = make_video(seed, index, seconds)
+        video, mid, end = make_video(seed, index, seconds, leaver)
         name = video_name(index)
         meta = {"objects": [asdict(o) for o in video.objects], "seconds": seconds}
         # The LLaVA record describes the whole video at its end (settled there for any video `draw_video`
@@ -464,13 +500,14 @@ def video_name(index: int) -> str:
     return f"videos/{index:04d}.mp4"
 
 
-def _draw_one(out: Path, seed: int, index: int, size: int, seconds: float, fps: int) -> None:
-    video = make_video(seed, index, seconds)[0]
+def _draw_one(out: Path, seed: int, index: int, size: int, seconds: float, fps: int, leaver: bool) -> None:
+    video = make_video(seed, index, seconds, leaver)[0]
     frames = render(video, size, fps)
     write_atomic(out / video_name(index), lambda tmp: write_video(tmp, frames, fps=fps, codec="mpeg4"))
 
 
-def _draw_videos(out: Path, seed: int, indices: list[int], size: int, seconds: float, fps: int) -> None:
+def _draw_videos(out: Path, seed: int, indices: list[int], size: int, seconds: float, fps: int,
+                 leaver: bool) -> None:
     """Draw and encode the videos, on every core for a large set (a progress bar from 200 videos)."""
     from tqdm import tqdm
 
@@ -478,7 +515,7 @@ def _draw_videos(out: Path, seed: int, indices: list[int], size: int, seconds: f
     workers = min(os.cpu_count() or 1, 8)
     if workers < 2 or len(indices) < 50:
         for index in indices:
-            _draw_one(out, seed, index, size, seconds, fps)
+            _draw_one(out, seed, index, size, seconds, fps, leaver)
             bar.update()
     else:
         import multiprocessing
@@ -487,7 +524,8 @@ def _draw_videos(out: Path, seed: int, indices: list[int], size: int, seconds: f
         # spawn: forking a process that has run torch can deadlock in its thread pools
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            for _ in pool.map(_draw_one, *zip(*[(out, seed, i, size, seconds, fps) for i in indices]), chunksize=16):
+            jobs = [(out, seed, i, size, seconds, fps, leaver) for i in indices]
+            for _ in pool.map(_draw_one, *zip(*jobs), chunksize=16):
                 bar.update()
     bar.close()
 

@@ -179,6 +179,19 @@ def test_generate_writes_records_the_data_module_reads(tmp_path):
     assert (out / world.video_name(0)).stat().st_mtime_ns == before
 
 
+@pytest.mark.parametrize("index", range(6))
+def test_leaver_videos_keep_their_first_leaver_for_both_recall_questions(index):
+    video, mid, end = world.make_video(seed=79, index=index, leaver=True)
+    leaver = video.first_leaver()
+    assert 2 <= len(video.objects) and leaver is not None and leaver.leave <= 0.4 * video.seconds
+    frames = world.render(video, SIZE, FPS)
+    for dialogue in (mid, end):
+        for q in dialogue:
+            assert _answer_from_pixels(q, frames) == q.answer, q
+        about_leaver = [q.template for q in dialogue if world.subject(video, q) == leaver.colour]
+        assert sorted(about_leaver) == ["recall_colour", "recall_shape"]  # and nothing else about it
+
+
 def test_the_same_seed_gives_the_same_world_and_another_seed_another():
     assert world.make_video(9, 4) == world.make_video(9, 4)
     assert world.make_video(9, 4)[0] != world.make_video(10, 4)[0]
@@ -225,3 +238,5 @@ def test_bad_generate_arguments_are_refused(tmp_path):
         world.generate(tmp_path, 1, seed=0, fps=0)
     with pytest.raises(StreamVLMError, match="at least 3 seconds"):
         world.generate(tmp_path, 1, seed=0, seconds=2)
+    with pytest.raises(StreamVLMError, match="leaver"):
+        world.generate(tmp_path, 1, seed=0, seconds=3, leaver=True)

@@ -87,7 +87,7 @@ def vision_main(argv: list[str]) -> int:
     parser.add_argument("--model", help="checkpoint folder to start from (default: the untrained world model)")
     parser.add_argument("--out", default="runs/world_vision/model", help="checkpoint folder to write "
                         "(replaced if it exists; default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=600, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=32, help="frames per step (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the frames and the head (default: %(default)s)")

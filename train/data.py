@@ -454,7 +454,8 @@ class EpochShuffleSampler(Sampler[int]):
 # ---------------------------------------------------------------- data module
 
 _SYNTHETIC_KEYS = {"num_videos", "val_videos", "out_dir", "seed", "fps", "seconds", "size", "streaming"}
-_WORLD_KEYS = {"num_videos", "val_videos", "out_dir", "seed", "seconds", "size", "fps", "clips", "clip_seconds"}
+_WORLD_KEYS = {"num_videos", "val_videos", "out_dir", "seed", "seconds", "size", "fps", "clips", "clip_seconds",
+               "leavers"}
 
 
 class VideoDataModule(lightning.LightningDataModule):
@@ -499,7 +500,9 @@ class VideoDataModule(lightning.LightningDataModule):
                 with their LLaVA-Video records and mid-stream records, e.g. {num_videos: 4000,
                 val_videos: 64, seed: 0, out_dir: ...} (also size, seconds, fps); validation uses seed + 1.
                 `clips: N` adds N short clips (`clip_seconds`, default 3; seed + 2) to the training set:
-                every object stays, and a sample costs three frames instead of eight.
+                every object stays, and a sample costs three frames instead of eight. `leavers: N` adds N
+                videos (seed + 3) whose first leaver goes early and is asked about only by the recall
+                questions, two per dialogue (`world.generate(..., leaver=True)`).
         """
         super().__init__()
         check_sampling("data", num_frames, fps, 0.0, None, max_frames)
@@ -680,6 +683,7 @@ class VideoDataModule(lightning.LightningDataModule):
         val_videos = int(spec.pop("val_videos", 0))
         clips = int(spec.pop("clips", 0))
         clip_seconds = float(spec.pop("clip_seconds", 3.0))
+        leavers = int(spec.pop("leavers", 0))
 
         def files(folder: Path) -> list[Path]:
             return [folder / world.RECORD_FILE, folder / world.STREAM_FILE]
@@ -688,6 +692,8 @@ class VideoDataModule(lightning.LightningDataModule):
         if clips:
             clip_spec = spec | {"seconds": clip_seconds}
             train += files(world.generate(out_dir / f"clips-{seed + 2}", clips, seed + 2, **clip_spec))
+        if leavers:
+            train += files(world.generate(out_dir / f"leavers-{seed + 3}", leavers, seed + 3, leaver=True, **spec))
         val = files(world.generate(out_dir / f"val-{seed + 1}", val_videos, seed + 1, **spec)) if val_videos else []
         return train, val
 

@@ -317,7 +317,7 @@ def test_data_module_with_synthetic_data_gives_lists_of_samples(tmp_path):
     assert [s.events for s in moved] == [s.events for s in batches[0]]
 
 
-def test_world_data_module_adds_short_clips_to_the_training_set(tmp_path):
+def test_world_data_module_adds_short_clips_and_leaver_videos_to_the_training_set(tmp_path):
     from streamvlm import world
 
     module = VideoDataModule(fps=1, num_frames=None, batch_size=2, world={
@@ -332,6 +332,15 @@ def test_world_data_module_adds_short_clips_to_the_training_set(tmp_path):
     frames = {len(s.pixels) for b in module.train_dataloader() for s in b if "clips-2" in str(s.video)}
     assert frames <= {1, 2, 3} and 3 in frames  # 3 s at 1 fps; a mid-stream record stops at its last question
     assert world.make_video(2, 0, seconds=3.0)[0].seconds == 3.0
+    module = VideoDataModule(fps=1, num_frames=None, batch_size=2, world={
+        "num_videos": 2, "leavers": 2, "out_dir": str(tmp_path / "w"), "size": 32})
+    module.set_preprocess_config(CFG)
+    module.prepare_data()
+    module.setup("fit")
+    leavers = [r for r in module.train_dataset.records if "leavers-3" in str(r.video)]  # seed 0 + 3
+    assert len(leavers) == 4
+    meta = json.loads((tmp_path / "w" / "leavers-3" / "world.json").read_text())
+    assert meta["leaver"] is True
     with pytest.raises(StreamVLMError, match="unknown world keys"):
         VideoDataModule(world={"num_videos": 2, "clip": 3})
 
