@@ -92,6 +92,8 @@ _GAP = 0.05      # least gap between two objects' outlines
 RECORD_FILE = "train.json"
 STREAM_FILE = "stream.jsonl"
 _MANIFEST = "world.json"
+_DRAWN = "videos/drawn.json"
+"""What the videos in a folder were drawn with: every parameter but num_videos (video i depends only on them)."""
 VIDEO_FPS = 2
 """Frame rate of generated videos. The model reads them at 1 fps; 2 fps keeps the files small and the
 drawing quick (the sample video, drawn for people, has 8)."""
@@ -467,7 +469,13 @@ def generate(out_dir: str | os.PathLike, num_videos: int, seed: int, size: int =
     if _complete(out, params):
         return out
     (out / _MANIFEST).unlink(missing_ok=True)  # until rewritten at the end, the folder is incomplete
-    # Videos of an interrupted run are kept: each depends only on (seed, index, size, seconds).
+    # Videos of an interrupted run (or of fewer videos) are kept when they were drawn with these parameters.
+    drawn = {k: v for k, v in params.items() if k != "num_videos"}
+    if _read_json(out / _DRAWN) != drawn:
+        for old in (out / "videos").glob("*.mp4"):
+            old.unlink()
+        (out / "videos").mkdir(parents=True, exist_ok=True)
+        write_atomic(out / _DRAWN, lambda tmp: Path(tmp).write_text(json.dumps(drawn)))
     todo = [i for i in range(num_videos) if not (out / video_name(i)).is_file()]
     _draw_videos(out, seed, todo, size, seconds, fps, leaver)
     llava, stream = [], []
@@ -530,10 +538,14 @@ def _draw_videos(out: Path, seed: int, indices: list[int], size: int, seconds: f
     bar.close()
 
 
-def _complete(out: Path, params: dict) -> bool:
+def _read_json(path: Path):
+    """A JSON file's content, or None when it is missing or unreadable."""
     try:
-        if json.loads((out / _MANIFEST).read_text()) != params:
-            return False
+        return json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
-    return (out / RECORD_FILE).is_file() and (out / STREAM_FILE).is_file()
+        return None
+
+
+def _complete(out: Path, params: dict) -> bool:
+    return (_read_json(out / _MANIFEST) == params and (out / RECORD_FILE).is_file()
+            and (out / STREAM_FILE).is_file())

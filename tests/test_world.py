@@ -177,6 +177,10 @@ def test_generate_writes_records_the_data_module_reads(tmp_path):
     before = (out / world.video_name(0)).stat().st_mtime_ns
     assert world.generate(tmp_path / "w", num_videos=3, seed=11) == out  # complete: reused, not redrawn
     assert (out / world.video_name(0)).stat().st_mtime_ns == before
+    # other parameters in the same folder: the videos are redrawn, not reused (here at 48 px, not 96)
+    assert world.generate(tmp_path / "w", num_videos=2, seed=11, size=48) == out
+    assert read_video(out / world.video_name(0), fps=1).frames.shape == (8, 48, 48, 3)
+    assert not (out / world.video_name(2)).exists()
 
 
 @pytest.mark.parametrize("index", range(6))
