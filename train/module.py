@@ -20,6 +20,11 @@ Losses, on the positions that predict the assistant's tokens (answers and their 
               independent random choices per layer), and G-Search reports that token rankings agree across
               layers; independent scorers trained only through the kept tokens' weights do not find this.
     z         optional router z-loss, mean of squared router logits (keeps tanh out of saturation)
+    dense_lm  optional, when the language model trains (trainable "all" or "router+lora"): the same
+              weights run dense on the same sample, cross-entropy against the answers. One set of weights
+              then serves both dense and routed: the routed pass teaches the language model to answer from
+              the tokens its router keeps, the dense pass keeps it answering from all of them (MoD-style
+              models train the language model with routing on: VideoLLM-MoD, p-MoD)
 
 Checkpoints hold only trainable weights (the frozen model is reloaded from `model_dir`).
 """
@@ -59,6 +64,11 @@ _LANGUAGE_MODEL_PARTS = ("language_model.", "text_model.", "lm_head.", "lora_")
 its adapters: they play no part in encoding frames, so the encoder fingerprint leaves them out."""
 
 
+def is_language_model_weight(name: str) -> bool:
+    """Whether a weight name belongs to the language model (or its adapters), not to the frame encoder."""
+    return any(part in name for part in _LANGUAGE_MODEL_PARTS)
+
+
 def tiny_training_model_dir() -> Path:
     """A small random checkpoint for CPU runs (16 tokens per frame), made once in the cache folder."""
     from streamvlm.tiny import TinySpec, write_tiny_checkpoint
@@ -85,7 +95,8 @@ class RouterTrainingModule(L.LightningModule):
                  z_loss_weight: float = 0.0,
                  lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 0, cosine: bool = False,
-                 lora_rank: int = 8, lora_alpha: int = 16, freeze_vision: bool = False):
+                 lora_rank: int = 8, lora_alpha: int = 16, freeze_vision: bool = False,
+                 dense_weight: float = 0.0):
         """
         Args:
             model_dir: local Hugging Face checkpoint folder of the model whose router is trained.
@@ -112,6 +123,8 @@ class RouterTrainingModule(L.LightningModule):
             freeze_vision: with trainable="model", keep the vision tower as it is (after a vision stage,
                 `streamvlm-train vision`): the language model's early, noisy gradients otherwise wash out
                 what the tower learned there.
+            dense_weight: weight of the dense pass's cross-entropy (0: off); needs a trainable language
+                model (trainable "all" or "router+lora").
         """
         super().__init__()
         if trainable not in TRAINABLE:
@@ -120,6 +133,11 @@ class RouterTrainingModule(L.LightningModule):
             raise StreamVLMError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         if freeze_vision and trainable != "model":
             raise StreamVLMError("freeze_vision applies to trainable='model' (the other modes never train the tower)")
+        if dense_weight < 0:
+            raise StreamVLMError(f"dense_weight must be >= 0, got {dense_weight}")
+        if dense_weight and trainable not in ("all", "router+lora"):
+            raise StreamVLMError("dense_weight trains the language model's dense pass: set trainable to 'all' or "
+                                 f"'router+lora' (got {trainable!r})")
         if trainable == "model" and (loss != "lm" or routing != "dense"):
             raise StreamVLMError("trainable='model' trains a model from its labels: set loss: lm and routing: dense")
         if model_dir is None:
@@ -161,6 +179,7 @@ class RouterTrainingModule(L.LightningModule):
         self.router.train()
         parts = vlm.adapter.decoder
         self.student = Decoder(parts, self.router)
+        self.dense_student = Decoder(parts, DenseRouter())  # the same weights, routing off (dense_weight)
         self.teacher = Decoder(self._teacher_parts(trainable), DenseRouter())
         self.layout = ChatLayout(vlm.adapter.tokenizer, vlm.adapter.video_token)
         self.stop_ids = set(vlm.adapter.stop_token_ids)
@@ -264,6 +283,11 @@ class RouterTrainingModule(L.LightningModule):
             out["lm"] = F.cross_entropy(student, targets)
         loss = hp.distill_weight * out.get("distill", 0.0) + hp.lm_weight * out.get("lm", 0.0)
         recorded = getattr(self.router, "recorded", {})
+        if hp.dense_weight:
+            dense = self._run(self.dense_student, chunk)[rows].float()
+            out["dense_acc"] = (dense.detach().argmax(-1) == targets).float().mean()
+            out["dense_lm"] = F.cross_entropy(dense, targets)
+            loss = loss + hp.dense_weight * out["dense_lm"]
         if hp.rank_weight and recorded:
             out["rank"] = self._rank_loss(chunk, teacher_cache, hidden)
             loss = loss + hp.rank_weight * out["rank"]
@@ -351,7 +375,7 @@ class RouterTrainingModule(L.LightningModule):
         part of the feature cache's key: features a retrained tower would encode differently are not reused."""
         digest = hashlib.sha1()
         for name, tensor in sorted(self.model.state_dict().items()):
-            if any(part in name for part in _LANGUAGE_MODEL_PARTS):
+            if is_language_model_weight(name):
                 continue
             digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
             digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())

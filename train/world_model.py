@@ -106,17 +106,23 @@ def initial_model_dir(seed: int = 0) -> Path:
 
 
 def export_model(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
-    """Write the model of a full-training checkpoint (trainable="model") as a Hugging Face checkpoint
-    folder: the starting checkpoint's files with the trained weights."""
+    """Write the model of a checkpoint that trained it as a Hugging Face checkpoint folder: the starting
+    checkpoint's files with the trained weights. trainable="model" checkpoints hold every weight;
+    trainable="all" ones (a router trained with the language model) hold the language model's, and the
+    rest comes from the starting checkpoint. The router of an "all" checkpoint is exported apart
+    (`streamvlm-train export`)."""
     from transformers import LlavaOnevisionForConditionalGeneration
+
+    from streamvlm.train.module import is_language_model_weight
 
     try:
         ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError) as e:
         raise StreamVLMError(f"cannot read checkpoint {checkpoint_path}: {e}") from None
     meta = ckpt.get("streamvlm")
-    if meta is None or meta.get("trainable") != "model":
-        raise StreamVLMError(f"{checkpoint_path} is not a full-training checkpoint (trainable: model); "
+    trainable = None if meta is None else meta.get("trainable")
+    if trainable not in ("model", "all"):
+        raise StreamVLMError(f"{checkpoint_path} did not train the model (trainable: model or all); "
                              "a router checkpoint is exported with `streamvlm-train export`")
     source = Path(meta["model_dir"])
     if not (source / "config.json").is_file():
@@ -126,10 +132,16 @@ def export_model(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if trainable == "all":  # the frozen tower and projector are the starting checkpoint's
+        missing = [k for k in missing if is_language_model_weight(k)]
     if unexpected or missing:
         raise StreamVLMError(f"{checkpoint_path} does not fit {source}: missing {missing[:3]}, unexpected "
                              f"{unexpected[:3]}")
-    return save_weights(source, model, out_dir, {"steps": ckpt.get("global_step"), "epochs": ckpt.get("epoch")})
+    about = {"steps": ckpt.get("global_step"), "epochs": ckpt.get("epoch"), "trainable": trainable}
+    started = source / "streamvlm_model.json"
+    if trainable == "all" and started.is_file():  # a trained model trained on: keep how it was made
+        about["started_from"] = {k: v for k, v in json.loads(started.read_text()).items() if k != "spec"}
+    return save_weights(source, model, out_dir, about)
 
 
 def save_weights(source: str | Path, model, out_dir: str | Path, about: dict) -> Path:

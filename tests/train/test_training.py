@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 
-from streamvlm import StreamVLM
+from streamvlm import StreamVLM, StreamVLMError
 from streamvlm.routers import build_router
 from streamvlm.train.data import VideoDataModule
 from streamvlm.train.module import RouterTrainingModule, export_router
@@ -88,6 +88,9 @@ def test_export_loads_in_the_runtime_with_the_trained_weights(workdir):
     assert main(["export", str(workdir / "ckpt_export" / "last.ckpt"), str(workdir / "router2")]) == 0
     assert (workdir / "router2" / "router.safetensors").is_file()
     assert main(["export", str(workdir / "nope.ckpt"), str(workdir / "router3")]) == 2
+    # a router-only run trained no model weights: export-model refuses it
+    assert main(["export-model", str(workdir / "ckpt_export" / "last.ckpt"), str(workdir / "model")]) == 2
+    assert not (workdir / "model").exists()
 
 
 def test_trainable_modes(workdir):
@@ -164,9 +167,9 @@ def _random_scorers(module) -> None:
 
 
 def _quiet_fit(module, dm, max_epochs: int, **trainer_args) -> None:
-    L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-              limit_val_batches=0, **trainer_args).fit(module, dm)
+    settings = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    L.Trainer(max_epochs=max_epochs, **(settings | trainer_args)).fit(module, dm)
 
 
 def test_distillation_falls_and_the_trained_router_beats_a_random_one(workdir):
@@ -312,3 +315,50 @@ def test_feature_cache_gives_the_same_loss_without_decoding(workdir, monkeypatch
     assert [s.id for s in again] == [s.id for s in first] and all(s.pixels is None for s in again)
     with torch.no_grad():
         assert [float(module.losses(s)["distill"]) for s in again] == pytest.approx(losses, abs=1e-6)
+
+
+def test_joint_training_serves_dense_and_routed_with_one_set_of_weights(workdir):
+    """trainable="all" with dense_weight: the language model learns from a routed and a dense pass of every
+    sample; export-model writes its weights (the frozen tower from the start) and export its router."""
+    from streamvlm.train.world_model import export_model
+
+    workdir = workdir / "joint"
+    L.seed_everything(0)
+    module = RouterTrainingModule(tiny=True, routing=ROUTING, trainable="all", loss="distill+lm", dense_weight=1.0,
+                                  rank_weight=1.0, lr=0.01)
+    dm = _data(workdir, module)
+    dm.prepare_data()
+    dm.setup("fit")
+
+    def mean(loader, key) -> float:
+        with torch.no_grad():
+            values = [float(module.losses(s)[key]) for batch in loader for s in batch]
+        return sum(values) / len(values)
+
+    before = {key: mean(dm.train_dataloader(), key) for key in ("dense_lm", "lm")}
+    start = {k: v.clone() for k, v in module.model.state_dict().items()}
+    ckpt = workdir / "ckpt"
+    _quiet_fit(module, dm, 6, enable_checkpointing=True,
+               callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt, save_last=True, save_top_k=0)])
+    after = {key: mean(dm.train_dataloader(), key) for key in ("dense_lm", "lm")}
+    assert after["dense_lm"] < before["dense_lm"] and after["lm"] < before["lm"]
+
+    trained = module.model.state_dict()
+    model_dir = export_model(ckpt / "last.ckpt", workdir / "model")
+    export_router(ckpt / "last.ckpt", model_dir / "router")
+    dense = StreamVLM.from_pretrained(model_dir)
+    for key, value in dense.adapter.model.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+        if "vision_tower" in key:
+            assert torch.equal(value, start[key]), key  # frozen: the starting checkpoint's
+    assert any(not torch.equal(trained[k], start[k]) for k in start if "language_model" in k)
+    routed = StreamVLM.from_pretrained(model_dir, routing="mod:0.25")
+    for key, value in module.router.state_dict().items():
+        assert torch.equal(routed.router.state_dict()[key], value), key
+
+
+def test_dense_weight_needs_a_trainable_language_model():
+    with pytest.raises(StreamVLMError, match="dense_weight"):
+        RouterTrainingModule(tiny=True, routing=ROUTING, dense_weight=1.0)
+    with pytest.raises(StreamVLMError, match="dense_weight must be >= 0"):
+        RouterTrainingModule(tiny=True, routing=ROUTING, trainable="all", dense_weight=-1.0)
