@@ -213,21 +213,29 @@ class RouterTrainingModule(L.LightningModule):
 
     # -- building a sample's sequence ------------------------------------------------------------
 
+    @property
+    def _tower_trains(self) -> bool:
+        return self.hparams.trainable == "model" and not self.hparams.freeze_vision
+
     def _features(self, sample: Sample) -> torch.Tensor:
-        """(T, tokens_per_frame, d) frame tokens, from the feature cache when present."""
-        if self.hparams.trainable == "model":  # the vision tower trains: no cache, gradients flow
-            return self.vlm.adapter.frame_features(sample.pixels.to(self.device, self.vlm.adapter.dtype))
+        """(T, tokens_per_frame, d) frame tokens. While the vision tower is frozen its output
+        (`tower_features`) comes from the feature cache when present, and the rest of the encoder (the
+        projector, `project_features`) runs on it, with gradients when it trains (trainable "model")."""
+        adapter = self.vlm.adapter
+        if self._tower_trains:  # no cache, gradients flow through the tower
+            return adapter.frame_features(sample.pixels.to(self.device, adapter.dtype))
         path = sample.feature_path
         if path and os.path.exists(path):
-            return torch.load(path, map_location=self.device, weights_only=True).to(self.vlm.adapter.dtype)
-        with torch.no_grad():
-            pixels = sample.pixels.to(self.device, self.vlm.adapter.dtype)
-            features = self.vlm.adapter.encode_frames(pixels)
-        if path:
-            tmp = f"{path}.{os.getpid()}.tmp"
-            torch.save(features.detach().cpu(), tmp)
-            os.replace(tmp, path)  # a reader never sees half a file
-        return features
+            tower = torch.load(path, map_location=self.device, weights_only=True).to(adapter.dtype)
+        else:
+            with torch.no_grad():
+                tower = adapter.tower_features(sample.pixels.to(self.device, adapter.dtype))
+            if path:
+                tmp = f"{path}.{os.getpid()}.tmp"
+                torch.save(tower.detach().cpu(), tmp)
+                os.replace(tmp, path)  # a reader never sees half a file
+        with torch.set_grad_enabled(self.hparams.trainable == "model" and torch.is_grad_enabled()):
+            return adapter.project_features(tower)
 
     def sequence(self, sample: Sample):
         """The sample as one Chunk, plus (target rows, target ids): logits row r predicts token ids[r]."""
@@ -367,15 +375,17 @@ class RouterTrainingModule(L.LightningModule):
         if self.device.type == "cpu" and self.trainer.world_size > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.trainer.world_size))
         data = getattr(self.trainer, "datamodule", None)
-        if isinstance(data, VideoDataModule) and data.feature_cache and self.hparams.trainable != "model":
+        if isinstance(data, VideoDataModule) and data.feature_cache and not self._tower_trains:
             data.set_encoder(self.encoder_fingerprint())
 
     def encoder_fingerprint(self) -> str:
-        """A hash of every weight outside the language model (the tower and projector that encode frames),
-        part of the feature cache's key: features a retrained tower would encode differently are not reused."""
-        digest = hashlib.sha1()
+        """A hash of the weights whose output the feature cache keeps (`tower_features`: the vision tower
+        of a family that splits its encoder, else every weight outside the language model), part of the
+        cache's key: features a retrained tower would encode differently are not reused."""
+        prefix = self.vlm.adapter.tower_prefix
+        digest = hashlib.sha1(b"tower" if prefix else b"encoder")
         for name, tensor in sorted(self.model.state_dict().items()):
-            if is_language_model_weight(name):
+            if (not name.startswith(prefix)) if prefix else is_language_model_weight(name):
                 continue
             digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
             digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())

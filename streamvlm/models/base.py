@@ -161,6 +161,21 @@ class FamilyAdapter(ABC):
         -> frame tokens (T / frames_per_step, tokens_per_frame, feature_dim), differentiable (training the
         vision tower goes through it)."""
 
+    tower_prefix: str | None = None
+    """Name prefix of the weights `tower_features` reads (the ones a feature cache must be keyed by), for a
+    family whose encoder splits into `tower_features` and `project_features`; None when it does not split."""
+
+    def tower_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The first part of `frame_features`, what a training cache can keep while the rest trains:
+        `project_features(tower_features(p))` equals `frame_features(p)`. Families that do not split
+        return the whole encoder's output here (for a frame count padded as `encode_frames` pads it) and
+        leave `project_features` the identity."""
+        return self.frame_features(self._pad_to_step(pixels))
+
+    def project_features(self, tower: torch.Tensor) -> torch.Tensor:
+        """The rest of `frame_features` after `tower_features` (differentiable)."""
+        return tower
+
     @property
     def feature_dim(self) -> int:
         """Features per encoded token: hidden_size, times (1 + deepstack) for DeepStack families."""
@@ -171,10 +186,13 @@ class FamilyAdapter(ABC):
         """Preprocessed pixels (T, 3, h, w) -> frame tokens (ceil(T / frames_per_step), tokens_per_frame,
         feature_dim). A count that is not a multiple of frames_per_step is padded with copies of the last
         frame, as transformers' Qwen-VL video processors do."""
-        pixels = pixels.to(self.device, self.dtype)
+        return self.frame_features(self._pad_to_step(pixels.to(self.device, self.dtype)))
+
+    def _pad_to_step(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels padded to a multiple of frames_per_step with copies of the last frame."""
         if pad := -pixels.shape[0] % self.frames_per_step:
             pixels = torch.cat([pixels, pixels[-1:].expand(pad, -1, -1, -1)])
-        return self.frame_features(pixels)
+        return pixels
 
     @abstractmethod
     def video_tail(self) -> torch.Tensor:

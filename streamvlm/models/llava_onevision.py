@@ -66,5 +66,19 @@ class LlavaOneVisionAdapter(FamilyAdapter):
         feats = out.pooler_output[0, :-1]  # (T * tokens_per_frame, d); the last row is the newline
         return feats.view(pixels.shape[0], self.vision.tokens_per_frame, -1)
 
+    tower_prefix = "model.vision_tower."
+
+    def tower_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        # what get_video_features hands its projector: the feature layer's hidden states (strategy
+        # "full", checked at load), (T, patches, vision hidden size)
+        layer = self.model.config.vision_feature_layer
+        hidden = self.model.model.vision_tower(pixels, output_hidden_states=True, return_dict=True).hidden_states
+        return hidden[layer] if isinstance(layer, int) else torch.cat([hidden[i] for i in layer], dim=-1)
+
+    def project_features(self, tower: torch.Tensor) -> torch.Tensor:
+        # the projector, then 2x2 bilinear pooling, as get_video_features does after the tower
+        inner = self.model.model
+        return inner.apply_pooling(inner.multi_modal_projector(tower))
+
     def video_tail(self) -> torch.Tensor:
         return self.model.model.image_newline[None]  # (1, d); trains with the model (trainable="model")

@@ -241,8 +241,8 @@ def test_the_feature_cache_never_serves_features_of_another_vision_tower(workdir
     assert len(written) == 2
 
     second = RouterTrainingModule(tiny=True, routing=ROUTING)
-    with torch.no_grad():  # another projector: every frame encodes differently
-        next(p for n, p in second.model.named_parameters() if "multi_modal_projector" in n).add_(0.1)
+    with torch.no_grad():  # another tower: every frame encodes differently
+        next(p for n, p in second.model.named_parameters() if "vision_tower" in n).add_(0.1)
     assert second.encoder_fingerprint() != first.encoder_fingerprint()
     dm = fit_one_step(second)
     assert len(set(cache.glob("*.pt")) - written) == 2  # its own features, not the first tower's
@@ -255,9 +255,26 @@ def test_the_feature_cache_never_serves_features_of_another_vision_tower(workdir
     fresh.setup("fit")
     index = next(i for i, r in enumerate(fresh.train_records) if r.id == record.id)
     pixels = fresh._dataset("train", fresh.train_records)[index].pixels
+    adapter = second.vlm.adapter
     with torch.no_grad():
-        encoded = second.vlm.adapter.encode_frames(pixels)
-    assert torch.allclose(torch.load(dataset.feature_path(record)), encoded, atol=1e-6)
+        tower = adapter.tower_features(pixels)
+        assert torch.allclose(adapter.project_features(tower), adapter.encode_frames(pixels), atol=1e-6)
+    cached = torch.load(dataset.feature_path(record))
+    assert torch.allclose(cached, tower, atol=1e-6)  # the cache keeps the tower's output, before the projector
+
+    # The projector is not part of the key: it runs on the cached tower output at every step, so a model
+    # whose projector trains (trainable="model" with freeze_vision) still reads the cache, and its
+    # features follow its own projector.
+    third = RouterTrainingModule(tiny=True, routing=ROUTING)
+    with torch.no_grad():
+        next(p for n, p in third.model.named_parameters() if "vision_tower" in n).add_(0.1)
+        next(p for n, p in third.model.named_parameters() if "multi_modal_projector" in n).add_(0.1)
+    assert third.encoder_fingerprint() == second.encoder_fingerprint()
+    sample = dataset[index]
+    assert sample.pixels is None  # served from the cache: nothing decoded
+    with torch.no_grad():
+        assert torch.allclose(third._features(sample), third.vlm.adapter.encode_frames(pixels), atol=1e-5)
+        assert not torch.allclose(third._features(sample), second._features(sample), atol=1e-3)
 
 
 def test_plot_and_bench_commands(tmp_path, capsys):

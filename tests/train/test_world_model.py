@@ -87,17 +87,34 @@ def test_full_training_can_keep_the_vision_tower_and_still_exports_every_weight(
     tower = module.model.model.vision_tower
     assert not any(p.requires_grad for p in tower.parameters())
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    # The frozen tower's output is cached in the first epoch; the second reads it and runs only the projector
+    # and the language model, and the projector still trains.
     dm = VideoDataModule(world={"num_videos": 2, "seed": 0, "out_dir": str(workdir / "videos")}, num_frames=None,
-                         fps=1, batch_size=4)
+                         fps=1, batch_size=4, feature_cache=str(workdir / "features"))
     dm.set_preprocess_config(module.vlm.adapter.preprocess_config)
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+    adapter = module.vlm.adapter
+    tower_calls, projector_at = [], []
+    real_tower = adapter.tower_features
+    adapter.tower_features = lambda pixels: tower_calls.append(len(projector_at)) or real_tower(pixels)
+
+    class Snapshot(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            projector_at.append({k: v.clone() for k, v in pl_module.model.state_dict().items()
+                                 if k.startswith("model.multi_modal_projector.")})
+
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=workdir / "ckpt", save_last=True,
-                                                                       save_top_k=0)])
+                        callbacks=[Snapshot(), L.pytorch.callbacks.ModelCheckpoint(
+                            dirpath=workdir / "ckpt", save_last=True, save_top_k=0)])
     trainer.fit(module, dm)
     after = module.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("model.vision_tower."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("model.multi_modal_projector."))
+    samples = len(dm.train_records)
+    assert tower_calls == [0] * samples  # every sample's tower ran once, in the first epoch
+    assert len(list((workdir / "features").glob("*.pt"))) == samples
+    first, second = projector_at
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # the projector trained on cached features
     saved = torch.load(workdir / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     out = export_model(workdir / "ckpt" / "last.ckpt", workdir / "model")
     exported = StreamVLM.from_pretrained(out).adapter.model.state_dict()
