@@ -11,7 +11,9 @@ An answer is right when its first word is the expected word. Frames are encoded 
 by every policy: the vision tower does not route. `random:KEEP` and `uniform:KEEP` route the layers that
 `mod:KEEP` routes (the checkpoint's own router's, when it ships one), so they spend the same budget.
 `flops_fraction` and `kv_fraction` are the language model's analytic FLOPs and its KV bytes at the answer,
-summed over all sessions, as fractions of the same sessions run dense.
+summed over all sessions, as fractions of the same sessions run dense. `accuracy_by_objects` splits the
+accuracy (overall and per kind) by how many objects were in view when the question was asked: with more in
+view, an answer must be bound to the object the question names.
 """
 
 from __future__ import annotations
@@ -93,12 +95,16 @@ def run_quality_bench(model_dir: Path, policies: tuple[str, ...], seed: int, num
     right_template = {p: defaultdict(int) for p in policies}
     asked = defaultdict(int)
     asked_template = defaultdict(int)
+    # (kind, objects in view when asked): where more objects are in view, an answer must be bound to
+    # the one the question names
+    right_crowd = {p: defaultdict(int) for p in policies}
+    asked_crowd = defaultdict(int)
     flops = {p: [0.0, 0.0] for p in policies}  # [llm, llm_dense]
     kv = {p: [0, 0] for p in policies}  # [kv_bytes, kv_bytes_dense]
     seconds = {p: 0.0 for p in policies}
     all_questions = []
     for index in tqdm(range(num_videos), desc="quality", unit="video", disable=num_videos < 20):
-        _, mid, end = world.make_video(seed, index)
+        video, mid, end = world.make_video(seed, index)
         clip = read_video(folder / world.video_name(index), fps=FPS)
         features = base.encode(clip.frames)
         times = clip.timestamps.tolist()
@@ -106,6 +112,8 @@ def run_quality_bench(model_dir: Path, policies: tuple[str, ...], seed: int, num
             all_questions.append(q)
             asked[q.kind] += 1
             asked_template[q.template] += 1
+            crowd = (q.kind, len(video.visible(q.time)))
+            asked_crowd[crowd] += 1
             for policy, vlm in models.items():
                 start = time.perf_counter()
                 answer, stats = _answer(vlm, features, times, q, max_new_tokens)
@@ -113,6 +121,7 @@ def run_quality_bench(model_dir: Path, policies: tuple[str, ...], seed: int, num
                 correct = first_word(answer) == q.answer
                 right[policy][q.kind] += correct
                 right_template[policy][q.template] += correct
+                right_crowd[policy][crowd] += correct
                 flops[policy][0] += stats["flops"]["llm"]
                 flops[policy][1] += stats["flops"]["llm_dense"]
                 kv[policy][0] += stats["kv_bytes"]
@@ -126,10 +135,12 @@ def run_quality_bench(model_dir: Path, policies: tuple[str, ...], seed: int, num
             "accuracy": sum(right[policy].values()) / total,
             "accuracy_by_kind": {kind: right[policy][kind] / asked[kind] for kind in sorted(asked)},
             "accuracy_by_question": {t: right_template[policy][t] / asked_template[t] for t in sorted(asked_template)},
+            "accuracy_by_objects": _by_objects(right_crowd[policy], asked_crowd),
             "flops_fraction": flops[policy][0] / flops[policy][1],
             "kv_fraction": kv[policy][0] / kv[policy][1],
             "seconds": seconds[policy],
             "questions": total, "questions_by_kind": dict(sorted(asked.items())),
+            "questions_by_objects": _by_objects(asked_crowd),
             "chance_by_kind": chance_by_kind(all_questions), "seed": seed, "videos": num_videos,
         })
     parts = base.adapter.decoder
@@ -139,8 +150,21 @@ def run_quality_bench(model_dir: Path, policies: tuple[str, ...], seed: int, num
                   "tokens_per_frame": base.tokens_per_frame},
         "seed": seed, "videos": num_videos, "fps": FPS, "questions": total,
         "questions_by_kind": dict(sorted(asked.items())), "chance_by_kind": chance_by_kind(all_questions),
+        "questions_by_objects": _by_objects(asked_crowd),
         "rows": rows,
     }
+
+
+def _by_objects(counts: dict, asked: dict | None = None) -> dict[str, dict[str, float]]:
+    """Counts keyed by (kind, objects in view) -> {"all" or a kind: {objects in view: count}}, or with
+    `asked` (the questions' counts, same keys), {...: {...: accuracy}}."""
+    totals: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for (kind, n), count in (asked or counts).items():
+        for group in ("all", kind):
+            totals[group][str(n)][0] += counts.get((kind, n), 0)
+            totals[group][str(n)][1] += count
+    return {group: {n: (r / a if asked else r) for n, (r, a) in sorted(by_n.items())}
+            for group, by_n in sorted(totals.items(), key=lambda kv: kv[0] != "all")}
 
 
 def format_quality(result: dict) -> str:

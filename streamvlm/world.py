@@ -22,7 +22,9 @@ Files written under out_dir by `generate`:
     videos/NNNN.mp4   the videos (2 fps by default, drawn at `size` pixels)
     train.json        LLaVA-Video records: a description of the video, asked after it
     stream.jsonl      streaming records: questions asked mid-stream, with their times (no two about
-                      the same object, so no answer can be read off an earlier question)
+                      the same object, so no answer can be read off an earlier question; with
+                      dialogue="rich", an object's motion may follow another question about it and the
+                      description of the video ends the dialogue)
     world.json        the generation parameters, written last: a folder holding it is complete
 """
 
@@ -376,7 +378,7 @@ def describe(video: WorldVideo, t: float) -> Question | None:
 
 
 def plan_questions(rng: random.Random, video: WorldVideo, times: list[float],
-                   held: WorldObject | None = None) -> list[Question]:
+                   held: WorldObject | None = None, motion_last: bool = False) -> list[Question]:
     """One question per time, its kind the least asked so far among those possible then (ties at random),
     so every kind is well represented.
 
@@ -387,15 +389,24 @@ def plan_questions(rng: random.Random, video: WorldVideo, times: list[float],
 
     held: the first object to leave, kept for the recall questions: nothing is asked about it while it
     is there, and after it left both recall questions may be asked (neither tells the other's answer).
+
+    motion_last: an object already asked about may still be asked which way it moves, and nothing is
+    asked about it after that. Nothing said before tells a direction, and the motion question (which
+    names colour and shape) comes after every other question about its object, so it tells no later
+    answer either; a dialogue then asks about twice the motion questions (training dialogues,
+    `generate(..., dialogue="rich")`).
     """
     asked = {kind: 0 for kind in KINDS}
-    about: set[str] = set()
+    about: set[str] = set()  # objects nothing more may be asked about
+    touched: set[str] = set()  # objects asked about (motion_last: their motion may still be asked)
     out = []
 
     def allowed(q: Question) -> bool:
         who = subject(video, q)
         if held is not None and who == held.colour:
             return q.kind == "recall" and all(q.template != o.template for o in out)
+        if motion_last and q.template != "motion" and who in touched:
+            return False
         return who not in about and (q.template != "count" or asked["count"] < MAX_COUNTS)
 
     for t in times:
@@ -407,18 +418,20 @@ def plan_questions(rng: random.Random, video: WorldVideo, times: list[float],
         question = rng.choice([q for q in options if q.kind == kind])
         asked[kind] += 1
         if (colour := subject(video, question)) is not None:
-            about.add(colour)
+            touched.add(colour)
+            if not motion_last or question.template == "motion":
+                about.add(colour)
         out.append(question)
     return out
 
 
 def stream_questions(rng: random.Random, video: WorldVideo, times: int = 6, per_time: int = 2,
-                     held: WorldObject | None = None) -> list[Question]:
+                     held: WorldObject | None = None, motion_last: bool = False) -> list[Question]:
     """Questions asked mid-stream: up to `per_time` different questions at each of `times` distinct
-    half-second times from 1 s to the end (held: see plan_questions)."""
+    half-second times from 1 s to the end (held, motion_last: see plan_questions)."""
     grid = [k / 2 for k in range(2, int(video.seconds * 2) + 1)]
     chosen = sorted(rng.sample(grid, min(times, len(grid))))
-    return plan_questions(rng, video, [t for t in chosen for _ in range(per_time)], held)
+    return plan_questions(rng, video, [t for t in chosen for _ in range(per_time)], held, motion_last)
 
 
 def end_questions(rng: random.Random, video: WorldVideo, count: int = 8,
@@ -440,19 +453,49 @@ def make_video(seed: int, index: int, seconds: float = 8.0,
     """Video `index` of the set made with `seed`: the video, its mid-stream and its end questions.
     leaver: a video whose first leaver goes early and is kept for the recall questions (draw_video,
     plan_questions)."""
+    return _make(seed, index, seconds, leaver)[:3]
+
+
+def _make(seed: int, index: int, seconds: float, leaver: bool):
+    """make_video's video and questions, then the training dialogue (`rich_dialogue`), drawn after them
+    from the same generator so that adding it changed no video and no question of any set."""
     rng = random.Random(video_seed(seed, index))
     video = draw_video(rng, seconds, leaver)
     held = video.first_leaver() if leaver else None
-    return video, stream_questions(rng, video, held=held), end_questions(rng, video, held=held)
+    mid, end = stream_questions(rng, video, held=held), end_questions(rng, video, held=held)
+    return video, mid, end, rich_dialogue(rng, video, held)
+
+
+def rich_dialogue(rng: random.Random, video: WorldVideo, held: WorldObject | None = None) -> list[Question]:
+    """A training dialogue: mid-stream questions that ask an object's motion after another question about
+    it (plan_questions' motion_last), then the description of the whole video at its end.
+
+    Measured on the shipped model: motion was its weakest kind, and most wrong motion answers named the
+    direction of another object in view; this dialogue asks about twice the motion questions of a plain
+    one, and its last answer (the description) binds every object's attributes and motion. The
+    description comes last, so nothing is asked after it that it would answer. One such record per video
+    carries what a plain stream record and a LLaVA record carry together, for one pass over the frames.
+    """
+    questions = stream_questions(rng, video, held=held, motion_last=True)
+    summary = describe(video, video.seconds)
+    return questions + ([summary] if summary is not None else [])
+
+
+DIALOGUES = ("plain", "rich")
 
 
 def generate(out_dir: str | os.PathLike, num_videos: int, seed: int, size: int = SIZE, seconds: float = 8.0,
-             fps: int = VIDEO_FPS, leaver: bool = False) -> Path:
+             fps: int = VIDEO_FPS, leaver: bool = False, dialogue: str = "plain") -> Path:
     """Write num_videos world videos and their records under out_dir; returns out_dir.
 
-    Deterministic for (num_videos, seed, size, seconds, fps, leaver); a folder already complete for the
-    same parameters is reused as it is. leaver: every video has an object that leaves early (draw_video).
+    Deterministic for (num_videos, seed, size, seconds, fps, leaver, dialogue); a folder already complete
+    for the same parameters is reused as it is. leaver: every video has an object that leaves early
+    (draw_video). dialogue: what the streaming records ask: "plain" (make_video's mid-stream questions)
+    or "rich" (`rich_dialogue`: more motion questions, then the description; a training set). Videos and
+    the LLaVA records do not depend on it.
     """
+    if dialogue not in DIALOGUES:
+        raise StreamVLMError(f"world: dialogue must be one of {', '.join(DIALOGUES)}, got {dialogue!r}")
     if num_videos < 1:
         raise StreamVLMError(f"world: num_videos must be at least 1, got {num_videos}")
     if size < 32:
@@ -466,11 +509,14 @@ def generate(out_dir: str | os.PathLike, num_videos: int, seed: int, size: int =
     if leaver:
         _check_leaver(seconds)
         params["leaver"] = True  # only when set: folders written before the option stay complete
+    if dialogue != "plain":
+        params["dialogue"] = dialogue  # likewise
     if _complete(out, params):
         return out
     (out / _MANIFEST).unlink(missing_ok=True)  # until rewritten at the end, the folder is incomplete
-    # Videos of an interrupted run (or of fewer videos) are kept when they were drawn with these parameters.
-    drawn = {k: v for k, v in params.items() if k != "num_videos"}
+    # Videos of an interrupted run (or of fewer videos) are kept when they were drawn with these parameters
+    # (the dialogue is only in the records).
+    drawn = {k: v for k, v in params.items() if k not in ("num_videos", "dialogue")}
     if _read_json(out / _DRAWN) != drawn:
         for old in (out / "videos").glob("*.mp4"):
             old.unlink()
@@ -480,7 +526,7 @@ def generate(out_dir: str | os.PathLike, num_videos: int, seed: int, size: int =
     _draw_videos(out, seed, todo, size, seconds, fps, leaver)
     llava, stream = [], []
     for index in range(num_videos):
-        video, mid, end = make_video(seed, index, seconds, leaver)
+        video, mid, _, rich = _make(seed, index, seconds, leaver)
         name = video_name(index)
         meta = {"objects": [asdict(o) for o in video.objects], "seconds": seconds}
         # The LLaVA record describes the whole video at its end (settled there for any video `draw_video`
@@ -490,7 +536,7 @@ def generate(out_dir: str | os.PathLike, num_videos: int, seed: int, size: int =
                  {"from": "gpt", "value": summary.answer}]
         llava.append({"id": f"world-{seed}-{index:04d}", "video": name, "conversations": turns, "meta": meta})
         messages = []
-        for q in mid:
+        for q in (rich if dialogue == "rich" else mid):
             messages.append({"role": "user", "content": q.text, "time": q.time, "kind": q.kind})
             messages.append({"role": "assistant", "content": q.answer, "time": q.time})
         stream.append({"id": f"world-stream-{seed}-{index:04d}", "video": name, "conversation": messages,

@@ -8,8 +8,9 @@ Two record formats are read, detected per record:
   frames and exchanges interleave by stream time, and frames after the last exchange are not decoded.
 
 A Sample carries preprocessed pixels and the event sequence the training module turns into tokens.
-When a feature cache folder is set, the module saves encoded features at `Sample.feature_path` and this
-dataset writes the frame timestamps beside it, so later epochs skip decoding.
+When a feature cache folder is set, the module saves the frozen vision tower's output at
+`Sample.feature_path` and this dataset writes the frame timestamps beside it, so later epochs skip decoding
+and the tower.
 """
 
 from __future__ import annotations
@@ -455,7 +456,7 @@ class EpochShuffleSampler(Sampler[int]):
 
 _SYNTHETIC_KEYS = {"num_videos", "val_videos", "out_dir", "seed", "fps", "seconds", "size", "streaming"}
 _WORLD_KEYS = {"num_videos", "val_videos", "out_dir", "seed", "seconds", "size", "fps", "clips", "clip_seconds",
-               "leavers"}
+               "leavers", "dialogue"}
 
 
 class VideoDataModule(lightning.LightningDataModule):
@@ -502,7 +503,10 @@ class VideoDataModule(lightning.LightningDataModule):
                 `clips: N` adds N short clips (`clip_seconds`, default 3; seed + 2) to the training set:
                 every object stays, and a sample costs three frames instead of eight. `leavers: N` adds N
                 videos (seed + 3) whose first leaver goes early and is asked about only by the recall
-                questions, two per dialogue (`world.generate(..., leaver=True)`).
+                questions, two per dialogue (`world.generate(..., leaver=True)`). `dialogue: rich` trains
+                on one streaming record per video that asks more motion questions and ends with the
+                description (`world.rich_dialogue`) instead of a streaming and a LLaVA record: half the
+                passes over the frames for the same answers. The LLaVA records are still written.
         """
         super().__init__()
         check_sampling("data", num_frames, fps, 0.0, None, max_frames)
@@ -685,8 +689,12 @@ class VideoDataModule(lightning.LightningDataModule):
         clip_seconds = float(spec.pop("clip_seconds", 3.0))
         leavers = int(spec.pop("leavers", 0))
 
+        rich = spec.get("dialogue", "plain") == "rich"
+
         def files(folder: Path) -> list[Path]:
-            return [folder / world.RECORD_FILE, folder / world.STREAM_FILE]
+            # a rich dialogue ends with the description the LLaVA record holds: training on both would
+            # ask it twice
+            return [folder / world.STREAM_FILE] if rich else [folder / world.RECORD_FILE, folder / world.STREAM_FILE]
 
         train = files(world.generate(out_dir / f"train-{seed}", num_videos, seed, **spec))
         if clips:

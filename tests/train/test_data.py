@@ -343,6 +343,16 @@ def test_world_data_module_adds_short_clips_and_leaver_videos_to_the_training_se
     assert meta["leaver"] is True
     with pytest.raises(StreamVLMError, match="unknown world keys"):
         VideoDataModule(world={"num_videos": 2, "clip": 3})
+    # rich dialogues: one streaming record per video, ending with the LLaVA record's description
+    module = VideoDataModule(fps=1, num_frames=None, batch_size=2, world={
+        "num_videos": 2, "val_videos": 1, "out_dir": str(tmp_path / "w"), "size": 32, "dialogue": "rich"})
+    module.set_preprocess_config(CFG)
+    module.prepare_data()
+    module.setup("fit")
+    train = module.train_dataset.records
+    assert [r.kind for r in train] == ["stream"] * 2 and len(module.val_dataset) == 1
+    described = [e for r in train for e in r.exchanges if e.question == world.TEMPLATES["describe"]]
+    assert len(described) == 2
 
 
 def test_data_module_loader_settings(tmp_path):
