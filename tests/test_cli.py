@@ -24,10 +24,11 @@ def test_ask_on_builtin_defaults(cache, capsys):
     out, err = capsys.readouterr()
     events = [json.loads(line) for line in out.splitlines()]
     assert [e["type"] for e in events] == ["answer"] * 4 + ["stats"]
-    # the built-in model, trained on the procedural world, answers the sample video's default questions;
-    # of these it has learned counting (see tests/test_quality.py for what else it knows)
+    # the built-in model, trained on the procedural world, answers the sample video's default questions
+    # (see tests/test_quality.py for what else it knows)
     assert [e["question"] for e in events[:4]] == list(EXAMPLE_QUESTIONS)
-    assert events[1]["text"] == "two"
+    assert [e["text"] for e in events[:4]] == ["two", "square", "right",
+                                               "big red square moving right and small blue circle moving up"]
     assert events[4]["frames"] == 8 and events[4]["turns"] == 4
     assert events[0]["t"] is not None and events[0]["t"] > 5.0  # last of 8 frames spread over the sample's 8 s
     assert "knows only its world" in err
