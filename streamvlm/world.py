@@ -453,17 +453,17 @@ def make_video(seed: int, index: int, seconds: float = 8.0,
     """Video `index` of the set made with `seed`: the video, its mid-stream and its end questions.
     leaver: a video whose first leaver goes early and is kept for the recall questions (draw_video,
     plan_questions)."""
-    return _make(seed, index, seconds, leaver)[:3]
+    return _make(seed, index, seconds, leaver, rich=False)[:3]
 
 
-def _make(seed: int, index: int, seconds: float, leaver: bool):
-    """make_video's video and questions, then the training dialogue (`rich_dialogue`), drawn after them
-    from the same generator so that adding it changed no video and no question of any set."""
+def _make(seed: int, index: int, seconds: float, leaver: bool, rich: bool = True):
+    """make_video's video and questions, then (rich) the training dialogue (`rich_dialogue`, else None),
+    drawn after them from the same generator so that adding it changed no video and no question of any set."""
     rng = random.Random(video_seed(seed, index))
     video = draw_video(rng, seconds, leaver)
     held = video.first_leaver() if leaver else None
     mid, end = stream_questions(rng, video, held=held), end_questions(rng, video, held=held)
-    return video, mid, end, rich_dialogue(rng, video, held)
+    return video, mid, end, rich_dialogue(rng, video, held) if rich else None
 
 
 def rich_dialogue(rng: random.Random, video: WorldVideo, held: WorldObject | None = None) -> list[Question]:
@@ -527,7 +527,7 @@ def generate(out_dir: str | os.PathLike, num_videos: int, seed: int, size: int =
     _draw_videos(out, seed, todo, size, seconds, fps, leaver)
     llava, stream = [], []
     for index in range(num_videos):
-        video, mid, _, rich = _make(seed, index, seconds, leaver)
+        video, mid, _, rich = _make(seed, index, seconds, leaver, rich=dialogue == "rich")
         name = video_name(index)
         meta = {"objects": [asdict(o) for o in video.objects], "seconds": seconds}
         # The LLaVA record describes the whole video at its end (settled there for any video `draw_video`
@@ -537,7 +537,7 @@ def generate(out_dir: str | os.PathLike, num_videos: int, seed: int, size: int =
                  {"from": "gpt", "value": summary.answer}]
         llava.append({"id": f"world-{seed}-{index:04d}", "video": name, "conversations": turns, "meta": meta})
         messages = []
-        for q in (rich if dialogue == "rich" else mid):
+        for q in (rich if rich is not None else mid):
             messages.append({"role": "user", "content": q.text, "time": q.time, "kind": q.kind})
             messages.append({"role": "assistant", "content": q.answer, "time": q.time})
         stream.append({"id": f"world-stream-{seed}-{index:04d}", "video": name, "conversation": messages,
