@@ -54,12 +54,15 @@ def clip(tmp_path_factory):
 def test_question_sees_exactly_the_frames_ingested_before_it(tiny_vlm, events):
     # Asked while the source is still playing: the answer equals an offline session's over the frames
     # that were in when it was asked (same ids, greedy), so nothing later leaked in and nothing was lost.
+    # The buffer is large enough that a slow machine drops no frame (a drop would make the recorded frames
+    # differ from the ingested ones: CI once dropped some while the first encode warmed up).
     source = Recording(open_source("lavfi:testsrc=size=64x48:rate=20", fps=10))
-    with LiveSession(tiny_vlm, source, memory_budget=None, on_event=events) as live:
+    with LiveSession(tiny_vlm, source, memory_budget=None, buffer_frames=10_000, on_event=events) as live:
         assert live.wait_for_frames(3, timeout=30)
         answer = live.ask("What is in the video?", max_new_tokens=6, ignore_stop=True)
         assert live.wait_for_frames(answer.frames + 2, timeout=30)  # ingestion went on after the answer
         ids = list(live.session.turns[-1].answer_ids)
+    assert live.dropped == 0
     frames = source.frames_seen[:answer.frames]
     offline = tiny_vlm.session()
     offline.append_frames(torch.stack([f.frame for f in frames]), [f.time for f in frames])
