@@ -285,15 +285,17 @@ def _events_apart(objects: list[WorldObject]) -> bool:
 # ---------------------------------------------------------------- drawing the frames
 
 
-def render(video: WorldVideo, size: int, fps: float, count: int | None = None, supersample: int = 2) -> torch.Tensor:
-    """uint8 (T, size, size, 3): frame i shows the world at t = i / fps (T = seconds * fps by default).
+def render(video: WorldVideo, size: int, fps: float, count: int | None = None, supersample: int = 2,
+           start: int = 0) -> torch.Tensor:
+    """uint8 (T, size, size, 3): frames start..start + T - 1 of the video, frame i showing the world at
+    t = i / fps (by default every frame: T = seconds * fps).
 
     Drawn at supersample x the size and averaged down, so edges are anti-aliased the way a larger video
     resized by the preprocessing is.
     """
-    count = int(round(video.seconds * fps)) if count is None else count
+    count = int(round(video.seconds * fps)) - start if count is None else count
     big = size * supersample
-    times = torch.arange(count, dtype=torch.float64) / fps
+    times = torch.arange(start, start + count, dtype=torch.float64) / fps
     frames = torch.tensor(BACKGROUND, dtype=torch.float32).expand(count, big, big, 3).clone()
     coords = (torch.arange(big, dtype=torch.float64) + 0.5) / big  # pixel centres, unit coordinates
     x, y = coords.view(1, 1, -1), coords.view(1, -1, 1)

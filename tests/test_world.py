@@ -92,6 +92,14 @@ def test_answers_match_the_rendered_frames(index):
         assert _answer_from_pixels(q, frames) == q.answer, q
 
 
+def test_a_range_of_frames_renders_as_that_slice_of_the_whole_video():
+    # the vision stage draws one frame per sample this way instead of every frame up to it
+    video, _, _ = world.make_video(seed=79, index=3)
+    frames = world.render(video, SIZE, FPS)
+    assert torch.equal(world.render(video, SIZE, FPS, count=3, start=5), frames[5:8])
+    assert torch.equal(world.render(video, SIZE, FPS, start=len(frames) - 2), frames[-2:])
+
+
 @pytest.mark.parametrize("index", range(6))
 def test_clip_answers_match_the_rendered_frames_and_every_object_stays(index):
     video, mid, end = world.make_video(seed=78, index=index, seconds=3.0)

@@ -82,7 +82,7 @@ def draw_batch(rng: random.Random, count: int, size: int, grid: int) -> tuple[to
     for _ in range(count):
         video = world.draw_video(rng, 8.0)
         second = rng.randrange(8)
-        frames.append(world.render(video, size, 1.0, count=second + 1)[second])
+        frames.append(world.render(video, size, 1.0, count=1, start=second)[0])
         labels.append(frame_labels(video, float(second), size, grid))
     return torch.stack(frames), {k: torch.stack([lab[k] for lab in labels]) for k in labels[0]}
 
