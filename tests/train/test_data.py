@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -315,6 +316,29 @@ def test_data_module_with_synthetic_data_gives_lists_of_samples(tmp_path):
     # Lightning moves a batch with each sample's `to` instead of walking into its frozen events
     moved = move_data_to_device(batches[0], torch.device("cpu"))
     assert [s.events for s in moved] == [s.events for s in batches[0]]
+
+
+def test_generated_world_videos_are_checked_to_exist_but_not_probed(tmp_path, monkeypatch, caplog):
+    # The generator wrote each video atomically: a deleted one is skipped at setup, a damaged one (not
+    # probed there) when it fails to decode.
+    module = VideoDataModule(fps=1, num_frames=None, world={
+        "num_videos": 3, "out_dir": str(tmp_path / "w"), "size": 32, "dialogue": "rich"})
+    module.set_preprocess_config(CFG)
+    module.prepare_data()
+    videos = sorted((tmp_path / "w").glob("train-0/videos/*.mp4"))
+    videos[0].unlink()
+    videos[1].write_bytes(b"not a video")
+    probed = []
+    monkeypatch.setattr(data, "probe_video", lambda path: probed.append(path))
+    with caplog.at_level(logging.WARNING, logger=data.__name__):
+        module.setup("fit")
+    assert probed == [] and module.skipped == {"missing": 1}
+    dataset = module.train_dataset
+    assert [Path(r.video).name for r in dataset.records] == [videos[1].name, videos[2].name]
+    monkeypatch.undo()
+    with caplog.at_level(logging.WARNING, logger=data.__name__):
+        assert dataset[0] is None and dataset[1] is not None
+    assert sum(videos[1].name in r.getMessage() for r in caplog.records) == 1
 
 
 def test_world_data_module_adds_short_clips_and_leaver_videos_to_the_training_set(tmp_path):
