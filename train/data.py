@@ -584,7 +584,7 @@ class VideoDataModule(lightning.LightningDataModule):
         train_files, val_files = self._record_files()
         # Generated sets (synthetic, world) were written by our generator, each video atomically, and their
         # folder's manifest says they are complete: their videos are only checked to exist. Probing every
-        # file took a minute on each rank for the world model's 12,000 videos.
+        # file took a minute on each rank for the world model's 13,000 videos.
         generated = self._uses_synthetic()
         if want_train:
             self.train_records = self._readable_records(train_files, probe=not generated)
