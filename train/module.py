@@ -385,7 +385,8 @@ class RouterTrainingModule(L.LightningModule):
         prefix = self.vlm.adapter.tower_prefix
         digest = hashlib.sha1(b"tower" if prefix else b"encoder")
         for name, tensor in sorted(self.model.state_dict().items()):
-            if (not name.startswith(prefix)) if prefix else is_language_model_weight(name):
+            encodes = name.startswith(prefix) if prefix else not is_language_model_weight(name)
+            if not encodes:
                 continue
             digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
             digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
