@@ -37,6 +37,16 @@ def test_every_frame_with_content_and_timestamps(video):
     assert clip.path == str(video)
 
 
+def test_frames_are_the_same_pixels_as_pyavs_conversion_at_a_named_size(video):
+    # read_video converts a frame of the stream's own size without naming the size (much faster in PyAV);
+    # the pixels must be those of the named-size conversion it used before (that path scales a resolution
+    # change back).
+    with av.open(str(video)) as container:
+        named = [f.to_ndarray(format="rgb24", width=64, height=48) for f in container.decode(video=0)]
+    clip = read_video(video)
+    assert len(named) == N and torch.equal(clip.frames, torch.from_numpy(np.stack(named)))
+
+
 @pytest.mark.parametrize("codec", ["mpeg4", "libx264"])
 def test_write_video_codecs_round_trip(tmp_path, codec):
     if codec not in av.codecs_available:
