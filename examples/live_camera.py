@@ -11,7 +11,7 @@ import argparse
 import time
 
 from streamvlm import StreamVLM
-from streamvlm.builtin import default_model_dir
+from streamvlm.world.builtin import default_model_dir
 from streamvlm.live import LiveSession
 from streamvlm.video.live import Reconnect, open_source
 

@@ -9,9 +9,9 @@ the mechanics are real).
 import argparse
 
 from streamvlm import StreamVLM
-from streamvlm.builtin import default_model_dir
+from streamvlm.world.builtin import default_model_dir
 from streamvlm.video.files import read_video
-from streamvlm.video.sample import sample_video
+from streamvlm.world.sample import sample_video
 
 
 def main() -> None:

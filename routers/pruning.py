@@ -28,7 +28,7 @@ import torch
 
 from streamvlm.rope import apply_rope
 from streamvlm.errors import StreamVLMError
-from streamvlm.models.base import DecoderParts
+from streamvlm.parts import DecoderParts
 from streamvlm.routers.base import RouteDecision, Router
 from streamvlm.routers.config import tokens_kept
 from streamvlm.routers.mod import decision_from_kept, select_per_frame

@@ -51,7 +51,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args) -> tuple:
-    from streamvlm.builtin import BUILTIN_NOTICE, default_model_dir, is_builtin
+    from streamvlm.world.builtin import BUILTIN_NOTICE, default_model_dir, is_builtin
     from streamvlm.runtime import StreamVLM
 
     model_dir = Path(args.model) if args.model else default_model_dir()
@@ -63,7 +63,7 @@ def _load(args) -> tuple:
 
 def cmd_ask(args) -> int:
     from streamvlm.video.files import read_video
-    from streamvlm.video.sample import sample_video
+    from streamvlm.world.sample import sample_video
 
     video = Path(args.video) if args.video else sample_video()
     if args.num_frames is not None and args.fps is not None:
@@ -112,7 +112,9 @@ def cmd_live(args) -> int:
         options[key] = value
     policy = Reconnect(open_timeout=args.open_timeout, read_timeout=args.read_timeout,
                        retries=None if args.retries < 0 else args.retries)
-    source = open_source(args.source, fps=args.fps, speed=args.speed, loop=args.loop, reconnect=policy,
+    from streamvlm.world.sample import source_spec
+
+    source = open_source(source_spec(args.source), fps=args.fps, speed=args.speed, loop=args.loop, reconnect=policy,
                          options=options)
     vlm, _ = _load(args)
     budget = None if args.memory_budget == "none" else args.memory_budget
@@ -150,7 +152,7 @@ def cmd_caption(args) -> int:
 def cmd_compare(args) -> int:
     from streamvlm.compare import compare, default_policies, format_rows
     from streamvlm.video.files import read_video
-    from streamvlm.video.sample import sample_video
+    from streamvlm.world.sample import sample_video
 
     video = Path(args.video) if args.video else sample_video()
     clip = read_video(video, num_frames=args.num_frames)
@@ -166,7 +168,7 @@ def cmd_calibrate(args) -> int:
     from streamvlm.calibrate import (DEFAULT_QUESTIONS, calibrate_heads, calibrate_vtw, save_heads, save_schedule,
                                      save_vtw, search_greedy, search_sigmoid)
     from streamvlm.video.files import read_video
-    from streamvlm.video.sample import sample_video
+    from streamvlm.world.sample import sample_video
 
     videos = args.videos or [str(sample_video())]
     clips = [read_video(v, num_frames=args.num_frames).frames for v in videos]
@@ -229,16 +231,16 @@ def _init_tiny_family(args, out: Path) -> int:
     if args.real_small:
         raise StreamVLMError(f"--real-small is only for llava_onevision, not {args.family}")
     if args.family in ("qwen2_vl", "qwen2_5_vl"):
-        from streamvlm.tiny_qwen import write_tiny_qwen
+        from streamvlm.tiny.qwen import write_tiny_qwen
         write_tiny_qwen(out, args.family, seed=args.seed, **sizes)
     else:
         if sizes:
             raise StreamVLMError(f"--layers and --hidden are not supported for {args.family}")
         if args.family == "qwen3_vl":
-            from streamvlm.tiny_qwen3 import write_tiny_qwen3_vl
+            from streamvlm.tiny.qwen3 import write_tiny_qwen3_vl
             write_tiny_qwen3_vl(out, seed=args.seed)
         else:
-            from streamvlm.tiny_smolvlm import write_tiny_smolvlm
+            from streamvlm.tiny.smolvlm import write_tiny_smolvlm
             write_tiny_smolvlm(out, seed=args.seed)
     print(f"wrote a random (untrained) {args.family} checkpoint to {out}")
     return 0
@@ -257,7 +259,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from streamvlm.builtin import is_builtin
+    from streamvlm.world.builtin import is_builtin
     from streamvlm.serve import Engine, MediaPolicy, ServeConfig, serve
 
     media_dir = None
@@ -559,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "ask" and args.question is None:
-        from streamvlm.builtin import EXAMPLE_QUESTIONS
+        from streamvlm.world.builtin import EXAMPLE_QUESTIONS
 
         args.question = list(EXAMPLE_QUESTIONS) if args.model is None else ["What happens in the video?"]
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from streamvlm.cache import KVCache
 from streamvlm.flops import FlopCounter
-from streamvlm.models.base import DecoderParts, LayerParts
+from streamvlm.parts import DecoderParts, LayerParts
 from streamvlm.routers.base import Router
 from streamvlm.rope import apply_rope
 from streamvlm.types import VISION, Chunk

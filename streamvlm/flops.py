@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from streamvlm.models.base import DecoderParts
+from streamvlm.parts import DecoderParts
 
 
 @dataclass

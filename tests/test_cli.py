@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from streamvlm.builtin import EXAMPLE_QUESTIONS
+from streamvlm.world.builtin import EXAMPLE_QUESTIONS
 from streamvlm.cli import main
 from streamvlm.video import sample
 

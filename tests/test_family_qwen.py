@@ -14,7 +14,7 @@ from streamvlm import StreamVLM
 from streamvlm.cli import main
 from streamvlm.models.qwen2_5_vl import patchify
 from streamvlm.routers import RoutingConfig
-from streamvlm.tiny_qwen import QWEN_FAMILIES, write_tiny_qwen
+from streamvlm.tiny.qwen import QWEN_FAMILIES, write_tiny_qwen
 from streamvlm.types import VISION
 from support import check_caption_and_live, random_frames, record_chunk_rope
 

@@ -14,7 +14,7 @@ import torch
 from streamvlm import StreamVLM
 from streamvlm.routers import RoutingConfig
 from streamvlm.routers.config import tokens_kept
-from streamvlm.tiny_qwen3 import write_tiny_qwen3_vl
+from streamvlm.tiny.qwen3 import write_tiny_qwen3_vl
 from streamvlm.types import VISION
 from support import check_caption_and_live, random_frames, record_chunk_rope
 

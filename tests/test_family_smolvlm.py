@@ -18,7 +18,7 @@ from streamvlm import RoutingConfig, StreamVLM
 from streamvlm.models.smolvlm import VIDEO_INTRO
 from streamvlm.routers import MoDRouter
 from streamvlm.routers.config import tokens_kept
-from streamvlm.tiny_smolvlm import TinySmolVLMSpec, write_tiny_smolvlm
+from streamvlm.tiny.smolvlm import TinySmolVLMSpec, write_tiny_smolvlm
 from streamvlm.types import VISION
 from support import check_caption_and_live, random_frames
 

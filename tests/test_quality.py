@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from streamvlm import StreamVLM
-from streamvlm.bench_quality import first_word
-from streamvlm.builtin import EXAMPLE_QUESTIONS, default_model_dir
+from streamvlm.bench.quality import first_word
+from streamvlm.world.builtin import EXAMPLE_QUESTIONS, default_model_dir
 from streamvlm.cli import main
 
 
@@ -35,7 +35,7 @@ def test_the_shipped_model_is_small_and_ships_its_router():
 def test_the_shipped_model_answers_the_sample_video(builtin, cache):
     from streamvlm import world
     from streamvlm.video.files import read_video
-    from streamvlm.video.sample import SCENE, sample_video
+    from streamvlm.world.sample import SCENE, sample_video
 
     clip = read_video(sample_video(), fps=1)
 
@@ -85,7 +85,7 @@ def _fixed_handful():
 
 def test_the_shipped_model_answers_a_fixed_handful_of_held_out_questions(builtin, cache):
     from streamvlm import world
-    from streamvlm.bench_quality import heldout_set
+    from streamvlm.bench.quality import heldout_set
     from streamvlm.video.files import read_video
 
     folder = heldout_set(HELD_OUT_SEED, 4)
@@ -133,7 +133,7 @@ def test_quality_bench_runs_end_to_end_on_a_reduced_set(cache, capsys):
 
 
 def test_baselines_route_the_layers_the_trained_router_routes(builtin, tmp_path):
-    from streamvlm.bench_quality import same_layers_as_mod
+    from streamvlm.bench.quality import same_layers_as_mod
     from streamvlm.tiny import TinySpec, write_tiny_checkpoint
 
     trained = builtin.with_routing("mod:0.5").router.spec()  # the shipped router's layers at keep 0.5
@@ -145,7 +145,7 @@ def test_baselines_route_the_layers_the_trained_router_routes(builtin, tmp_path)
 
 
 def test_quality_bench_is_deterministic_for_a_seed(cache):
-    from streamvlm.bench_quality import run_quality_bench
+    from streamvlm.bench.quality import run_quality_bench
 
     runs = [run_quality_bench(default_model_dir(), ("dense",), 9, 1, torch.device("cpu"), torch.float32)
             for _ in range(2)]

@@ -34,7 +34,7 @@ def _saved_bytes(fn) -> int:
 
 
 def run(model_dir: str | None, frames: int, routing: str, repeats: int, device: str | None) -> dict:
-    from streamvlm.bench import bench_model_dir
+    from streamvlm.bench.common import bench_model_dir
     from streamvlm.cache import KVCache
     from streamvlm.decoder import Decoder
     from streamvlm.flops import FlopCounter

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from streamvlm.errors import StreamVLMError
 from streamvlm.video.files import check_sampling, probe_video, read_video
 from streamvlm.video.preprocess import PreprocessConfig, preprocess
-from streamvlm.video.sample import cache_dir
+from streamvlm.paths import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -72,7 +72,7 @@ def is_language_model_weight(name: str) -> bool:
 def tiny_training_model_dir() -> Path:
     """A small random checkpoint for CPU runs (16 tokens per frame), made once in the cache folder."""
     from streamvlm.tiny import TinySpec, write_tiny_checkpoint
-    from streamvlm.video.sample import cache_dir
+    from streamvlm.paths import cache_dir
 
     target = cache_dir() / "train-tiny"
     if not (target / "config.json").is_file():

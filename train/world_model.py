@@ -90,7 +90,7 @@ def write_initial_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
 
 def initial_model_dir(seed: int = 0) -> Path:
     """The untrained world model, made once in the cache folder."""
-    from streamvlm.video.sample import cache_dir
+    from streamvlm.paths import cache_dir
 
     target = cache_dir() / f"world-init-v5-{seed}"
     if not (target / "config.json").is_file():

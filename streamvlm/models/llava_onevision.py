@@ -12,17 +12,9 @@ from pathlib import Path
 
 import torch
 
+from streamvlm.models.siglip import siglip_flops
 from streamvlm.models.base import DecoderParts, FamilyAdapter, VisionShape, standard_decoder_parts
 from streamvlm.video.preprocess import PreprocessConfig
-
-
-def siglip_flops(v) -> float:
-    """Analytic FLOPs (multiply-add = 2) of a SigLIP tower (patch embedding and encoder layers) on one image."""
-    patches = (v.image_size // v.patch_size) ** 2
-    d, inter = v.hidden_size, v.intermediate_size
-    embed = 2 * patches * (3 * v.patch_size**2) * d
-    per_layer = 2 * patches * d * d * 4 + 2 * patches * d * inter * 2 + 4 * patches * patches * d
-    return float(embed + v.num_hidden_layers * per_layer)
 
 
 def _vision_flops_per_frame(config) -> float:

@@ -31,7 +31,7 @@ import torch
 
 from streamvlm.errors import StreamVLMError
 from streamvlm.models.base import DecoderParts, FamilyAdapter, VisionShape, standard_decoder_parts
-from streamvlm.models.llava_onevision import siglip_flops
+from streamvlm.models.siglip import siglip_flops
 from streamvlm.video.preprocess import PreprocessConfig
 
 VIDEO_INTRO = "You are provided the following series of frames from a video.\n"

@@ -28,6 +28,7 @@ import torch
 from streamvlm.live import LiveSession
 from streamvlm.serve.errors import APIError
 from streamvlm.video.live import LiveFrame, Reconnect, Source, open_source
+from streamvlm.world.sample import source_spec
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class LiveStream:
     def __init__(self, stream_id: str, spec: StreamSpec, vlm, loop: asyncio.AbstractEventLoop):
         self.id, self.spec, self.loop = stream_id, spec, loop
         self.created = int(time.time())
-        self.source = _Tap(open_source(spec.resolved, fps=spec.fps, speed=spec.speed, loop=spec.loop,
+        self.source = _Tap(open_source(source_spec(spec.resolved), fps=spec.fps, speed=spec.speed, loop=spec.loop,
                                        reconnect=Reconnect()))
         self.live = LiveSession(vlm, self.source, memory_budget=spec.memory_budget, on_event=self._on_event,
                                 max_new_tokens=spec.max_new_tokens)

@@ -4,7 +4,7 @@ Every source yields `LiveFrame`s (stream time, upright uint8 RGB frame, when it 
 `frames(stop, on_event)`, a generator meant to run on a capture thread; `stop` (a threading.Event) ends it.
 
     spec                              source
-    sample                            the built-in sample video, played as live at its own rate
+    (the CLI and the server turn `sample` into the built-in sample video's path before opening it)
     PATH                              a video file played as live at its own rate (speed 0: as fast as it decodes)
     rtsp://..., rtsps://...           RTSP over TCP
     udp://, rtp://, tcp://, http://,  any FFmpeg network input (MPEG-TS over UDP or HTTP, SRT, RTMP, ...)
@@ -317,10 +317,6 @@ def open_source(spec: str | Path, *, fps: float | None = None, speed: float = 1.
     spec = str(spec)
     if fps is not None and not fps > 0:
         raise StreamVLMError(f"fps must be positive, got {fps}")
-    if spec == "sample":
-        from streamvlm.video.sample import sample_video
-
-        return FileSource(sample_video(), fps=fps, speed=speed, loop=loop)
     if spec.startswith("lavfi:"):
         graph = spec[len("lavfi:"):]
         if not graph:

@@ -135,7 +135,7 @@ def run_stream_bench(models: dict[str, Path], ages_min: list[float], fps: float,
     if not ages_min or any(a <= 0 for a in ages_min):
         raise StreamVLMError("--ages must be positive minutes, e.g. 1,10,60")
     ages_s = sorted(a * 60 for a in ages_min)
-    from streamvlm.bench import bench_video, require_llava
+    from streamvlm.bench.common import bench_video, require_llava
 
     video = bench_video(ages_s[-1] + 1 / fps, fps, size=64)  # a frame past the last age
     results = []

@@ -25,65 +25,13 @@ from pathlib import Path
 
 import torch
 
+from streamvlm.bench.common import (_timed, bench_model_dir, bench_video, matmul_flops_per_second, require_llava,
+                                    stream_tiny_dir)
 from streamvlm.errors import StreamVLMError
 
 logger = logging.getLogger(__name__)
 
 QUESTION = "What happens in the video?"
-
-
-def _timed(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, kernels, caches
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, size: int = 2048) -> float:
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    seconds = _timed(lambda: a @ b, 5)
-    return 2 * size**3 / seconds
-
-
-def bench_model_dir() -> Path:
-    """A random checkpoint with the shape of a real small model, cached between runs."""
-    from streamvlm.tiny import TinySpec, write_tiny_checkpoint
-    from streamvlm.video.sample import cache_dir
-
-    target = cache_dir() / "bench-real-small"
-    if not (target / "config.json").is_file():
-        logger.info("writing a random real-small-shaped checkpoint to %s", target)
-        write_tiny_checkpoint(target, TinySpec.real_small())
-    return target
-
-
-def stream_tiny_dir() -> Path:
-    """The built-in model's decoder with a context long enough for an hour at 1 fps (16 tokens a frame), so
-    the transformers baseline can take every frame; cached between runs."""
-    from streamvlm.tiny import TinySpec, write_tiny_checkpoint
-    from streamvlm.video.sample import cache_dir
-
-    target = cache_dir() / "bench-tiny-long-context"
-    if not (target / "config.json").is_file():
-        write_tiny_checkpoint(target, TinySpec(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                                               intermediate_size=256, image_size=56, patch_size=8,
-                                               max_position_embeddings=131072))
-    return target
-
-
-def require_llava(vlm, what: str) -> None:
-    """The benches that time transformers' own forward next to ours build its inputs the LLaVA-OneVision way."""
-    if vlm.adapter.family != "llava_onevision":
-        raise StreamVLMError(f"bench {what} times transformers' LLaVA-OneVision forward next to ours; "
-                             f"{vlm.adapter.family} checkpoints are not supported there yet (bench routing is)")
 
 
 def run_dense(model_dir: Path, frames_count: int, new_tokens: int, repeats: int, device, dtype) -> dict:
@@ -245,34 +193,6 @@ def run_routing(model_dir: Path, frames_count: int, repeats: int, device, dtype,
     }
 
 
-def bench_video(seconds: float = 60, fps: float = 8.0, size: int = 256) -> Path:
-    """A procedurally drawn video (a moving disc and square on a slowly changing background), cached.
-
-    Drawn in slices, so an hour at 1 fps (3600 frames) needs little memory before encoding."""
-    from streamvlm.video.files import write_video
-    from streamvlm.video.sample import cache_dir
-
-    count = max(1, round(seconds * fps))
-    target = cache_dir() / f"bench-{count}f-{fps:g}fps-{size}px.mp4"
-    if target.is_file():
-        return target
-    scale = size / 256
-    y, x = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
-    frames = torch.empty(count, size, size, 3, dtype=torch.uint8)
-    for start in range(0, count, 512):
-        t = torch.arange(start, min(start + 512, count), dtype=torch.float32)[:, None, None]
-        block = torch.zeros(t.shape[0], size, size, 3)
-        block[..., 2] = 60 + 40 * torch.sin(t / 40)
-        cx, cy = (t * 3 * scale) % size, size / 2 + 80 * scale * torch.sin(t / 25)
-        block[..., 0] += 255 * (((x - cx) ** 2 + (y - cy) ** 2) < (30 * scale) ** 2)
-        block[..., 1] += 200 * ((x - (size - 1 - cx)).abs() < 20 * scale) * ((y - 60 * scale).abs() < 20 * scale)
-        frames[start:start + t.shape[0]] = block.clamp(0, 255).to(torch.uint8)
-    tmp = target.with_suffix(".tmp.mp4")
-    write_video(tmp, frames, fps=fps)
-    tmp.replace(target)
-    return target
-
-
 def run_caption_bench(model_dirs: dict[str, Path], routings: tuple[str, ...], seconds: int, device, dtype) -> dict:
     """Caption one video per (model, routing) and report hours of video per hour of compute."""
     from streamvlm.caption import CaptionConfig, caption_video
@@ -310,8 +230,8 @@ def run(args) -> dict:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if args.suite == "quality":
-        from streamvlm.bench_quality import DEFAULT_POLICIES, DEFAULT_SEED, run_quality_bench
-        from streamvlm.builtin import default_model_dir
+        from streamvlm.bench.quality import DEFAULT_POLICIES, DEFAULT_SEED, run_quality_bench
+        from streamvlm.world.builtin import default_model_dir
 
         if args.num_videos < 1:
             raise StreamVLMError("--num-videos must be at least 1")
@@ -322,14 +242,14 @@ def run(args) -> dict:
         return run_quality_bench(Path(args.model) if args.model else default_model_dir(), policies, seed,
                                  args.num_videos, device, dtype)
     if args.suite == "serve":
-        from streamvlm.bench_serve import run_serve_bench
+        from streamvlm.bench.serve import run_serve_bench
 
         clients = _numbers("--clients", args.clients, int)
         return run_serve_bench(Path(args.model) if args.model else None, clients, args.requests,
                                _numbers("--ages", args.ages or "1,30", float), args.stream_fps, args.new_tokens,
                                args.clip_seconds, args.workers)
     if args.suite == "stream":
-        from streamvlm.bench_stream import run_stream_bench
+        from streamvlm.bench.stream import run_stream_bench
 
         ages = _numbers("--ages", args.ages or "1,10,60", float)
         known = {"tiny": stream_tiny_dir, "small": bench_model_dir}
@@ -345,7 +265,7 @@ def run(args) -> dict:
     if args.suite == "routing":
         return run_routing(model_dir, args.frames, args.repeats, device, dtype)
     if args.suite == "caption":
-        from streamvlm.builtin import default_model_dir
+        from streamvlm.world.builtin import default_model_dir
 
         models = {"tiny": default_model_dir(), "small": model_dir}
         return run_caption_bench(models, ("dense", "mod:0.2:interleaved"), args.video_seconds, device, dtype)
@@ -371,15 +291,15 @@ def _model_line(result: dict) -> str:
 
 def format_table(result: dict) -> str:
     if result["suite"] == "quality":
-        from streamvlm.bench_quality import format_quality
+        from streamvlm.bench.quality import format_quality
 
         return format_quality(result)
     if result["suite"] == "serve":
-        from streamvlm.bench_serve import format_serve
+        from streamvlm.bench.serve import format_serve
 
         return format_serve(result)
     if result["suite"] == "stream":
-        from streamvlm.bench_stream import format_stream
+        from streamvlm.bench.stream import format_stream
 
         return format_stream(result)
     if result["suite"] == "caption":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from streamvlm.errors import StreamVLMError
 
-BUILTIN_DIR = Path(__file__).parent / "builtin_model"
+BUILTIN_DIR = Path(__file__).parent.parent / "builtin_model"
 
 BUILTIN_NOTICE = ("note: the built-in model knows only its world of coloured shapes; ask e.g. \"what is there "
                   "now?\", \"how many objects are there now?\", \"what shape is the red object?\", \"what size "

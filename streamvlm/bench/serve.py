@@ -100,7 +100,7 @@ def run_live_age(url: str, media: Path, minutes: float, fps: float, new_tokens: 
     """Open an `minutes`-long file as a live stream at full speed, wait until it is all in the cache, ask."""
     from websockets.sync.client import connect
 
-    from streamvlm.bench import bench_video
+    from streamvlm.bench.common import bench_video
     from streamvlm.video.files import probe_video
 
     video = bench_video(minutes * 60, fps=fps, size=128)
@@ -154,8 +154,8 @@ def run_live_age(url: str, media: Path, minutes: float, fps: float, new_tokens: 
 
 def run_serve_bench(model_dir: Path | None, clients: list[int], requests: int, ages: list[float], stream_fps: float,
                     new_tokens: int, video_seconds: float, workers: int) -> dict:
-    from streamvlm.bench import bench_video
-    from streamvlm.builtin import default_model_dir
+    from streamvlm.bench.common import bench_video
+    from streamvlm.world.builtin import default_model_dir
     from streamvlm.serve.process import ServerProcess
 
     if not clients or any(c < 1 for c in clients) or requests < 1 or workers < 1:

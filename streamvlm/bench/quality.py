@@ -44,7 +44,7 @@ def first_word(text: str) -> str:
 def heldout_set(seed: int, num_videos: int) -> Path:
     """The held-out videos and records, generated once per (seed, count) in the cache folder."""
     from streamvlm import world
-    from streamvlm.video.sample import cache_dir
+    from streamvlm.paths import cache_dir
 
     return world.generate(cache_dir() / "world-heldout" / f"seed-{seed}-n{num_videos}", num_videos, seed)
 

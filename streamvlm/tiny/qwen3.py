@@ -1,6 +1,6 @@
-"""A small random Qwen3-VL checkpoint, built offline as streamvlm.tiny_qwen builds Qwen2.5-VL's: transformers'
+"""A small random Qwen3-VL checkpoint, built offline as streamvlm.tiny.qwen builds Qwen2.5-VL's: transformers'
 own config and model classes, save_pretrained, the byte-level BPE tokenizer and ChatML template of
-streamvlm.tiny_qwen (Qwen3-VL's template also writes <|vision_start|><|video_pad|><|vision_end|> for a video).
+streamvlm.tiny.qwen (Qwen3-VL's template also writes <|vision_start|><|video_pad|><|vision_end|> for a video).
 Random weights: for parity tests and speed, not for watching video."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from streamvlm.tiny import spread_weights
-from streamvlm.tiny_qwen import QWEN_SPECIAL_TOKENS, build_qwen_tokenizer
+from streamvlm.tiny.qwen import QWEN_SPECIAL_TOKENS, build_qwen_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ At the end: two objects; the first (and only) object that left was green.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from streamvlm.errors import StreamVLMError
+from streamvlm.paths import cache_dir
 from streamvlm.video.files import write_atomic, write_video
 from streamvlm.world import WorldObject, WorldVideo, render
 
@@ -32,14 +32,6 @@ SCENE = WorldVideo.of((
     WorldObject("green", "triangle", "small", "left", start=(0.75, 0.75), speed=0.06, appear=0.0, leave=4.5),
     WorldObject("blue", "circle", "small", "up", start=(0.3, 0.85), speed=0.05, appear=3.0, leave=None),
 ), seconds=_SECONDS)
-
-
-def cache_dir() -> Path:
-    """`$STREAMVLM_CACHE`, else `$XDG_CACHE_HOME/streamvlm`, else `~/.cache/streamvlm` (not created here)."""
-    if os.environ.get("STREAMVLM_CACHE"):
-        return Path(os.environ["STREAMVLM_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "streamvlm"
 
 
 SAMPLE_NAME = "world-sample.mp4"
@@ -65,3 +57,8 @@ def sample_video(path: Path | None = None) -> Path:
 def _draw_sample() -> torch.Tensor:
     """uint8 (64, 256, 256, 3): the sample's frames."""
     return render(SCENE, _SIZE, _FPS)
+
+
+def source_spec(spec: str) -> str:
+    """A live source spec with `sample` replaced by the sample video's path (sources know no world)."""
+    return str(sample_video()) if spec == "sample" else spec
