@@ -10,7 +10,7 @@ import pytest
 
 from streamvlm.world.builtin import EXAMPLE_QUESTIONS
 from streamvlm.cli import main
-from streamvlm.video import sample
+from streamvlm.world import sample
 
 
 @pytest.fixture

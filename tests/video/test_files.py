@@ -12,7 +12,8 @@ import torch
 
 from streamvlm import world
 from streamvlm.errors import StreamVLMError
-from streamvlm.video import files, sample
+from streamvlm.video import files
+from streamvlm.world import sample
 from streamvlm.video.files import probe_video, read_video, write_video
 from support import FPS, N, encode, indexed_frames, indices, upright_picture
 
