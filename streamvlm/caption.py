@@ -135,12 +135,6 @@ class JsonlOutput:
 # -- one video -------------------------------------------------------------------------------------
 
 
-def _budget(cfg: CaptionConfig, vlm) -> str | int | None:
-    if cfg.memory_budget == "auto":
-        return vlm.adapter.decoder.max_positions // 2
-    return cfg.memory_budget
-
-
 def caption_video(vlm, path: Path, cfg: CaptionConfig, frame_bar=None) -> dict:
     """Caption one video; returns its record (raises StreamVLMError for an unreadable video)."""
     from streamvlm.video.files import iter_frames, probe_video
@@ -150,7 +144,7 @@ def caption_video(vlm, path: Path, cfg: CaptionConfig, frame_bar=None) -> dict:
     if frame_bar is not None:
         frame_bar.reset(total=max(1, int(info["duration"] * cfg.fps)))
         frame_bar.set_description(path.name[:30])
-    session = vlm.session(memory_budget=_budget(cfg, vlm), max_new_tokens=cfg.max_new_tokens,
+    session = vlm.session(memory_budget=cfg.memory_budget, max_new_tokens=cfg.max_new_tokens,
                           ignore_stop=cfg.ignore_stop)
     segments: list[dict] = []
     pending: list[torch.Tensor] = []  # decoded frames not yet appended, (H, W, 3) each

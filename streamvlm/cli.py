@@ -117,10 +117,9 @@ def cmd_live(args) -> int:
     source = open_source(source_spec(args.source), fps=args.fps, speed=args.speed, loop=args.loop, reconnect=policy,
                          options=options)
     vlm, _ = _load(args)
-    budget = None if args.memory_budget == "none" else args.memory_budget
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
-    console = Console(lambda on_event: LiveSession(vlm, source, memory_budget=budget, buffer_frames=args.buffer_frames,
+    console = Console(lambda on_event: LiveSession(vlm, source, memory_budget=args.memory_budget, buffer_frames=args.buffer_frames,
                                                    on_event=on_event, **sampling),
                       plan, sys.stdout, sys.stderr)
     if not args.no_stdin:
@@ -133,7 +132,7 @@ def cmd_caption(args) -> int:
 
     cfg = CaptionConfig(fps=args.fps, segment=args.segment, prompt=args.prompt, summary_prompt=args.summary_prompt,
                         max_new_tokens=args.max_new_tokens,
-                        memory_budget=None if args.memory_budget == "none" else args.memory_budget)
+                        memory_budget=args.memory_budget)
     model_name = args.model or "builtin"
     loaded = {}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -67,3 +68,50 @@ class TokenChooser:
             logits = logits.index_fill(0, order[drop], float("-inf"))
         probs = logits.softmax(-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+@dataclass
+class Answer:
+    """An answer being generated: what the session needs to close the turn however generation ends."""
+
+    ids: list[int]
+    """Generated token ids, without the stop token."""
+    pending: int | None = None
+    """The last generated token until it is fed to the model (a stopped answer still owes it to the cache)."""
+    stop_reason: str = "max_new_tokens"
+    """"stop_token", "max_new_tokens", "context_full" or "cancelled"."""
+
+
+def stream_answer(answer: Answer, logits: torch.Tensor, step, cfg: SamplingConfig, tokenizer, stop_ids: set[int],
+                  room: int, device: torch.device) -> Iterator[str]:
+    """Generate into `answer` from the first token's logits (vocab,), yielding text as it is decoded.
+
+    step(token) feeds a token and returns the next logits. room: answer tokens the context still holds. A
+    half-decoded multi-byte character is held back until it completes. Closing the iterator early leaves
+    `answer.stop_reason` "cancelled"; the caller closes the turn from `answer` either way.
+    """
+    chooser = TokenChooser(cfg, device)
+    emitted = ""
+    try:
+        while True:
+            token = chooser(logits)
+            if token in stop_ids:
+                answer.stop_reason = "stop_token"
+                break
+            answer.ids.append(token)
+            answer.pending = token
+            text = tokenizer.decode(answer.ids, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):
+                yield text[len(emitted):]
+                emitted = text
+            if len(answer.ids) >= min(cfg.max_new_tokens, room):
+                answer.stop_reason = "max_new_tokens" if len(answer.ids) >= cfg.max_new_tokens else "context_full"
+                break
+            logits = step(token)
+            answer.pending = None
+        final = tokenizer.decode(answer.ids, skip_special_tokens=True)
+        if final != emitted:
+            yield final[len(emitted):]
+    except GeneratorExit:
+        answer.stop_reason = "cancelled"
+        raise

@@ -79,8 +79,6 @@ class LiveSession:
     def __init__(self, vlm, source: Source, *, memory_budget="auto", buffer_frames: int = 8,
                  max_batch: int | None = None, append_frames: int = 1, on_event: EventHandler | None = None,
                  **sampling):
-        if memory_budget == "auto":
-            memory_budget = vlm.adapter.decoder.max_positions // 2
         self.vlm, self.source = vlm, source
         self.session = vlm.session(memory_budget=memory_budget, **sampling)
         self.max_batch = max_batch or vlm.max_chunk_frames

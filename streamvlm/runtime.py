@@ -105,10 +105,12 @@ class StreamVLM:
 
         system: a system prompt, rendered by the checkpoint's chat template before the first turn (None: the
         template's default).
-        memory_budget: bound the cache for unbounded streams: entries per layer (20000) or bytes of K/V
-        ("64MB", "2GiB"), or a MemoryBudget; None keeps everything (the default).
+        memory_budget: bound the cache for unbounded streams: entries per layer (20000), bytes of K/V
+        ("64MB", "2GiB"), "auto" (half the model's context) or a MemoryBudget, clamped to the context; None
+        or "none" keeps everything (the default).
         """
-        return Session(self, self.sampling.with_overrides(**sampling), MemoryBudget.parse(memory_budget), system)
+        return Session(self.adapter, self.decoder, self.preprocess, self.max_chunk_frames,
+                       self.sampling.with_overrides(**sampling), MemoryBudget.parse(memory_budget), system)
 
     def generate(self, frames: FrameInput, prompt: str, *, timestamps: Sequence[float] | None = None,
                  **sampling) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -142,11 +144,9 @@ def test_stats_bytes_equal_the_cache_tensors(vlm):
     assert stats["flops"]["llm"] == stats["flops"]["llm_dense"] > 0 and stats["flops"]["vision"] > 0
 
 
-def test_dialogue_segments_lay_out_what_the_session_feeds(vlm):
-    """Training builds one sequence with dialogue_segments; it must equal what a session appends."""
-    from dataclasses import dataclass
-
-    from streamvlm.chat import ChatLayout, dialogue_segments
+def test_training_layout_is_what_the_session_feeds(vlm):
+    """Training lays a whole dialogue out with the SequenceBuilder; it must equal what a session appends."""
+    from streamvlm.sequence import SequenceBuilder, TextPiece, lay_out_dialogue
 
     @dataclass
     class Frames:
@@ -170,19 +170,13 @@ def test_dialogue_segments_lay_out_what_the_session_feeds(vlm):
     session.score("And now?", [])
 
     stops = set(vlm.adapter.stop_token_ids)
-    segments = dialogue_segments(ChatLayout(tok, "<video>"), events, stops)
-    video = tok.convert_tokens_to_ids("<video>")
-    ids = []
-    for seg in segments:
-        if seg.kind == "frames":
-            ids += [video] * ((seg.frames[1] - seg.frames[0]) * vlm.tokens_per_frame)
-        elif seg.kind == "tail":
-            ids.append(video)
-        else:
-            ids += list(seg.ids)
-    assert ids == session.token_ids()
+    builder = SequenceBuilder(vlm.adapter)
+    features = vlm.encode(frames)
+    pieces = lay_out_dialogue(builder, events, [float(i) for i in range(5)], lambda a, b: features[a:b], stops)
+    builder.place(pieces)
+    assert builder.token_ids() == session.token_ids()
     # Targets: the answer tokens and the end-of-turn token after each, nothing else.
-    targets = [t for seg in segments if seg.kind == "text" for t, flag in zip(seg.ids, seg.targets) if flag]
+    targets = [t for p in pieces if isinstance(p, TextPiece) for t, flag in zip(p.ids, p.targets) if flag]
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     expected = (tok("a red square", add_special_tokens=False)["input_ids"] + [im_end]
                 + tok("left", add_special_tokens=False)["input_ids"] + [im_end] + [im_end])

@@ -2,7 +2,7 @@
 whole model from scratch (trainable="model": vision tower, projector and language model, routing dense).
 
 It wraps the runtime, it does not re-implement it: a sample's frames and exchanges are laid out with the
-runtime's `dialogue_segments` (the same layout a Session feeds), embedded, and run through the runtime's
+runtime's `SequenceBuilder` (the same layout a Session feeds), embedded, and run through the runtime's
 `Decoder` in one chunk with the learned router choosing tokens per frame at every routed layer, the same
 code path as inference.
 
@@ -43,15 +43,15 @@ import torch
 import torch.nn.functional as F
 
 from streamvlm.cache import KVCache
-from streamvlm.chat import ChatLayout, Segment, dialogue_segments
 from streamvlm.decoder import Decoder
 from streamvlm.rope import apply_rope
 from streamvlm.errors import StreamVLMError
 from streamvlm.flops import FlopCounter
 from streamvlm.routers import DenseRouter, MoDRouter, RoutingConfig, build_router
 from streamvlm.runtime import StreamVLM
-from streamvlm.session import chunk_from_pieces
+from streamvlm.sequence import SequenceBuilder, lay_out_dialogue, target_rows
 from streamvlm.train.data import Sample, VideoDataModule
+from streamvlm.train.weights import is_language_model_weight
 
 logger = logging.getLogger(__name__)
 # The frozen model stays in eval mode on purpose (no dropout); Lightning warns about it at every fit.
@@ -59,16 +59,6 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 
 TRAINABLE = ("router", "router+lora", "all", "model")
 LOSSES = ("distill", "lm", "distill+lm")
-_LANGUAGE_MODEL_PARTS = ("language_model.", "text_model.", "lm_head.", "lora_")
-"""Weight names of the language model (LLaVA-OneVision, Qwen-VL: language_model; SmolVLM: text_model) and
-its adapters: they play no part in encoding frames, so the encoder fingerprint leaves them out."""
-
-
-def is_language_model_weight(name: str) -> bool:
-    """Whether a weight name belongs to the language model (or its adapters), not to the frame encoder."""
-    return any(part in name for part in _LANGUAGE_MODEL_PARTS)
-
-
 def tiny_training_model_dir() -> Path:
     """A small random checkpoint for CPU runs (16 tokens per frame), made once in the cache folder."""
     from streamvlm.tiny import TinySpec, write_tiny_checkpoint
@@ -154,8 +144,8 @@ class RouterTrainingModule(L.LightningModule):
         # Frozen weights are loaded in float32; Lightning's precision flag (bf16-mixed) casts compute.
         vlm = StreamVLM.from_pretrained(model_dir, routing=routing, device="cpu", dtype=torch.float32)
         if vlm.adapter.family != "llava_onevision":
-            # The training chunk is laid out here the LLaVA-OneVision way (frames back to back, plain RoPE);
-            # other families' layouts (frame pairs, M-RoPE, per-frame text) are only built by the Session.
+            # Samples are laid out by the runtime's SequenceBuilder, right for every family; what training
+            # still lacks for the others is encoding frames in pairs per run and DeepStack features.
             raise StreamVLMError(f"training supports llava_onevision checkpoints; {model_dir} is "
                                  f"{vlm.adapter.family}")
         if trainable != "model" and not isinstance(vlm.router, MoDRouter):
@@ -181,7 +171,6 @@ class RouterTrainingModule(L.LightningModule):
         self.student = Decoder(parts, self.router)
         self.dense_student = Decoder(parts, DenseRouter())  # the same weights, routing off (dense_weight)
         self.teacher = Decoder(self._teacher_parts(trainable), DenseRouter())
-        self.layout = ChatLayout(vlm.adapter.tokenizer, vlm.adapter.video_token)
         self.stop_ids = set(vlm.adapter.stop_token_ids)
         self.strict_loading = False  # checkpoints hold only the trainable weights
 
@@ -238,34 +227,16 @@ class RouterTrainingModule(L.LightningModule):
             return adapter.project_features(tower)
 
     def sequence(self, sample: Sample):
-        """The sample as one Chunk, plus (target rows, target ids): logits row r predicts token ids[r]."""
-        adapter = self.vlm.adapter
-        segments: list[Segment] = dialogue_segments(self.layout, sample.events, self.stop_ids)
+        """The sample as one Chunk, laid out by the runtime's SequenceBuilder (what a session feeds), plus
+        (target rows, target ids): logits row r predicts token ids[r]."""
         features = self._features(sample)
-        embed = adapter.decoder.embed_tokens
-        pieces, rows, targets = [], [], []
-        pos = 0
-        for seg in segments:
-            if seg.kind == "frames":
-                for f in range(*seg.frames):
-                    pieces.append((features[f], f, None))
-                    pos += features.shape[1]
-            elif seg.kind == "tail":
-                tail = adapter.video_tail()
-                pieces.append((tail, -1, None))
-                pos += tail.shape[0]
-            else:
-                ids = torch.tensor(seg.ids, device=self.device)
-                pieces.append((embed(ids), -1, seg.ids))
-                for i, (tok, is_target) in enumerate(zip(seg.ids, seg.targets)):
-                    if is_target and pos + i > 0:
-                        rows.append(pos + i - 1)
-                        targets.append(tok)
-                pos += len(seg.ids)
+        builder = SequenceBuilder(self.vlm.adapter, trace=False)
+        pieces = lay_out_dialogue(builder, sample.events, sample.timestamps.tolist(),
+                                  lambda start, end: features[start:end], self.stop_ids)
+        rows, targets = target_rows(pieces, builder)
         if not rows:
             raise StreamVLMError(f"sample {sample.id} has no answer tokens to train on")
-        chunk = chunk_from_pieces(pieces, 0, adapter.vision.grid)
-        return chunk, torch.tensor(rows, device=self.device), torch.tensor(targets, device=self.device)
+        return builder.place(pieces), torch.tensor(rows, device=self.device), torch.tensor(targets, device=self.device)
 
     def _run(self, decoder: Decoder, chunk) -> torch.Tensor:
         parts = self.vlm.adapter.decoder

@@ -113,7 +113,7 @@ def export_model(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     (`streamvlm-train export`)."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from streamvlm.train.module import is_language_model_weight
+    from streamvlm.train.weights import is_language_model_weight
 
     try:
         ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)

@@ -226,11 +226,10 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     async def open_stream(req: StreamRequest):
         resolved = config.media.live_source(req.source)
         budget = req.memory_budget
-        if budget not in ("auto", None):
-            try:
-                MemoryBudget.parse(budget)
-            except (StreamVLMError, ValueError) as e:
-                raise APIError(400, f"memory_budget: {e}", param="memory_budget") from None
+        try:
+            MemoryBudget.parse(budget)
+        except (StreamVLMError, ValueError) as e:
+            raise APIError(400, f"memory_budget: {e}", param="memory_budget") from None
         routing = req.routing
         if routing is not None:
             _check_routing(engine, routing)
