@@ -107,3 +107,36 @@ def test_budget_too_small_for_the_answer_is_a_clear_error(short_context):
     session.append_frames(random_frames(4))
     with pytest.raises(StreamVLMError, match="memory budget"):
         session.ask("What?", max_new_tokens=40)
+
+
+@pytest.mark.parametrize("budget", ["16MB", 10_000, "auto"])
+def test_a_budget_past_the_context_is_clamped_and_the_stream_lives(short_context, budget):
+    """A budget is an upper bound: one larger than the 96-token context holds the context at most, and a
+    stream three times longer than the context keeps going (it died with "context full" before)."""
+    vlm = StreamVLM.from_pretrained(short_context)
+    session = vlm.session(memory_budget=budget)
+    limit = session.stats()["memory_budget_entries_per_layer"]
+    assert limit == (48 if budget == "auto" else 96)
+    frames = random_frames(75, seed=2)
+    for i in range(0, 75, 3):
+        session.append_frames(frames[i:i + 3])
+    session.ask("What is new?", max_new_tokens=4, ignore_stop=True)
+    stats = session.stats()
+    assert stats["tokens_seen"] > 3 * 96 and stats["tokens"] <= 96
+    assert max(stats["kv_entries_per_layer"]) <= limit and len(session.turns[-1].answer_ids) == 4
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("none", None), (None, None), ("NONE", None),
+    ("auto", MemoryBudget(context_fraction=0.5)), ("20000", MemoryBudget(max_tokens=20000)),
+    (512, MemoryBudget(max_tokens=512)), ("64MB", MemoryBudget(max_bytes=64_000_000)),
+    ("2GiB", MemoryBudget(max_bytes=2 * 1024**3)),
+])
+def test_every_budget_form_is_parsed_in_one_place(spec, expected):
+    assert MemoryBudget.parse(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["lots", "-5", "0", "12 parsecs", True])
+def test_bad_budgets_say_what_to_send(spec):
+    with pytest.raises(StreamVLMError, match="budget"):
+        MemoryBudget.parse(spec)
