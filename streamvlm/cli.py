@@ -30,11 +30,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="DIR",
                    help="local Hugging Face checkpoint folder (default: the built-in model, made on first use)")
-    g.add_argument("--routing", default="dense", metavar="POLICY",
-                   help="which vision tokens each layer processes: dense (default: all), mod:KEEP[:SCHEDULE[:N]] "
-                        "(learned; SCHEDULE all|interleaved|deep|cosine), random:KEEP, uniform:KEEP, layer_drop:L, "
-                        "fastv[:K[:R]], pdrop[:KEEP], skip:MODE[:START[:END[:INTERVAL]]], neighbor_attention[:W], "
-                        "cls_knee[:MIN[:QUESTION_KEEP]], or a router folder")
+    from streamvlm.routers.registry import routing_help
+
+    g.add_argument("--routing", default="dense", metavar="POLICY", help=routing_help())
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
@@ -165,8 +163,9 @@ def cmd_compare(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from streamvlm.calibrate import (DEFAULT_QUESTIONS, calibrate_heads, calibrate_vtw, save_heads, save_schedule,
-                                     save_vtw, search_greedy, search_sigmoid)
+    from streamvlm.calibrate import (DEFAULT_QUESTIONS, calibrate_vtw, save_heads, save_schedule, save_vtw,
+                                     search_greedy, search_sigmoid)
+    from streamvlm.routers.head_prune import calibrate_heads
     from streamvlm.video.files import read_video
     from streamvlm.world.sample import sample_video
 

@@ -10,7 +10,7 @@ import torch
 
 from streamvlm import StreamVLM, StreamVLMError
 from streamvlm.routers.config import tokens_kept
-from streamvlm.routers.pruning import frame_attention_ranking
+from streamvlm.routers.ranking import frame_attention_ranking
 from streamvlm.types import VISION
 from support import feed_in_chunks, random_frames
 
@@ -374,7 +374,7 @@ def test_head_calibration_writes_a_mask_that_loads_and_prunes(tmp_path, capsys, 
 
 
 def test_knee_of_a_long_tailed_curve():
-    from streamvlm.routers.pruning import knee_index
+    from streamvlm.routers.cls_knee import knee_index
 
     assert knee_index(torch.tensor([1.0, 0.95, 0.3, 0.1, 0.05, 0.0])) == 2
     assert knee_index(torch.tensor([1.0, 0.2, 0.1, 0.05, 0.0])) == 1
