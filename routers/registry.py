@@ -3,7 +3,7 @@
 Every policy is a `Policy` (routers/policy.py) named in the Python entry-point group `streamvlm.routers`:
 the built-in ones by streamvlm's own pyproject.toml, more by any installed package that declares an entry
 point in the same group. Everything that lists or parses policies reads this registry: --routing parsing and
-its error message, the --routing help and `compare`'s default set.
+its error message, the --routing help, `compare`'s default set and `bench quality`'s default rows.
 
 The group is read once, on first use. An entry point that fails to load (an import error, an object that
 is not a Policy, a name that differs from the policy's) is logged and left out, and only a spec naming it
@@ -34,7 +34,7 @@ from streamvlm.errors import StreamVLMError
 from streamvlm.routers.base import DenseRouter, Router
 from streamvlm.routers.config import RoutingConfig
 from streamvlm.routers.mod import MoDRouter
-from streamvlm.routers.policy import ModelSample, Policy
+from streamvlm.routers.policy import ModelSample, PerModel, Policy
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,28 @@ def _choices() -> str:
 
 def routing_help() -> str:
     """The --routing help: every policy's grammar, from the registry (argparse %-formats help strings)."""
-    return f"which vision tokens each layer processes (default dense): {_choices()}".replace("%", "%%")
+    return (f"which vision tokens each layer processes (default dense): {_choices()}. "
+            "`streamvlm compare --help` describes each policy").replace("%", "%%")
+
+
+def describe_policies() -> str:
+    """Every policy's grammar, summary, arguments and compare default, for a --help epilog."""
+    described, first_with = [], {}
+    for p in policies():
+        args_as = first_with.setdefault(p.args, p.name) if p.args else None
+        described.append(p.describe(args_as if args_as != p.name else None))
+    return "\n".join(described)
+
+
+def quality_labels() -> list[str]:
+    """bench quality's default rows as its --help shows them."""
+    return [entry.label if isinstance(entry, PerModel) else entry for p in policies() for entry in p.quality]
+
+
+def default_quality_policies(vlm) -> list[str]:
+    """bench quality's default rows for this model: every policy's `quality` settings, in registry order."""
+    sample = ModelSample(vlm)
+    return [entry.make(sample) if isinstance(entry, PerModel) else entry for p in policies() for entry in p.quality]
 
 
 def default_compare_policies(vlm, frames, question: str) -> list:
@@ -148,6 +169,35 @@ def parse_routing(spec: str):
     if name not in registry.policies:
         raise StreamVLMError(f"unknown routing {spec!r}; use {_choices()}")
     return registry.policies[name].parse(spec)
+
+
+def split_policy_specs(values: list[str] | None) -> list[str]:
+    """--policies values (the flag repeated, each value ';'-separated) -> the specs, in order.
+
+    A comma never separates policies: mod:R0,R1,..., schedule:R0,R1,... and pdrop's stages hold commas. A value
+    in the old comma-separated form ("dense,mod:0.2": a word after a comma names a policy) is refused with
+    the ';' form to use instead."""
+    specs = []
+    for value in values or ():
+        for spec in value.split(";"):
+            spec = spec.strip()
+            if not spec:
+                continue
+            words = [w.strip() for w in spec.split(",")]
+            if len(words) > 1 and any(_names_a_policy(w) for w in words[1:]):
+                regrouped = words[0]
+                for word in words[1:]:
+                    regrouped += (";" if _names_a_policy(word) else ",") + word
+                raise StreamVLMError(f"--policies {value!r}: separate policies with ';' (quoted in a shell) or "
+                                     f"repeat --policies, e.g. --policies '{regrouped}'")
+            specs.append(spec)
+    return specs
+
+
+def _names_a_policy(word: str) -> bool:
+    registry = _registry()
+    name = word.split(":")[0]
+    return name in registry.policies or name in registry.broken
 
 
 def build_router(config, num_layers: int, hidden_size: int) -> Router:

@@ -148,7 +148,7 @@ def test_compare_table_for_all_policies(tiny_dir, tmp_path, capsys, monkeypatch)
     reducing = [r for r in rows[1:] if not r["policy"].startswith("head_prune")]  # heads cut reads, not FLOPs much
     assert all(r["flops_fraction"] < 1.0 and r["kl"] > 0 for r in reducing)
     assert all(r["kv_fraction"] < 1.0 for r in reducing if not r["policy"].startswith("neighbor"))
-    assert main(["compare", "--model", str(model), "--video", str(video), "--policies", "dense,fastv:1:0.5",
+    assert main(["compare", "--model", str(model), "--video", str(video), "--policies", "dense;fastv:1:0.5",
                  "--num-frames", "2", "--repeats", "1"]) == 0
     assert "fastv:1:0.5" in capsys.readouterr().out
 

@@ -1,5 +1,6 @@
 """The policy registry: every policy parses its documented specs, round-trips through a router folder, and
-appears in --help and in compare's default set; a policy another package registers through the `streamvlm.routers` entry-point group works with --routing."""
+appears in --help and in compare's default set; --policies takes ';' and repeated flags; a policy another
+package registers through the `streamvlm.routers` entry-point group works with --routing."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from streamvlm import StreamVLM, StreamVLMError
 from streamvlm.routers import registry
 from streamvlm.routers.policy import Arg, Policy
 from streamvlm.routers.registry import (BUILTIN, GROUP, build_router, default_compare_policies,
-                                        load_router, parse_routing, policies,
-                                        save_router)
+                                        default_quality_policies, load_router, parse_routing, policies,
+                                        save_router, split_policy_specs)
 from support import random_frames
 
 ROOT = Path(__file__).parents[1]
@@ -118,6 +119,12 @@ def test_every_policy_default_and_example_round_trips_through_a_router_folder(vl
     assert any(isinstance(c, registry.get_policy("head_prune").config) for c in configs)
 
 
+def test_bench_quality_default_rows_come_from_the_registry(vlm):
+    # the rows bench quality ran before the registry, for a 4-layer model such as the built-in one
+    assert default_quality_policies(vlm) == ["dense", "mod:0.5", "mod:0.2", "random:0.2", "uniform:0.2",
+                                             "layer_drop:2", "fastv", "cls_knee"]
+
+
 def _commands() -> dict[str, argparse.ArgumentParser]:
     from streamvlm.cli import build_parser
 
@@ -144,6 +151,55 @@ def test_every_policy_is_in_the_routing_help_and_the_unknown_policy_error(monkey
         parse_routing("fancy:1")
     for policy in policies():
         assert (policy.grammar if policy.made_by is None else policy.made_by) in str(error.value)
+
+
+def test_compare_help_describes_every_policy_and_bench_help_its_default_rows(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    commands = _commands()
+    compare_help = commands["compare"].format_help()
+    for policy in policies():
+        assert f"\n  {policy.grammar}\n" in compare_help and policy.summary[:40] in " ".join(compare_help.split())
+    assert compare_help.count("compare runs:") == len(NAMES)
+    quality_help = _option(commands["bench"], "--policies").help
+    assert "dense;mod:0.5;mod:0.2;random:0.2;uniform:0.2;layer_drop:<half the depth>;fastv;cls_knee" in quality_help
+
+
+@pytest.mark.parametrize("values, specs", [
+    (["dense;mod:0.2"], ["dense", "mod:0.2"]),
+    (["dense", "schedule:1,0.5,0.5,0.25"], ["dense", "schedule:1,0.5,0.5,0.25"]),
+    (["schedule:1,0.5,0.5; pdrop:0.5:1,3;", "mod:1,0.5,0.25,0.12"],
+     ["schedule:1,0.5,0.5", "pdrop:0.5:1,3", "mod:1,0.5,0.25,0.12"]),
+    (None, []), ([" ; "], []),
+])
+def test_policies_split_on_semicolons_and_repeated_flags_never_commas(values, specs):
+    assert split_policy_specs(values) == specs
+
+
+@pytest.mark.parametrize("value, hint", [
+    ("dense,mod:0.2", "dense;mod:0.2"), ("fastv,dense", "fastv;dense"),
+    ("dense,schedule:1,0.5,fastv:1", "dense;schedule:1,0.5;fastv:1"),
+])
+def test_the_old_comma_form_is_refused_with_the_semicolon_form(value, hint):
+    with pytest.raises(StreamVLMError, match=f"separate policies with ';'.*'{hint}'"):
+        split_policy_specs([value])
+
+
+def test_compare_and_bench_take_semicolons_and_repeated_policies(checkpoints, tmp_path, capsys, monkeypatch):
+    from streamvlm.cli import main
+    from streamvlm.video.files import write_video
+
+    monkeypatch.setenv("STREAMVLM_CACHE", str(tmp_path / "cache"))
+    video = write_video(tmp_path / "v.mp4", random_frames(8, height=64, width=64), fps=8)
+    common = ["--model", str(checkpoints["mqa_deep"]), "--video", str(video), "--num-frames", "2",
+              "--max-new-tokens", "3", "--repeats", "1", "--json"]
+    assert main(["compare", *common, "--policies", "schedule:1,0.5,0.5,0.25;dense", "--policies", "fastv:1:0.5"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["policy"] for r in rows] == ["schedule:1,0.5,0.5,0.25", "dense", "fastv:1:0.5"]
+    assert rows[0]["flops_fraction"] < 1.0 and rows[1]["flops_fraction"] == pytest.approx(1.0)
+    assert main(["compare", *common, "--policies", "dense,mod:0.2"]) == 2
+    assert "--policies 'dense;mod:0.2'" in capsys.readouterr().err
+    assert main(["bench", "quality", "--policies", "dense,fastv"]) == 2
+    assert "--policies 'dense;fastv'" in capsys.readouterr().err
 
 
 def test_a_policy_without_its_metadata_still_loads_from_the_builtin_list(monkeypatch, fresh_registry):
@@ -238,6 +294,7 @@ def test_a_third_party_policy_joins_the_help_and_compare(vlm, tmp_path, monkeypa
     monkeypatch.delitem(sys.modules, "mytest_policy", raising=False)
     assert [p.name for p in policies()] == [*BUILTIN, "mytest"]
     assert "mytest:START" in _option(_commands()["ask"], "--routing").help
+    assert "test-only: vision tokens skip" in _commands()["compare"].format_help()
     assert default_compare_policies(vlm, random_frames(1), "What?")[-1] == "mytest:1"
     assert vlm.with_routing("mytest:3").router.spec() == "mytest:3"
     monkeypatch.delitem(sys.modules, "mytest_policy", raising=False)
