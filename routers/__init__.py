@@ -1,14 +1,21 @@
 """Routers: which vision tokens each decoder layer processes (installed as streamvlm.routers).
 
-Imports only torch and streamvlm core types: the runtime uses routers without Lightning.
+One file per policy (dense, mod, baselines, layer_drop, fastv, pdrop, skip, neighbor_attention, cls_knee,
+schedule, head_prune), each ending with its `Policy`; `registry` loads them through the `streamvlm.routers`
+entry-point group. Imports only torch and streamvlm core types: the runtime uses routers without Lightning.
 """
 
 from streamvlm.routers.base import DenseRouter, RouteDecision, Router
 from streamvlm.routers.baselines import BaselineRouter
 from streamvlm.routers.config import RoutingConfig
+from streamvlm.routers.fastv import FastVConfig
+from streamvlm.routers.layer_drop import LayerDropConfig
 from streamvlm.routers.mod import MoDRouter
-from streamvlm.routers.pruning import FastVConfig, LayerDropConfig, PDropConfig
-from streamvlm.routers.registry import build_router, load_router, parse_routing, resolve_routing, save_router
+from streamvlm.routers.pdrop import PDropConfig
+from streamvlm.routers.policy import Arg, ModelSample, PerModel, Policy
+from streamvlm.routers.registry import (build_router, get_policy, load_router, parse_routing, policies,
+                                        resolve_routing, save_router)
 
-__all__ = ["BaselineRouter", "DenseRouter", "FastVConfig", "LayerDropConfig", "PDropConfig", "parse_routing", "MoDRouter", "RouteDecision", "Router", "RoutingConfig", "build_router", "load_router",
-           "resolve_routing", "save_router"]
+__all__ = ["Arg", "BaselineRouter", "DenseRouter", "FastVConfig", "LayerDropConfig", "ModelSample", "MoDRouter",
+           "PDropConfig", "PerModel", "Policy", "RouteDecision", "Router", "RoutingConfig", "build_router",
+           "get_policy", "load_router", "parse_routing", "policies", "resolve_routing", "save_router"]

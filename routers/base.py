@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from streamvlm.routers.config import RoutingConfig
 from streamvlm.types import Chunk
 
 
@@ -71,6 +72,8 @@ class Router(nn.Module):
 
 class DenseRouter(Router):
     """Every token through every layer: the model as trained."""
+
+    config = RoutingConfig()  # policy "dense": what save_router stores
 
     def spec(self) -> str:
         return "dense"

@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 
 from streamvlm.routers.base import RouteDecision, Router
-from streamvlm.routers.config import RoutingConfig, tokens_kept
+from streamvlm.routers.config import KEEP_ARGS, RoutingConfig, keep_grammar, tokens_kept
 from streamvlm.routers.mod import decision_from_kept
+from streamvlm.routers.policy import Policy
 from streamvlm.types import Chunk
 
 
@@ -53,3 +54,16 @@ class BaselineRouter(Router):
         if k >= vision.shape[1]:
             return None
         return decision_from_kept(chunk, vision.gather(1, self._order(layer, chunk, k)).flatten(), None)
+
+
+RANDOM = Policy(
+    name="random", grammar=keep_grammar("random"), config=RoutingConfig, parse=RoutingConfig.parse,
+    args=KEEP_ARGS, summary="mod's budget, KEEP of each frame drawn at random per layer (a baseline)",
+    build=lambda config, num_layers, hidden_size: BaselineRouter(config, num_layers),
+    example="random:0.3:interleaved:1", default="random:0.2:interleaved", quality=("random:0.2",))
+
+UNIFORM = Policy(
+    name="uniform", grammar=keep_grammar("uniform"), config=RoutingConfig, parse=RoutingConfig.parse,
+    args=KEEP_ARGS, summary="mod's budget, KEEP of each frame spread evenly over its tokens (a baseline)",
+    build=lambda config, num_layers, hidden_size: BaselineRouter(config, num_layers),
+    example="uniform:0.3:interleaved:1", default="uniform:0.2:interleaved", quality=("uniform:0.2",))

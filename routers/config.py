@@ -1,6 +1,7 @@
-"""RoutingConfig: which policy routes, at which layers, keeping how much of each frame.
+"""RoutingConfig: the config of the keep-ratio policies (dense, mod, random, uniform): which layers route,
+keeping how much of each frame.
 
-The command line and `StreamVLM.from_pretrained(routing=...)` take the same strings:
+Their specs (the command line and `StreamVLM.from_pretrained(routing=...)` take the same strings):
 
     dense                        every token through every layer
     mod:KEEP                     learned MoD router, KEEP of each frame's tokens at every layer
@@ -8,6 +9,8 @@ The command line and `StreamVLM.from_pretrained(routing=...)` take the same stri
     mod:KEEP:SCHEDULE:N          ... with the first N layers left dense
     mod:R0,R1,...,RL-1           explicit keep ratio per layer (1 = dense layer)
     random:KEEP[...], uniform:KEEP[...]   the same forms for the no-intelligence baselines
+
+Every other policy has a config of its own; `streamvlm.routers.parse_routing` parses any registered one.
 """
 
 from __future__ import annotations
@@ -16,9 +19,27 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from streamvlm.errors import StreamVLMError
+from streamvlm.routers.policy import Arg
 
 SCHEDULES = ("all", "interleaved", "deep", "cosine", "explicit")
 POLICIES = ("dense", "mod", "random", "uniform")
+"""The policies whose config is a RoutingConfig (each is registered by its own file: dense.py, mod.py,
+baselines.py)."""
+
+
+def keep_grammar(policy: str) -> str:
+    """The spec form of mod, random and uniform."""
+    return f"{policy}:KEEP[:SCHEDULE[:DENSE_LAYERS]] | {policy}:R0,R1,..."
+
+
+KEEP_ARGS = (
+    Arg("KEEP", "the fraction of each frame's vision tokens a routed layer processes (for cosine, the floor); "
+                "or R0,R1,...: a keep ratio per layer, 1 for a dense layer"),
+    Arg("SCHEDULE", "the routed layers: all | interleaved (odd layers) | deep (from DENSE_LAYERS, by default "
+                    "half the depth) | cosine (p-MoD's decay)", "all"),
+    Arg("DENSE_LAYERS", "the first DENSE_LAYERS layers stay dense", "0"),
+)
+"""The arguments of keep_grammar."""
 
 
 @dataclass(frozen=True)
@@ -72,10 +93,8 @@ class RoutingConfig:
                 raise StreamVLMError(f"'dense' takes no arguments, got {spec!r}")
             return cls()
         if policy not in POLICIES:
-            raise StreamVLMError(
-                f"unknown routing {spec!r}; use dense, mod:KEEP[:SCHEDULE[:DENSE_LAYERS]] (e.g. mod:0.2:interleaved), "
-                "random:KEEP[...], uniform:KEEP[...], layer_drop:L, fastv[:K[:R]], pdrop[:KEEP], skip:MODE[...] or a "
-                "router directory")
+            raise StreamVLMError(f"RoutingConfig parses specs of {', '.join(POLICIES)}, not {spec!r}; "
+                                 "streamvlm.routers.parse_routing parses every registered policy")
         if len(parts) < 2 or len(parts) > 4:
             raise StreamVLMError(f"routing {spec!r}: expected {policy}:KEEP[:SCHEDULE[:DENSE_LAYERS]]")
         try:

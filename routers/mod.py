@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from streamvlm.routers.base import RouteDecision, Router
-from streamvlm.routers.config import RoutingConfig, tokens_kept
+from streamvlm.routers.config import KEEP_ARGS, RoutingConfig, keep_grammar, tokens_kept
+from streamvlm.routers.policy import Policy
 from streamvlm.types import Chunk
 
 
@@ -77,3 +78,11 @@ class MoDRouter(Router):
             vision, scores = vision.gather(1, order), scores.gather(1, order)
         weight = 1.0 + self.config.weight_scale * torch.tanh(scores)
         return decision_from_kept(chunk, vision.flatten(), weight.flatten().to(hidden.dtype))
+
+
+POLICY = Policy(
+    name="mod", grammar=keep_grammar("mod"), config=RoutingConfig, parse=RoutingConfig.parse, args=KEEP_ARGS,
+    summary="learned Mixture-of-Depths: each routed layer keeps the top KEEP of each frame by a trained scorer "
+            "(VideoLLM-MoD, p-MoD; the checkpoint's own router/ when it ships one, else a fresh one)",
+    build=MoDRouter, trainable=True,
+    example="mod:0.3:interleaved:1", default="mod:0.2:interleaved", quality=("mod:0.5", "mod:0.2"))

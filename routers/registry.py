@@ -1,46 +1,208 @@
-"""Building, saving and loading routers.
+"""The one registry of routing policies, and building, saving and loading routers through it.
 
-A router directory holds `routing.json` (the RoutingConfig and the shape of the model it was made for)
-and `router.safetensors` (its weights). `resolve_routing` turns whatever a user passes as `routing=` into
-a Router for a given model.
+Every policy is a `Policy` (routers/policy.py) named in the Python entry-point group `streamvlm.routers`:
+the built-in ones by streamvlm's own pyproject.toml, more by any installed package that declares an entry
+point in the same group. Everything that lists or parses policies reads this registry: --routing parsing and
+its error message, the --routing help, `compare`'s default set and `bench quality`'s default rows.
+
+The group is read once, on first use. An entry point that fails to load (an import error, an object that
+is not a Policy, a name that differs from the policy's) is logged and left out, and only a spec naming it
+fails, with an error that names the entry point; every other command works. An entry point named after a
+built-in policy but pointing elsewhere is ignored with a warning: built-ins cannot be replaced.
+
+Fallback: a built-in policy the installed metadata does not list (a source tree used without `pip install
+-e .`, or metadata written before the policy was added) is loaded from BUILTIN, so the package still works;
+re-running `pip install -e .` makes the metadata list it again.
+
+A router directory holds `routing.json` (the policy's config and the shape of the model it was made for)
+and `router.safetensors` (the weights of a trainable policy's router). `resolve_routing` turns whatever a
+user passes as `routing=` into a Router for a given model.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import asdict, replace
+import logging
+from dataclasses import asdict, dataclass, replace
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 import torch
 
 from streamvlm.errors import StreamVLMError
 from streamvlm.routers.base import DenseRouter, Router
-from streamvlm.routers.baselines import BaselineRouter
 from streamvlm.routers.config import RoutingConfig
 from streamvlm.routers.mod import MoDRouter
-from streamvlm.routers.pruning import PRUNING_CONFIGS, PRUNING_POLICIES, build_pruning, parse_pruning
+from streamvlm.routers.policy import ModelSample, PerModel, Policy
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "streamvlm-router/1"
+GROUP = "streamvlm.routers"
+
+BUILTIN = {
+    "dense": "streamvlm.routers.dense:POLICY",
+    "mod": "streamvlm.routers.mod:POLICY",
+    "random": "streamvlm.routers.baselines:RANDOM",
+    "uniform": "streamvlm.routers.baselines:UNIFORM",
+    "layer_drop": "streamvlm.routers.layer_drop:POLICY",
+    "fastv": "streamvlm.routers.fastv:POLICY",
+    "pdrop": "streamvlm.routers.pdrop:POLICY",
+    "skip": "streamvlm.routers.skip:POLICY",
+    "neighbor_attention": "streamvlm.routers.neighbor_attention:POLICY",
+    "cls_knee": "streamvlm.routers.cls_knee:POLICY",
+    "schedule": "streamvlm.routers.schedule:POLICY",
+    "head_prune": "streamvlm.routers.head_prune:POLICY",
+}
+"""The built-in policies' entry points, in the order help texts, compare and bench quality list them (other
+packages' policies follow, by name). pyproject.toml declares the same entry points (tests/test_registry.py
+checks); this copy is the fallback described above."""
+
+
+@dataclass(frozen=True)
+class _Registry:
+    policies: dict[str, Policy]
+    broken: dict[str, str]
+    """name -> why its entry point did not load."""
+
+
+def _load(entry: EntryPoint) -> Policy:
+    policy = entry.load()
+    if not isinstance(policy, Policy):
+        raise TypeError(f"it is a {type(policy).__name__}, not a streamvlm.routers.policy.Policy")
+    if policy.name != entry.name:
+        raise ValueError(f"it declares the policy {policy.name!r}, not {entry.name!r}")
+    return policy
+
+
+def _origin(entry: EntryPoint) -> str:
+    dist = getattr(entry, "dist", None)
+    return f"entry point '{entry.name} = {entry.value}'" + (f" of {dist.name} {dist.version}" if dist else "")
+
+
+@functools.cache
+def _registry() -> _Registry:
+    found: dict[str, Policy] = {}
+    broken: dict[str, str] = {}
+    for entry in entry_points(group=GROUP):
+        if entry.name in BUILTIN and entry.value != BUILTIN[entry.name]:
+            logger.warning("%s is ignored: %r is a built-in policy", _origin(entry), entry.name)
+            continue
+        if entry.name in found or entry.name in broken:
+            logger.warning("%s is ignored: another package registers %r too", _origin(entry), entry.name)
+            continue
+        try:
+            found[entry.name] = _load(entry)
+        except Exception as e:  # whatever a third-party module raises on import: only its own spec fails
+            broken[entry.name] = f"{_origin(entry)} failed to load: {type(e).__name__}: {e}"
+            logger.warning("%s", broken[entry.name])
+    for name, value in BUILTIN.items():
+        if name not in found:  # the fallback; a built-in that fails to load here is a bug, and raises
+            logger.debug("built-in policy %s is not in the installed metadata; loading %s", name, value)
+            found[name] = _load(EntryPoint(name, value, GROUP))
+            broken.pop(name, None)
+    order = [*BUILTIN, *sorted(set(found) - set(BUILTIN))]
+    return _Registry({name: found[name] for name in order}, broken)
+
+
+def policies() -> list[Policy]:
+    """Every registered policy: the built-ins in BUILTIN's order, then other packages' by name."""
+    return list(_registry().policies.values())
+
+
+def get_policy(name: str) -> Policy:
+    registry = _registry()
+    if name in registry.policies:
+        return registry.policies[name]
+    if name in registry.broken:
+        raise StreamVLMError(f"routing policy {name!r} is not available: {registry.broken[name]}")
+    raise StreamVLMError(f"unknown routing policy {name!r} (is the package that provides it installed?); "
+                         f"use {_choices()}")
+
+
+def _choices() -> str:
+    grammars = "; ".join(p.grammar for p in policies() if p.made_by is None)
+    made = ", ".join(f"{p.name} from `{p.made_by} --out DIR`" for p in policies() if p.made_by is not None)
+    return f"{grammars}; or a router folder (a trained mod router, {made})"
+
+
+def routing_help() -> str:
+    """The --routing help: every policy's grammar, from the registry (argparse %-formats help strings)."""
+    return (f"which vision tokens each layer processes (default dense): {_choices()}. "
+            "`streamvlm compare --help` describes each policy").replace("%", "%%")
+
+
+def describe_policies() -> str:
+    """Every policy's grammar, summary, arguments and compare default, for a --help epilog."""
+    described, first_with = [], {}
+    for p in policies():
+        args_as = first_with.setdefault(p.args, p.name) if p.args else None
+        described.append(p.describe(args_as if args_as != p.name else None))
+    return "\n".join(described)
+
+
+def quality_labels() -> list[str]:
+    """bench quality's default rows as its --help shows them."""
+    return [entry.label if isinstance(entry, PerModel) else entry for p in policies() for entry in p.quality]
+
+
+def default_quality_policies(vlm) -> list[str]:
+    """bench quality's default rows for this model: every policy's `quality` settings, in registry order."""
+    sample = ModelSample(vlm)
+    return [entry.make(sample) if isinstance(entry, PerModel) else entry for p in policies() for entry in p.quality]
+
+
+def default_compare_policies(vlm, frames, question: str) -> list:
+    """compare's default set: every policy at its `default` for this model, calibrated ones on this clip."""
+    sample = ModelSample(vlm, frames, question)
+    return [p.default_for(sample) for p in policies()]
 
 
 def parse_routing(spec: str):
-    """A --routing string -> its config (RoutingConfig, or a pruning policy's config)."""
-    if spec.split(":")[0] in PRUNING_POLICIES:
-        return parse_pruning(spec)
-    return RoutingConfig.parse(spec)
+    """A --routing spec -> its policy's config."""
+    spec = spec.strip()
+    name = spec.split(":")[0]
+    registry = _registry()
+    if name in registry.broken:
+        raise StreamVLMError(f"routing {spec!r}: {registry.broken[name]}")
+    if name not in registry.policies:
+        raise StreamVLMError(f"unknown routing {spec!r}; use {_choices()}")
+    return registry.policies[name].parse(spec)
+
+
+def split_policy_specs(values: list[str] | None) -> list[str]:
+    """--policies values (the flag repeated, each value ';'-separated) -> the specs, in order.
+
+    A comma never separates policies: mod:R0,R1,..., schedule:R0,R1,... and pdrop's stages hold commas. A value
+    in the old comma-separated form ("dense,mod:0.2": a word after a comma names a policy) is refused with
+    the ';' form to use instead."""
+    specs = []
+    for value in values or ():
+        for spec in value.split(";"):
+            spec = spec.strip()
+            if not spec:
+                continue
+            words = [w.strip() for w in spec.split(",")]
+            if len(words) > 1 and any(_names_a_policy(w) for w in words[1:]):
+                regrouped = words[0]
+                for word in words[1:]:
+                    regrouped += (";" if _names_a_policy(word) else ",") + word
+                raise StreamVLMError(f"--policies {value!r}: separate policies with ';' (quoted in a shell) or "
+                                     f"repeat --policies, e.g. --policies '{regrouped}'")
+            specs.append(spec)
+    return specs
+
+
+def _names_a_policy(word: str) -> bool:
+    registry = _registry()
+    name = word.split(":")[0]
+    return name in registry.policies or name in registry.broken
 
 
 def build_router(config, num_layers: int, hidden_size: int) -> Router:
     """A fresh router (a learned one starts zero-initialised) for a model of this shape."""
-    if config.policy in PRUNING_POLICIES:
-        return build_pruning(config, num_layers)
-    if config.policy == "dense":
-        return DenseRouter()
-    if config.policy == "mod":
-        return MoDRouter(config, num_layers, hidden_size)
-    if config.policy in ("random", "uniform"):
-        return BaselineRouter(config, num_layers)
-    raise StreamVLMError(f"no router for policy {config.policy!r}")
+    return get_policy(config.policy).build(config, num_layers, hidden_size)
 
 
 def save_router(router: Router, out_dir: str | Path, num_layers: int | None = None,
@@ -57,7 +219,7 @@ def save_router(router: Router, out_dir: str | Path, num_layers: int | None = No
         raise ValueError("save_router needs the model's num_layers and hidden_size for this router")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = router.config.to_dict() if isinstance(router.config, RoutingConfig) else asdict(router.config)
+    config = router.config.to_dict() if hasattr(router.config, "to_dict") else asdict(router.config)
     meta = {"format": FORMAT, "spec": router.spec(), "config": config,
             "model": {"num_layers": num_layers, "hidden_size": hidden_size}}
     state = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in router.state_dict().items()}
@@ -68,14 +230,16 @@ def save_router(router: Router, out_dir: str | Path, num_layers: int | None = No
 
 
 def _config_from_dict(d: dict):
+    """routing.json's config -> the config of the policy it names (whose class may read it: from_dict)."""
+    name = d.get("policy", "dense")
+    cls = get_policy(name).config
+    if hasattr(cls, "from_dict"):
+        return cls.from_dict(d)
     fields = {k: v for k, v in d.items() if k != "policy"}
-    if d.get("policy") in PRUNING_CONFIGS:
-        cls = PRUNING_CONFIGS[d["policy"]]
-        try:
-            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-        except TypeError as e:
-            raise StreamVLMError(f"routing.json config does not fit {d['policy']}: {e}") from None
-    return RoutingConfig.from_dict(d)
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    except TypeError as e:
+        raise StreamVLMError(f"routing.json config does not fit {name}: {e}") from None
 
 
 def is_router_dir(path: str | Path) -> bool:
@@ -100,9 +264,10 @@ def load_router(path: str | Path, num_layers: int, hidden_size: int) -> Router:
             f"{shape.get('hidden_size')}, but this model has {num_layers} layers of width {hidden_size}; "
             "train or export a router for this model")
     config = _config_from_dict(meta.get("config") or {}) if meta.get("config") else parse_routing(meta["spec"])
-    router = build_router(config, num_layers, hidden_size)
+    policy = get_policy(config.policy)
+    router = policy.build(config, num_layers, hidden_size)
     weights = path / "router.safetensors"
-    if isinstance(router, MoDRouter):
+    if policy.trainable:
         if not weights.is_file():
             raise StreamVLMError(f"{path} has no router.safetensors")
         try:
@@ -151,7 +316,7 @@ def resolve_routing(routing, num_layers: int, hidden_size: int, model_dir: str |
         return DenseRouter()
     if isinstance(routing, Router):
         return routing
-    if hasattr(routing, "policy") and hasattr(routing, "spec"):  # a RoutingConfig or a pruning config
+    if hasattr(routing, "policy") and hasattr(routing, "spec"):  # a policy's config
         return build_router(routing, num_layers, hidden_size)
     if isinstance(routing, (str, Path)):
         if isinstance(routing, Path) or "/" in routing or Path(routing).is_dir():

@@ -1,6 +1,7 @@
 """Calibration: choosing a policy's setting from measurements on a few clips.
 
-`heads`: YOPO's inactive-head mask (see `calibrate_heads`).
+`heads`: YOPO's inactive-head mask (`calibrate_heads`, which lives with its policy in routers/head_prune.py so
+that compare can calibrate its default without importing this module).
 `schedule`: a per-layer keep schedule by G-Search (greedy) or P-Sigmoid (Bayesian optimisation).
 
 `vtw`: VTW's choice of the layer from which vision tokens are withdrawn: the first layer L at which
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from streamvlm.compare import compare
 from streamvlm.errors import StreamVLMError
+from streamvlm.routers.head_prune import HeadPruneConfig
+from streamvlm.routers.schedule import ScheduleConfig, sigmoid_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -49,72 +52,8 @@ def save_vtw(vlm, result: dict, out_dir: str | Path) -> Path:
     return save_router(router, out_dir, parts.num_layers, parts.hidden_size)
 
 
-def calibrate_heads(vlm, clips: list, questions: list[str], tau: float = 0.07, min_fraction: float = 0.4,
-                    dense_layers: int = 2, max_new_tokens: int = 16) -> dict:
-    """YOPO's inactive heads: per head, r = attention mass the answer's text puts on vision entries divided
-    by the mass on text entries; a head is active in a sample when r > tau and is kept when active in more
-    than `min_fraction` of the samples. The first `dense_layers` layers keep every head.
-
-    Returns {"pruned": [[bool per head] per layer], "ratios": mean r per layer and head, "samples"}.
-    """
-    import torch
-
-    from streamvlm.rope import apply_rope
-    from streamvlm.routers.base import DenseRouter
-    from streamvlm.types import VISION
-
-    if not clips or not questions:
-        raise StreamVLMError("calibration needs at least one clip and one question")
-    parts = vlm.adapter.decoder
-
-    class Recorder(DenseRouter):
-        def decide(self, layer, hidden, chunk):
-            self.last[layer] = (hidden, chunk)
-            return None
-
-    recorder = Recorder()
-    recorder.last = {}
-    model = vlm.with_routing(recorder)
-    active = torch.zeros(parts.num_layers, parts.num_heads)
-    ratio_sum = torch.zeros(parts.num_layers, parts.num_heads)
-    samples = 0
-    for frames in clips:
-        for question in questions:
-            session = model.session()
-            session.append_frames(frames)
-            reference = vlm.session()
-            reference.append_frames(frames)
-            reference.ask(question, max_new_tokens=max_new_tokens, ignore_stop=True)
-            answer = list(reference.turns[-1].answer_ids)
-            session.score(question, answer)  # the last chunk: the question and the answer, as text queries
-            with torch.no_grad():
-                for layer in range(parts.num_layers):
-                    hidden, chunk = recorder.last[layer]
-                    lp = parts.layers[layer]
-                    h = lp.input_norm(hidden)
-                    m = h.shape[0]
-                    q = lp.q_proj(h).view(m, parts.num_heads, parts.head_dim).transpose(0, 1)
-                    cos, sin = parts.rotary(h, chunk.rope_ids())
-                    q = apply_rope(q, cos[0], sin[0])
-                    keys = session.cache.keys(layer).repeat_interleave(parts.num_heads // parts.num_kv_heads, 0)
-                    length = keys.shape[1]
-                    scores = (q @ keys.transpose(1, 2)) * parts.head_dim ** -0.5  # (H, m, L)
-                    causal = torch.ones(m, length, dtype=torch.bool).tril_(length - m)
-                    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-                    vision = session.cache.kinds(layer) == VISION
-                    ratio = (probs[..., vision].sum(-1) / probs[..., ~vision].sum(-1).clamp_min(1e-12)).mean(-1)
-                    ratio_sum[layer] += ratio
-                    active[layer] += (ratio > tau).float()
-            samples += 1
-    keep = active / samples > min_fraction
-    keep[:dense_layers] = True
-    return {"pruned": (~keep).tolist(), "ratios": (ratio_sum / samples).tolist(), "samples": samples,
-            "tau": tau, "min_fraction": min_fraction}
-
-
 def save_heads(vlm, result: dict, out_dir: str | Path) -> Path:
     from streamvlm.routers import save_router
-    from streamvlm.routers.pruning import HeadPruneConfig
 
     parts = vlm.adapter.decoder
     router = vlm.with_routing(HeadPruneConfig(pruned=result["pruned"])).router
@@ -140,7 +79,7 @@ def _mean_kl_and_flops(vlm, clips: list, questions: list[str], policies: list[st
 
 
 def _schedule_spec(keep) -> str:
-    return "schedule:" + ",".join(f"{r:.4g}" for r in keep)
+    return ScheduleConfig(keep=tuple(keep)).spec()
 
 
 def search_greedy(vlm, clips: list, questions: list[str], tolerance: float, max_new_tokens: int = 16,
@@ -158,14 +97,6 @@ def search_greedy(vlm, clips: list, questions: list[str], tolerance: float, max_
         keep[layer + 1:] = [keep[layer]] * (layers - layer - 1)
     kl, flops = _mean_kl_and_flops(vlm, clips, questions, [_schedule_spec(keep)], max_new_tokens)
     return {"method": "greedy", "keep": keep, "kl": kl[0], "flops_fraction": flops[0], "tolerance": tolerance}
-
-
-def sigmoid_schedule(layers: int, steepness: float, midpoint: float, floor: float) -> list[float]:
-    """P-Sigmoid: r(l) = floor + (1 - floor) / (1 + exp(steepness * (l - midpoint))), non-increasing."""
-    import math
-
-    return [floor + (1 - floor) / (1 + math.exp(min(60.0, steepness * (layer - midpoint))))
-            for layer in range(layers)]
 
 
 def search_sigmoid(vlm, clips: list, questions: list[str], flops_budget: float, trials: int = 20,

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -30,11 +31,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="DIR",
                    help="local Hugging Face checkpoint folder (default: the built-in model, made on first use)")
-    g.add_argument("--routing", default="dense", metavar="POLICY",
-                   help="which vision tokens each layer processes: dense (default: all), mod:KEEP[:SCHEDULE[:N]] "
-                        "(learned; SCHEDULE all|interleaved|deep|cosine), random:KEEP, uniform:KEEP, layer_drop:L, "
-                        "fastv[:K[:R]], pdrop[:KEEP], skip:MODE[:START[:END[:INTERVAL]]], neighbor_attention[:W], "
-                        "cls_knee[:MIN[:QUESTION_KEEP]], or a router folder")
+    from streamvlm.routers.registry import routing_help
+
+    g.add_argument("--routing", default="dense", metavar="POLICY", help=routing_help())
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
@@ -150,22 +149,26 @@ def cmd_caption(args) -> int:
 
 def cmd_compare(args) -> int:
     from streamvlm.compare import compare, default_policies, format_rows
+    from streamvlm.routers.registry import split_policy_specs
     from streamvlm.video.files import read_video
     from streamvlm.world.sample import sample_video
 
+    policies = split_policy_specs(args.policies)
+    if args.policies and not policies:
+        raise StreamVLMError("--policies: give --routing specs separated by ';', e.g. 'dense;mod:0.2'")
     video = Path(args.video) if args.video else sample_video()
     clip = read_video(video, num_frames=args.num_frames)
     vlm, _ = _load(args)
-    policies = ([p.strip() for p in args.policies.split(",") if p.strip()] if args.policies
-                else default_policies(vlm, clip.frames, args.question))
+    policies = policies or default_policies(vlm, clip.frames, args.question)
     rows = compare(vlm, clip.frames, args.question, policies, args.max_new_tokens, args.repeats)
     print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
     return 0
 
 
 def cmd_calibrate(args) -> int:
-    from streamvlm.calibrate import (DEFAULT_QUESTIONS, calibrate_heads, calibrate_vtw, save_heads, save_schedule,
-                                     save_vtw, search_greedy, search_sigmoid)
+    from streamvlm.calibrate import (DEFAULT_QUESTIONS, calibrate_vtw, save_heads, save_schedule, save_vtw,
+                                     search_greedy, search_sigmoid)
+    from streamvlm.routers.head_prune import calibrate_heads
     from streamvlm.video.files import read_video
     from streamvlm.world.sample import sample_video
 
@@ -404,17 +407,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_caption)
 
+    from streamvlm.routers.registry import describe_policies, quality_labels
+
     p = sub.add_parser("compare", help="routing policies side by side on one model, video and question",
-                       description="For each policy: language-model FLOPs and KV bytes as fractions of dense, "
-                                   "ingest time relative to dense, and fidelity to dense on the dense model's own "
-                                   "answer (KL of the next-token distributions, top-1 agreement), all in one run.",
-                       epilog="Policies: dense, mod:KEEP[:SCHEDULE[:N]], random:..., uniform:..., layer_drop:L, "
-                              "fastv[:K[:R]], pdrop[:KEEP[:S1,S2,...]], skip:block|attn|mlp|parallel[:START[:END"
-                              "[:INTERVAL]]], neighbor_attention[:W[:START]], cls_knee[:MIN[:QUESTION_KEEP]], or a "
-                              "router folder (calibrate heads / vtw).")
+                       description=textwrap.fill(
+                           "For each policy: language-model FLOPs and KV bytes as fractions of dense, ingest time "
+                           "relative to dense, and fidelity to dense on the dense model's own answer (KL of the "
+                           "next-token distributions, top-1 agreement), all in one run.", 100),
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="Policies (--routing and --policies values; also a router folder from training or "
+                              "calibrate):\n" + describe_policies())
     p.add_argument("--video", help="video file (default: the sample video)")
     p.add_argument("--question", default="What happens in the video?", help="the question to answer")
-    p.add_argument("--policies", help="comma-separated --routing values (default: every policy at its default)")
+    p.add_argument("--policies", action="append", metavar="SPECS",
+                   help="--routing values separated by ';' (quote them in a shell), or the flag repeated; a comma "
+                        "never separates policies, so schedule:1,0.5,0.5 is one (default: every policy below at "
+                        "the setting 'compare runs' names)")
     p.add_argument("--num-frames", type=int, default=8, help="frames spread over the video (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="length of the dense answer scored (default 16)")
     p.add_argument("--repeats", type=int, default=3, help="timed ingests per policy, median (default 3)")
@@ -540,10 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="tiny",
                    help="stream: model sizes, tiny (the built-in shape, long context) and/or small (the real-small "
                         "shape), comma-separated (default tiny; --model DIR measures that checkpoint instead)")
-    p.add_argument("--policies", default=None,
-                   help="quality: --routing specs, comma-separated (default dense,mod:0.5,mod:0.2,random:0.2,"
-                        "uniform:0.2,layer_drop:2,fastv,cls_knee); random:KEEP and uniform:KEEP route the layers "
-                        "mod:KEEP routes for the model (its own router's), so they spend the same budget")
+    quality_default = ";".join(quality_labels()).replace("%", "%%")
+    p.add_argument("--policies", action="append", metavar="SPECS",
+                   help="quality: --routing values separated by ';' (quoted in a shell), or the flag repeated "
+                        f"(default {quality_default}); random:KEEP and uniform:KEEP route the layers mod:KEEP routes "
+                        "for the model (its own router's), so they spend the same budget")
     p.add_argument("--seed", type=int, default=None,
                    help="quality: seed of the held-out videos (default 1234; training used 0 and 1)")
     p.add_argument("--num-videos", type=int, default=100, help="quality: held-out videos (default 100)")

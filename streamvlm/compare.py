@@ -14,29 +14,16 @@ import time
 import torch
 
 from streamvlm.errors import StreamVLMError
-
-DEFAULT_POLICIES = ("dense", "mod:0.2:interleaved", "random:0.2:interleaved", "uniform:0.2:interleaved",
-                    "layer_drop:HALF", "fastv:2:0.5", "pdrop:0.5", "skip:attn", "neighbor_attention:5",
-                    "cls_knee:0.05:0.5", "SCHEDULE", "HEADS")
+from streamvlm.routers.registry import default_compare_policies
 
 
 def default_policies(vlm, frames: torch.Tensor, question: str) -> list:
-    """Every policy at its default setting. layer_drop drops from half the depth; schedule is a P-Sigmoid
-    falling to 0.25 at mid-depth; head_prune is calibrated on the compared clip itself with YOPO's defaults
-    (a real run calibrates on other clips: `streamvlm calibrate heads`)."""
-    from streamvlm.calibrate import calibrate_heads, sigmoid_schedule
-    from streamvlm.routers.pruning import HeadPruneConfig
-
-    layers = vlm.adapter.decoder.num_layers
-    out = []
-    for policy in DEFAULT_POLICIES:
-        if policy == "SCHEDULE":
-            out.append("schedule:" + ",".join(f"{r:.4g}" for r in sigmoid_schedule(layers, 1.0, layers / 2, 0.25)))
-        elif policy == "HEADS":
-            out.append(HeadPruneConfig(pruned=calibrate_heads(vlm, [frames], [question])["pruned"]))
-        else:
-            out.append(policy.replace("HALF", str(layers // 2)))
-    return out
+    """Every registered policy at its default setting for this model (Policy.default), in registry order: e.g.
+    layer_drop from half the depth, schedule a P-Sigmoid falling to 0.25 at mid-depth, head_prune calibrated
+    on the compared clip itself with YOPO's defaults (a real run calibrates on other clips: `streamvlm
+    calibrate heads`). The registry, not this module, knows how: compare never imports calibrate, which
+    imports compare."""
+    return default_compare_policies(vlm, frames, question)
 
 
 def compare(vlm, frames: torch.Tensor, question: str, policies: list, max_new_tokens: int = 16,

@@ -10,7 +10,7 @@ import torch
 
 from streamvlm import StreamVLM, StreamVLMError
 from streamvlm.routers.config import tokens_kept
-from streamvlm.routers.pruning import frame_attention_ranking
+from streamvlm.routers.ranking import frame_attention_ranking
 from streamvlm.types import VISION
 from support import feed_in_chunks, random_frames
 
@@ -148,7 +148,7 @@ def test_compare_table_for_all_policies(tiny_dir, tmp_path, capsys, monkeypatch)
     reducing = [r for r in rows[1:] if not r["policy"].startswith("head_prune")]  # heads cut reads, not FLOPs much
     assert all(r["flops_fraction"] < 1.0 and r["kl"] > 0 for r in reducing)
     assert all(r["kv_fraction"] < 1.0 for r in reducing if not r["policy"].startswith("neighbor"))
-    assert main(["compare", "--model", str(model), "--video", str(video), "--policies", "dense,fastv:1:0.5",
+    assert main(["compare", "--model", str(model), "--video", str(video), "--policies", "dense;fastv:1:0.5",
                  "--num-frames", "2", "--repeats", "1"]) == 0
     assert "fastv:1:0.5" in capsys.readouterr().out
 
@@ -374,7 +374,7 @@ def test_head_calibration_writes_a_mask_that_loads_and_prunes(tmp_path, capsys, 
 
 
 def test_knee_of_a_long_tailed_curve():
-    from streamvlm.routers.pruning import knee_index
+    from streamvlm.routers.cls_knee import knee_index
 
     assert knee_index(torch.tensor([1.0, 0.95, 0.3, 0.1, 0.05, 0.0])) == 2
     assert knee_index(torch.tensor([1.0, 0.2, 0.1, 0.05, 0.0])) == 1

@@ -101,7 +101,7 @@ def test_the_shipped_model_answers_a_fixed_handful_of_held_out_questions(builtin
 def test_quality_bench_runs_end_to_end_on_a_reduced_set(cache, capsys):
     policies = ["dense", "mod:0.2", "random:0.2", "fastv"]
     assert main(["bench", "quality", "--json", "--num-videos", "2", "--seed", "5",
-                 "--policies", ",".join(policies)]) == 0
+                 "--policies", ";".join(policies)]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert isinstance(rows, list) and [r["policy"] for r in rows] == policies
     rows_questions_by_objects = rows[0]["questions_by_objects"]

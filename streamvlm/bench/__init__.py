@@ -230,14 +230,15 @@ def run(args) -> dict:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if args.suite == "quality":
-        from streamvlm.bench.quality import DEFAULT_POLICIES, DEFAULT_SEED, run_quality_bench
+        from streamvlm.bench.quality import DEFAULT_SEED, run_quality_bench
+        from streamvlm.routers.registry import split_policy_specs
         from streamvlm.world.builtin import default_model_dir
 
         if args.num_videos < 1:
             raise StreamVLMError("--num-videos must be at least 1")
-        policies = tuple(p.strip() for p in args.policies.split(",") if p.strip()) if args.policies else DEFAULT_POLICIES
-        if not policies:
-            raise StreamVLMError("--policies: give routing specs separated by commas, e.g. dense,mod:0.2")
+        policies = tuple(split_policy_specs(args.policies)) or None  # None: the registry's defaults for the model
+        if args.policies and not policies:
+            raise StreamVLMError("--policies: give --routing specs separated by ';', e.g. 'dense;mod:0.2'")
         seed = DEFAULT_SEED if args.seed is None else args.seed
         return run_quality_bench(Path(args.model) if args.model else default_model_dir(), policies, seed,
                                  args.num_videos, device, dtype)

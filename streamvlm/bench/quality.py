@@ -30,8 +30,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SEED = 1234
 """Held out: training uses seeds 0 (train) and 1 (validation)."""
-DEFAULT_POLICIES = ("dense", "mod:0.5", "mod:0.2", "random:0.2", "uniform:0.2", "layer_drop:2", "fastv",
-                    "cls_knee")
 FPS = 1.0
 _WORD = re.compile(r"[a-z]+")
 
@@ -80,16 +78,21 @@ def _answer(vlm, features: torch.Tensor, times: list[float], question, max_new_t
     return session.ask(question.text), session.stats()
 
 
-def run_quality_bench(model_dir: Path, policies: tuple[str, ...], seed: int, num_videos: int, device, dtype,
+def run_quality_bench(model_dir: Path, policies: tuple[str, ...] | None, seed: int, num_videos: int, device, dtype,
                       max_new_tokens: int = 4) -> dict:
+    """policies: --routing specs, or None for the registry's default rows for this model (each policy's
+    `quality` settings: dense, mod:0.5, mod:0.2, random:0.2, uniform:0.2, layer_drop at half the depth, fastv,
+    cls_knee for the built-in policies)."""
     from tqdm import tqdm
 
     from streamvlm import world
+    from streamvlm.routers.registry import default_quality_policies
     from streamvlm.runtime import StreamVLM
     from streamvlm.video.files import read_video
 
     folder = heldout_set(seed, num_videos)
     base = StreamVLM.from_pretrained(model_dir, device=device, dtype=dtype)
+    policies = tuple(policies or default_quality_policies(base))
     models = {policy: base.with_routing(same_layers_as_mod(base, policy)) for policy in policies}
     right = {p: defaultdict(int) for p in policies}
     right_template = {p: defaultdict(int) for p in policies}

@@ -1,0 +1,128 @@
+"""head_prune (YOPO): calibrated inactive heads neither read nor update vision tokens.
+
+Its config is a per-layer, per-head mask measured on clips (`calibrate_heads`, run by `streamvlm calibrate
+heads`, which writes a router folder for --routing); it has no spec of its own. The calibration lives here, with
+the policy, so that `streamvlm compare` can calibrate its default on the compared clip without importing
+streamvlm.calibrate (which imports compare).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from streamvlm.errors import StreamVLMError
+from streamvlm.rope import apply_rope
+from streamvlm.routers.base import DenseRouter, RouteDecision, Router
+from streamvlm.routers.policy import PerModel, Policy
+from streamvlm.types import VISION, Chunk
+
+
+@dataclass(frozen=True)
+class HeadPruneConfig:
+    pruned: tuple[tuple[bool, ...], ...]
+    """Per layer, per query head: True where the head neither reads nor updates vision tokens."""
+    policy: str = field(default="head_prune", init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "pruned", tuple(tuple(bool(h) for h in layer) for layer in self.pruned))
+
+    def spec(self) -> str:
+        total = sum(len(layer) for layer in self.pruned)
+        return f"head_prune({sum(map(sum, self.pruned))}/{total} heads pruned)"
+
+
+class HeadPruneRouter(Router):
+    """YOPO's inactive-head pruning with a calibrated mask (`streamvlm calibrate heads`)."""
+
+    def __init__(self, config: HeadPruneConfig, num_layers: int):
+        super().__init__()
+        if len(config.pruned) != num_layers:
+            raise StreamVLMError(f"the head mask has {len(config.pruned)} layers but the model has {num_layers}")
+        self.config = config
+        self.masks = [torch.tensor(layer) if any(layer) else None for layer in config.pruned]
+
+    def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
+        mask = self.masks[layer]
+        if mask is None:
+            return None
+        # Every chunk, text-only ones too: a pruned head must not let later text read vision entries.
+        return RouteDecision(torch.arange(len(chunk), device=hidden.device), pruned_heads=mask.to(hidden.device))
+
+
+def calibrate_heads(vlm, clips: list, questions: list[str], tau: float = 0.07, min_fraction: float = 0.4,
+                    dense_layers: int = 2, max_new_tokens: int = 16) -> dict:
+    """YOPO's inactive heads: per head, r = attention mass the answer's text puts on vision entries divided
+    by the mass on text entries; a head is active in a sample when r > tau and is kept when active in more
+    than `min_fraction` of the samples. The first `dense_layers` layers keep every head.
+
+    Returns {"pruned": [[bool per head] per layer], "ratios": mean r per layer and head, "samples"}.
+    """
+    if not clips or not questions:
+        raise StreamVLMError("calibration needs at least one clip and one question")
+    parts = vlm.adapter.decoder
+
+    class Recorder(DenseRouter):
+        def decide(self, layer, hidden, chunk):
+            self.last[layer] = (hidden, chunk)
+            return None
+
+    recorder = Recorder()
+    recorder.last = {}
+    model = vlm.with_routing(recorder)
+    active = torch.zeros(parts.num_layers, parts.num_heads)
+    ratio_sum = torch.zeros(parts.num_layers, parts.num_heads)
+    samples = 0
+    for frames in clips:
+        for question in questions:
+            session = model.session()
+            session.append_frames(frames)
+            reference = vlm.session()
+            reference.append_frames(frames)
+            reference.ask(question, max_new_tokens=max_new_tokens, ignore_stop=True)
+            answer = list(reference.turns[-1].answer_ids)
+            session.score(question, answer)  # the last chunk: the question and the answer, as text queries
+            with torch.no_grad():
+                for layer in range(parts.num_layers):
+                    hidden, chunk = recorder.last[layer]
+                    lp = parts.layers[layer]
+                    h = lp.input_norm(hidden)
+                    m = h.shape[0]
+                    q = lp.q_proj(h).view(m, parts.num_heads, parts.head_dim).transpose(0, 1)
+                    cos, sin = parts.rotary(h, chunk.rope_ids())
+                    q = apply_rope(q, cos[0], sin[0])
+                    keys = session.cache.keys(layer).repeat_interleave(parts.num_heads // parts.num_kv_heads, 0)
+                    length = keys.shape[1]
+                    scores = (q @ keys.transpose(1, 2)) * parts.head_dim ** -0.5  # (H, m, L)
+                    causal = torch.ones(m, length, dtype=torch.bool).tril_(length - m)
+                    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+                    vision = session.cache.kinds(layer) == VISION
+                    ratio = (probs[..., vision].sum(-1) / probs[..., ~vision].sum(-1).clamp_min(1e-12)).mean(-1)
+                    ratio_sum[layer] += ratio
+                    active[layer] += (ratio > tau).float()
+            samples += 1
+    keep = active / samples > min_fraction
+    keep[:dense_layers] = True
+    return {"pruned": (~keep).tolist(), "ratios": (ratio_sum / samples).tolist(), "samples": samples,
+            "tau": tau, "min_fraction": min_fraction}
+
+
+MADE_BY = "streamvlm calibrate heads"
+
+
+def parse(spec: str) -> HeadPruneConfig:
+    raise StreamVLMError(f"head_prune needs a calibrated head mask: run `{MADE_BY} --out DIR` and pass --routing DIR")
+
+
+def _calibrated_on_the_sample(sample) -> HeadPruneConfig:
+    """YOPO's defaults, calibrated on the compared clip itself (a real run calibrates on other clips)."""
+    return HeadPruneConfig(pruned=calibrate_heads(sample.vlm, [sample.frames], [sample.question])["pruned"])
+
+
+POLICY = Policy(
+    name="head_prune", grammar="head_prune (a router folder)", config=HeadPruneConfig, parse=parse,
+    summary=f"calibrated inactive heads neither read nor update vision tokens (YOPO; `{MADE_BY}` writes the "
+            "router folder)",
+    build=lambda config, num_layers, hidden_size: HeadPruneRouter(config, num_layers),
+    default=PerModel("head_prune:<calibrated on the compared clip>", _calibrated_on_the_sample), made_by=MADE_BY)
