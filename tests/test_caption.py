@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -97,11 +96,12 @@ def test_two_processes_under_accelerate_give_the_same_videos(tiny_dir, folder, t
     main(_args(tiny_dir, str(folder), "--out", str(single)))
     # accelerate's --cpu launcher runs multi-process only through MPI; --multi_gpu starts the processes with
     # torchrun, which works on a CPU-only machine (gloo).
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29533",
-           "-m", "streamvlm", *_args(tiny_dir, str(folder), "--out", str(double))]
+    # accelerate's launcher from this interpreter (not whichever `accelerate` is first on PATH), so the
+    # processes import the streamvlm under test.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", "29533", "-m", "streamvlm", *_args(tiny_dir, str(folder), "--out", str(double))]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([shutil.which("accelerate") or "accelerate", *cmd[1:]], capture_output=True, text=True,
-                          timeout=600, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode != 0  # some videos failed, and the exit status says so
     assert "All distributed" in proc.stderr or "rank" in proc.stderr
     one = {r["path"]: "error" in r for r in _records(single)}
