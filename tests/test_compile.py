@@ -3,6 +3,8 @@ included), answers and figures equal eager's, and the FLOP counter stays outside
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -56,3 +58,12 @@ def test_compiled_decode_compiles_once_per_model_and_answers_as_eager(checkpoint
     _compare(checkpoints["mqa_deep"], "mod:0.5:interleaved")
     _compare(checkpoints["gqa"], None)
 
+
+@pytest.mark.slow
+def test_bench_dense_reports_decode_eager_and_compiled(checkpoints, capsys):
+    from streamvlm.cli import main
+
+    assert main(["bench", "dense", "--model", str(checkpoints["gqa"]), "--frames", "1", "--new-tokens", "3",
+                 "--repeats", "1", "--compile", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["decode_ms_per_token"]) == {"eager", "compiled"}
