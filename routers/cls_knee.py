@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from streamvlm.errors import StreamVLMError
-from streamvlm.rope import apply_rope
+from streamvlm.probe import attention_probs
 from streamvlm.routers.base import RouteDecision
 from streamvlm.routers.config import tokens_kept
 from streamvlm.routers.mod import decision_from_kept
@@ -85,18 +85,11 @@ class ClsKneeRouter(BoundRouter):
         keep = self.config.question_keep
         if keep is None or self.parts is None:
             return None
-        parts = self.parts
         vision = cache.kinds(0) == VISION
         if not bool(vision.any()):
             return None
-        lp = parts.layers[0]
-        h = lp.input_norm(question_embeds)
-        m = h.shape[0]
-        q = lp.q_proj(h).view(m, parts.num_heads, parts.head_dim).transpose(0, 1)
-        cos, sin = parts.rotary(h, question_rope_ids)
-        q = apply_rope(q, cos[0], sin[0])
-        keys = cache.keys(0).repeat_interleave(parts.num_heads // parts.num_kv_heads, 0)
-        attention = ((q @ keys.transpose(1, 2)) * parts.head_dim ** -0.5).softmax(-1).mean(dim=(0, 1))  # (L,)
+        probs = attention_probs(self.parts, 0, question_embeds, question_rope_ids, cache.keys(0))  # (H, m, L)
+        attention = probs.mean(dim=(0, 1))  # (L,)
         positions = cache.positions(0)[vision]
         relevance = attention[vision]
         count = tokens_kept(keep, positions.numel())

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from streamvlm.errors import StreamVLMError
-from streamvlm.rope import apply_rope
-from streamvlm.routers.base import DenseRouter, RouteDecision, Router
+from streamvlm.probe import HiddenRecorder, attention_probs
+from streamvlm.routers.base import RouteDecision, Router
 from streamvlm.routers.policy import PerModel, Policy
 from streamvlm.types import VISION, Chunk
 
@@ -62,14 +62,7 @@ def calibrate_heads(vlm, clips: list, questions: list[str], tau: float = 0.07, m
     if not clips or not questions:
         raise StreamVLMError("calibration needs at least one clip and one question")
     parts = vlm.adapter.decoder
-
-    class Recorder(DenseRouter):
-        def decide(self, layer, hidden, chunk):
-            self.last[layer] = (hidden, chunk)
-            return None
-
-    recorder = Recorder()
-    recorder.last = {}
+    recorder = HiddenRecorder()
     model = vlm.with_routing(recorder)
     active = torch.zeros(parts.num_layers, parts.num_heads)
     ratio_sum = torch.zeros(parts.num_layers, parts.num_heads)
@@ -82,21 +75,14 @@ def calibrate_heads(vlm, clips: list, questions: list[str], tau: float = 0.07, m
             reference.append_frames(frames)
             reference.ask(question, max_new_tokens=max_new_tokens, ignore_stop=True)
             answer = list(reference.turns[-1].answer_ids)
-            session.score(question, answer)  # the last chunk: the question and the answer, as text queries
+            # score feeds the question and the answer, then closes the turn: the chunk each layer saw last,
+            # the queries probed here, is that closing text.
+            session.score(question, answer)
             with torch.no_grad():
                 for layer in range(parts.num_layers):
-                    hidden, chunk = recorder.last[layer]
-                    lp = parts.layers[layer]
-                    h = lp.input_norm(hidden)
-                    m = h.shape[0]
-                    q = lp.q_proj(h).view(m, parts.num_heads, parts.head_dim).transpose(0, 1)
-                    cos, sin = parts.rotary(h, chunk.rope_ids())
-                    q = apply_rope(q, cos[0], sin[0])
-                    keys = session.cache.keys(layer).repeat_interleave(parts.num_heads // parts.num_kv_heads, 0)
-                    length = keys.shape[1]
-                    scores = (q @ keys.transpose(1, 2)) * parts.head_dim ** -0.5  # (H, m, L)
-                    causal = torch.ones(m, length, dtype=torch.bool).tril_(length - m)
-                    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+                    hidden, chunk = recorder.hidden[layer], recorder.chunks[layer]
+                    probs = attention_probs(parts, layer, hidden, chunk.rope_ids(), session.cache.keys(layer),
+                                            causal=True)  # (H, m, L)
                     vision = session.cache.kinds(layer) == VISION
                     ratio = (probs[..., vision].sum(-1) / probs[..., ~vision].sum(-1).clamp_min(1e-12)).mean(-1)
                     ratio_sum[layer] += ratio

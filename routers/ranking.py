@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from streamvlm.parts import DecoderParts
-from streamvlm.rope import apply_rope
+from streamvlm.probe import attention_probs, layer_keys
 from streamvlm.routers.base import RouteDecision, Router
 from streamvlm.routers.mod import decision_from_kept, select_per_frame
 from streamvlm.types import Chunk
@@ -20,18 +20,11 @@ from streamvlm.types import Chunk
 def frame_attention_ranking(parts: DecoderParts, layer: int, hidden: torch.Tensor, chunk: Chunk) -> torch.Tensor:
     """(F, T): head-averaged attention each vision token of a frame receives from the frame's last vision
     token at `layer`, computed with that layer's own norm, projections and RoPE on its input `hidden`."""
-    lp = parts.layers[layer]
     vision = chunk.vision_index  # (F, T)
-    frames, tokens = vision.shape
-    h = lp.input_norm(hidden[vision])  # (F, T, d)
-    cos, sin = parts.rotary(h, chunk.rope_ids(vision))  # (F, T, hd)
-    q = lp.q_proj(h[:, -1:]).view(frames, 1, parts.num_heads, parts.head_dim).transpose(1, 2)  # (F, H, 1, hd)
-    k = lp.k_proj(h).view(frames, tokens, parts.num_kv_heads, parts.head_dim).transpose(1, 2)  # (F, KV, T, hd)
-    q = apply_rope(q, cos[:, None, -1:], sin[:, None, -1:])
-    k = apply_rope(k, cos[:, None], sin[:, None])
-    k = k.repeat_interleave(parts.num_heads // parts.num_kv_heads, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * parts.head_dim ** -0.5  # (F, H, 1, T)
-    return scores.softmax(-1).mean(dim=1)[:, 0]
+    frames = hidden[vision]  # (F, T, d)
+    ids = chunk.rope_ids(vision)  # (F, T), or (3, F, T) with M-RoPE
+    keys = layer_keys(parts, layer, frames, ids)  # (F, KV, T, hd)
+    return attention_probs(parts, layer, frames[:, -1:], ids[..., -1:], keys, mean_heads=True)[:, 0]
 
 
 class BoundRouter(Router):

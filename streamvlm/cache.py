@@ -11,9 +11,12 @@ One object, one owner (the session). Per layer l it holds, for each of its `leng
 Entries are in the order they were appended, which is sequence order. Layers hold different entries
 under routing (a token skipped at layer l writes nothing there), so every length is per layer.
 
-Writer: the decoder, through `append`, once per layer per chunk, after RoPE. Reader: the decoder's
-attention at the same layer, through the views `append` returns. Buffers grow by doubling, so appending
-a frame costs O(frame) amortised rather than a copy of the whole cache.
+Writer: the decoder, once per layer per chunk, after RoPE: through `append`, or through `extend`, which
+records the new entries' metadata and hands back views whose last m rows the decoder's layer step fills
+(inside its compiled graph when the decoder is compiled: the step then sees tensors only, never this
+object's Python lists). Reader: the decoder's attention at the same layer, through the views `append` and
+`extend` return. Buffers grow by doubling (always leaving a free row), so appending a frame costs O(frame)
+amortised rather than a copy of the whole cache.
 """
 
 from __future__ import annotations
@@ -42,9 +45,12 @@ class KVCache:
     def _reserve(self, layer: int, needed: int) -> None:
         keys = self._keys[layer]
         capacity = 0 if keys is None else keys.shape[1]
-        if needed <= capacity:
+        # Keep a free row past the entries: a view then never covers its whole buffer, so views of one
+        # layer always have the same stride layout (one that covered its buffer would be contiguous, and a
+        # compiled decode step, whose guards tell the two apart, would compile a second graph mid-answer).
+        if needed < capacity:
             return
-        new_cap = max(needed, 2 * capacity, self._initial_capacity)
+        new_cap = max(needed + 1, 2 * capacity, self._initial_capacity)
         n = self._length[layer]
         kv_shape = (self.num_kv_heads, new_cap, self.head_dim)
 
@@ -63,23 +69,32 @@ class KVCache:
         self._kinds[layer] = grow(self._kinds[layer], (new_cap,), torch.uint8)
         self._frames[layer] = grow(self._frames[layer], (new_cap,), torch.int32)
 
+    def extend(self, layer: int, positions: torch.Tensor, kinds: torch.Tensor,
+               frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add m = positions.numel() entries at the end of `layer` with their metadata (m,), and return views
+        (num_kv_heads, length, head_dim) of all keys and values at this layer. The caller writes the new
+        entries' keys and values into the views' last m rows before anything reads them."""
+        m = positions.shape[0]
+        start = self._length[layer]
+        end = start + m
+        self._reserve(layer, end)
+        self._positions[layer][start:end] = positions
+        self._kinds[layer][start:end] = kinds
+        self._frames[layer][start:end] = frames
+        self._length[layer] = end
+        return self._keys[layer][:, :end], self._values[layer][:, :end]
+
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                kinds: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append m entries to `layer`: keys/values (num_kv_heads, m, head_dim), metadata (m,).
 
         Returns views (num_kv_heads, length, head_dim) of all keys and values at this layer, new ones last.
         """
-        m = keys.shape[1]
-        start = self._length[layer]
-        end = start + m
-        self._reserve(layer, end)
-        self._keys[layer][:, start:end] = keys
-        self._values[layer][:, start:end] = values
-        self._positions[layer][start:end] = positions
-        self._kinds[layer][start:end] = kinds
-        self._frames[layer][start:end] = frames
-        self._length[layer] = end
-        return self._keys[layer][:, :end], self._values[layer][:, :end]
+        all_keys, all_values = self.extend(layer, positions, kinds, frames)
+        start = all_keys.shape[1] - keys.shape[1]
+        all_keys[:, start:] = keys
+        all_values[:, start:] = values
+        return all_keys, all_values
 
     def keep(self, layer: int, index: torch.Tensor) -> None:
         """Keep only the entries at ascending `index` (int64) of `layer`, in order; the rest are dropped."""

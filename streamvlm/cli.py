@@ -558,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-videos", type=int, default=100, help="quality: held-out videos (default 100)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats; the median is reported (default 3 for dense, 5 for routing)")
+    p.add_argument("--compile", action="store_true",
+                   help="dense: also time decode steps compiled with torch.compile against eager (ms/token)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

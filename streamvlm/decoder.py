@@ -8,11 +8,24 @@ keep their hidden state for the next layer, where they may be picked again.
 
 Pitfall: RoPE goes on before caching, at each token's absolute position, so a layer's cache can be
 sparse (positions with gaps) and still be valid for any later query.
+
+Compute and accounting are apart. A layer's tensor work is `_layer_step` (norm, q/k/v, RoPE, the write of
+its K/V into the cache views it is handed, attention, MLP, the router weight); it sees tensors and the
+layer's modules only, never the cache object or the FLOP counter, so `torch.compile` can trace it without
+guarding on Python lists or floats that change every step. What each layer did is kept as a `_LayerWork`
+(tokens attended, tokens through the MLP, the variant when attention was not plain), and the FLOP counter
+is charged once after the layer loop, from that record and the cache's lengths.
+
+Compiled decode (`Decoder(..., compile=True)`): one-token chunks on a non-empty cache through plain layers
+run `_layer_step` compiled, with the key length marked dynamic, so decode compiles once (the first step)
+and not again as the cache grows or its buffers double. Everything else (prefill chunks, whose lengths and
+routed subsets vary; window and pruned-head attention; split blocks) runs the same code eagerly.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +33,7 @@ import torch.nn.functional as F
 from streamvlm.cache import KVCache
 from streamvlm.flops import FlopCounter
 from streamvlm.parts import DecoderParts, LayerParts
-from streamvlm.routers.base import Router
+from streamvlm.routers.base import RouteDecision, Router
 from streamvlm.rope import apply_rope
 from streamvlm.types import VISION, Chunk
 
@@ -62,10 +75,10 @@ def _band_mask(grid: tuple[int, int], window: int, device) -> torch.Tensor:
 
 
 def _neighbour_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: Chunk,
-                      key_pos: torch.Tensor, key_kinds: torch.Tensor, window: int, scale: float) -> tuple[torch.Tensor, int]:
+                      key_pos: torch.Tensor, key_kinds: torch.Tensor, window: int, scale: float) -> torch.Tensor:
     """Attention for a chunk whose every token was just appended (the last n cache entries), with vision
     queries restricted to earlier text plus a w x w causal window of their frame. q: (H, n, hd); keys,
-    values: (KV, L, hd). Returns (H, n, hd) and the number of query-key pairs scored.
+    values: (KV, L, hd). Returns (H, n, hd); `_neighbour_visits` counts the query-key pairs it scores.
 
     Vision queries are computed in row bands: the queries of one grid row score the keys of the w rows
     around it (w x cols keys, a batched matmul over every row and frame), masked to the window. That scores
@@ -77,12 +90,10 @@ def _neighbour_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     out = torch.empty_like(q)
     positions = chunk.positions
     text_rows = torch.nonzero(chunk.text_mask).squeeze(1)
-    visits = 0
     if text_rows.numel():  # text queries: every earlier entry, as in the dense model
         mask = key_pos[None, :] <= positions[text_rows][:, None]  # (t, L)
         out[:, text_rows] = F.scaled_dot_product_attention(q[None, :, text_rows], keys[None], values[None],
                                                            attn_mask=mask, scale=scale, enable_gqa=group > 1)[0]
-        visits += int(mask.sum())
     if chunk.num_frames:
         rows, cols = chunk.frame_grid
         half = window // 2
@@ -112,12 +123,31 @@ def _neighbour_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         p_win = p[..., c:].unflatten(3, (rows, cols))  # (KV, G, F, R, C, w*C)
         mixed = p_ctx @ values[:, context][:, None, None] + (p_win @ v_band).flatten(3, 4)
         out[:, vision.flatten()] = mixed.reshape(heads, frames * rows * cols, hd)
+    return out
+
+
+def _neighbour_visits(chunk: Chunk, key_pos: torch.Tensor, key_kinds: torch.Tensor, window: int) -> int:
+    """Query-key pairs `_neighbour_attend` scores for `chunk` (the last n of the layer's entries, whose
+    positions and kinds are key_pos, key_kinds (L,)): text queries score every earlier entry, a vision query
+    the earlier text before its frame and its w-row band of the frame (w x cols keys)."""
+    positions = chunk.positions
+    text_rows = torch.nonzero(chunk.text_mask).squeeze(1)
+    visits = 0
+    if text_rows.numel():
+        visits += int((key_pos[None, :] <= positions[text_rows][:, None]).sum())
+    if chunk.num_frames:
+        rows, cols = chunk.frame_grid
+        vision = chunk.vision_index  # (F, T)
+        frames = vision.shape[0]
+        firsts = positions[vision[:, 0]]  # (F,)
+        context = torch.nonzero((key_kinds != VISION) & (key_pos < firsts.max())).squeeze(1)
+        ctx_ok = key_pos[context][None, :] < firsts[:, None]  # (F, c)
         visits += frames * rows * cols * (int(ctx_ok.sum()) // frames + window * cols)
-    return out, visits
+    return visits
 
 
 def _head_pruned_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: Chunk,
-                        key_kinds: torch.Tensor, pruned: torch.Tensor, scale: float) -> tuple[torch.Tensor, int]:
+                        key_kinds: torch.Tensor, pruned: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention for a chunk at the end of the cache where pruned heads neither read nor update vision
     tokens. Active heads run as usual; pruned heads skip vision queries and mask vision keys for text."""
     heads, n, hd = q.shape
@@ -128,41 +158,131 @@ def _head_pruned_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     causal[:, length - n:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril_()
     k_all, v_all = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
     active = torch.nonzero(~pruned).squeeze(1)
-    visits = 0
     if active.numel():
         out[active] = F.scaled_dot_product_attention(q[None, active], k_all[None, active], v_all[None, active],
                                                      attn_mask=causal, scale=scale)[0]
-        visits += active.numel() * int(causal.sum())
     gone = torch.nonzero(pruned).squeeze(1)
     text = torch.nonzero(chunk.text_mask).squeeze(1)
     if gone.numel() and text.numel():  # vision queries get nothing from pruned heads: only text is computed
         mask = causal[text] & (key_kinds != VISION)[None, :]
         out[gone[:, None], text[None, :]] = F.scaled_dot_product_attention(
             q[None, gone][:, :, text], k_all[None, gone], v_all[None, gone], attn_mask=mask, scale=scale)[0]
-        visits += gone.numel() * int(mask.sum())
-    # The counter charges attention per head-average: scale the visits back to "all heads" units.
-    return out, visits // heads
+    return out
+
+
+def _head_pruned_visits(chunk: Chunk, key_kinds: torch.Tensor, pruned: torch.Tensor) -> int:
+    """Query-key pairs `_head_pruned_attend` scores for `chunk` (the last n of the layer's L entries, of kinds
+    key_kinds (L,)), in "all heads" units, as the counter charges attention per head-average: active heads
+    score every causal pair; pruned heads only text queries against non-vision entries."""
+    heads, n, length = pruned.numel(), len(chunk), key_kinds.numel()
+    gone = int(pruned.sum())
+    visits = (heads - gone) * (n * (length - n) + n * (n + 1) // 2)
+    text = torch.nonzero(chunk.text_mask).squeeze(1)
+    if gone and text.numel():
+        seen = (key_kinds != VISION).cumsum(0)  # (L,) non-vision entries among 0..j
+        visits += gone * int(seen[length - n + text].sum())  # text query i sees entries 0..L-n+i
+    return visits // heads
+
+
+def _attention_update(p: DecoderParts, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      keys: torch.Tensor, values: torch.Tensor, scale: float, attend=None) -> torch.Tensor:
+    """x: (m, d) inputs of the tokens that attend; keys, values: (KV, L, hd) views of the layer's cache whose
+    last m rows are theirs, written here (after RoPE). Returns the attention update (m, d).
+
+    attend(q (H, m, hd), keys, values) -> (H, m, hd) replaces plain attention (window, pruned heads).
+    """
+    m = x.shape[0]
+    h = layer.input_norm(x)
+    q = layer.q_proj(h).view(m, p.num_heads, p.head_dim).transpose(0, 1)  # (H, m, hd)
+    k = layer.k_proj(h).view(m, p.num_kv_heads, p.head_dim).transpose(0, 1)  # (KV, m, hd)
+    v = layer.v_proj(h).view(m, p.num_kv_heads, p.head_dim).transpose(0, 1)
+    if layer.q_norm is not None:  # per-head RMSNorm of queries and keys before RoPE (Qwen3)
+        q, k = layer.q_norm(q), layer.k_norm(k)
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+    start = keys.shape[1] - m
+    keys[:, start:] = k  # the cache's buffers: compiled, this write stays in the graph, in place
+    values[:, start:] = v
+    attn = _attend(q, keys, values, scale) if attend is None else attend(q, keys, values)
+    return layer.o_proj(attn.transpose(0, 1).reshape(m, p.num_heads * p.head_dim))
+
+
+def _layer_step(p: DecoderParts, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                keys: torch.Tensor, values: torch.Tensor, weight: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """One layer for the m tokens it processes: x (m, d) -> their new hidden states (m, d), writing their
+    K/V as the last m rows of the cache views keys, values (KV, L, hd). The unit `compile=True` compiles."""
+    a = _attention_update(p, layer, x, cos, sin, keys, values, scale)
+    return _add_mlp(layer, x, a, weight)
+
+
+def _add_mlp(layer: LayerParts, x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """x (m, d) and its attention update a -> x + a + MLP(x + a), the update scaled by the router weight."""
+    mid = x + a
+    m_out = layer.mlp(layer.post_attention_norm(mid))
+    if weight is None:
+        return mid + m_out
+    # x + w * (block(x) - x), associated so that w == 1 gives the dense result bit for bit.
+    w = weight[:, None].to(x.dtype)
+    return (x + w * a) + w * m_out
+
+
+class _LayerWork(NamedTuple):
+    """What one layer did for a chunk, for the accounting after the step."""
+
+    layer: int
+    attended: int
+    """Tokens whose attention ran (and wrote K/V): the last `attended` entries of the layer's cache."""
+    mlp: int
+    """Tokens through the MLP."""
+    variant: RouteDecision | None = None
+    """The decision, when attention was a window or pruned heads (their key visits depend on the entries)."""
 
 
 class Decoder:
-    """Runs chunks through the language model. Holds no state of its own besides the router."""
+    """Runs chunks through the language model. Holds no state of its own besides the router.
 
-    def __init__(self, parts: DecoderParts, router: Router):
+    compile: run decode steps (one-token chunks) through `torch.compile(_layer_step)`; off by default (on
+    these CPUs eager is as fast, see `streamvlm bench dense --compile`).
+    """
+
+    def __init__(self, parts: DecoderParts, router: Router, compile: bool = False):
         self.parts = parts
         self.router = router
         self.scale = parts.head_dim ** -0.5
+        self.compiled = compile
+        # fullgraph: a graph break inside the step would silently put Python back into every decode step.
+        # dynamic=False: only the key length, marked in `_layer`, is dynamic. Compiled graphs of `_layer_step`
+        # are shared by every Decoder in the process; with automatic dynamic shapes a second model's other head
+        # count would turn the head dims symbolic too (and SDPA's enable_gqa flag into a SymBool it rejects).
+        self._compiled_step = torch.compile(_layer_step, fullgraph=True, dynamic=False) if compile else None
 
     def forward(self, chunk: Chunk, cache: KVCache, flops: FlopCounter, logits: str = "last") -> torch.Tensor | None:
-        """Process `chunk`, appending its K/V to `cache`.
+        """Process `chunk`, appending its K/V to `cache`, and charge its FLOPs to `flops`.
 
         logits: "last" -> (vocab,) for the last token, "all" -> (n, vocab), "none" -> None.
         """
         p = self.parts
+        x, work = self._layers(chunk, cache)
+        out = None
+        rows = 0
+        if logits != "none":
+            h = x[-1:] if logits == "last" else x
+            rows = h.shape[0]
+            out = p.lm_head(p.norm(h))
+            out = out[0] if logits == "last" else out
+        self._account(flops, chunk, cache, work, rows)
+        return out
+
+    def _layers(self, chunk: Chunk, cache: KVCache) -> tuple[torch.Tensor, list[_LayerWork]]:
+        """Every layer over the chunk: the last hidden states (n, d) and what each layer did."""
+        p = self.parts
         x = chunk.embeds
+        n = len(chunk)
         cos, sin = p.rotary(x, chunk.rope_ids())  # (1, n, head_dim) each
         cos, sin = cos[0], sin[0]
         deepstack = chunk.deepstack
         vision_rows = chunk.vision_index.flatten() if deepstack is not None else None
+        work: list[_LayerWork] = []
         for index, layer in enumerate(p.layers):
             if deepstack is not None and 0 < index <= deepstack.shape[0]:
                 # DeepStack: the vision tower's intermediate features join the vision tokens' residual stream
@@ -170,73 +290,80 @@ class Decoder:
                 x = x.index_add(0, vision_rows, deepstack[index - 1].to(x.dtype))
             decision = self.router.decide(index, x, chunk)
             if decision is None:
-                x = self._layer(index, layer, x, cos, sin, chunk, slice(None), None, cache, flops)
+                x = self._layer(index, layer, x, cos, sin, chunk, slice(None), None, cache)
+                work.append(_LayerWork(index, n, n))
             elif decision.window is not None or decision.pruned_heads is not None:
-                x = self._layer(index, layer, x, cos, sin, chunk, slice(None), None, cache, flops, decision)
+                x = self._variant_layer(index, layer, x, cos, sin, chunk, decision, cache)
+                work.append(_LayerWork(index, n, n, decision))
             elif decision.splits_the_block:
-                x = self._split_layer(index, layer, x, cos, sin, chunk, decision, cache, flops)
+                x, done = self._split_layer(index, layer, x, cos, sin, chunk, decision, cache)
+                work.append(done)
             elif decision.keep_index.numel() == 0:  # nothing of this chunk runs here (e.g. vision-only chunk)
                 continue
-            elif decision.keep_index.numel() == len(chunk):  # everything kept: no gather/scatter
-                x = self._layer(index, layer, x, cos, sin, chunk, slice(None), decision.weight, cache, flops)
+            elif decision.keep_index.numel() == n:  # everything kept: no gather/scatter
+                x = self._layer(index, layer, x, cos, sin, chunk, slice(None), decision.weight, cache)
+                work.append(_LayerWork(index, n, n))
             else:
                 keep = decision.keep_index
-                out = self._layer(index, layer, x[keep], cos[keep], sin[keep], chunk, keep, decision.weight,
-                                  cache, flops)
+                out = self._layer(index, layer, x[keep], cos[keep], sin[keep], chunk, keep, decision.weight, cache)
                 x = x.index_copy(0, keep, out)
+                work.append(_LayerWork(index, keep.numel(), keep.numel()))
         if deepstack is not None and deepstack.shape[0] >= len(p.layers):
             x = x.index_add(0, vision_rows, deepstack[len(p.layers) - 1].to(x.dtype))
-        flops.add_dense(len(chunk), int(chunk.positions[0]))  # what this chunk costs with routing off
-        if logits == "none":
-            return None
-        h = x[-1:] if logits == "last" else x
-        flops.add_logits(h.shape[0])
-        out = p.lm_head(p.norm(h))
-        return out[0] if logits == "last" else out
+        return x, work
 
-    def _attention(self, index: int, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   chunk: Chunk, keep, cache: KVCache, flops: FlopCounter, decision=None) -> torch.Tensor:
-        """x: (m, d) inputs of the tokens that attend -> their attention update (m, d); appends their K/V."""
-        p = self.parts
-        m = x.shape[0]
-        h = layer.input_norm(x)
-        q = layer.q_proj(h).view(m, p.num_heads, p.head_dim).transpose(0, 1)  # (H, m, hd)
-        k = layer.k_proj(h).view(m, p.num_kv_heads, p.head_dim).transpose(0, 1)  # (KV, m, hd)
-        v = layer.v_proj(h).view(m, p.num_kv_heads, p.head_dim).transpose(0, 1)
-        if layer.q_norm is not None:  # per-head RMSNorm of queries and keys before RoPE (Qwen3)
-            q, k = layer.q_norm(q), layer.k_norm(k)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        keys, values = cache.append(index, k, v, chunk.positions[keep], chunk.kinds[keep], chunk.frames[keep])
-        length = keys.shape[1]
-        if decision is not None and decision.window is not None:
-            attn, visits = _neighbour_attend(q, keys, values, chunk, cache.positions(index), cache.kinds(index),
-                                             decision.window, self.scale)
-        elif decision is not None and decision.pruned_heads is not None:
-            attn, visits = _head_pruned_attend(q, keys, values, chunk, cache.kinds(index), decision.pruned_heads,
-                                               self.scale)
-        else:
-            attn = _attend(q, keys, values, self.scale)  # (H, m, hd)
-            visits = m * (length - m) + m * (m + 1) // 2
-        flops.add_attention(index, m, visits)
-        return layer.o_proj(attn.transpose(0, 1).reshape(m, p.num_heads * p.head_dim))
+    def _account(self, flops: FlopCounter, chunk: Chunk, cache: KVCache, work: list[_LayerWork], rows: int) -> None:
+        """Charge the chunk to `flops` from what each layer did and the cache as the step left it (each layer
+        appended once, so its last `attended` entries are the chunk's), in the order the counter's sums
+        always took; `rows`: lm_head rows computed."""
+        for done in work:
+            if done.attended:
+                flops.add_attention(done.layer, done.attended, self._key_visits(done, chunk, cache))
+            if done.mlp:
+                flops.add_mlp(done.mlp)
+        flops.add_dense(len(chunk), int(chunk.positions[0]))  # what this chunk costs with routing off
+        if rows:
+            flops.add_logits(rows)
+
+    def _key_visits(self, done: _LayerWork, chunk: Chunk, cache: KVCache) -> int:
+        """Query-key pairs a layer's attention scored: m queries at the end of the layer's L entries each see
+        the earlier entries and, inside the chunk, the kept tokens up to themselves."""
+        layer, m, variant = done.layer, done.attended, done.variant
+        if variant is None:
+            length = cache.length(layer)
+            return m * (length - m) + m * (m + 1) // 2
+        if variant.window is not None:
+            return _neighbour_visits(chunk, cache.positions(layer), cache.kinds(layer), variant.window)
+        return _head_pruned_visits(chunk, cache.kinds(layer), variant.pruned_heads)
 
     def _layer(self, index: int, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               chunk: Chunk, keep, weight: torch.Tensor | None, cache: KVCache, flops: FlopCounter,
-               decision=None) -> torch.Tensor:
-        """x: (m, d) hidden states of the tokens this layer processes -> their new hidden states."""
-        a = self._attention(index, layer, x, cos, sin, chunk, keep, cache, flops, decision)
-        mid = x + a
-        m_out = layer.mlp(layer.post_attention_norm(mid))
-        flops.add_mlp(x.shape[0])
-        if weight is None:
-            return mid + m_out
-        # x + w * (block(x) - x), associated so that w == 1 gives the dense result bit for bit.
-        w = weight[:, None].to(x.dtype)
-        return (x + w * a) + w * m_out
+               chunk: Chunk, keep, weight: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+        """x: (m, d) hidden states of the tokens this layer processes (chunk rows `keep`) -> their new states."""
+        keys, values = cache.extend(index, chunk.positions[keep], chunk.kinds[keep], chunk.frames[keep])
+        step = _layer_step
+        if self._compiled_step is not None and x.shape[0] == 1 and keys.shape[1] > 1:
+            # The one size that changes from step to step; without this the second step recompiles.
+            torch._dynamo.mark_dynamic(keys, 1)
+            torch._dynamo.mark_dynamic(values, 1)
+            step = self._compiled_step
+        return step(self.parts, layer, x, cos, sin, keys, values, weight, self.scale)
+
+    def _variant_layer(self, index: int, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       chunk: Chunk, decision: RouteDecision, cache: KVCache) -> torch.Tensor:
+        """Every token of the chunk through a layer whose attention is a window or has pruned heads."""
+        keys, values = cache.extend(index, chunk.positions, chunk.kinds, chunk.frames)
+        if decision.window is not None:
+            def attend(q, k, v):
+                return _neighbour_attend(q, k, v, chunk, cache.positions(index), cache.kinds(index), decision.window,
+                                         self.scale)
+        else:
+            def attend(q, k, v):
+                return _head_pruned_attend(q, k, v, chunk, cache.kinds(index), decision.pruned_heads, self.scale)
+        a = _attention_update(self.parts, layer, x, cos, sin, keys, values, self.scale, attend)
+        return _add_mlp(layer, x, a, None)
 
     def _split_layer(self, index: int, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     chunk: Chunk, decision, cache: KVCache, flops: FlopCounter) -> torch.Tensor:
+                     chunk: Chunk, decision: RouteDecision, cache: KVCache) -> tuple[torch.Tensor, _LayerWork]:
         """A layer whose attention and MLP run on different token sets, or in parallel for some tokens.
 
         x: (n, d) the whole chunk. Tokens in keep_index attend; tokens in mlp_index run the MLP, reading
@@ -245,12 +372,12 @@ class Decoder:
         keep = decision.keep_index
         after = x
         if keep.numel():
-            after = x.index_add(0, keep, self._attention(index, layer, x[keep], cos[keep], sin[keep], chunk, keep,
-                                                         cache, flops))
+            keys, values = cache.extend(index, chunk.positions[keep], chunk.kinds[keep], chunk.frames[keep])
+            after = x.index_add(0, keep, _attention_update(self.parts, layer, x[keep], cos[keep], sin[keep], keys,
+                                                           values, self.scale))
         mlp_index = keep if decision.mlp_index is None else decision.mlp_index
         mlp_in = after if decision.parallel_index is None else after.index_copy(
             0, decision.parallel_index, x[decision.parallel_index])
         if mlp_index.numel():
             after = after.index_add(0, mlp_index, layer.mlp(layer.post_attention_norm(mlp_in[mlp_index])))
-            flops.add_mlp(mlp_index.numel())
-        return after
+        return after, _LayerWork(index, keep.numel(), mlp_index.numel())

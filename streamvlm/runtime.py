@@ -49,13 +49,13 @@ class StreamVLM:
     """
 
     def __init__(self, adapter: FamilyAdapter, router: Router, sampling: SamplingConfig | None = None,
-                 max_chunk_frames: int = 8):
+                 max_chunk_frames: int = 8, compile: bool = False):
         if max_chunk_frames < 1:
             raise ValueError("max_chunk_frames must be at least 1")
         self.adapter = adapter
         self.router = router.to(adapter.device).eval()
         self.router.bind(adapter.decoder)
-        self.decoder = Decoder(adapter.decoder, self.router)
+        self.decoder = Decoder(adapter.decoder, self.router, compile=compile)
         self.sampling = sampling or SamplingConfig()
         self.max_chunk_frames = max_chunk_frames
         """Frames fed through the decoder in one chunk; bounds the attention workspace of a big append."""
@@ -63,23 +63,24 @@ class StreamVLM:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, routing=None, *, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, sampling: SamplingConfig | None = None,
-                        max_chunk_frames: int = 8) -> StreamVLM:
+                        max_chunk_frames: int = 8, compile: bool = False) -> StreamVLM:
         """Load a local Hugging Face checkpoint folder (never the hub).
 
         routing: None or "dense"; a spec string such as "mod:0.2" or "mod:0.2:interleaved"; a RoutingConfig;
         a router directory (routing.json + router.safetensors); or a Router instance. device: default CUDA when present, else CPU. dtype: default
-        bfloat16 on CUDA, float32 on CPU.
+        bfloat16 on CUDA, float32 on CPU. compile: run decode steps through torch.compile (compiles on the first
+        answer token, seconds on a CPU; off by default: on the CPUs measured eager is as fast).
         """
         device = resolve_device(device)
         adapter = load_adapter(model_dir, resolve_dtype(dtype, device), device)
         router = resolve_routing(routing, adapter.decoder.num_layers, adapter.decoder.hidden_size, adapter.model_dir)
-        return cls(adapter, router, sampling, max_chunk_frames)
+        return cls(adapter, router, sampling, max_chunk_frames, compile)
 
     def with_routing(self, routing) -> StreamVLM:
         """The same loaded model with another router (weights are shared, nothing is reloaded)."""
         parts = self.adapter.decoder
         router = resolve_routing(routing, parts.num_layers, parts.hidden_size, self.adapter.model_dir)
-        return StreamVLM(self.adapter, router, self.sampling, self.max_chunk_frames)
+        return StreamVLM(self.adapter, router, self.sampling, self.max_chunk_frames, self.decoder.compiled)
 
     @property
     def tokenizer(self):

@@ -245,7 +245,7 @@ def test_attention_skip_runs_only_the_mlp_for_vision_tokens(vlm):
 
 def test_neighbour_attention_equals_masked_dense_attention():
     """The linear-cost path computes exactly softmax attention under YOPO's mask."""
-    from streamvlm.decoder import _neighbour_attend
+    from streamvlm.decoder import _neighbour_attend, _neighbour_visits
     from streamvlm.types import TEXT, Chunk
 
     torch.manual_seed(0)
@@ -259,7 +259,8 @@ def test_neighbour_attention_equals_masked_dense_attention():
     keys, values = torch.randn(kv, L, hd), torch.randn(kv, L, hd)
     chunk = Chunk(torch.zeros(n, 1), positions[L - n:], kinds[L - n:], torch.zeros(n, dtype=torch.int32),
                   ((2, 14), (14, 26)), grid)
-    out, visits = _neighbour_attend(q, keys, values, chunk, positions, kinds, 3, hd ** -0.5)
+    out = _neighbour_attend(q, keys, values, chunk, positions, kinds, 3, hd ** -0.5)
+    visits = _neighbour_visits(chunk, positions, kinds, 3)
 
     mask = torch.zeros(n, L, dtype=torch.bool)
     for i in range(n):
@@ -310,7 +311,7 @@ def test_neighbour_attention_shrinks_attention_and_streams(vlm):
 
 
 def test_head_pruned_attention_equals_masked_attention():
-    from streamvlm.decoder import _head_pruned_attend
+    from streamvlm.decoder import _head_pruned_attend, _head_pruned_visits
     from streamvlm.types import TEXT, Chunk
 
     torch.manual_seed(1)
@@ -321,7 +322,7 @@ def test_head_pruned_attention_equals_masked_attention():
     chunk = Chunk(torch.zeros(n, 1), torch.arange(L - n, L), kinds[L - n:], torch.zeros(n, dtype=torch.int32),
                   ((2, 6),))
     pruned = torch.tensor([False, True, False, True])
-    out, _ = _head_pruned_attend(q, keys, values, chunk, kinds, pruned, hd ** -0.5)
+    out = _head_pruned_attend(q, keys, values, chunk, kinds, pruned, hd ** -0.5)
     causal = torch.ones(n, L, dtype=torch.bool).tril_(L - n)
     full = torch.nn.functional.scaled_dot_product_attention(
         q[None], keys.repeat_interleave(2, 0)[None], values.repeat_interleave(2, 0)[None], attn_mask=causal)[0]
@@ -335,6 +336,9 @@ def test_head_pruned_attention_equals_masked_attention():
         else:
             assert torch.allclose(out[h, is_text], no_vision[h, is_text], atol=1e-5)
             assert torch.all(out[h, ~is_text] == 0)
+    # Pairs scored, per head-average: active heads every causal pair, pruned heads text against non-vision.
+    pairs = 2 * int(causal.sum()) + 2 * int(text_only[is_text].sum())
+    assert _head_pruned_visits(chunk, kinds, pruned) == pairs // heads
 
 
 def test_head_calibration_writes_a_mask_that_loads_and_prunes(tmp_path, capsys, monkeypatch):

@@ -44,9 +44,9 @@ import torch.nn.functional as F
 
 from streamvlm.cache import KVCache
 from streamvlm.decoder import Decoder
-from streamvlm.rope import apply_rope
 from streamvlm.errors import StreamVLMError
 from streamvlm.flops import FlopCounter
+from streamvlm.probe import HiddenRecorder, attention_probs
 from streamvlm.routers import DenseRouter, MoDRouter, RoutingConfig, build_router
 from streamvlm.runtime import StreamVLM
 from streamvlm.sequence import SequenceBuilder, lay_out_dialogue, target_rows
@@ -291,7 +291,7 @@ class RouterTrainingModule(L.LightningModule):
     def _teacher(self, chunk):
         """Dense forward with the original weights: logits, its cache, and each routed layer's input."""
         lora = self._lora_layers()
-        recorder = _HiddenRecorder(set(map(int, self.router.scorers)))
+        recorder = HiddenRecorder(map(int, self.router.scorers))
         parts = self.teacher.parts
         cache = KVCache(parts.num_layers, parts.num_kv_heads, parts.head_dim, chunk.embeds.dtype, self.device)
         for m in lora:
@@ -309,19 +309,13 @@ class RouterTrainingModule(L.LightningModule):
         vision = chunk.vision_index  # (F, T)
         last_frame_end = int(vision[-1, -1]) + 1
         queries = torch.nonzero(chunk.text_mask[last_frame_end:]).squeeze(1) + last_frame_end
-        cos, sin = parts.rotary(chunk.embeds, chunk.rope_ids())
         terms = []
         for layer, scores in self.router.recorded.items():
-            lp = parts.layers[layer]
-            h = lp.input_norm(hidden[layer][queries])
-            q = lp.q_proj(h).view(len(queries), parts.num_heads, parts.head_dim).transpose(0, 1)
-            q = apply_rope(q, cos[0, queries], sin[0, queries])  # (H, Q, hd)
-            keys = cache.keys(layer)[:, vision.flatten()]  # (KV, F*T, hd): frames precede every query
-            keys = keys.repeat_interleave(parts.num_heads // parts.num_kv_heads, dim=0)
-            logits = (q @ keys.transpose(1, 2)) * parts.head_dim ** -0.5
             # Softmax over all keys a query sees would need the whole cache; the ranking inside the
-            # frames only needs attention among vision keys, which this is.
-            received = logits.softmax(-1).mean(dim=(0, 1)).view(vision.shape)  # (F, T)
+            # frames only needs attention among vision keys, which this is (frames precede every query).
+            probs = attention_probs(parts, layer, hidden[layer][queries], chunk.rope_ids(queries[None]),
+                                    cache.keys(layer)[:, vision.flatten()])  # (H, Q, F*T)
+            received = probs.mean(dim=(0, 1)).view(vision.shape)  # (F, T)
             target = received / received.sum(-1, keepdim=True)
             terms.append(F.kl_div(scores.float().log_softmax(-1), target.log(), log_target=True,
                                   reduction="batchmean"))
@@ -402,20 +396,6 @@ class RouterTrainingModule(L.LightningModule):
         routing = self.router.config.to_dict() if isinstance(self.router, MoDRouter) else None
         checkpoint["streamvlm"] = {"routing": routing, "num_layers": parts.num_layers, "trainable": self.hparams.trainable,
                                    "hidden_size": parts.hidden_size, "model_dir": str(self.hparams.model_dir)}
-
-
-class _HiddenRecorder(DenseRouter):
-    """A dense router that keeps each chosen layer's input hidden states."""
-
-    def __init__(self, layers: set[int]):
-        super().__init__()
-        self.layers = layers
-        self.hidden: dict[int, torch.Tensor] = {}
-
-    def decide(self, layer, hidden, chunk):
-        if layer in self.layers:
-            self.hidden[layer] = hidden
-        return None
 
 
 def export_router(checkpoint_path: str | Path, out_dir: str | Path) -> Path:

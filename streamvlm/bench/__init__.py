@@ -12,6 +12,10 @@ module objects, so weights and kernels match), same frames, same prompt:
     warm ask   a question to a session that already holds the frames (ours) vs generate on the whole
                prompt again (what transformers users do for each new question)
 
+With --compile, decode ms/token of ours eager vs ours with `compile=True` (the decode step through
+torch.compile), both as (answer - prefill) / (M - 1) on the same weights, timed in this run after a warm-up
+that compiles.
+
 Each figure is the median of --repeats timed runs after one untimed warm-up. `speedup` = theirs / ours.
 Achieved FLOP/s is reported against a float matmul measured in the same run.
 """
@@ -34,7 +38,8 @@ logger = logging.getLogger(__name__)
 QUESTION = "What happens in the video?"
 
 
-def run_dense(model_dir: Path, frames_count: int, new_tokens: int, repeats: int, device, dtype) -> dict:
+def run_dense(model_dir: Path, frames_count: int, new_tokens: int, repeats: int, device, dtype,
+              compile: bool = False) -> dict:
     from streamvlm.runtime import StreamVLM
 
     vlm = StreamVLM.from_pretrained(model_dir, device=device, dtype=dtype)
@@ -95,6 +100,7 @@ def run_dense(model_dir: Path, frames_count: int, new_tokens: int, repeats: int,
         "ours_answer": _timed(ours_answer, repeats), "theirs_answer": _timed(theirs_answer, repeats),
         "ours_warm_ask": _timed(ours_warm_ask, repeats),
     }
+    decode = _decode_ms_per_token(vlm, frames, new_tokens, repeats) if compile else None
     stats = ours_prefill().stats()
     peak = matmul_flops_per_second(vlm.adapter.device, vlm.adapter.dtype)
     prefill_flops = stats["flops"]["vision"] + stats["flops"]["llm"]
@@ -107,7 +113,7 @@ def run_dense(model_dir: Path, frames_count: int, new_tokens: int, repeats: int,
     for row in rows:
         row["speedup"] = row["transformers_s"] / row["ours_s"]
     parts = vlm.adapter.decoder
-    return {
+    result = {
         "suite": "dense",
         "device": str(vlm.adapter.device), "dtype": str(vlm.adapter.dtype).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(),
@@ -122,6 +128,32 @@ def run_dense(model_dir: Path, frames_count: int, new_tokens: int, repeats: int,
         "matmul_flops_per_s": peak,
         "prefill_fraction_of_matmul": prefill_flops / t["ours_prefill"] / peak,
     }
+    if decode is not None:
+        result["decode_ms_per_token"] = decode
+    return result
+
+
+def _decode_ms_per_token(vlm, frames: torch.Tensor, new_tokens: int, repeats: int) -> dict:
+    """{"eager", "compiled"}: ms per decode step of `vlm` as loaded and of the same weights with compile=True,
+    as (time of an M-token answer - time of a 1-token answer) / (M - 1), each from a fresh session."""
+    from streamvlm.runtime import StreamVLM
+
+    if new_tokens < 2:
+        raise StreamVLMError("--compile times decode steps: give --new-tokens 2 or more")
+    compiled = StreamVLM(vlm.adapter, vlm.router, vlm.sampling, vlm.max_chunk_frames, compile=True)
+
+    def answer(model, tokens: int):
+        s = model.session()
+        s.append_frames(frames)
+        s.ask(QUESTION, max_new_tokens=tokens, ignore_stop=True)
+
+    out = {}
+    for name, model in (("eager", vlm), ("compiled", compiled)):
+        one = _timed(lambda: answer(model, 1), repeats)  # the warm-up call compiles
+        many = _timed(lambda: answer(model, new_tokens), repeats)
+        out[name] = (many - one) / (new_tokens - 1) * 1e3
+    logger.info("decode: eager %.2f ms/token, compiled %.2f", out["eager"], out["compiled"])
+    return out
 
 
 def run_routing(model_dir: Path, frames_count: int, repeats: int, device, dtype,
@@ -262,7 +294,7 @@ def run(args) -> dict:
                                 not args.no_baseline, device, dtype)
     model_dir = Path(args.model) if args.model else bench_model_dir()
     if args.suite == "dense":
-        return run_dense(model_dir, args.frames, args.new_tokens, args.repeats, device, dtype)
+        return run_dense(model_dir, args.frames, args.new_tokens, args.repeats, device, dtype, args.compile)
     if args.suite == "routing":
         return run_routing(model_dir, args.frames, args.repeats, device, dtype)
     if args.suite == "caption":
@@ -325,4 +357,8 @@ def format_table(result: dict) -> str:
         lines.append(f"{row['phase']:<18}{row['ours_s']:>10.3f}{row['transformers_s']:>16.3f}{row['speedup']:>8.2f}x")
     lines.append(f"prefill: {result['prefill_flops_per_s'] / 1e9:.1f} GFLOP/s = "
                  f"{result['prefill_fraction_of_matmul']:.0%} of a {result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s matmul")
+    if "decode_ms_per_token" in result:
+        d = result["decode_ms_per_token"]
+        lines.append(f"decode: eager {d['eager']:.2f} ms/token, compiled {d['compiled']:.2f} ms/token "
+                     f"({d['eager'] / d['compiled']:.2f}x)")
     return "\n".join(lines)
