@@ -5,7 +5,8 @@ schedule, head_prune), each ending with its `Policy`; `registry` loads them thro
 entry-point group. Imports only torch and streamvlm core types: the runtime uses routers without Lightning.
 """
 
-from streamvlm.routers.base import DenseRouter, RouteDecision, Router
+from streamvlm.routers.base import (DenseRouter, LayerVariant, PrunedHeads, RouteDecision, Router, VisionSkip,
+                                    WindowAttention)
 from streamvlm.routers.baselines import BaselineRouter
 from streamvlm.routers.config import RoutingConfig
 from streamvlm.routers.fastv import FastVConfig
@@ -16,6 +17,6 @@ from streamvlm.routers.policy import Arg, ModelSample, PerModel, Policy
 from streamvlm.routers.registry import (build_router, get_policy, load_router, parse_routing, policies,
                                         resolve_routing, save_router)
 
-__all__ = ["Arg", "BaselineRouter", "DenseRouter", "FastVConfig", "LayerDropConfig", "ModelSample", "MoDRouter",
-           "PDropConfig", "PerModel", "Policy", "RouteDecision", "Router", "RoutingConfig", "build_router",
-           "get_policy", "load_router", "parse_routing", "policies", "resolve_routing", "save_router"]
+__all__ = ["Arg", "BaselineRouter", "DenseRouter", "FastVConfig", "LayerDropConfig", "LayerVariant", "ModelSample", "MoDRouter",
+           "PDropConfig", "PerModel", "Policy", "PrunedHeads", "RouteDecision", "Router", "RoutingConfig", "build_router",
+           "get_policy", "load_router", "parse_routing", "policies", "resolve_routing", "save_router", "VisionSkip", "WindowAttention"]

@@ -16,33 +16,51 @@ from streamvlm.types import Chunk
 
 @dataclass(frozen=True)
 class RouteDecision:
-    """A layer's choice over one chunk.
+    """A layer's choice over one chunk: which tokens it processes, and how much of its update they take.
 
     keep_index: (k,) int64, ascending indices into the chunk of the tokens this layer processes; every
         text token is in it (text is never routed). Tokens left out carry their hidden state unchanged
         to the next layer and write no K/V at this layer.
     weight: (k,) multiplier of the layer's update (attention + MLP) for each kept token, or None for 1.
-    mlp_index: ascending chunk indices of the tokens that run the MLP, when they differ from keep_index
-        (a token may run the MLP without attention, or attention without the MLP). Not with `weight`.
-    parallel_index: chunk indices of kept tokens whose MLP reads the layer's input instead of the
-        attention's output: x + SA(LN x) + FFN(LN x). Not with `weight`.
-    window: when set (odd w), a vision token attends only to the layer's text entries before its frame and
-        to the w x w neighbours on its own frame's token grid (causally); text attends as usual. The
-        decoder computes only those scores, so the cost is linear in vision tokens. Needs every token kept.
-    pruned_heads: (num_heads,) bool, True for heads that neither read nor update vision tokens here: text
-        queries of those heads do not attend to vision entries, and vision tokens get no output from them.
+
+    How a layer computes (its attention or block variant) is not decided here, per chunk: a router fixes it
+    per layer once, through `Router.variant`.
     """
 
     keep_index: torch.Tensor
     weight: torch.Tensor | None = None
-    mlp_index: torch.Tensor | None = None
-    parallel_index: torch.Tensor | None = None
-    window: int | None = None
-    pruned_heads: torch.Tensor | None = None
 
-    @property
-    def splits_the_block(self) -> bool:
-        return self.mlp_index is not None or self.parallel_index is not None
+
+@dataclass(frozen=True)
+class WindowAttention:
+    """A layer whose vision queries attend only to the layer's text entries before their frame and to the
+    w x w neighbours on their own frame's token grid (causally); text attends as usual. Linear in vision
+    tokens: the decoder scores only those pairs (YOPO's neighbour-aware attention)."""
+
+    window: int
+    """w, odd."""
+
+
+@dataclass(frozen=True)
+class PrunedHeads:
+    """A layer whose pruned heads neither read nor update vision tokens: their text queries do not attend to
+    vision entries, and vision tokens get no output from them (YOPO's inactive heads)."""
+
+    heads: tuple[bool, ...]
+    """Per query head, True where it is pruned."""
+
+
+@dataclass(frozen=True)
+class VisionSkip:
+    """A layer where the chunk's vision tokens skip part of the block (Skipping Computations, seed 003):
+    "attn": they skip attention (and write no K/V here) but run the MLP on their input; "mlp": they attend
+    and skip the MLP; "parallel": they run attention and the MLP side by side, x + SA(LN x) + FFN(LN' x)."""
+
+    part: str
+
+
+LayerVariant = WindowAttention | PrunedHeads | VisionSkip
+"""What a layer runs instead of the standard block. The decoder keeps one straight path per variant."""
 
 
 class Router(nn.Module):
@@ -51,6 +69,11 @@ class Router(nn.Module):
 
     def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
         raise NotImplementedError
+
+    def variant(self, layer: int) -> LayerVariant | None:
+        """The attention or block variant `layer` runs, asked once when a decoder takes the router (None: the
+        standard block). A variant layer processes every token of each chunk: `decide` returns None there."""
+        return None
 
     def spec(self) -> str:
         """The --routing string this router answers to (for stats and output records): its config's."""

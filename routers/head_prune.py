@@ -14,7 +14,7 @@ import torch
 
 from streamvlm.errors import StreamVLMError
 from streamvlm.probe import HiddenRecorder, attention_probs
-from streamvlm.routers.base import RouteDecision, Router
+from streamvlm.routers.base import PrunedHeads, RouteDecision, Router
 from streamvlm.routers.policy import PerModel, Policy
 from streamvlm.types import VISION, Chunk
 
@@ -41,14 +41,14 @@ class HeadPruneRouter(Router):
         if len(config.pruned) != num_layers:
             raise StreamVLMError(f"the head mask has {len(config.pruned)} layers but the model has {num_layers}")
         self.config = config
-        self.masks = [torch.tensor(layer) if any(layer) else None for layer in config.pruned]
 
     def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
-        mask = self.masks[layer]
-        if mask is None:
-            return None
+        return None  # every token, through the pruned-head attention `variant` gives
+
+    def variant(self, layer: int) -> PrunedHeads | None:
         # Every chunk, text-only ones too: a pruned head must not let later text read vision entries.
-        return RouteDecision(torch.arange(len(chunk), device=hidden.device), pruned_heads=mask.to(hidden.device))
+        heads = self.config.pruned[layer]
+        return PrunedHeads(heads) if any(heads) else None
 
 
 def calibrate_heads(vlm, clips: list, questions: list[str], tau: float = 0.07, min_fraction: float = 0.4,

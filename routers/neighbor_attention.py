@@ -1,5 +1,5 @@
 """neighbor_attention (YOPO): vision tokens attend to the earlier text and to a w x w window of their own
-frame's token grid; text attends to everything. The decoder computes only those scores (RouteDecision.window).
+frame's token grid; text attends to everything. The decoder computes only those scores (WindowAttention).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from streamvlm.errors import StreamVLMError
-from streamvlm.routers.base import RouteDecision, Router
+from streamvlm.routers.base import RouteDecision, Router, WindowAttention
 from streamvlm.routers.policy import Arg, Policy, numbers, spec_parts
 from streamvlm.types import Chunk
 
@@ -43,9 +43,10 @@ class NeighborRouter(Router):
         self.config = config
 
     def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
-        if layer < self.config.start_layer or chunk.num_frames == 0:
-            return None
-        return RouteDecision(torch.arange(len(chunk), device=hidden.device), window=self.config.window)
+        return None  # every token, through the window attention `variant` gives from start_layer on
+
+    def variant(self, layer: int) -> WindowAttention | None:
+        return WindowAttention(self.config.window) if layer >= self.config.start_layer else None
 
 
 GRAMMAR = "neighbor_attention[:W[:START]]"

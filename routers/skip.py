@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from streamvlm.errors import StreamVLMError
-from streamvlm.routers.base import RouteDecision, Router
+from streamvlm.routers.base import RouteDecision, Router, VisionSkip
 from streamvlm.routers.policy import Arg, Policy, numbers, spec_parts
 from streamvlm.types import Chunk
 
@@ -53,18 +53,14 @@ class SkipRouter(Router):
         self.layers = set(range(start, end, config.interval))
 
     def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
-        if layer not in self.layers or chunk.num_frames == 0:
+        if self.config.mode != "block" or layer not in self.layers or chunk.num_frames == 0:
+            return None  # attn, mlp, parallel: every token, through the `variant` block
+        return RouteDecision(torch.nonzero(chunk.text_mask).squeeze(1))  # vision skips the whole block
+
+    def variant(self, layer: int) -> VisionSkip | None:
+        if self.config.mode == "block" or layer not in self.layers:
             return None
-        everything = torch.arange(len(chunk), device=hidden.device)
-        text = torch.nonzero(chunk.text_mask).squeeze(1)
-        mode = self.config.mode
-        if mode == "block":
-            return RouteDecision(text)
-        if mode == "attn":
-            return RouteDecision(text, mlp_index=everything)
-        if mode == "mlp":
-            return RouteDecision(everything, mlp_index=text)
-        return RouteDecision(everything, parallel_index=chunk.vision_index.flatten())
+        return VisionSkip(self.config.mode)
 
 
 GRAMMAR = "skip:MODE[:START[:END[:INTERVAL]]]"

@@ -9,6 +9,12 @@ keep their hidden state for the next layer, where they may be picked again.
 Pitfall: RoPE goes on before caching, at each token's absolute position, so a layer's cache can be
 sparse (positions with gaps) and still be valid for any later query.
 
+What to process and how are apart. Per chunk, the router's `decide` says which tokens a layer processes
+and with what weight (`RouteDecision`). How a layer computes is fixed when the decoder is built: the
+router's `variant(layer)` (a `WindowAttention`, `PrunedHeads` or `VisionSkip`, or None for the standard
+block) picks the layer's path once, and each path is one straight function (`_standard`, `_window`,
+`_pruned_heads`, `_vision_skip`). No flag is read in every forward to choose between them.
+
 Compute and accounting are apart. A layer's tensor work is `_layer_step` (norm, q/k/v, RoPE, the write of
 its K/V into the cache views it is handed, attention, MLP, the router weight); it sees tensors and the
 layer's modules only, never the cache object or the FLOP counter, so `torch.compile` can trace it without
@@ -19,7 +25,7 @@ is charged once after the layer loop, from that record and the cache's lengths.
 Compiled decode (`Decoder(..., compile=True)`): one-token chunks on a non-empty cache through plain layers
 run `_layer_step` compiled, with the key length marked dynamic, so decode compiles once (the first step)
 and not again as the cache grows or its buffers double. Everything else (prefill chunks, whose lengths and
-routed subsets vary; window and pruned-head attention; split blocks) runs the same code eagerly.
+routed subsets vary; the variant paths) runs the same code eagerly.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import torch.nn.functional as F
 from streamvlm.cache import KVCache
 from streamvlm.flops import FlopCounter
 from streamvlm.parts import DecoderParts, LayerParts
-from streamvlm.routers.base import RouteDecision, Router
+from streamvlm.routers.base import PrunedHeads, Router, VisionSkip, WindowAttention
 from streamvlm.rope import apply_rope
 from streamvlm.types import VISION, Chunk
 
@@ -234,8 +240,8 @@ class _LayerWork(NamedTuple):
     """Tokens whose attention ran (and wrote K/V): the last `attended` entries of the layer's cache."""
     mlp: int
     """Tokens through the MLP."""
-    variant: RouteDecision | None = None
-    """The decision, when attention was a window or pruned heads (their key visits depend on the entries)."""
+    variant: WindowAttention | PrunedHeads | None = None
+    """The layer's attention variant, when it is not plain (its key visits depend on the entries)."""
 
 
 class Decoder:
@@ -250,6 +256,8 @@ class Decoder:
         self.router = router
         self.scale = parts.head_dim ** -0.5
         self.compiled = compile
+        # How each layer computes is fixed here, once: the router's variant for the layer picks its path.
+        self._paths = [self._path(index, router.variant(index)) for index in range(parts.num_layers)]
         # fullgraph: a graph break inside the step would silently put Python back into every decode step.
         # dynamic=False: only the key length, marked in `_layer`, is dynamic. Compiled graphs of `_layer_step`
         # are shared by every Decoder in the process; with automatic dynamic shapes a second model's other head
@@ -277,7 +285,6 @@ class Decoder:
         """Every layer over the chunk: the last hidden states (n, d) and what each layer did."""
         p = self.parts
         x = chunk.embeds
-        n = len(chunk)
         cos, sin = p.rotary(x, chunk.rope_ids())  # (1, n, head_dim) each
         cos, sin = cos[0], sin[0]
         deepstack = chunk.deepstack
@@ -289,25 +296,9 @@ class Decoder:
                 # after each early layer, whether or not the router sent the tokens through that layer.
                 x = x.index_add(0, vision_rows, deepstack[index - 1].to(x.dtype))
             decision = self.router.decide(index, x, chunk)
-            if decision is None:
-                x = self._layer(index, layer, x, cos, sin, chunk, slice(None), None, cache)
-                work.append(_LayerWork(index, n, n))
-            elif decision.window is not None or decision.pruned_heads is not None:
-                x = self._variant_layer(index, layer, x, cos, sin, chunk, decision, cache)
-                work.append(_LayerWork(index, n, n, decision))
-            elif decision.splits_the_block:
-                x, done = self._split_layer(index, layer, x, cos, sin, chunk, decision, cache)
+            x, done = self._paths[index](index, layer, x, cos, sin, chunk, decision, cache)
+            if done is not None:
                 work.append(done)
-            elif decision.keep_index.numel() == 0:  # nothing of this chunk runs here (e.g. vision-only chunk)
-                continue
-            elif decision.keep_index.numel() == n:  # everything kept: no gather/scatter
-                x = self._layer(index, layer, x, cos, sin, chunk, slice(None), decision.weight, cache)
-                work.append(_LayerWork(index, n, n))
-            else:
-                keep = decision.keep_index
-                out = self._layer(index, layer, x[keep], cos[keep], sin[keep], chunk, keep, decision.weight, cache)
-                x = x.index_copy(0, keep, out)
-                work.append(_LayerWork(index, keep.numel(), keep.numel()))
         if deepstack is not None and deepstack.shape[0] >= len(p.layers):
             x = x.index_add(0, vision_rows, deepstack[len(p.layers) - 1].to(x.dtype))
         return x, work
@@ -332,9 +323,9 @@ class Decoder:
         if variant is None:
             length = cache.length(layer)
             return m * (length - m) + m * (m + 1) // 2
-        if variant.window is not None:
+        if isinstance(variant, WindowAttention):
             return _neighbour_visits(chunk, cache.positions(layer), cache.kinds(layer), variant.window)
-        return _head_pruned_visits(chunk, cache.kinds(layer), variant.pruned_heads)
+        return _head_pruned_visits(chunk, cache.kinds(layer), torch.tensor(variant.heads, dtype=torch.bool))
 
     def _layer(self, index: int, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                chunk: Chunk, keep, weight: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
@@ -348,36 +339,92 @@ class Decoder:
             step = self._compiled_step
         return step(self.parts, layer, x, cos, sin, keys, values, weight, self.scale)
 
-    def _variant_layer(self, index: int, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       chunk: Chunk, decision: RouteDecision, cache: KVCache) -> torch.Tensor:
-        """Every token of the chunk through a layer whose attention is a window or has pruned heads."""
-        keys, values = cache.extend(index, chunk.positions, chunk.kinds, chunk.frames)
-        if decision.window is not None:
-            def attend(q, k, v):
-                return _neighbour_attend(q, k, v, chunk, cache.positions(index), cache.kinds(index), decision.window,
-                                         self.scale)
-        else:
-            def attend(q, k, v):
-                return _head_pruned_attend(q, k, v, chunk, cache.kinds(index), decision.pruned_heads, self.scale)
-        a = _attention_update(self.parts, layer, x, cos, sin, keys, values, self.scale, attend)
-        return _add_mlp(layer, x, a, None)
+    # -- one path per layer variant, chosen in __init__ -------------------------------------------------
+    # Each takes (index, layer, x (n, d), cos, sin, chunk, decision, cache) and returns (x, _LayerWork or None).
 
-    def _split_layer(self, index: int, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     chunk: Chunk, decision: RouteDecision, cache: KVCache) -> tuple[torch.Tensor, _LayerWork]:
-        """A layer whose attention and MLP run on different token sets, or in parallel for some tokens.
+    def _path(self, index: int, variant):
+        if variant is None:
+            return self._standard
+        if isinstance(variant, WindowAttention):
+            return functools.partial(self._window, variant=variant)
+        if isinstance(variant, PrunedHeads):
+            if len(variant.heads) != self.parts.num_heads:
+                raise ValueError(f"layer {index}: the head mask has {len(variant.heads)} heads, the model "
+                                 f"{self.parts.num_heads}")
+            mask = torch.tensor(variant.heads, dtype=torch.bool, device=self.parts.embed_tokens.weight.device)
+            return functools.partial(self._pruned_heads, variant=variant, mask=mask)
+        if isinstance(variant, VisionSkip):
+            if variant.part not in ("attn", "mlp", "parallel"):
+                raise ValueError(f"layer {index}: unknown VisionSkip part {variant.part!r}")
+            return functools.partial(self._vision_skip, part=variant.part)
+        raise TypeError(f"layer {index}: {type(self.router).__name__} gave an unknown layer variant {variant!r}")
 
-        x: (n, d) the whole chunk. Tokens in keep_index attend; tokens in mlp_index run the MLP, reading
-        x + attention (or x itself for parallel tokens and tokens that did not attend).
-        """
+    def _standard(self, index, layer, x, cos, sin, chunk, decision, cache):
+        """The standard block over the tokens the decision keeps (all of them when it is None)."""
+        n = len(chunk)
+        if decision is None:
+            return self._layer(index, layer, x, cos, sin, chunk, slice(None), None, cache), _LayerWork(index, n, n)
         keep = decision.keep_index
+        if keep.numel() == 0:  # nothing of this chunk runs here (e.g. a vision-only chunk)
+            return x, None
+        if keep.numel() == n:  # everything kept: no gather/scatter
+            return self._layer(index, layer, x, cos, sin, chunk, slice(None), decision.weight, cache), \
+                _LayerWork(index, n, n)
+        out = self._layer(index, layer, x[keep], cos[keep], sin[keep], chunk, keep, decision.weight, cache)
+        return x.index_copy(0, keep, out), _LayerWork(index, keep.numel(), keep.numel())
+
+    def _variant_takes_every_token(self, index: int, decision) -> None:
+        if decision is not None:
+            raise ValueError(f"layer {index} runs a variant of {type(self.router).__name__}, which processes every "
+                             "token; its decide() must return None there")
+
+    def _window(self, index, layer, x, cos, sin, chunk, decision, cache, variant: WindowAttention):
+        """Every token; vision queries attend to earlier text and a w x w window of their frame."""
+        self._variant_takes_every_token(index, decision)
+        if chunk.num_frames == 0:  # text only: the window changes nothing
+            return self._standard(index, layer, x, cos, sin, chunk, None, cache)
+        keys, values = cache.extend(index, chunk.positions, chunk.kinds, chunk.frames)
+
+        def attend(q, k, v):
+            return _neighbour_attend(q, k, v, chunk, cache.positions(index), cache.kinds(index), variant.window,
+                                     self.scale)
+
+        a = _attention_update(self.parts, layer, x, cos, sin, keys, values, self.scale, attend)
+        return _add_mlp(layer, x, a, None), _LayerWork(index, len(chunk), len(chunk), variant)
+
+    def _pruned_heads(self, index, layer, x, cos, sin, chunk, decision, cache, variant: PrunedHeads,
+                      mask: torch.Tensor):
+        """Every token; pruned heads neither read nor update vision tokens (text-only chunks too: a pruned
+        head must not let later text read vision entries)."""
+        self._variant_takes_every_token(index, decision)
+        keys, values = cache.extend(index, chunk.positions, chunk.kinds, chunk.frames)
+
+        def attend(q, k, v):
+            return _head_pruned_attend(q, k, v, chunk, cache.kinds(index), mask, self.scale)
+
+        a = _attention_update(self.parts, layer, x, cos, sin, keys, values, self.scale, attend)
+        return _add_mlp(layer, x, a, None), _LayerWork(index, len(chunk), len(chunk), variant)
+
+    def _vision_skip(self, index, layer, x, cos, sin, chunk, decision, cache, part: str):
+        """Every token; the chunk's vision tokens skip attention ("attn"), the MLP ("mlp"), or run both on
+        the layer's input side by side ("parallel"). Tokens that attend read x; tokens that run the MLP read
+        x + attention, or x itself when they did not attend or run in parallel."""
+        self._variant_takes_every_token(index, decision)
+        if chunk.num_frames == 0:  # text only: nothing to skip
+            return self._standard(index, layer, x, cos, sin, chunk, None, cache)
+        everything = torch.arange(len(chunk), device=x.device)
+        text = torch.nonzero(chunk.text_mask).squeeze(1)
+        attends = text if part == "attn" else everything
+        mlp_rows = text if part == "mlp" else everything
         after = x
-        if keep.numel():
-            keys, values = cache.extend(index, chunk.positions[keep], chunk.kinds[keep], chunk.frames[keep])
-            after = x.index_add(0, keep, _attention_update(self.parts, layer, x[keep], cos[keep], sin[keep], keys,
-                                                           values, self.scale))
-        mlp_index = keep if decision.mlp_index is None else decision.mlp_index
-        mlp_in = after if decision.parallel_index is None else after.index_copy(
-            0, decision.parallel_index, x[decision.parallel_index])
-        if mlp_index.numel():
-            after = after.index_add(0, mlp_index, layer.mlp(layer.post_attention_norm(mlp_in[mlp_index])))
-        return after, _LayerWork(index, keep.numel(), mlp_index.numel())
+        if attends.numel():
+            keys, values = cache.extend(index, chunk.positions[attends], chunk.kinds[attends], chunk.frames[attends])
+            after = x.index_add(0, attends, _attention_update(self.parts, layer, x[attends], cos[attends],
+                                                              sin[attends], keys, values, self.scale))
+        mlp_in = after
+        if part == "parallel":
+            vision = chunk.vision_index.flatten()
+            mlp_in = after.index_copy(0, vision, x[vision])
+        if mlp_rows.numel():
+            after = after.index_add(0, mlp_rows, layer.mlp(layer.post_attention_norm(mlp_in[mlp_rows])))
+        return after, _LayerWork(index, attends.numel(), mlp_rows.numel())
