@@ -4,6 +4,7 @@ video files whose frames say which frame they are."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from fractions import Fraction
 from unittest import mock
 
@@ -155,3 +156,19 @@ def record_chunk_rope(vlm) -> list:
 
     vlm.decoder.forward = recording
     return seen
+
+
+@dataclass
+class Frames:
+    """A run of input frames in a dialogue laid out by `lay_out_dialogue` (as train.data's Frames)."""
+
+    start: int
+    end: int
+
+
+@dataclass
+class Exchange:
+    """A question and its teacher-forced answer in such a dialogue."""
+
+    question: str
+    answer: str

@@ -7,26 +7,12 @@ indices and DeepStack features, or training would not see what inference sees.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 from streamvlm import StreamVLM
 from streamvlm.sequence import SequenceBuilder, lay_out_dialogue
-from support import random_frames
-
-
-@dataclass
-class Frames:
-    start: int
-    end: int
-
-
-@dataclass
-class Exchange:
-    question: str
-    answer: str
+from support import Exchange, Frames, random_frames
 
 
 def _checkpoint(family: str, root) -> str:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 from streamvlm import StreamVLM
-from support import feed_in_chunks, random_frames
+from support import Exchange, Frames, feed_in_chunks, random_frames
 
 QUESTION = "What is on the table?"
 
@@ -147,16 +145,6 @@ def test_stats_bytes_equal_the_cache_tensors(vlm):
 def test_training_layout_is_what_the_session_feeds(vlm):
     """Training lays a whole dialogue out with the SequenceBuilder; it must equal what a session appends."""
     from streamvlm.sequence import SequenceBuilder, TextPiece, lay_out_dialogue
-
-    @dataclass
-    class Frames:
-        start: int
-        end: int
-
-    @dataclass
-    class Exchange:
-        question: str
-        answer: str
 
     tok = vlm.tokenizer
     frames = random_frames(5, seed=4)
