@@ -34,160 +34,14 @@ import functools
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
+from streamvlm.attention import causal_attend, head_pruned_attend, head_pruned_visits, neighbour_attend, neighbour_visits
 from streamvlm.cache import KVCache
 from streamvlm.flops import FlopCounter
 from streamvlm.parts import DecoderParts, LayerParts
 from streamvlm.routers.base import PrunedHeads, Router, VisionSkip, WindowAttention
 from streamvlm.rope import apply_rope
-from streamvlm.types import VISION, Chunk
-
-
-def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-    """q (H, m, hd) are the queries of the last m of `keys`/`values` (KV, L, hd): each sees every earlier
-    entry and, inside the chunk, itself and the kept tokens before it. Returns (H, m, hd).
-
-    Pitfall: SDPA needs 4-D (batch, heads, seq, dim) inputs to reach its fused CPU kernel; 3-D inputs
-    fall back to the unfused path, which is 5-7x slower at a few thousand keys.
-    """
-    m, length = q.shape[1], keys.shape[1]
-    gqa = q.shape[0] != keys.shape[0]
-    q, keys, values = q[None], keys[None], values[None]
-    if m == 1 or m == length:
-        # One query sees everything; a chunk on an empty cache is plain causal attention.
-        out = F.scaled_dot_product_attention(q, keys, values, is_causal=m > 1, scale=scale, enable_gqa=gqa)
-    else:
-        mask = torch.ones(m, length, dtype=torch.bool, device=q.device)
-        mask[:, length - m:] = torch.ones(m, m, dtype=torch.bool, device=q.device).tril_()
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out[0]
-
-
-@functools.lru_cache(maxsize=16)  # one per (grid, window, device): built once, not per layer and chunk
-def _band_mask(grid: tuple[int, int], window: int, device) -> torch.Tensor:
-    """(R, C, w*C) bool: for the query at grid cell (r, c), which keys of the w-row band around its row
-    (rows r - w//2 .. r + w//2, every column) lie in its w x w window, inside the grid, and not after it."""
-    with torch.inference_mode(False):  # cached across calls: must not be an inference-mode tensor
-        rows, cols = grid
-        half = window // 2
-        r = torch.arange(rows, device=device)[:, None, None, None]
-        c = torch.arange(cols, device=device)[None, :, None, None]
-        dr = torch.arange(-half, half + 1, device=device)[None, None, :, None]
-        kc = torch.arange(cols, device=device)[None, None, None, :]
-        kr = r + dr
-        valid = (kr >= 0) & (kr < rows) & ((kc - c).abs() <= half) & (kr * cols + kc <= r * cols + c)
-        return valid.reshape(rows, cols, window * cols)
-
-
-def _neighbour_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: Chunk,
-                      key_pos: torch.Tensor, key_kinds: torch.Tensor, window: int, scale: float) -> torch.Tensor:
-    """Attention for a chunk whose every token was just appended (the last n cache entries), with vision
-    queries restricted to earlier text plus a w x w causal window of their frame. q: (H, n, hd); keys,
-    values: (KV, L, hd). Returns (H, n, hd); `_neighbour_visits` counts the query-key pairs it scores.
-
-    Vision queries are computed in row bands: the queries of one grid row score the keys of the w rows
-    around it (w x cols keys, a batched matmul over every row and frame), masked to the window. That scores
-    cols / w times more pairs than the window holds, still far fewer than dense attention.
-    """
-    heads, n, hd = q.shape
-    kv_heads, length = keys.shape[0], keys.shape[1]
-    group = heads // kv_heads
-    out = torch.empty_like(q)
-    positions = chunk.positions
-    text_rows = torch.nonzero(chunk.text_mask).squeeze(1)
-    if text_rows.numel():  # text queries: every earlier entry, as in the dense model
-        mask = key_pos[None, :] <= positions[text_rows][:, None]  # (t, L)
-        out[:, text_rows] = F.scaled_dot_product_attention(q[None, :, text_rows], keys[None], values[None],
-                                                           attn_mask=mask, scale=scale, enable_gqa=group > 1)[0]
-    if chunk.num_frames:
-        rows, cols = chunk.frame_grid
-        half = window // 2
-        vision = chunk.vision_index  # (F, T)
-        frames = vision.shape[0]
-        firsts = positions[vision[:, 0]]  # (F,) position of each frame's first token
-        # Earlier text: entries that are not vision and precede the frame (per frame, by position).
-        context = torch.nonzero((key_kinds != VISION) & (key_pos < firsts.max())).squeeze(1)  # (c,)
-        ctx_ok = key_pos[context][None, :] < firsts[:, None]  # (F, c)
-        entries = length - n + vision  # the frames' own cache rows: the chunk sits at the end of the cache
-        k_frame = keys[:, entries].view(kv_heads, frames, rows, cols, hd)
-        v_frame = values[:, entries].view(kv_heads, frames, rows, cols, hd)
-        pad = (0, 0, 0, 0, half, half)  # zero rows above and below; the band mask hides them
-        k_band = torch.stack([F.pad(k_frame, pad)[:, :, i:i + rows] for i in range(window)], dim=3)
-        v_band = torch.stack([F.pad(v_frame, pad)[:, :, i:i + rows] for i in range(window)], dim=3)
-        k_band = k_band.reshape(kv_heads, 1, frames, rows, window * cols, hd)  # (KV, 1, F, R, w*C, hd)
-        v_band = v_band.reshape(kv_heads, 1, frames, rows, window * cols, hd)
-        qv = q[:, vision].view(kv_heads, group, frames, rows, cols, hd)
-        s_win = (qv @ k_band.transpose(-1, -2)) * scale  # (KV, G, F, R, C, w*C)
-        s_win = s_win.masked_fill(~_band_mask(chunk.frame_grid, window, q.device), float("-inf"))
-        k_ctx = keys[:, context][:, None, None]  # (KV, 1, 1, c, hd)
-        s_ctx = (qv.flatten(3, 4) @ k_ctx.transpose(-1, -2)) * scale  # (KV, G, F, T, c)
-        s_ctx = s_ctx.masked_fill(~ctx_ok[None, None, :, None, :], float("-inf"))
-        c = context.numel()
-        p = torch.cat([s_ctx, s_win.flatten(3, 4)], dim=-1).softmax(-1)  # (KV, G, F, T, c + w*C)
-        p_ctx = p[..., :c]
-        p_win = p[..., c:].unflatten(3, (rows, cols))  # (KV, G, F, R, C, w*C)
-        mixed = p_ctx @ values[:, context][:, None, None] + (p_win @ v_band).flatten(3, 4)
-        out[:, vision.flatten()] = mixed.reshape(heads, frames * rows * cols, hd)
-    return out
-
-
-def _neighbour_visits(chunk: Chunk, key_pos: torch.Tensor, key_kinds: torch.Tensor, window: int) -> int:
-    """Query-key pairs `_neighbour_attend` scores for `chunk` (the last n of the layer's entries, whose
-    positions and kinds are key_pos, key_kinds (L,)): text queries score every earlier entry, a vision query
-    the earlier text before its frame and its w-row band of the frame (w x cols keys)."""
-    positions = chunk.positions
-    text_rows = torch.nonzero(chunk.text_mask).squeeze(1)
-    visits = 0
-    if text_rows.numel():
-        visits += int((key_pos[None, :] <= positions[text_rows][:, None]).sum())
-    if chunk.num_frames:
-        rows, cols = chunk.frame_grid
-        vision = chunk.vision_index  # (F, T)
-        frames = vision.shape[0]
-        firsts = positions[vision[:, 0]]  # (F,)
-        context = torch.nonzero((key_kinds != VISION) & (key_pos < firsts.max())).squeeze(1)
-        ctx_ok = key_pos[context][None, :] < firsts[:, None]  # (F, c)
-        visits += frames * rows * cols * (int(ctx_ok.sum()) // frames + window * cols)
-    return visits
-
-
-def _head_pruned_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: Chunk,
-                        key_kinds: torch.Tensor, pruned: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention for a chunk at the end of the cache where pruned heads neither read nor update vision
-    tokens. Active heads run as usual; pruned heads skip vision queries and mask vision keys for text."""
-    heads, n, hd = q.shape
-    length = keys.shape[1]
-    group = heads // keys.shape[0]
-    out = torch.zeros_like(q)
-    causal = torch.ones(n, length, dtype=torch.bool, device=q.device)
-    causal[:, length - n:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril_()
-    k_all, v_all = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
-    active = torch.nonzero(~pruned).squeeze(1)
-    if active.numel():
-        out[active] = F.scaled_dot_product_attention(q[None, active], k_all[None, active], v_all[None, active],
-                                                     attn_mask=causal, scale=scale)[0]
-    gone = torch.nonzero(pruned).squeeze(1)
-    text = torch.nonzero(chunk.text_mask).squeeze(1)
-    if gone.numel() and text.numel():  # vision queries get nothing from pruned heads: only text is computed
-        mask = causal[text] & (key_kinds != VISION)[None, :]
-        out[gone[:, None], text[None, :]] = F.scaled_dot_product_attention(
-            q[None, gone][:, :, text], k_all[None, gone], v_all[None, gone], attn_mask=mask, scale=scale)[0]
-    return out
-
-
-def _head_pruned_visits(chunk: Chunk, key_kinds: torch.Tensor, pruned: torch.Tensor) -> int:
-    """Query-key pairs `_head_pruned_attend` scores for `chunk` (the last n of the layer's L entries, of kinds
-    key_kinds (L,)), in "all heads" units, as the counter charges attention per head-average: active heads
-    score every causal pair; pruned heads only text queries against non-vision entries."""
-    heads, n, length = pruned.numel(), len(chunk), key_kinds.numel()
-    gone = int(pruned.sum())
-    visits = (heads - gone) * (n * (length - n) + n * (n + 1) // 2)
-    text = torch.nonzero(chunk.text_mask).squeeze(1)
-    if gone and text.numel():
-        seen = (key_kinds != VISION).cumsum(0)  # (L,) non-vision entries among 0..j
-        visits += gone * int(seen[length - n + text].sum())  # text query i sees entries 0..L-n+i
-    return visits // heads
+from streamvlm.types import Chunk
 
 
 def _attention_update(p: DecoderParts, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -209,7 +63,7 @@ def _attention_update(p: DecoderParts, layer: LayerParts, x: torch.Tensor, cos: 
     start = keys.shape[1] - m
     keys[:, start:] = k  # the cache's buffers: compiled, this write stays in the graph, in place
     values[:, start:] = v
-    attn = _attend(q, keys, values, scale) if attend is None else attend(q, keys, values)
+    attn = causal_attend(q, keys, values, scale) if attend is None else attend(q, keys, values)
     return layer.o_proj(attn.transpose(0, 1).reshape(m, p.num_heads * p.head_dim))
 
 
@@ -324,8 +178,8 @@ class Decoder:
             length = cache.length(layer)
             return m * (length - m) + m * (m + 1) // 2
         if isinstance(variant, WindowAttention):
-            return _neighbour_visits(chunk, cache.positions(layer), cache.kinds(layer), variant.window)
-        return _head_pruned_visits(chunk, cache.kinds(layer), torch.tensor(variant.heads, dtype=torch.bool))
+            return neighbour_visits(chunk, cache.positions(layer), cache.kinds(layer), variant.window)
+        return head_pruned_visits(chunk, cache.kinds(layer), torch.tensor(variant.heads, dtype=torch.bool))
 
     def _layer(self, index: int, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                chunk: Chunk, keep, weight: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
@@ -386,7 +240,7 @@ class Decoder:
         keys, values = cache.extend(index, chunk.positions, chunk.kinds, chunk.frames)
 
         def attend(q, k, v):
-            return _neighbour_attend(q, k, v, chunk, cache.positions(index), cache.kinds(index), variant.window,
+            return neighbour_attend(q, k, v, chunk, cache.positions(index), cache.kinds(index), variant.window,
                                      self.scale)
 
         a = _attention_update(self.parts, layer, x, cos, sin, keys, values, self.scale, attend)
@@ -400,7 +254,7 @@ class Decoder:
         keys, values = cache.extend(index, chunk.positions, chunk.kinds, chunk.frames)
 
         def attend(q, k, v):
-            return _head_pruned_attend(q, k, v, chunk, cache.kinds(index), mask, self.scale)
+            return head_pruned_attend(q, k, v, chunk, cache.kinds(index), mask, self.scale)
 
         a = _attention_update(self.parts, layer, x, cos, sin, keys, values, self.scale, attend)
         return _add_mlp(layer, x, a, None), _LayerWork(index, len(chunk), len(chunk), variant)

@@ -245,7 +245,7 @@ def test_attention_skip_runs_only_the_mlp_for_vision_tokens(vlm):
 
 def test_neighbour_attention_equals_masked_dense_attention():
     """The linear-cost path computes exactly softmax attention under YOPO's mask."""
-    from streamvlm.decoder import _neighbour_attend, _neighbour_visits
+    from streamvlm.attention import neighbour_attend as _neighbour_attend, neighbour_visits as _neighbour_visits
     from streamvlm.types import TEXT, Chunk
 
     torch.manual_seed(0)
@@ -311,7 +311,7 @@ def test_neighbour_attention_shrinks_attention_and_streams(vlm):
 
 
 def test_head_pruned_attention_equals_masked_attention():
-    from streamvlm.decoder import _head_pruned_attend, _head_pruned_visits
+    from streamvlm.attention import head_pruned_attend as _head_pruned_attend, head_pruned_visits as _head_pruned_visits
     from streamvlm.types import TEXT, Chunk
 
     torch.manual_seed(1)
