@@ -27,6 +27,39 @@ from streamvlm.errors import StreamVLMError
 logger = logging.getLogger("streamvlm")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `streamvlm ask: error: argument --top-p: ...`, exit 2, no usage dump
+    (subparsers are made with the parser's own class, so this covers every subcommand)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, low=None, high=None, low_open=False, what=""):
+    """An argparse `type=` that parses `kind` and holds it to [low, high] (low excluded when low_open); argparse
+    names the flag in the message."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if value != value or (low is not None and (value <= low if low_open else value < low)) or \
+                (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {what}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, 1, what="at least 1")
+_non_negative_int = _number(int, 0, what="0 or more")
+_positive_float = _number(float, 0.0, low_open=True, what="above 0")
+_non_negative_float = _number(float, 0.0, what="0 or more")
+_probability = _number(float, 0.0, 1.0, low_open=True, what="above 0 and at most 1")
+_port = _number(int, 0, 65535, what="0 to 65535")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="DIR",
@@ -41,11 +74,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("answers")
-    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="longest answer (default 64)")
-    g.add_argument("--temperature", type=float, default=0.0,
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N", help="longest answer (default 64)")
+    g.add_argument("--temperature", type=_non_negative_float, default=0.0,
                    help="0 answers greedily (default); above 0 samples")
-    g.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest tokens")
-    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling threshold")
+    g.add_argument("--top-k", type=_non_negative_int, default=0, metavar="K", help="sample among the K likeliest tokens")
+    g.add_argument("--top-p", type=_probability, default=1.0, metavar="P", help="nucleus sampling threshold")
     g.add_argument("--seed", type=int, default=None, help="seed for sampling")
 
 
@@ -67,7 +100,7 @@ def cmd_ask(args) -> int:
     video = Path(args.video) if args.video else sample_video()
     if args.num_frames is not None and args.fps is not None:
         raise StreamVLMError("give --num-frames or --fps, not both")
-    num_frames = None if args.fps is not None else (args.num_frames or 8)
+    num_frames = None if args.fps is not None else (8 if args.num_frames is None else args.num_frames)
     clip = read_video(video, num_frames=num_frames, fps=args.fps, max_frames=args.max_frames)
     vlm, model_dir = _load(args)
     session = vlm.session(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -222,7 +255,7 @@ def cmd_init_tiny(args) -> int:
                         seed=args.seed)
     write_tiny_checkpoint(out, spec)
     print(f"wrote a random (untrained) LLaVA-OneVision checkpoint to {out}: {spec.num_layers} layers, "
-          f"hidden {spec.hidden_size}, {spec.tokens_per_frame} tokens per frame")
+          f"hidden {spec.hidden_size}, {spec.tokens_per_frame} tokens per frame; try it: streamvlm ask --model {out}")
     return 0
 
 
@@ -244,7 +277,7 @@ def _init_tiny_family(args, out: Path) -> int:
         else:
             from streamvlm.tiny.smolvlm import write_tiny_smolvlm
             write_tiny_smolvlm(out, seed=args.seed)
-    print(f"wrote a random (untrained) {args.family} checkpoint to {out}")
+    print(f"wrote a random (untrained) {args.family} checkpoint to {out}; try it: streamvlm ask --model {out}")
     return 0
 
 
@@ -288,7 +321,7 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="streamvlm",
         description="Stream video into a video language model's KV cache and ask about it. Everything runs "
                     "offline on local checkpoints.",
@@ -311,10 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a question (repeat for several; default: four questions the built-in model knows, or "
                         "'What happens in the video?' with --model)")
     g = p.add_argument_group("frames")
-    g.add_argument("--num-frames", type=int, default=None, metavar="N",
+    g.add_argument("--num-frames", type=_positive_int, default=None, metavar="N",
                    help="N frames spread evenly over the video (default 8 when --fps is not given)")
-    g.add_argument("--fps", type=float, default=None, help="take frames at this rate instead")
-    g.add_argument("--max-frames", type=int, default=None, metavar="N", help="cap on frames taken with --fps")
+    g.add_argument("--fps", type=_positive_float, default=None, help="take frames at this rate instead")
+    g.add_argument("--max-frames", type=_positive_int, default=None, metavar="N", help="cap on frames taken with --fps")
     p.add_argument("--json", action="store_true", help="print one JSON object per answer, then the stats")
     _add_model_args(p)
     _add_sampling_args(p)
@@ -344,12 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "--ask-every 30 --json\n"
                               "  streamvlm live --source /dev/video0 --duration 600 --memory-budget 256MB")
     p.add_argument("--source", default="sample", help="what to watch (see below; default: sample)")
-    p.add_argument("--fps", type=float, default=1.0, help="frames per second fed to the model (default 1)")
+    p.add_argument("--fps", type=_positive_float, default=1.0, help="frames per second fed to the model (default 1)")
     p.add_argument("--ask", action="append", metavar="QUESTION",
                    help="a question (repeat for several); also type questions on stdin while it runs")
-    p.add_argument("--ask-every", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--ask-every", type=_positive_float, default=None, metavar="SECONDS",
                    help="ask the --ask questions every SECONDS of stream time (default: once, at the end)")
-    p.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--duration", type=_positive_float, default=None, metavar="SECONDS",
                    help="stop cleanly after this many seconds (default: when the source ends, or Ctrl-C)")
     p.add_argument("--memory-budget", default="auto",
                    help="KV cache bound: auto (half the model's context), N tokens per layer, a size such as "
@@ -357,20 +390,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="one JSON object per line per event on stdout: answer, status, reconnect, dropped, "
                         "error, ..., each with 'type' and 't' (stream seconds)")
-    p.add_argument("--status-every", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--status-every", type=_non_negative_float, default=5.0, metavar="SECONDS",
                    help="seconds between status lines (default 5; 0: only the final one)")
     p.add_argument("--no-stdin", action="store_true", help="do not read questions from stdin")
     g = p.add_argument_group("source")
-    g.add_argument("--speed", type=float, default=1.0,
+    g.add_argument("--speed", type=_non_negative_float, default=1.0,
                    help="files and lavfi: playback speed (default 1 = real time; 0 = as fast as it decodes)")
     g.add_argument("--loop", action="store_true", help="files: start over at the end")
-    g.add_argument("--open-timeout", type=float, default=10.0, metavar="SECONDS",
+    g.add_argument("--open-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
                    help="network and webcams: seconds to open the stream (default 10)")
-    g.add_argument("--read-timeout", type=float, default=5.0, metavar="SECONDS",
+    g.add_argument("--read-timeout", type=_positive_float, default=5.0, metavar="SECONDS",
                    help="network and webcams: seconds without data before reconnecting (default 5)")
     g.add_argument("--retries", type=int, default=5,
                    help="failed attempts in a row before giving up (default 5; -1: never give up)")
-    g.add_argument("--buffer-frames", type=int, default=8, metavar="N",
+    g.add_argument("--buffer-frames", type=_positive_int, default=8, metavar="N",
                    help="frames held between capture and the model; older ones are dropped (default 8)")
     g.add_argument("--source-option", action="append", metavar="KEY=VALUE",
                    help="an FFmpeg option for the source (repeat), e.g. video_size=640x480 for a webcam")
@@ -390,18 +423,18 @@ def build_parser() -> argparse.ArgumentParser:
                               "--fps 1 --segment 30 --routing mod:0.2:interleaved")
     p.add_argument("inputs", nargs="+", help="video files, folders (recursive), globs, or .txt files listing paths")
     p.add_argument("--out", required=True, help="JSON Lines output file (appended to; resumable)")
-    p.add_argument("--fps", type=float, default=1.0, help="frames per second fed to the model (default 1)")
-    p.add_argument("--segment", type=float, default=10.0, help="seconds of video per caption (default 10)")
+    p.add_argument("--fps", type=_positive_float, default=1.0, help="frames per second fed to the model (default 1)")
+    p.add_argument("--segment", type=_positive_float, default=10.0, help="seconds of video per caption (default 10)")
     p.add_argument("--prompt", default="Describe what happens in this part of the video.",
                    help="asked at the end of every segment")
     p.add_argument("--summary-prompt", default="Summarize what happens in the whole video.",
                    help="asked once at the end of each video")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="longest caption (default 64)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="longest caption (default 64)")
     p.add_argument("--memory-budget", default="auto",
                    help="KV cache bound per video: auto (half the model's context), N tokens per layer, a size "
                         "such as 256MB, or none")
-    p.add_argument("--num-shards", type=int, default=1, help="split the inputs into this many job shards")
-    p.add_argument("--shard-index", type=int, default=0, help="which shard this job takes (0-based); its "
+    p.add_argument("--num-shards", type=_positive_int, default=1, help="split the inputs into this many job shards")
+    p.add_argument("--shard-index", type=_non_negative_int, default=0, help="which shard this job takes (0-based); its "
                    "output gets a .shard-I-of-N suffix")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_model_args(p)
@@ -423,9 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--routing values separated by ';' (quote them in a shell), or the flag repeated; a comma "
                         "never separates policies, so schedule:1,0.5,0.5 is one (default: every policy below at "
                         "the setting 'compare runs' names)")
-    p.add_argument("--num-frames", type=int, default=8, help="frames spread over the video (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="length of the dense answer scored (default 16)")
-    p.add_argument("--repeats", type=int, default=3, help="timed ingests per policy, median (default 3)")
+    p.add_argument("--num-frames", type=_positive_int, default=8, help="frames spread over the video (default 8)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=16, help="length of the dense answer scored (default 16)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed ingests per policy, median (default 3)")
     p.add_argument("--json", action="store_true", help="JSON rows instead of a table")
     _add_model_args(p)
     p.set_defaults(func=cmd_compare)
@@ -443,19 +476,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", choices=["greedy", "sigmoid"], default="greedy",
                    help="schedule: greedy (G-Search, holds --threshold KL) or sigmoid (P-Sigmoid, Bayesian "
                         "optimisation under --flops-budget)")
-    p.add_argument("--flops-budget", type=float, default=0.5,
+    p.add_argument("--flops-budget", type=_probability, default=0.5,
                    help="schedule, sigmoid: the most LLM FLOPs, as a fraction of dense (default 0.5)")
-    p.add_argument("--trials", type=int, default=20, help="schedule, sigmoid: optimisation trials (default 20)")
+    p.add_argument("--trials", type=_positive_int, default=20, help="schedule, sigmoid: optimisation trials (default 20)")
     p.add_argument("--videos", nargs="+", help="calibration videos (default: the sample video)")
     p.add_argument("--question", action="append", help="calibration question (repeat; default: three generic ones)")
-    p.add_argument("--threshold", type=float, default=0.003,
+    p.add_argument("--threshold", type=_non_negative_float, default=0.003,
                    help="vtw and greedy schedule: KL threshold (VTW: 0.003 for 7B models)")
-    p.add_argument("--tau", type=float, default=0.07, help="heads: vision/text attention ratio a head must pass "
+    p.add_argument("--tau", type=_non_negative_float, default=0.07, help="heads: vision/text attention ratio a head must pass "
                    "(YOPO: ~0.07 for Qwen2-VL)")
-    p.add_argument("--min-fraction", type=float, default=0.4,
+    p.add_argument("--min-fraction", type=_number(float, 0.0, 1.0, what="0 to 1"), default=0.4,
                    help="heads: keep a head active in more than this fraction of samples (YOPO: 40%%)")
-    p.add_argument("--num-frames", type=int, default=8, help="frames per clip (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="answer tokens scored (default 16)")
+    p.add_argument("--num-frames", type=_positive_int, default=8, help="frames per clip (default 8)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=16, help="answer tokens scored (default 16)")
     p.add_argument("--out", required=True, help="router folder to write")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_model_args(p)
@@ -472,8 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model family (default llava_onevision)")
     p.add_argument("--real-small", action="store_true",
                    help="the shape of a real small model (12 layers, hidden 640, 196 tokens per frame)")
-    p.add_argument("--layers", type=int, default=None, help="decoder layers")
-    p.add_argument("--hidden", type=int, default=None, help="decoder width")
+    p.add_argument("--layers", type=_positive_int, default=None, help="decoder layers")
+    p.add_argument("--hidden", type=_positive_int, default=None, help="decoder width")
     p.add_argument("--seed", type=int, default=0, help="seed for the random weights")
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
     p.set_defaults(func=cmd_init_tiny)
@@ -490,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 for every interface: "
                         "then use --api-key)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one and prints it)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one and prints it)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every /v1 endpoint (default: $STREAMVLM_API_KEY; "
                         "none: open to anyone who can connect). Use letters, digits and -._~ (e.g. openssl rand "
@@ -499,14 +532,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-media-dir", default=None, metavar="DIR",
                    help="video files requests may name (relative to DIR; nothing outside it, symlinks included); "
                         "default: none, videos come as data: URIs or live streams")
-    p.add_argument("--max-sessions", type=int, default=4, metavar="N", help="live streams open at once (default 4)")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
+    p.add_argument("--max-sessions", type=_positive_int, default=4, metavar="N", help="live streams open at once (default 4)")
+    p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
                    help="requests computed at once; more wait their turn in order (default 1: torch already "
                         "spreads one request over the cores; measured faster than 2 on the built-in model, see "
                         "bench serve). 2 lets a long video's decoding overlap another request's compute")
-    p.add_argument("--max-data-mb", type=float, default=32.0, metavar="MB",
+    p.add_argument("--max-data-mb", type=_positive_float, default=32.0, metavar="MB",
                    help="largest video sent inline as a data: URI (default 32)")
-    p.add_argument("--max-body-mb", type=float, default=48.0, metavar="MB",
+    p.add_argument("--max-body-mb", type=_positive_float, default=48.0, metavar="MB",
                    help="largest request body (default 48)")
     p.add_argument("--no-devices", action="store_true", help="refuse to open cameras (/dev/videoN) for clients")
     p.add_argument("--model-name", default=None,
@@ -530,18 +563,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "accuracy per question kind on held-out procedural world videos for each --policies "
                         "routing, with LLM FLOPs and KV bytes as fractions of dense (default: the built-in model)")
     p.add_argument("--model", metavar="DIR", help="checkpoint to measure (default: random, real-small shape)")
-    p.add_argument("--frames", type=int, default=8, help="frames to ingest (default 8)")
-    p.add_argument("--new-tokens", type=int, default=32, help="answer tokens to generate (default 32)")
-    p.add_argument("--video-seconds", type=int, default=60, help="length of the caption bench's video (default 60)")
+    p.add_argument("--frames", type=_positive_int, default=8, help="frames to ingest (default 8)")
+    p.add_argument("--new-tokens", type=_positive_int, default=32, help="answer tokens to generate (default 32)")
+    p.add_argument("--video-seconds", type=_positive_int, default=60, help="length of the caption bench's video (default 60)")
     p.add_argument("--ages", default=None,
                    help="stream, serve: stream ages in minutes at which to ask (default 1,10,60; serve 1,30)")
     p.add_argument("--clients", default="1,4,16", help="serve: concurrent clients, comma-separated (default 1,4,16)")
-    p.add_argument("--requests", type=int, default=32,
+    p.add_argument("--requests", type=_positive_int, default=32,
                    help="serve: requests per client count (at least one per client; default 32)")
-    p.add_argument("--clip-seconds", type=float, default=4.0,
+    p.add_argument("--clip-seconds", type=_positive_float, default=4.0,
                    help="serve: length of the clip each question is about (default 4)")
-    p.add_argument("--workers", type=int, default=1, help="serve: the server's --workers (default 1)")
-    p.add_argument("--stream-fps", type=float, default=1.0, help="stream: frames per second sampled (default 1)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="serve: the server's --workers (default 1)")
+    p.add_argument("--stream-fps", type=_positive_float, default=1.0, help="stream: frames per second sampled (default 1)")
     p.add_argument("--memory-budget", default="8192",
                    help="stream: our session's KV bound, tokens per layer or a size (default 8192)")
     p.add_argument("--no-baseline", action="store_true", help="stream: skip the transformers baseline")
@@ -555,8 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "for the model (its own router's), so they spend the same budget")
     p.add_argument("--seed", type=int, default=None,
                    help="quality: seed of the held-out videos (default 1234; training used 0 and 1)")
-    p.add_argument("--num-videos", type=int, default=100, help="quality: held-out videos (default 100)")
-    p.add_argument("--repeats", type=int, default=None,
+    p.add_argument("--num-videos", type=_positive_int, default=100, help="quality: held-out videos (default 100)")
+    p.add_argument("--repeats", type=_positive_int, default=None,
                    help="timed repeats; the median is reported (default 3 for dense, 5 for routing)")
     p.add_argument("--compile", action="store_true",
                    help="dense: also time decode steps compiled with torch.compile against eager (ms/token)")

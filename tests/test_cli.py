@@ -50,7 +50,8 @@ def test_ask_text_output_streams_the_answer(cache, capsys):
 def test_init_tiny_then_ask(tmp_path, cache, capsys):
     model = tmp_path / "tiny"
     assert main(["init-tiny", str(model), "--layers", "3", "--hidden", "48"]) == 0
-    assert "3 layers" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "3 layers" in out and str(model) in out and f"--model {model}" in out  # what was written, how to use it
     assert main(["init-tiny", str(model)]) == 2  # refuses to overwrite
     assert "--force" in capsys.readouterr().err
     assert main(["ask", "--model", str(model), "--num-frames", "2", "--max-new-tokens", "2", "--json"]) == 0
@@ -172,5 +173,39 @@ def test_bench_serve_json(tiny_dir, cache, capsys):
 def test_serve_user_errors(cache, tmp_path, capsys):
     assert main(["serve", "--allowed-media-dir", str(tmp_path / "missing")]) == 2
     assert "not a folder" in capsys.readouterr().err
-    assert main(["serve", "--max-sessions", "0"]) == 2
-    assert "--max-sessions" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--max-sessions", "0"])
+    assert e.value.code == 2 and "--max-sessions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["ask", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["ask", "--temperature", "-1"], "--temperature"),
+    (["ask", "--top-p", "2"], "--top-p"),
+    (["ask", "--top-p", "0"], "--top-p"),
+    (["ask", "--num-frames", "0"], "--num-frames"),
+    (["ask", "--fps", "0"], "--fps"),
+    (["ask", "--fps", "nan"], "--fps"),
+    (["ask", "--max-new-tokens", "many"], "--max-new-tokens"),
+    (["live", "--fps", "0"], "--fps"),
+    (["live", "--duration", "-3"], "--duration"),
+    (["live", "--open-timeout", "0"], "--open-timeout"),
+    (["caption", "x.mp4", "--out", "o.jsonl", "--segment", "0"], "--segment"),
+    (["caption", "x.mp4", "--out", "o.jsonl", "--num-shards", "0"], "--num-shards"),
+    (["serve", "--port", "-5"], "--port"),
+    (["serve", "--port", "70000"], "--port"),
+])
+def test_bad_numbers_exit_2_with_one_line_naming_the_flag(cache, capsys, argv, flag):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert flag in err and "Traceback" not in err and "read_video" not in err
+
+
+def test_num_frames_zero_is_refused_not_replaced_by_8(cache, capsys):
+    # it used to become 8 frames (`args.num_frames or 8`)
+    with pytest.raises(SystemExit):
+        main(["ask", "--num-frames", "0", "--json"])
+    assert "--num-frames" in capsys.readouterr().err
