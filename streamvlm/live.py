@@ -322,6 +322,9 @@ def _same_size_runs(frames: list[LiveFrame]) -> Iterator[list[LiveFrame]]:
 
 # Events the console shows; "ingested" only drives --ask-every.
 _SHOWN = ("connected", "reconnect", "end", "dropped", "error")
+# Wall seconds the console waits for the worker threads when the run ends.
+_STOP_WAIT = 1.0
+_ENDED = {"duration": "--duration passed", "end": "the source ended", "error": "the source failed"}
 
 
 @dataclass(frozen=True)
@@ -360,6 +363,7 @@ class Console:
     def __init__(self, make_live: Callable[[EventHandler], LiveSession], plan: ConsolePlan, out, err):
         self.plan, self.out, self.err = plan, out, err
         self.inbox: queue.Queue = queue.Queue()
+        self._held_errors: list[dict] = []
         self.live = make_live(lambda event: self.inbox.put(("event", event)))
 
     def read_lines(self, stream) -> None:
@@ -373,7 +377,8 @@ class Console:
 
     def run(self) -> int:
         """Run until the source ends, --duration passes, or Ctrl-C; 0 if the source never failed, 1 if it
-        failed after some frames; raises StreamVLMError if it failed before any frame."""
+        failed after some frames; raises StreamVLMError if no frame was ingested (a failure, the end, or
+        --duration before the first frame), without answering the questions."""
         plan, live = self.plan, self.live
         started = time.monotonic()
         end_at = started + plan.duration if plan.duration else None
@@ -411,16 +416,27 @@ class Console:
                             next_ask += plan.ask_every * max(1, int((item["t"] - next_ask) // plan.ask_every) + 1)
         except KeyboardInterrupt:
             reason = "interrupted"
-        live.stop()
+        # The threads are daemons: a capture thread still inside an open (up to --open-timeout) is not waited
+        # for, so --duration bounds the run.
+        live.stop(timeout=_STOP_WAIT)
         self._drain_events()
-        if plan.ask_every is None:
+        saw_frames = live.ingested > 0
+        if plan.ask_every is None and saw_frames:  # never answer about a video it never saw
             for question in plan.questions:
                 self._ask(question)
         self._status(final=True, reason=reason)
-        if live.error is not None and live.ingested == 0:
+        if not saw_frames and reason != "interrupted":
+            # the one line main() prints: the error event was held back for it (shown once, not twice)
+            self._held_errors.clear()
+            if live.error is None:
+                raise StreamVLMError(f"no frame came from {live.source.name} ({_ENDED[reason]}); check the "
+                                     "source and --open-timeout" + ("" if reason != "duration" else
+                                                                    ", or give a longer --duration"))
             if isinstance(live.error, StreamVLMError):
                 raise live.error
             raise StreamVLMError(f"the live source failed: {live.error}") from live.error
+        for event in self._held_errors:
+            self._print(event, self._text(event))
         return 0 if live.error is None else 1
 
     def _drain_events(self) -> None:
@@ -439,9 +455,16 @@ class Console:
             print(text, file=stream or self.err, flush=True)
 
     def _show(self, event: dict) -> None:
+        if event["type"] == "error" and not self.plan.json and self.live.ingested == 0:
+            self._held_errors.append(event)  # printed at the end, or raised as the run's one error line
+            return
+        self._print(event, self._text(event))
+
+    @staticmethod
+    def _text(event: dict) -> str:
         detail = event.get("message") or (f"{event['count']} frame(s) dropped, {event['total']} in all; the model "
                                           "is slower than the source" if event["type"] == "dropped" else "")
-        self._print(event, f"[{_clock(event['t'])}] {event['type']}: {detail}")
+        return f"[{_clock(event['t'])}] {event['type']}: {detail}"
 
     def _ask(self, question: str) -> None:
         if self.plan.json:

@@ -234,3 +234,24 @@ def test_live_command_user_errors_exit_2(tiny_dir, capsys, argv, message):
     assert main(argv + ["--model", str(tiny_dir), "--no-stdin", "--status-every", "0"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_live_source_that_never_opens_exits_2_once_without_answering(tiny_dir):
+    # nothing listens on 127.0.0.1 port 1: every open is refused and the source keeps retrying. It used to run
+    # far past --duration, answer from 0 frames and exit 0; --duration now bounds the run
+    run = subprocess.run([sys.executable, "-m", "streamvlm", "live", "--model", str(tiny_dir), "--source",
+                          "rtsp://127.0.0.1:1/x", "--open-timeout", "1", "--duration", "2", "--ask", "What happens?",
+                          "--no-stdin", "--status-every", "0", "--max-new-tokens", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert "Q:" not in run.stdout and "A:" not in run.stdout and "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "rtsp://127.0.0.1:1/x" in errors[0] and "--duration" in errors[0]
+
+
+def test_live_source_failure_before_any_frame_is_printed_once(tiny_dir):
+    run = subprocess.run([sys.executable, "-m", "streamvlm", "live", "--model", str(tiny_dir), "--source",
+                          "rtsp://127.0.0.1:1/x", "--retries", "0", "--open-timeout", "1", "--ask", "What happens?",
+                          "--no-stdin", "--status-every", "0"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("could not read") == 1 and "A:" not in run.stdout
