@@ -13,10 +13,13 @@ independent jobs (a cluster scheduler's job array).
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import glob
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -96,40 +99,93 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 class JsonlOutput:
-    """An append-only JSON Lines file written one whole line at a time.
+    """An append-only JSON Lines file written one whole line at a time, by one process at a time.
 
-    On open, a trailing partial line (from a crash mid-write) is cut off, and the paths already recorded
-    are read so a re-run can skip them.
+    On open, an exclusive lock is taken (flock on `.NAME.lock` next to the file, released by the kernel when
+    the process ends, even on kill -9; the lock file stays), so a second run on the same file refuses
+    instead of duplicating every record. Then a trailing partial line (from a crash or a full disk
+    mid-write) is cut off, and the paths already recorded are read so a re-run can skip them. Errors a user
+    can cause (a folder, a parent that cannot be made, a full disk) raise StreamVLMError; what was written
+    stays.
     """
 
     def __init__(self, path: Path):
         self.path = path
         self.done: set[str] = set()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            data = path.read_bytes()
-            end = data.rfind(b"\n") + 1
-            if end < len(data):
-                logger.warning("%s ends with a partial line (an interrupted run); dropping it", path)
-                with open(path, "r+b") as f:
-                    f.truncate(end)
-            for line in data[:end].splitlines():
-                try:
-                    self.done.add(json.loads(line)["path"])
-                except (ValueError, KeyError):
-                    logger.warning("%s has a line that is not a caption record; ignoring it", path)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = self._lock_fd = None
+        if path.is_dir():
+            raise StreamVLMError(f"--out {path} is a folder; give a file in it, e.g. {path / 'captions.jsonl'}")
+        if not path.parent.is_dir():
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StreamVLMError(f"--out {path}: cannot create the folder {path.parent} "
+                                     f"({e.strerror or e}); give a file in a folder you can write") from None
+            print(f"streamvlm: created the folder {path.parent} for --out", file=sys.stderr)
+        self._lock()
+        try:
+            self._repair_and_read()
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            self.close()
+            raise StreamVLMError(f"--out {path}: cannot write it ({e.strerror or e})") from None
+
+    def _lock(self) -> None:
+        lock = self.path.with_name(f".{self.path.name}.lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StreamVLMError(f"--out {self.path}: cannot create its lock file {lock} "
+                                 f"({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StreamVLMError(f"{self.path} is being written by another caption run ({holder}); wait for it "
+                                 "to finish, or give another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _repair_and_read(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            logger.warning("%s ends with a partial line (an interrupted run or a full disk); dropping it", self.path)
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+        for line in data[:end].splitlines():
+            try:
+                self.done.add(json.loads(line)["path"])
+            except (ValueError, KeyError):
+                logger.warning("%s has a line that is not a caption record; ignoring it", self.path)
 
     def write(self, record: dict) -> None:
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-        written = os.write(self._fd, line)  # one write of the whole line, then to disk before moving on
-        if written != len(line):
-            raise OSError(f"short write to {self.path}")
-        os.fsync(self._fd)
+        size = os.fstat(self._fd).st_size
+        try:
+            written = os.write(self._fd, line)  # one write of the whole line, then to disk before moving on
+            if written != len(line):
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
+            os.fsync(self._fd)
+        except OSError as e:
+            try:  # cut what part of the line got out; if this fails too, the next run's open repairs it
+                os.ftruncate(self._fd, size)
+            except OSError:
+                pass
+            raise StreamVLMError(f"cannot write to {self.path} ({e.strerror or e}); the {len(self.done)} "
+                                 "record(s) already in it are kept: free space and run the same command again "
+                                 "to resume") from None
         self.done.add(record["path"])
 
     def close(self) -> None:
-        os.close(self._fd)
+        for fd in (self._fd, self._lock_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._lock_fd = None
 
 
 # -- one video -------------------------------------------------------------------------------------

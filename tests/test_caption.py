@@ -145,3 +145,76 @@ def test_partial_last_line_is_dropped(tmp_path):
     out.write({"path": "/c"})
     out.close()
     assert [r["path"] for r in _records(path)] == ["/a", "/c"] and out.done == {"/a", "/c"}
+
+
+def _one_line_error(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("streamvlm: error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    return lines[0]
+
+
+def test_second_run_on_one_output_refuses_while_the_first_holds_it(tiny_dir, tmp_path, capsys):
+    video = _video(tmp_path / "a.mp4", frames=8)
+    out = tmp_path / "o.jsonl"
+    running = JsonlOutput(out)  # the first run, still writing
+    line = _one_line_error(capsys, _args(tiny_dir, str(video), "--out", str(out)))
+    assert "another caption run" in line and f"pid {os.getpid()}" in line and "--out" in line
+    running.close()
+    for _ in range(2):  # once the first is done, a run (and a re-run) adds each video exactly once
+        assert main(_args(tiny_dir, str(video), "--out", str(out))) == 0
+    assert [r["path"] for r in _records(out)] == [str(video)]
+
+
+def test_two_processes_on_one_output_write_each_video_once(tiny_dir, tmp_path):
+    videos = [_video(tmp_path / f"v{i}.mp4", frames=8, seed=i) for i in range(3)]
+    out = tmp_path / "o.jsonl"
+    argv = [sys.executable, "-m", "streamvlm", *_args(tiny_dir, *map(str, videos), "--out", str(out))]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes in ([0, 0], [0, 2]), results  # the second either refused (the first held the lock) or skipped all
+    for code, err in results:
+        assert code == 0 or "another caption run" in err
+    assert sorted(r["path"] for r in _records(out)) == sorted(map(str, videos))
+
+
+def test_output_that_is_a_folder_or_cannot_be_made_exits_2(tiny_dir, tmp_path, capsys):
+    video = _video(tmp_path / "a.mp4", frames=8)
+    assert "is a folder" in _one_line_error(capsys, _args(tiny_dir, str(video), "--out", str(tmp_path)))
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    line = _one_line_error(capsys, _args(tiny_dir, str(video), "--out", str(blocker / "sub" / "o.jsonl")))
+    assert "cannot create the folder" in line
+    out = tmp_path / "new" / "deeper" / "o.jsonl"
+    assert main(_args(tiny_dir, str(video), "--out", str(out))) == 0
+    assert "created the folder" in capsys.readouterr().err and len(_records(out)) == 1
+
+
+def test_full_disk_mid_run_exits_2_keeps_what_was_written_and_resumes(tiny_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    videos = [_video(tmp_path / f"v{i}.mp4", frames=8, seed=i) for i in range(3)]
+    out = tmp_path / "o.jsonl"
+    real_write, records = os.write, []
+
+    def full_after_one(fd, data):  # the first record fits; half of the second gets out, then ENOSPC
+        if not data.startswith(b'{"path"'):
+            return real_write(fd, data)
+        records.append(data)
+        if len(records) == 1:
+            return real_write(fd, data)
+        real_write(fd, data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", full_after_one)
+    line = _one_line_error(capsys, _args(tiny_dir, *map(str, videos), "--out", str(out)))
+    monkeypatch.setattr(os, "write", real_write)
+    assert "No space left" in line and "kept" in line
+    assert out.read_bytes().endswith(b"\n") and [r["path"] for r in _records(out)] == [str(videos[0])]
+    # a partial last line left by a disk that filled up is repaired by the next run, which resumes
+    with open(out, "ab") as f:
+        f.write(b'{"path": "/half')
+    assert main(_args(tiny_dir, *map(str, videos), "--out", str(out))) == 0
+    assert sorted(r["path"] for r in _records(out)) == sorted(map(str, videos))
