@@ -230,6 +230,15 @@ def cmd_calibrate(args) -> int:
               f"{result['samples']} samples); wrote {out} (--routing {out})")
         return 0
     result = calibrate_vtw(vlm, clips, questions, args.threshold, args.max_new_tokens)
+    layers = vlm.adapter.decoder.num_layers
+    if result["layer"] >= layers:  # layer_drop:<num_layers> drops nothing: a router that only looks calibrated
+        best = min(result["kl_per_layer"], key=result["kl_per_layer"].get, default=None)
+        closest = "" if best is None else f" (the lowest KL, {result['kl_per_layer'][best]:.5f}, is at layer {best})"
+        if not args.write_anyway:
+            raise StreamVLMError(f"calibrate vtw: no layer met --threshold {args.threshold}{closest}, so the router "
+                                 "would drop nothing; raise --threshold, or pass --write-anyway to write it")
+        print(f"streamvlm: no layer met --threshold {args.threshold}{closest}; writing layer_drop:{layers}, "
+              "which drops nothing (--write-anyway)", file=sys.stderr)
     out = save_vtw(vlm, result, args.out)
     if args.json:
         print(json.dumps({**result, "out": str(out)}, indent=2))
@@ -490,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=_positive_int, default=8, help="frames per clip (default 8)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=16, help="answer tokens scored (default 16)")
     p.add_argument("--out", required=True, help="router folder to write")
+    p.add_argument("--write-anyway", action="store_true",
+                   help="vtw: write the router even when no layer meets --threshold (it then drops nothing; "
+                        "without this flag that exits 2)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_model_args(p)
     p.set_defaults(func=cmd_calibrate)

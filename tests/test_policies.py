@@ -162,7 +162,7 @@ def test_vtw_calibration_writes_a_router_that_loads(tmp_path, capsys, monkeypatc
     model = write_tiny_checkpoint(tmp_path / "m", TinySpec(num_layers=4, image_size=56, patch_size=7))
     videos = [str(write_video(tmp_path / f"v{i}.mp4", random_frames(8, height=64, width=64, seed=i), fps=8))
               for i in range(2)]
-    out = tmp_path / "vtw"
+    out = out_path = tmp_path / "vtw"
     args = ["calibrate", "vtw", "--model", str(model), "--videos", *videos, "--num-frames", "3",
             "--max-new-tokens", "4", "--out", str(out), "--json"]
     assert main(args + ["--threshold", "1e9"]) == 0
@@ -176,8 +176,17 @@ def test_vtw_calibration_writes_a_router_that_loads(tmp_path, capsys, monkeypatc
     assert chosen == min(layer for layer in kl if kl[layer] <= threshold)
     loaded = StreamVLM.from_pretrained(model, routing=str(out))
     assert loaded.router.spec() == f"layer_drop:{chosen}"
-    assert main(args + ["--threshold", "-1"]) == 0  # nothing passes: no layer is dropped
-    assert json.loads(capsys.readouterr().out)["layer"] == 4
+    assert min(kl.values()) > 0  # so that a threshold of 0 is met by no layer
+    # nothing passes: it used to write layer_drop:4, which drops nothing, and say nothing of it
+    assert main(args + ["--threshold", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "no layer met --threshold 0" in err and "--write-anyway" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert StreamVLM.from_pretrained(model, routing=str(out_path)).router.spec() == f"layer_drop:{chosen}"
+    assert main(args + ["--threshold", "0", "--write-anyway"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["layer"] == 4 and "drops nothing" in err
+    assert StreamVLM.from_pretrained(model, routing=str(out_path)).router.spec() == "layer_drop:4"
 
 
 @pytest.mark.parametrize("spec", ["skip:block", "skip:attn:2", "skip:mlp:1:3", "skip:parallel:0:4:2", "skip:attn::4:2"])
