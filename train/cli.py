@@ -102,8 +102,36 @@ def vision_main(argv: list[str]) -> int:
     return 0
 
 
+HELP = """\
+usage: streamvlm-train COMMAND [OPTIONS]
+
+Train routers (and optionally LoRA or the whole model) with Lightning, and turn what training writes into
+folders the runtime loads.
+
+commands:
+  fit           train: streamvlm-train fit --config train/configs/tiny_cpu.yaml (--ckpt_path last resumes)
+  validate      one evaluation pass over the validation set
+  test          one evaluation pass over the test set
+  predict       run the model over the prediction set
+  export        write a training checkpoint's router as a router folder (for --routing)
+  export-model  write a full-training checkpoint's model as a checkpoint folder (for --model)
+  vision        stage 0 of the world model: train the vision tower and projector
+  bench         a training step, routed vs dense: time and memory
+  plot          draw the loss curves of a run's metrics.csv as an SVG
+
+`streamvlm-train COMMAND --help` lists a command's options; fit, validate, test and predict take every
+LightningCLI flag (--config, --trainer.strategy ddp, --trainer.precision bf16-mixed, ...).
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
+    # LightningCLI reads sys.argv itself when given no args (and warns when given both)
+    lightning_args = argv
     argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        # our own help: Lightning's lists only its four subcommands, after a warning
+        print(HELP, end="", file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
     try:
         if argv and argv[0] == "export":
             return export_main(argv[1:])
@@ -122,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         from streamvlm.train.data import VideoDataModule
         from streamvlm.train.module import RouterTrainingModule
 
-        _cli_class()(RouterTrainingModule, VideoDataModule, args=argv, seed_everything_default=0,
+        _cli_class()(RouterTrainingModule, VideoDataModule, args=lightning_args, seed_everything_default=0,
                      save_config_kwargs={"overwrite": True})
         return 0
     except StreamVLMError as e:
