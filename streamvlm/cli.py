@@ -132,10 +132,8 @@ def cmd_ask(args) -> int:
 
 def cmd_live(args) -> int:
     from streamvlm.live import Console, ConsolePlan, LiveSession
-    from streamvlm.video.live import Reconnect, open_source
+    from streamvlm.video.live import Reconnect, StreamSource, open_source
 
-    plan = ConsolePlan(questions=tuple(args.ask or ()), ask_every=args.ask_every, duration=args.duration,
-                       status_every=args.status_every, json=args.json)
     options = {}
     for item in args.source_option or ():
         key, sep, value = item.partition("=")
@@ -148,6 +146,11 @@ def cmd_live(args) -> int:
 
     source = open_source(source_spec(args.source), fps=args.fps, speed=args.speed, loop=args.loop, reconnect=policy,
                          options=options)
+    # a network stream or webcam that has not connected within --open-timeout ends the run (exit 2), whatever
+    # --retries says; the retries are for reconnecting once it has played
+    plan = ConsolePlan(questions=tuple(args.ask or ()), ask_every=args.ask_every, duration=args.duration,
+                       status_every=args.status_every, json=args.json,
+                       open_timeout=args.open_timeout if isinstance(source, StreamSource) else None)
     vlm, _ = _load(args)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
@@ -407,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="files and lavfi: playback speed (default 1 = real time; 0 = as fast as it decodes)")
     g.add_argument("--loop", action="store_true", help="files: start over at the end")
     g.add_argument("--open-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
-                   help="network and webcams: seconds to open the stream (default 10)")
+                   help="network and webcams: seconds to open the stream; one that has not connected by then "
+                        "(retries included) ends the run with exit status 2 (default 10)")
     g.add_argument("--read-timeout", type=_positive_float, default=5.0, metavar="SECONDS",
                    help="network and webcams: seconds without data before reconnecting (default 5)")
     g.add_argument("--retries", type=int, default=5,

@@ -324,6 +324,9 @@ def _same_size_runs(frames: list[LiveFrame]) -> Iterator[list[LiveFrame]]:
 _SHOWN = ("connected", "reconnect", "end", "dropped", "error")
 # Wall seconds the console waits for the worker threads when the run ends.
 _STOP_WAIT = 1.0
+# Seconds past --open-timeout before the console gives up on a source that never connected: an open that
+# succeeds just inside its timeout still gets its "connected" event through.
+_OPEN_GRACE = 1.0
 _ENDED = {"duration": "--duration passed", "end": "the source ended", "error": "the source failed"}
 
 
@@ -340,6 +343,9 @@ class ConsolePlan:
     """Wall seconds between status lines (0: none)."""
     json: bool = False
     """One JSON object per line on stdout for every event, instead of text."""
+    open_timeout: float | None = None
+    """Wall seconds (plus a second's grace) within which the source must first connect, or the run ends with
+    StreamVLMError (None: the source's own retries decide). For sources that send "connected" (StreamSource)."""
 
     def __post_init__(self):
         if self.ask_every is not None and not self.ask_every > 0:
@@ -350,6 +356,8 @@ class ConsolePlan:
             raise StreamVLMError(f"--duration must be positive, got {self.duration}")
         if self.status_every < 0:
             raise StreamVLMError(f"--status-every must be >= 0, got {self.status_every}")
+        if self.open_timeout is not None and not self.open_timeout > 0:
+            raise StreamVLMError(f"--open-timeout must be positive, got {self.open_timeout}")
 
 
 class Console:
@@ -364,6 +372,7 @@ class Console:
         self.plan, self.out, self.err = plan, out, err
         self.inbox: queue.Queue = queue.Queue()
         self._held_errors: list[dict] = []
+        self._last_reconnect: str | None = None
         self.live = make_live(lambda event: self.inbox.put(("event", event)))
 
     def read_lines(self, stream) -> None:
@@ -384,11 +393,12 @@ class Console:
         end_at = started + plan.duration if plan.duration else None
         next_status = started + plan.status_every if plan.status_every else None
         next_ask = plan.ask_every
+        open_by = started + plan.open_timeout + _OPEN_GRACE if plan.open_timeout else None
         reason = "interrupted"
         live.start()
         try:
             while True:
-                deadlines = [d for d in (end_at, next_status) if d is not None]
+                deadlines = [d for d in (end_at, next_status, open_by) if d is not None]
                 timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
                 try:
                     kind, item = self.inbox.get(timeout=timeout)
@@ -397,6 +407,13 @@ class Console:
                 now = time.monotonic()
                 if end_at is not None and now >= end_at:
                     reason = "duration"
+                    break
+                if kind == "event" and item["type"] in ("connected", "ingested"):
+                    open_by = None
+                if kind == "event" and item["type"] == "reconnect":
+                    self._last_reconnect = item.get("message")
+                if open_by is not None and now >= open_by:
+                    reason = "open_timeout"
                     break
                 if next_status is not None and now >= next_status:
                     self._status()
@@ -428,6 +445,11 @@ class Console:
         if not saw_frames and reason != "interrupted":
             # the one line main() prints: the error event was held back for it (shown once, not twice)
             self._held_errors.clear()
+            if reason == "open_timeout":
+                last = f" (last: {self._last_reconnect})" if self._last_reconnect else ""
+                raise StreamVLMError(f"could not open {live.source.name} within --open-timeout "
+                                     f"{plan.open_timeout:g} s{last}; check the address and that the stream is "
+                                     "running, or give a longer --open-timeout")
             if live.error is None:
                 raise StreamVLMError(f"no frame came from {live.source.name} ({_ENDED[reason]}); check the "
                                      "source and --open-timeout" + ("" if reason != "duration" else

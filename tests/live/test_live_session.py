@@ -208,6 +208,7 @@ def test_console_source_that_fails_before_any_frame_raises(tiny_vlm):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(ask_every=0, questions=("q",)), "--ask-every"), (dict(ask_every=5), "needs at least one"),
     (dict(duration=-1), "--duration"), (dict(status_every=-1), "--status-every"),
+    (dict(open_timeout=0), "--open-timeout"),
 ])
 def test_console_plan_checks(kwargs, message):
     with pytest.raises(StreamVLMError, match=message):
@@ -236,17 +237,33 @@ def test_live_command_user_errors_exit_2(tiny_dir, capsys, argv, message):
     assert message in err and "Traceback" not in err
 
 
-def test_live_source_that_never_opens_exits_2_once_without_answering(tiny_dir):
-    # nothing listens on 127.0.0.1 port 1: every open is refused and the source keeps retrying. It used to run
-    # far past --duration, answer from 0 frames and exit 0; --duration now bounds the run
-    run = subprocess.run([sys.executable, "-m", "streamvlm", "live", "--model", str(tiny_dir), "--source",
-                          "rtsp://127.0.0.1:1/x", "--open-timeout", "1", "--duration", "2", "--ask", "What happens?",
-                          "--no-stdin", "--status-every", "0", "--max-new-tokens", "2"],
-                         capture_output=True, text=True, timeout=120)
+def _live_run(tiny_dir, *argv):
+    return subprocess.run([sys.executable, "-m", "streamvlm", "live", "--model", str(tiny_dir), "--ask",
+                           "What happens?", "--no-stdin", "--status-every", "0", "--max-new-tokens", "2", *argv],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _the_one_error(run) -> str:
     assert run.returncode == 2, run.stderr
     assert "Q:" not in run.stdout and "A:" not in run.stdout and "Traceback" not in run.stderr
     errors = [line for line in run.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and "rtsp://127.0.0.1:1/x" in errors[0] and "--duration" in errors[0]
+    assert len(errors) == 1, run.stderr
+    return errors[0]
+
+
+def test_live_source_that_never_opens_exits_2_once_without_answering(tiny_dir):
+    # nothing listens on 127.0.0.1 port 1: every open is refused and the source keeps retrying. It used to run
+    # far past --duration, answer from 0 frames and exit 0; now the run ends once --open-timeout has passed
+    # (the retries are for reconnecting a stream that played), well before --duration
+    error = _the_one_error(_live_run(tiny_dir, "--source", "rtsp://127.0.0.1:1/x", "--open-timeout", "1",
+                                     "--duration", "60", "--retries", "-1"))
+    assert "could not open rtsp://127.0.0.1:1/x within --open-timeout 1 s" in error and "refused" in error
+
+
+def test_live_duration_bounds_a_run_whose_source_never_opens(tiny_dir):
+    error = _the_one_error(_live_run(tiny_dir, "--source", "rtsp://127.0.0.1:1/x", "--open-timeout", "60",
+                                     "--duration", "2", "--retries", "-1"))
+    assert "no frame came from rtsp://127.0.0.1:1/x (--duration passed)" in error
 
 
 def test_live_source_failure_before_any_frame_is_printed_once(tiny_dir):
