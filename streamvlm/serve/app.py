@@ -30,12 +30,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from streamvlm.errors import StreamVLMError
@@ -43,6 +43,7 @@ from streamvlm.memory import MemoryBudget
 from streamvlm.serve.completions import (
     ChatRequest,
     ChatResult,
+    Text,
     chunk_body,
     completion_body,
     completion_id,
@@ -72,11 +73,13 @@ class ServeConfig:
 
 
 class StreamRequest(BaseModel):
-    source: str = Field(description="`sample`, rtsp://, udp://, http(s)://... URL, /dev/videoN, or a file in the "
+    # a misspelt field would silently open a stream with defaults the client did not ask for
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    source: Text = Field(description="`sample`, rtsp://, udp://, http(s)://... URL, /dev/videoN, or a file in the "
                                     "media folder (played as live)")
     fps: float = Field(1.0, gt=0, le=30, description="frames per second of stream time fed to the model")
-    routing: str | None = Field(None, description="a --routing spec (default: the server's)")
-    memory_budget: str | int | None = Field("auto", description="bound on the KV cache: entries per layer, bytes "
+    routing: Text | None = Field(None, description="a --routing spec (default: the server's)")
+    memory_budget: Text | Annotated[int, Field(ge=1, le=2**62)] | None = Field("auto", description="bound on the KV cache: entries per layer, bytes "
                                                                 "('64MB'), 'auto' (half the context) or null")
     speed: float = Field(1.0, ge=0, le=100, description="files only: playback speed (0: as fast as ingest runs)")
     loop: bool = Field(False, description="files only: start again at the end")
@@ -84,9 +87,10 @@ class StreamRequest(BaseModel):
 
 
 class AskMessage(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
     type: Literal["ask"]
-    question: str
-    id: str | None = None
+    question: Text
+    id: Text | None = Field(None, max_length=200)
     max_tokens: int | None = Field(None, ge=1, le=4096)
     temperature: float | None = Field(None, ge=0, le=2)
 
@@ -228,7 +232,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         budget = req.memory_budget
         try:
             MemoryBudget.parse(budget)
-        except (StreamVLMError, ValueError) as e:
+        except (StreamVLMError, ValueError, OverflowError) as e:  # "1e999GB" overflows
             raise APIError(400, f"memory_budget: {e}", param="memory_budget") from None
         routing = req.routing
         if routing is not None:

@@ -1,0 +1,128 @@
+"""Hostile input: malformed requests, broken WebSocket messages, unauthenticated uploads, dead streams, slow
+clients and floods of questions. Each is refused with a 4xx (or an `error` event), and the server keeps
+serving."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import torch
+
+from streamvlm.video.files import write_video
+
+KEY = "h0stile-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    frames = torch.randint(0, 255, (8, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    write_video(root / "ok.mp4", frames, fps=8)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(serve, media):
+    return serve(api_key=KEY, media_dir=media, max_sessions=1, extra=("--max-body-mb", "2", "--max-data-mb", "1"))
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as client:
+        yield client
+
+
+def ws_url(server, stream_id: str) -> str:
+    return server.url.replace("http://", "ws://") + f"/v1/streams/{stream_id}/ws"
+
+
+def user(content) -> dict:
+    return {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": content}]}
+
+
+def video(url: str) -> dict:
+    return user([{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "Q?"}])
+
+
+BAD_CHATS = [
+    {**video("ok.mp4\x00.txt")},
+    {**video("ok.mp4"), "seed": 2**70},
+    {**video("ok.mp4"), "seed": -1},
+    {**video("ok.mp4"), "max_tokens": 2**70},
+    {**video("ok.mp4"), "max_tokens": -5},
+    {**video("ok.mp4"), "max_completion_tokens": 2**64},
+    {**video("ok.mp4"), "top_k": 2**70},
+    {**video("ok.mp4"), "top_k": -1},
+    {**video("ok.mp4"), "n": 2**70},
+    {**video("ok.mp4"), "temperature": "hot"},
+    {**video("ok.mp4"), "top_p": [1]},
+    {**video("ok.mp4"), "routing": "mod:0.2\x00"},
+    {**video("ok.mp4"), "routing": 7},
+    {**video("ok.mp4"), "stream": "yes please"},
+    {**video("ok.mp4"), "video": {"num_frames": 2**70}},
+    {**video("ok.mp4"), "video": {"num_frames": -1}},
+    {**video("ok.mp4"), "video": {"fps": 1, "frames": 3}},
+    {**video("ok.mp4"), "model": "tiny\x00"},
+    {**video("ok.mp4"), "messages": "hello"},
+    {**video("ok.mp4"), "messages": []},
+    user("what\x00now?"),
+    user([{"type": "text\x00", "text": "Q?"}]),
+    user([{"type": "text", "text": "Q\x00?"}]),
+    user([{"type": "video_url", "video_url": {"url": 12}}, {"type": "text", "text": "Q?"}]),
+    user([{"type": "video_url", "video_url": "ok.mp4"}, {"type": "text", "text": "Q?"}]),
+    user(12),
+    {"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]},
+    {"model": "tiny", "messages": [None]},
+    [1, 2, 3],
+    "a string",
+    None,
+]
+
+BAD_STREAMS = [
+    {"source": "ok.mp4\x00"},
+    {"source": "sample", "routing": "fastv\x00"},
+    {"source": "sample", "memory_budget": "64MB\x00"},
+    {"source": "sample", "memory_budget": 2**70},
+    {"source": "sample", "memory_budget": -3},
+    {"source": "sample", "memory_budget": "9" * 400 + "GB"},
+    {"source": "sample", "max_tokens": 2**70},
+    {"source": "sample", "fps": "fast"},
+    {"source": "sample", "speed": -1},
+    {"source": "sample", "lop": True},  # misspelt: refused, not silently ignored
+    {"source": 5},
+    {},
+    [],
+]
+
+
+@pytest.mark.parametrize("body", BAD_CHATS, ids=range(len(BAD_CHATS)))
+def test_malformed_chat_requests_are_4xx(server, http, body):
+    response = http.post("/v1/chat/completions", json=body)
+    assert 400 <= response.status_code < 500, response.text
+    assert set(response.json()["error"]) >= {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("body", BAD_STREAMS, ids=range(len(BAD_STREAMS)))
+def test_malformed_stream_requests_are_4xx(server, http, body):
+    response = http.post("/v1/streams", json=body)
+    assert 400 <= response.status_code < 500, response.text
+    assert "error" in response.json()
+
+
+def test_nan_and_infinity_are_4xx(server, http):
+    # Python's json (and so Starlette's) reads NaN and Infinity, which JSON itself does not have
+    for text in ('{"source": "sample", "fps": NaN}', '{"source": "sample", "speed": Infinity}'):
+        response = http.post("/v1/streams", content=text, headers={"Content-Type": "application/json"})
+        assert 400 <= response.status_code < 500, response.text
+    body = json.dumps(video("ok.mp4"))[:-1] + ', "temperature": NaN}'
+    response = http.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    assert 400 <= response.status_code < 500, response.text
+
+
+def test_server_lives_after_malformed_requests(server, http):
+    assert server.alive()
+    assert http.post("/v1/chat/completions", json=video("ok.mp4")).status_code == 200
+    assert "Traceback" not in server.log()
