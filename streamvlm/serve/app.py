@@ -319,8 +319,14 @@ async def _serve_watcher(websocket: WebSocket, stream: LiveStream, watcher: Watc
     async def reader():
         answers: set[asyncio.Task] = set()
         while True:
-            raw = await websocket.receive_text()
+            received = await websocket.receive()
+            if received["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(received.get("code", 1000))
+            message = None  # what the except branch reports, whatever failed first
             try:
+                raw = received.get("text")
+                if raw is None:
+                    raise ValueError("a message is JSON text, not binary")
                 message = json.loads(raw)
                 if not isinstance(message, dict):
                     raise ValueError("a message is a JSON object")

@@ -126,3 +126,36 @@ def test_server_lives_after_malformed_requests(server, http):
     assert server.alive()
     assert http.post("/v1/chat/completions", json=video("ok.mp4")).status_code == 200
     assert "Traceback" not in server.log()
+
+
+def open_stream(http, **extra) -> str:
+    response = http.post("/v1/streams", json={"source": "sample", "loop": True, **extra})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def next_of(ws, *types: str, timeout: float = 30) -> dict:
+    """The next message of one of `types`, skipping the stream's status, frame and event messages."""
+    while True:
+        message = json.loads(ws.recv(timeout=timeout))
+        if message["type"] in types:
+            return message
+
+
+def test_non_json_websocket_messages_get_an_error_and_the_connection_stays(server, http):
+    from websockets.sync.client import connect
+
+    stream_id = open_stream(http)
+    try:
+        with connect(ws_url(server, stream_id), additional_headers=AUTH, open_timeout=10) as ws:
+            assert next_of(ws, "hello")["type"] == "hello"
+            for bad in ("not json", "{", "[1, 2]", '"ask"', b"\x00\xff binary", '{"type": "ask"}',
+                        '{"type": "ask", "question": "a\\u0000b"}'):
+                ws.send(bad)
+                error = next_of(ws, "error", "closed")
+                assert error["type"] == "error" and "bad message" in error["message"], error
+            ws.send(json.dumps({"type": "stats"}))
+            assert next_of(ws, "status", "closed")["type"] == "status"  # still open and answering
+    finally:
+        assert http.delete(f"/v1/streams/{stream_id}").status_code == 200
+    assert "Traceback" not in server.log()
