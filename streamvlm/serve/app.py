@@ -32,7 +32,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, HTTPException, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -111,13 +111,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                               "questions.")
     app.state.registry = registry
     app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
-
-    def require_key(request: Request) -> None:
-        if config.api_key is not None and not _key_ok(request.headers.get("authorization"), config.api_key):
-            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-                           code="invalid_api_key")
-
-    authed = [Depends(require_key)]
+    if config.api_key is not None:  # outermost: a request without the key is refused before its body is read
+        app.add_middleware(_KeyCheck, key=config.api_key)
 
     # -- errors ------------------------------------------------------------------------------------
 
@@ -155,7 +150,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     async def health():
         return {"status": "ok", "model": engine.model_id, "streams": len(registry)}
 
-    @app.get("/v1/models", dependencies=authed)
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": engine.model_id, "object": "model", "created": 0,
                                             "owned_by": "streamvlm", "routing": engine.default_routing}]}
@@ -172,7 +167,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     # -- chat completions --------------------------------------------------------------------------
 
-    @app.post("/v1/chat/completions", dependencies=authed)
+    @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
         job = parse_request(req, engine.model_id)
         if job.routing is not None:
@@ -220,13 +215,13 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     # -- live streams ------------------------------------------------------------------------------
 
-    @app.get("/v1/sources", dependencies=authed)
+    @app.get("/v1/sources")
     async def sources():
         items = [{"id": "sample", "label": "sample video (built in, played as live)"}]
         items += [{"id": name, "label": name} for name in config.media.listing()]
         return {"object": "list", "data": items}
 
-    @app.post("/v1/streams", dependencies=authed, status_code=201)
+    @app.post("/v1/streams", status_code=201)
     async def open_stream(req: StreamRequest):
         resolved = config.media.live_source(req.source)
         budget = req.memory_budget
@@ -252,22 +247,22 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         return await asyncio.to_thread(stream.describe)
 
     # LiveSession.stats waits for the session's lock, which an answer holds throughout: never on the loop.
-    @app.get("/v1/streams", dependencies=authed)
+    @app.get("/v1/streams")
     async def list_streams():
         return {"object": "list", "data": [await asyncio.to_thread(s.describe) for s in registry.all()]}
 
-    @app.get("/v1/streams/{stream_id}", dependencies=authed)
+    @app.get("/v1/streams/{stream_id}")
     async def get_stream(stream_id: str):
         return await asyncio.to_thread(registry.get(stream_id).describe)
 
-    @app.get("/v1/streams/{stream_id}/frame.jpg", dependencies=authed)
+    @app.get("/v1/streams/{stream_id}/frame.jpg")
     async def frame(stream_id: str):
         shot = await asyncio.to_thread(registry.get(stream_id).preview)
         if shot is None:
             raise APIError(404, "no frame captured yet", code="no_frame")
         return Response(shot[1], media_type="image/jpeg", headers={"X-Stream-Time": f"{shot[0]:.3f}"})
 
-    @app.delete("/v1/streams/{stream_id}", dependencies=authed)
+    @app.delete("/v1/streams/{stream_id}")
     async def close_stream(stream_id: str):
         stream = registry.get(stream_id)
         registry.release(stream_id)
@@ -416,6 +411,28 @@ def _short(error: Exception) -> str:
 
 
 _ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+
+
+class _KeyCheck:
+    """401 for an HTTP request under /v1 without `Authorization: Bearer KEY`, from its headers alone: the body
+    is never read (FastAPI's dependencies run after the body is parsed, so a keyless upload of 45 MB used to be
+    read in full first). The connection is closed after the refusal, since the body was not drained."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers", ())).get(b"authorization")
+        if header is not None and _key_ok(header.decode("latin-1"), self.key):
+            return await self.app(scope, receive, send)
+        body = json.dumps(error_body(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                                     code="invalid_api_key")).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b"Bearer"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class _BodyLimit:

@@ -5,6 +5,7 @@ serving."""
 from __future__ import annotations
 
 import json
+import socket
 
 import httpx
 import pytest
@@ -159,3 +160,17 @@ def test_non_json_websocket_messages_get_an_error_and_the_connection_stays(serve
     finally:
         assert http.delete(f"/v1/streams/{stream_id}").status_code == 200
     assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("key_header", [b"", b"Authorization: Bearer wrong\r\n"])
+def test_an_upload_without_the_key_is_refused_before_its_body_is_read(server, key_header):
+    # 1.9 MB announced (under --max-body-mb 2), 1 KB sent: the 401 must come without waiting for the rest
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + key_header + b"Content-Length: 1900000\r\n\r\n" + b"x" * 1024)
+        reply = b""
+        while chunk := conn.recv(65536):  # a timeout here (socket.timeout) means the server waited for the body
+            reply += chunk  # until the server closes the connection: the unread body is not drained
+    assert reply.startswith(b"HTTP/1.1 401"), reply[:200]
+    assert b"invalid_api_key" in reply
