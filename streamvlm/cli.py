@@ -272,6 +272,8 @@ def cmd_serve(args) -> int:
     for name in ("max_sessions", "workers"):
         if getattr(args, name) < 1:
             raise StreamVLMError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.ended_grace_s < 0:
+        raise StreamVLMError("--ended-grace-s must be at least 0")
     if args.max_data_mb <= 0 or args.max_body_mb < args.max_data_mb:
         raise StreamVLMError("--max-data-mb must be positive and --max-body-mb at least as large "
                              "(base64 makes an inline video a third larger than the file)")
@@ -281,7 +283,7 @@ def cmd_serve(args) -> int:
     config = ServeConfig(api_key=api_key, max_sessions=args.max_sessions,
                          media=MediaPolicy(media_dir, max_data_bytes=int(args.max_data_mb * 2**20),
                                            allow_devices=not args.no_devices),
-                         max_body_bytes=int(args.max_body_mb * 2**20))
+                         max_body_bytes=int(args.max_body_mb * 2**20), ended_grace_s=args.ended_grace_s)
     serve(Engine(vlm, model_id, workers=args.workers), config, host=args.host, port=args.port,
           log_level="info" if args.verbose else "warning")
     return 0
@@ -499,7 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-media-dir", default=None, metavar="DIR",
                    help="video files requests may name (relative to DIR; nothing outside it, symlinks included); "
                         "default: none, videos come as data: URIs or live streams")
-    p.add_argument("--max-sessions", type=int, default=4, metavar="N", help="live streams open at once (default 4)")
+    p.add_argument("--max-sessions", type=int, default=4, metavar="N",
+                   help="live streams running at once; one that ended or failed frees its slot (default 4)")
+    p.add_argument("--ended-grace-s", type=float, default=300.0, metavar="S",
+                   help="how long a stream that ended or failed stays readable before it is closed (default 300)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="requests computed at once; more wait their turn in order (default 1: torch already "
                         "spreads one request over the cores; measured faster than 2 on the built-in model, see "

@@ -70,6 +70,8 @@ class ServeConfig:
     """Live streams open at once."""
     max_body_bytes: int = 48 * 2**20
     """Largest request body; a data: URI video must fit in it."""
+    ended_grace_s: float = 300.0
+    """How long a stream that ended or failed stays readable (it no longer takes a --max-sessions slot)."""
 
 
 class StreamRequest(BaseModel):
@@ -96,7 +98,18 @@ class AskMessage(BaseModel):
 
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
-    registry = StreamRegistry(config.max_sessions)
+    registry = StreamRegistry(config.max_sessions, config.ended_grace_s)
+
+    async def close(stream: LiveStream) -> None:
+        stream.cancel_ticker()
+        for watcher in list(stream.watchers):
+            watcher.offer({"type": "closed", "t": stream.live.stream_time})
+        await asyncio.to_thread(stream.close)
+
+    async def sweep() -> None:
+        """Close the ended streams whose grace period is over."""
+        for stream in registry.expired():
+            await close(stream)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -232,6 +245,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         routing = req.routing
         if routing is not None:
             _check_routing(engine, routing)
+        await sweep()
         spec = StreamSpec(source=req.source, resolved=resolved, fps=req.fps, routing=routing or engine.default_routing,
                           memory_budget=budget, speed=req.speed, loop=req.loop, max_new_tokens=req.max_tokens)
         stream_id = registry.reserve()
@@ -249,6 +263,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     # LiveSession.stats waits for the session's lock, which an answer holds throughout: never on the loop.
     @app.get("/v1/streams")
     async def list_streams():
+        await sweep()
         return {"object": "list", "data": [await asyncio.to_thread(s.describe) for s in registry.all()]}
 
     @app.get("/v1/streams/{stream_id}")
@@ -266,10 +281,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     async def close_stream(stream_id: str):
         stream = registry.get(stream_id)
         registry.release(stream_id)
-        stream.cancel_ticker()
-        for watcher in list(stream.watchers):
-            watcher.offer({"type": "closed", "t": stream.live.stream_time})
-        await asyncio.to_thread(stream.close)
+        await close(stream)
         return {"id": stream_id, "object": "stream.deleted", "deleted": True}
 
     @app.websocket("/v1/streams/{stream_id}/ws")

@@ -174,3 +174,57 @@ def test_an_upload_without_the_key_is_refused_before_its_body_is_read(server, ke
             reply += chunk  # until the server closes the connection: the unread body is not drained
     assert reply.startswith(b"HTTP/1.1 401"), reply[:200]
     assert b"invalid_api_key" in reply
+
+
+class _Fake:
+    """Enough of a LiveStream for the registry: an id and whether its live session is done."""
+
+    def __init__(self, stream_id: str):
+        self.id, self.live = stream_id, type("Live", (), {"done": False})()
+
+
+def test_registry_frees_the_slot_of_an_ended_stream_and_keeps_its_figures_for_a_while():
+    from streamvlm.serve.errors import APIError
+    from streamvlm.serve.streams import StreamRegistry
+
+    registry = StreamRegistry(max_sessions=1, ended_grace_s=3600)
+    first = _Fake(registry.reserve())
+    registry.put(first)
+    with pytest.raises(APIError) as info:
+        registry.reserve()
+    assert info.value.status == 429
+    first.live.done = True  # ended (or failed)
+    second = _Fake(registry.reserve())
+    registry.put(second)
+    assert registry.get(first.id) is first and registry.expired() == []  # still readable
+    second.live.done = True
+    assert registry.expired() == [first]  # only max_sessions ended streams are kept
+    assert registry.get(second.id) is second
+    prompt = StreamRegistry(max_sessions=1, ended_grace_s=0)
+    gone = _Fake(prompt.reserve())
+    prompt.put(gone)
+    gone.live.done = True
+    assert prompt.expired() == [gone] and len(prompt) == 0
+
+
+def test_a_stream_that_ended_frees_its_slot(server, http):
+    import time
+
+    first = http.post("/v1/streams", json={"source": "ok.mp4", "speed": 0, "fps": 8})
+    assert first.status_code == 201, first.text
+    first_id = first.json()["id"]
+    ids = [first_id]
+    try:
+        deadline = time.monotonic() + 120  # a bound on the wait, not a timing assertion
+        while not http.get(f"/v1/streams/{first_id}").json()["stats"]["done"]:
+            assert time.monotonic() < deadline, "the 1-second file never ended"
+            time.sleep(0.2)
+        second = http.post("/v1/streams", json={"source": "sample", "loop": True})  # --max-sessions 1
+        assert second.status_code == 201, second.text
+        ids.append(second.json()["id"])
+        figures = http.get(f"/v1/streams/{first_id}")
+        assert figures.status_code == 200 and figures.json()["stats"]["ingested"] > 0
+        assert http.post("/v1/streams", json={"source": "sample"}).status_code == 429  # the running one counts
+    finally:
+        for stream_id in ids:
+            assert http.delete(f"/v1/streams/{stream_id}").status_code == 200
