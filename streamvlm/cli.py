@@ -274,6 +274,11 @@ def cmd_serve(args) -> int:
             raise StreamVLMError(f"--{name.replace('_', '-')} must be at least 1")
     if args.ended_grace_s < 0:
         raise StreamVLMError("--ended-grace-s must be at least 0")
+    for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
+        if not getattr(args, name) > 0:
+            raise StreamVLMError(f"--{name.replace('_', '-')} must be positive")
+    if args.max_connections < 1:
+        raise StreamVLMError("--max-connections must be at least 1")
     if args.max_data_mb <= 0 or args.max_body_mb < args.max_data_mb:
         raise StreamVLMError("--max-data-mb must be positive and --max-body-mb at least as large "
                              "(base64 makes an inline video a third larger than the file)")
@@ -283,7 +288,9 @@ def cmd_serve(args) -> int:
     config = ServeConfig(api_key=api_key, max_sessions=args.max_sessions,
                          media=MediaPolicy(media_dir, max_data_bytes=int(args.max_data_mb * 2**20),
                                            allow_devices=not args.no_devices),
-                         max_body_bytes=int(args.max_body_mb * 2**20), ended_grace_s=args.ended_grace_s)
+                         max_body_bytes=int(args.max_body_mb * 2**20), ended_grace_s=args.ended_grace_s,
+                         header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
+                         keep_alive_s=args.keep_alive_s, max_connections=args.max_connections)
     serve(Engine(vlm, model_id, workers=args.workers), config, host=args.host, port=args.port,
           log_level="info" if args.verbose else "warning")
     return 0
@@ -513,6 +520,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest video sent inline as a data: URI (default 32)")
     p.add_argument("--max-body-mb", type=float, default=48.0, metavar="MB",
                    help="largest request body (default 48)")
+    p.add_argument("--header-timeout-s", type=float, default=10.0, metavar="S",
+                   help="seconds a connection may take to send a request's headers, then it is closed (default 10)")
+    p.add_argument("--body-timeout-s", type=float, default=30.0, metavar="S",
+                   help="seconds a request body may go without a byte arriving, then 408 (default 30)")
+    p.add_argument("--keep-alive-s", type=float, default=5.0, metavar="S",
+                   help="seconds an idle keep-alive connection stays open (default 5)")
+    p.add_argument("--max-connections", type=int, default=256, metavar="N",
+                   help="connections open at once, WebSockets included; more get 503 (default 256)")
     p.add_argument("--no-devices", action="store_true", help="refuse to open cameras (/dev/videoN) for clients")
     p.add_argument("--model-name", default=None,
                    help="the model id clients send (default: the checkpoint folder's name, or streamvlm-builtin)")

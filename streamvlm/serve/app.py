@@ -72,6 +72,15 @@ class ServeConfig:
     """Largest request body; a data: URI video must fit in it."""
     ended_grace_s: float = 300.0
     """How long a stream that ended or failed stays readable (it no longer takes a --max-sessions slot)."""
+    header_timeout_s: float = 10.0
+    """Seconds a connection may take to send a request's headers (from connecting, or after the previous
+    response); then it is closed."""
+    body_timeout_s: float = 30.0
+    """Seconds a request body may go without a byte arriving; then 408 and the connection is closed."""
+    keep_alive_s: float = 5.0
+    """Seconds an idle keep-alive connection is kept open between requests."""
+    max_connections: int = 256
+    """Connections open at once (HTTP and WebSocket); more are answered 503 and closed."""
 
 
 class StreamRequest(BaseModel):
@@ -124,6 +133,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                               "questions.")
     app.state.registry = registry
     app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(_BodyTimeout, timeout=config.body_timeout_s)
     if config.api_key is not None:  # outermost: a request without the key is refused before its body is read
         app.add_middleware(_KeyCheck, key=config.api_key)
 
@@ -149,7 +159,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
+                            headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request, exc: Exception):
@@ -445,6 +456,34 @@ class _KeyCheck:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"www-authenticate", b"Bearer"), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTimeout:
+    """408 (and the connection closed) when a request body goes `timeout` seconds without a byte: a client
+    that sends half a body must not hold its connection and its request open for ever."""
+
+    def __init__(self, app, timeout: float):
+        self.app, self.timeout = app, timeout
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        more = True
+
+        async def timed():
+            nonlocal more
+            if not more:  # the body is in: what comes next is the disconnect, which may wait for ever
+                return await receive()
+            try:
+                message_in = await asyncio.wait_for(receive(), self.timeout)
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"the request body stalled for {self.timeout:g} s (--body-timeout-s)",
+                                    headers={"Connection": "close"}) from None
+            if message_in["type"] != "http.request" or not message_in.get("more_body", False):
+                more = False
+            return message_in
+
+        await self.app(scope, timed, send)
 
 
 class _BodyLimit:

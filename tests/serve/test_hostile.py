@@ -228,3 +228,67 @@ def test_a_stream_that_ended_frees_its_slot(server, http):
     finally:
         for stream_id in ids:
             assert http.delete(f"/v1/streams/{stream_id}").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def impatient(serve, media):
+    """A server with short timeouts and few connections, so that slow clients meet them quickly."""
+    return serve(api_key=KEY, media_dir=media, max_sessions=1, extra=("--header-timeout-s", "1", "--body-timeout-s", "1"))
+
+
+@pytest.fixture(scope="module")
+def crowded(serve, media):
+    """A server that takes few connections (its header timeout, 10 s, outlasts the test's idle ones)."""
+    return serve(api_key=KEY, media_dir=media, max_sessions=1, extra=("--max-connections", "6"))
+
+
+def raw(server) -> socket.socket:
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=60)
+
+
+def read_all(conn: socket.socket) -> bytes:
+    """Everything until the server closes the connection (socket.timeout if it never does)."""
+    reply = b""
+    while chunk := conn.recv(65536):
+        reply += chunk
+    return reply
+
+
+def test_slow_headers_are_cut_off(impatient):
+    with raw(impatient) as conn:
+        conn.sendall(b"GET /health HTTP/1.1\r\nHo")  # and never the rest
+        assert read_all(conn) == b""  # closed, without a response
+    with raw(impatient) as conn:  # a connection that says nothing at all
+        assert read_all(conn) == b""
+
+
+def test_a_stalled_body_gets_408(impatient):
+    with raw(impatient) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n{\"model\": ")
+        reply = read_all(conn)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:300]
+    assert b"--body-timeout-s" in reply
+
+
+def test_connections_are_bounded(crowded):
+    idle = [raw(crowded) for _ in range(6)]
+    try:
+        with raw(crowded) as conn:  # the 7th: refused as soon as it connects, before it sends anything
+            assert read_all(conn).startswith(b"HTTP/1.1 503")
+    finally:
+        for conn in idle:
+            conn.close()
+    import time
+
+    deadline = time.monotonic() + 60  # the server notices the closed sockets soon; bounded wait, no timing assert
+    while True:
+        try:
+            if httpx.get(crowded.url + "/health", timeout=30).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert crowded.alive() and "Traceback" not in crowded.log()
