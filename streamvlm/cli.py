@@ -277,8 +277,9 @@ def cmd_serve(args) -> int:
     for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
         if not getattr(args, name) > 0:
             raise StreamVLMError(f"--{name.replace('_', '-')} must be positive")
-    if args.max_connections < 1:
-        raise StreamVLMError("--max-connections must be at least 1")
+    for name in ("max_connections", "max_asks_per_connection", "max_asks_per_stream"):
+        if getattr(args, name) < 1:
+            raise StreamVLMError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_data_mb <= 0 or args.max_body_mb < args.max_data_mb:
         raise StreamVLMError("--max-data-mb must be positive and --max-body-mb at least as large "
                              "(base64 makes an inline video a third larger than the file)")
@@ -290,7 +291,9 @@ def cmd_serve(args) -> int:
                                            allow_devices=not args.no_devices),
                          max_body_bytes=int(args.max_body_mb * 2**20), ended_grace_s=args.ended_grace_s,
                          header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
-                         keep_alive_s=args.keep_alive_s, max_connections=args.max_connections)
+                         keep_alive_s=args.keep_alive_s, max_connections=args.max_connections,
+                         max_asks_per_connection=args.max_asks_per_connection,
+                         max_asks_per_stream=args.max_asks_per_stream)
     serve(Engine(vlm, model_id, workers=args.workers), config, host=args.host, port=args.port,
           log_level="info" if args.verbose else "warning")
     return 0
@@ -528,6 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds an idle keep-alive connection stays open (default 5)")
     p.add_argument("--max-connections", type=int, default=256, metavar="N",
                    help="connections open at once, WebSockets included; more get 503 (default 256)")
+    p.add_argument("--max-asks-per-connection", type=int, default=4, metavar="N",
+                   help="questions one WebSocket may have answering or waiting; more get an error event (default 4)")
+    p.add_argument("--max-asks-per-stream", type=int, default=16, metavar="N",
+                   help="questions a live stream may have answering (one at a time) or waiting (default 16)")
     p.add_argument("--no-devices", action="store_true", help="refuse to open cameras (/dev/videoN) for clients")
     p.add_argument("--model-name", default=None,
                    help="the model id clients send (default: the checkpoint folder's name, or streamvlm-builtin)")

@@ -81,6 +81,10 @@ class ServeConfig:
     """Seconds an idle keep-alive connection is kept open between requests."""
     max_connections: int = 256
     """Connections open at once (HTTP and WebSocket); more are answered 503 and closed."""
+    max_asks_per_connection: int = 4
+    """Questions one WebSocket may have answering or waiting; more get an `error` event."""
+    max_asks_per_stream: int = 16
+    """Questions a stream may have answering (one) or waiting, over all its WebSockets."""
 
 
 class StreamRequest(BaseModel):
@@ -314,7 +318,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         stream.watchers.add(watcher)
         try:
             await websocket.send_json({"type": "hello", "stream": await asyncio.to_thread(stream.describe)})
-            await _serve_watcher(websocket, stream, watcher)
+            await _serve_watcher(websocket, stream, watcher, config)
         except WebSocketDisconnect:
             pass
         finally:
@@ -323,8 +327,10 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     return app
 
 
-async def _serve_watcher(websocket: WebSocket, stream: LiveStream, watcher: Watcher) -> None:
-    """Read questions and write messages until the client leaves or the stream is closed."""
+async def _serve_watcher(websocket: WebSocket, stream: LiveStream, watcher: Watcher, config: ServeConfig) -> None:
+    """Read questions and write messages until the client leaves or the stream is closed; then its questions
+    still waiting are cancelled."""
+    answers: set[asyncio.Task] = set()
 
     async def writer():
         while True:
@@ -335,7 +341,6 @@ async def _serve_watcher(websocket: WebSocket, stream: LiveStream, watcher: Watc
                 return
 
     async def reader():
-        answers: set[asyncio.Task] = set()
         while True:
             received = await websocket.receive()
             if received["type"] == "websocket.disconnect":
@@ -357,6 +362,15 @@ async def _serve_watcher(websocket: WebSocket, stream: LiveStream, watcher: Watc
                               "message": f"bad message: {_short(e)}; send "
                                          '{"type": "ask", "question": "..."} or {"type": "stats"}'})
                 continue
+            busy = ("this connection", config.max_asks_per_connection) if len(answers) >= \
+                config.max_asks_per_connection else ("this stream", config.max_asks_per_stream) if \
+                stream.asks >= config.max_asks_per_stream else None
+            if busy is not None:
+                watcher.send({"type": "error", "id": ask.id, "code": "too_many_questions",
+                              "message": f"{busy[0]} already has {busy[1]} question(s) answering or waiting; "
+                                         "ask again when one is answered"})
+                continue
+            stream.asks += 1
             task = asyncio.create_task(_answer(stream, watcher, ask))
             answers.add(task)
             task.add_done_callback(answers.discard)
@@ -368,7 +382,7 @@ async def _serve_watcher(websocket: WebSocket, stream: LiveStream, watcher: Watc
             if task.exception() is not None and not isinstance(task.exception(), WebSocketDisconnect):
                 raise task.exception()
     finally:
-        for task in tasks:
+        for task in (*tasks, *answers):
             task.cancel()
 
 
@@ -395,13 +409,23 @@ async def _answer(stream: LiveStream, watcher: Watcher, ask: AskMessage) -> None
         return stream.live.ask(ask.question, on_piece=on_piece, on_start=on_start, **sampling)
 
     try:
-        answer = await asyncio.to_thread(work)
+        async with stream.answering:  # waiting costs no thread
+            running = asyncio.ensure_future(asyncio.to_thread(work))
+            try:
+                answer = await asyncio.shield(running)
+            except asyncio.CancelledError:  # the asker left: hold the turn until the answer ends (<= max_tokens)
+                await asyncio.wait([running])
+                if not running.cancelled():
+                    running.exception()  # seen: no "exception was never retrieved" in the log
+                raise
         watcher.send({**answer.as_event(), "type": "answer.done", "id": qid})
     except StreamVLMError as e:
         watcher.send({"type": "error", "id": qid, "message": str(e)})
     except Exception as e:
         log.error("live answer failed", exc_info=e)
         watcher.send({"type": "error", "id": qid, "message": f"internal error ({type(e).__name__})"})
+    finally:
+        stream.asks -= 1
 
 
 def _check_routing(engine: Engine, routing: str) -> None:

@@ -91,6 +91,10 @@ class LiveStream:
         self.live = LiveSession(vlm, self.source, memory_budget=spec.memory_budget, on_event=self._on_event,
                                 max_new_tokens=spec.max_new_tokens)
         self.watchers: set[Watcher] = set()
+        # One answer at a time per stream (the session's lock would serialise them anyway): the others wait
+        # here, on the event loop, instead of each blocking a thread on that lock.
+        self.answering = asyncio.Lock()
+        self.asks = 0  # questions answering or waiting, on the event loop only
         self._questions = itertools.count(1)
         self._preview: tuple[float, bytes] | None = None  # (stream time, JPEG) of the newest preview
         self._preview_lock = threading.Lock()

@@ -292,3 +292,79 @@ def test_connections_are_bounded(crowded):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert crowded.alive() and "Traceback" not in crowded.log()
+
+
+def test_asks_are_bounded_wait_without_a_thread_and_end_with_their_connection(tiny_dir):
+    """In this process, with the stream's answering replaced by one that blocks until released: exactly what
+    waits where is then seen, with no timing involved."""
+    import threading
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from streamvlm.runtime import StreamVLM
+    from streamvlm.serve import Engine, ServeConfig, create_app
+    from streamvlm.live import LiveAnswer
+
+    release, started = threading.Event(), []
+
+    def blocking_ask(question, on_piece=None, on_start=None, **sampling):
+        started.append(question)
+        release.wait(60)
+        return LiveAnswer(question, "ok", None, 0, 0.0, 0.0, "stop_token")
+
+    def until(condition, what):
+        deadline = time.monotonic() + 60  # a bound on the wait, not a timing assertion
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    engine = Engine(StreamVLM.from_pretrained(tiny_dir, device="cpu"), "tiny")
+    app = create_app(engine, ServeConfig(max_sessions=1, max_asks_per_connection=3, max_asks_per_stream=5))
+    with TestClient(app) as client:
+        stream_id = client.post("/v1/streams", json={"source": "sample", "loop": True}).json()["id"]
+        stream = app.state.registry.get(stream_id)
+        stream.live.ask = blocking_ask
+        url = f"/v1/streams/{stream_id}/ws"
+
+        def ask(ws, qid):
+            ws.send_text(json.dumps({"type": "ask", "question": qid, "id": qid}))
+
+        def refusals(ws, count):
+            errors = []
+            while len(errors) < count:
+                message = ws.receive_json()
+                if message["type"] == "error":
+                    errors.append(message)
+            return errors
+
+        try:
+            with client.websocket_connect(url) as first:
+                for i in range(5):
+                    ask(first, f"a{i}")
+                errors = refusals(first, 2)  # 3 per connection: a3 and a4 refused
+                assert [e["id"] for e in errors] == ["a3", "a4"]
+                assert all(e["code"] == "too_many_questions" and "this connection" in e["message"] for e in errors)
+                until(lambda: started == ["a0"], "the first question never started")
+                with client.websocket_connect(url) as second:
+                    for i in range(3):
+                        ask(second, f"b{i}")
+                    errors = refusals(second, 1)  # 5 per stream: b0, b1 wait, b2 refused
+                    assert errors[0]["id"] == "b2" and "this stream" in errors[0]["message"]
+                    assert stream.asks == 5
+                    # one thread answers, four questions wait on the event loop: the API still answers
+                    assert client.get("/v1/streams").status_code == 200
+                    assert started == ["a0"]
+                until(lambda: stream.asks == 3, "the second connection's waiting questions were not cancelled")
+            until(lambda: stream.asks == 1, "the first connection's waiting questions were not cancelled")
+            assert started == ["a0"]  # the cancelled ones never ran
+            release.set()
+            until(lambda: stream.asks == 0, "the answering question never ended")
+            with client.websocket_connect(url) as third:  # and the stream answers again
+                ask(third, "c0")
+                while (message := third.receive_json())["type"] != "answer.done":
+                    assert message["type"] != "error", message
+                assert message["id"] == "c0"
+        finally:
+            release.set()
+            client.delete(f"/v1/streams/{stream_id}")
