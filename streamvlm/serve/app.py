@@ -304,7 +304,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
         if config.api_key is not None and not (
                 _key_ok(websocket.headers.get("authorization"), config.api_key)
-                or any(hmac.compare_digest(p, "bearer." + config.api_key) for p in offered)):
+                or any(_same(p, "bearer." + config.api_key) for p in offered)):
             await websocket.close(code=1008, reason="missing or wrong API key")  # before accept: HTTP 403
             return
         await websocket.accept(subprotocol="streamvlm" if "streamvlm" in offered else None)
@@ -445,7 +445,13 @@ def _check_routing(engine: Engine, routing: str) -> None:
 def _key_ok(header: str | None, key: str) -> bool:
     if not header or not header.startswith("Bearer "):
         return False
-    return hmac.compare_digest(header[len("Bearer "):].strip(), key)
+    return _same(header[len("Bearer "):].strip(), key)
+
+
+def _same(given: str, secret: str) -> bool:
+    """Constant-time equality; as bytes, since compare_digest raises TypeError on non-ASCII str (a header is
+    latin-1, so a client could send any byte)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), secret.encode("utf-8", "surrogateescape"))
 
 
 def _sse(payload: dict) -> str:

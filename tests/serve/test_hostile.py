@@ -143,6 +143,12 @@ def next_of(ws, *types: str, timeout: float = 30) -> dict:
             return message
 
 
+def test_a_non_ascii_key_is_refused_with_401(server):
+    with raw(server) as conn:  # compare_digest raises TypeError on non-ASCII str: that was a 500
+        conn.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xe9t\xe9\r\n\r\n")
+        assert conn.recv(65536).startswith(b"HTTP/1.1 401")
+
+
 def test_non_json_websocket_messages_get_an_error_and_the_connection_stays(server, http):
     from websockets.sync.client import connect
 
@@ -162,7 +168,7 @@ def test_non_json_websocket_messages_get_an_error_and_the_connection_stays(serve
     assert "Traceback" not in server.log()
 
 
-@pytest.mark.parametrize("key_header", [b"", b"Authorization: Bearer wrong\r\n"])
+@pytest.mark.parametrize("key_header", [b"", b"Authorization: Bearer wrong\r\n", b"Authorization: Bearer \xe9\xff\r\n"])
 def test_an_upload_without_the_key_is_refused_before_its_body_is_read(server, key_header):
     # 1.9 MB announced (under --max-body-mb 2), 1 KB sent: the 401 must come without waiting for the rest
     host, port = server.url.removeprefix("http://").rsplit(":", 1)
