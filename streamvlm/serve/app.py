@@ -340,6 +340,11 @@ async def _serve_watcher(websocket: WebSocket, stream: LiveStream, watcher: Watc
                 await websocket.close(code=1000, reason="stream closed")
                 return
 
+    def finished(task: asyncio.Task) -> None:
+        # a done callback, not a finally in _answer: a task cancelled before its first step never runs its body
+        answers.discard(task)
+        stream.asks -= 1
+
     async def reader():
         while True:
             received = await websocket.receive()
@@ -373,7 +378,7 @@ async def _serve_watcher(websocket: WebSocket, stream: LiveStream, watcher: Watc
             stream.asks += 1
             task = asyncio.create_task(_answer(stream, watcher, ask))
             answers.add(task)
-            task.add_done_callback(answers.discard)
+            task.add_done_callback(finished)
 
     tasks = [asyncio.create_task(writer()), asyncio.create_task(reader())]
     try:
@@ -424,8 +429,6 @@ async def _answer(stream: LiveStream, watcher: Watcher, ask: AskMessage) -> None
     except Exception as e:
         log.error("live answer failed", exc_info=e)
         watcher.send({"type": "error", "id": qid, "message": f"internal error ({type(e).__name__})"})
-    finally:
-        stream.asks -= 1
 
 
 def _check_routing(engine: Engine, routing: str) -> None:
