@@ -435,14 +435,21 @@ def _check_routing(engine: Engine, routing: str) -> None:
     """A client may pick a routing spec, never a router folder: that would read files of its choosing."""
     from streamvlm.routers import resolve_routing
 
-    if "/" in routing or "\\" in routing or Path(routing).exists():
+    if "/" in routing or "\\" in routing or _exists(routing):
         raise APIError(400, "routing: give a spec such as mod:0.2 or fastv; router folders are chosen when the "
                             "server starts (--routing DIR)", param="routing")
     parts = engine.vlm.adapter.decoder
     try:
         resolve_routing(routing, parts.num_layers, parts.hidden_size)
-    except (StreamVLMError, ValueError) as e:
-        raise APIError(400, f"routing: {e}", param="routing") from None
+    except (StreamVLMError, ValueError, OSError) as e:  # OSError: a spec too long to be a folder's name
+        raise APIError(400, f"routing: {_short(e)}", param="routing") from None
+
+
+def _exists(name: str) -> bool:
+    try:
+        return Path(name).exists()
+    except OSError:  # ENAMETOOLONG: no such file either
+        return False
 
 
 def _key_ok(header: str | None, key: str) -> bool:

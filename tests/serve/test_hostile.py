@@ -62,6 +62,9 @@ BAD_CHATS = [
     {**video("ok.mp4"), "top_p": [1]},
     {**video("ok.mp4"), "routing": "mod:0.2\x00"},
     {**video("ok.mp4"), "routing": 7},
+    {**video("ok.mp4"), "routing": "mod:0.2 " * 50},  # too long for a file name: OSError in Path.exists
+    video("x" * 5000 + ".mp4"),
+    video("a/" * 3000 + "x.mp4"),
     {**video("ok.mp4"), "stream": "yes please"},
     {**video("ok.mp4"), "video": {"num_frames": 2**70}},
     {**video("ok.mp4"), "video": {"num_frames": -1}},
@@ -94,6 +97,8 @@ BAD_STREAMS = [
     {"source": "sample", "speed": -1},
     {"source": "sample", "lop": True},  # misspelt: refused, not silently ignored
     {"source": 5},
+    {"source": "x" * 5000 + ".mp4"},
+    {"source": "sample", "routing": "fastv:" + "9" * 400},
     {},
     [],
 ]
