@@ -379,3 +379,11 @@ def test_asks_are_bounded_wait_without_a_thread_and_end_with_their_connection(ti
         finally:
             release.set()
             client.delete(f"/v1/streams/{stream_id}")
+
+
+def test_the_largest_accepted_values_are_served(server, http):
+    # the bounds sit where the runtime still works: the largest value each allows is a 200, not a 500
+    body = {**video("ok.mp4"), "max_tokens": 2**31 - 1, "seed": 2**63 - 1, "top_k": 2**31 - 1, "temperature": 2,
+            "top_p": 1}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
