@@ -314,11 +314,9 @@ def cmd_serve(args) -> int:
         media_dir = Path(args.allowed_media_dir).expanduser()
         if not media_dir.is_dir():
             raise StreamVLMError(f"--allowed-media-dir {media_dir}: not a folder")
-    for name in ("max_sessions", "workers"):
-        if getattr(args, name) < 1:
-            raise StreamVLMError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_data_mb <= 0 or args.max_body_mb < args.max_data_mb:
-        raise StreamVLMError("--max-data-mb must be positive and --max-body-mb at least as large "
+    # The numbers' own ranges are argparse's (`_positive_int` and friends); what is left is how two relate.
+    if args.max_body_mb < args.max_data_mb:
+        raise StreamVLMError("--max-body-mb must be at least as large as --max-data-mb "
                              "(base64 makes an inline video a third larger than the file)")
     api_key = args.api_key or os.environ.get("STREAMVLM_API_KEY") or None
     vlm, model_dir = _load(args)
@@ -326,7 +324,11 @@ def cmd_serve(args) -> int:
     config = ServeConfig(api_key=api_key, max_sessions=args.max_sessions,
                          media=MediaPolicy(media_dir, max_data_bytes=int(args.max_data_mb * 2**20),
                                            allow_devices=not args.no_devices),
-                         max_body_bytes=int(args.max_body_mb * 2**20))
+                         max_body_bytes=int(args.max_body_mb * 2**20), ended_grace_s=args.ended_grace_s,
+                         header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
+                         keep_alive_s=args.keep_alive_s, max_connections=args.max_connections,
+                         max_asks_per_connection=args.max_asks_per_connection,
+                         max_asks_per_stream=args.max_asks_per_stream)
     serve(Engine(vlm, model_id, workers=args.workers), config, host=args.host, port=args.port,
           log_level="info" if args.verbose else "warning")
     return 0
@@ -548,7 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-media-dir", default=None, metavar="DIR",
                    help="video files requests may name (relative to DIR; nothing outside it, symlinks included); "
                         "default: none, videos come as data: URIs or live streams")
-    p.add_argument("--max-sessions", type=_positive_int, default=4, metavar="N", help="live streams open at once (default 4)")
+    p.add_argument("--max-sessions", type=_positive_int, default=4, metavar="N",
+                   help="live streams running at once; one that ended or failed frees its slot (default 4)")
+    p.add_argument("--ended-grace-s", type=_non_negative_float, default=300.0, metavar="S",
+                   help="how long a stream that ended or failed stays readable before it is closed (default 300)")
     p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
                    help="requests computed at once; more wait their turn in order (default 1: torch already "
                         "spreads one request over the cores; measured faster than 2 on the built-in model, see "
@@ -557,6 +562,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest video sent inline as a data: URI (default 32)")
     p.add_argument("--max-body-mb", type=_positive_float, default=48.0, metavar="MB",
                    help="largest request body (default 48)")
+    p.add_argument("--header-timeout-s", type=_positive_float, default=10.0, metavar="S",
+                   help="seconds a connection may take to send a request's headers, then it is closed (default 10)")
+    p.add_argument("--body-timeout-s", type=_positive_float, default=30.0, metavar="S",
+                   help="seconds a request body may go without a byte arriving, then 408 (default 30)")
+    p.add_argument("--keep-alive-s", type=_positive_float, default=5.0, metavar="S",
+                   help="seconds an idle keep-alive connection stays open (default 5)")
+    p.add_argument("--max-connections", type=_positive_int, default=256, metavar="N",
+                   help="connections open at once, WebSockets included; more get 503 (default 256)")
+    p.add_argument("--max-asks-per-connection", type=_positive_int, default=4, metavar="N",
+                   help="questions one WebSocket may have answering or waiting; more get an error event (default 4)")
+    p.add_argument("--max-asks-per-stream", type=_positive_int, default=16, metavar="N",
+                   help="questions a live stream may have answering (one at a time) or waiting (default 16)")
     p.add_argument("--no-devices", action="store_true", help="refuse to open cameras (/dev/videoN) for clients")
     p.add_argument("--model-name", default=None,
                    help="the model id clients send (default: the checkpoint folder's name, or streamvlm-builtin)")

@@ -176,6 +176,8 @@ def test_serve_user_errors(cache, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["serve", "--max-sessions", "0"])
     assert e.value.code == 2 and "--max-sessions" in capsys.readouterr().err
+    assert main(["serve", "--max-data-mb", "40", "--max-body-mb", "30"]) == 2
+    assert "--max-body-mb must be at least as large as --max-data-mb" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -193,6 +195,10 @@ def test_serve_user_errors(cache, tmp_path, capsys):
     (["caption", "x.mp4", "--out", "o.jsonl", "--segment", "0"], "--segment"),
     (["caption", "x.mp4", "--out", "o.jsonl", "--num-shards", "0"], "--num-shards"),
     (["serve", "--port", "-5"], "--port"),
+    (["serve", "--body-timeout-s", "0"], "--body-timeout-s"),
+    (["serve", "--max-connections", "0"], "--max-connections"),
+    (["serve", "--max-asks-per-stream", "0"], "--max-asks-per-stream"),
+    (["serve", "--ended-grace-s", "-1"], "--ended-grace-s"),
     (["serve", "--port", "70000"], "--port"),
 ])
 def test_bad_numbers_exit_2_with_one_line_naming_the_flag(cache, capsys, argv, flag):

@@ -33,9 +33,58 @@ def serve(engine: Engine, config: ServeConfig, host: str = "127.0.0.1", port: in
           flush=True)
     _fixed_mmap_threshold()
     app = create_app(engine, config)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, ws="websockets-sansio", lifespan="on",
-                                           timeout_graceful_shutdown=5))
+    uconfig = uvicorn.Config(app, log_level=log_level, ws="websockets-sansio", lifespan="on",
+                             timeout_graceful_shutdown=5, http=_protocol(config.header_timeout_s, config.max_connections),
+                             timeout_keep_alive=config.keep_alive_s, limit_concurrency=config.max_connections,
+                             h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+    server = uvicorn.Server(uconfig)
     server.run(sockets=[sock])
+
+
+MAX_HEADER_BYTES = 16 * 1024
+"""Largest request line and headers (h11's own default, stated): more is a 400."""
+
+
+def _protocol(header_timeout: float, max_connections: int):
+    """uvicorn's h11 protocol with what it lacks: a deadline for a request's headers (uvicorn's keep-alive
+    timer starts only after a first response, and data cancels it, so a client sending a byte now and then
+    held its connection for ever), and a hard cap on open connections (uvicorn's limit_concurrency is only
+    checked once a whole request has arrived, and never for WebSocket upgrades)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _header_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
+                                b"connection: close\r\ncontent-length: 22\r\n\r\ntoo many connections\r\n")
+                transport.close()
+                return
+            self._arm_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_timer()
+
+        def connection_lost(self, exc) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            waiting_after = self.cycle  # a new request replaces the cycle
+            self._header_timer = self.loop.call_later(header_timeout, self._headers_late, waiting_after)
+
+        def _headers_late(self, waiting_after) -> None:
+            # still no new request, and the connection was not handed to the WebSocket protocol
+            if self.cycle is waiting_after and self.transport.get_protocol() is self and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
 
 
 def listen_socket(host: str, port: int) -> socket.socket:

@@ -30,12 +30,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, HTTPException, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from streamvlm.errors import StreamVLMError
@@ -43,6 +43,7 @@ from streamvlm.memory import MemoryBudget
 from streamvlm.serve.completions import (
     ChatRequest,
     ChatResult,
+    Text,
     chunk_body,
     completion_body,
     completion_id,
@@ -69,14 +70,31 @@ class ServeConfig:
     """Live streams open at once."""
     max_body_bytes: int = 48 * 2**20
     """Largest request body; a data: URI video must fit in it."""
+    ended_grace_s: float = 300.0
+    """How long a stream that ended or failed stays readable (it no longer takes a --max-sessions slot)."""
+    header_timeout_s: float = 10.0
+    """Seconds a connection may take to send a request's headers (from connecting, or after the previous
+    response); then it is closed."""
+    body_timeout_s: float = 30.0
+    """Seconds a request body may go without a byte arriving; then 408 and the connection is closed."""
+    keep_alive_s: float = 5.0
+    """Seconds an idle keep-alive connection is kept open between requests."""
+    max_connections: int = 256
+    """Connections open at once (HTTP and WebSocket); more are answered 503 and closed."""
+    max_asks_per_connection: int = 4
+    """Questions one WebSocket may have answering or waiting; more get an `error` event."""
+    max_asks_per_stream: int = 16
+    """Questions a stream may have answering (one) or waiting, over all its WebSockets."""
 
 
 class StreamRequest(BaseModel):
-    source: str = Field(description="`sample`, rtsp://, udp://, http(s)://... URL, /dev/videoN, or a file in the "
+    # a misspelt field would silently open a stream with defaults the client did not ask for
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    source: Text = Field(description="`sample`, rtsp://, udp://, http(s)://... URL, /dev/videoN, or a file in the "
                                     "media folder (played as live)")
     fps: float = Field(1.0, gt=0, le=30, description="frames per second of stream time fed to the model")
-    routing: str | None = Field(None, description="a --routing spec (default: the server's)")
-    memory_budget: str | int | None = Field("auto", description="bound on the KV cache: entries per layer, bytes "
+    routing: Text | None = Field(None, description="a --routing spec (default: the server's)")
+    memory_budget: Text | Annotated[int, Field(ge=1, le=2**62)] | None = Field("auto", description="bound on the KV cache: entries per layer, bytes "
                                                                 "('64MB'), 'auto' (half the context) or null")
     speed: float = Field(1.0, ge=0, le=100, description="files only: playback speed (0: as fast as ingest runs)")
     loop: bool = Field(False, description="files only: start again at the end")
@@ -84,15 +102,27 @@ class StreamRequest(BaseModel):
 
 
 class AskMessage(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
     type: Literal["ask"]
-    question: str
-    id: str | None = None
+    question: Text
+    id: Text | None = Field(None, max_length=200)
     max_tokens: int | None = Field(None, ge=1, le=4096)
     temperature: float | None = Field(None, ge=0, le=2)
 
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
-    registry = StreamRegistry(config.max_sessions)
+    registry = StreamRegistry(config.max_sessions, config.ended_grace_s)
+
+    async def close(stream: LiveStream) -> None:
+        stream.cancel_ticker()
+        for watcher in list(stream.watchers):
+            watcher.offer({"type": "closed", "t": stream.live.stream_time})
+        await asyncio.to_thread(stream.close)
+
+    async def sweep() -> None:
+        """Close the ended streams whose grace period is over."""
+        for stream in registry.expired():
+            await close(stream)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -107,13 +137,9 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                               "questions.")
     app.state.registry = registry
     app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
-
-    def require_key(request: Request) -> None:
-        if config.api_key is not None and not _key_ok(request.headers.get("authorization"), config.api_key):
-            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-                           code="invalid_api_key")
-
-    authed = [Depends(require_key)]
+    app.add_middleware(_BodyTimeout, timeout=config.body_timeout_s)
+    if config.api_key is not None:  # outermost: a request without the key is refused before its body is read
+        app.add_middleware(_KeyCheck, key=config.api_key)
 
     # -- errors ------------------------------------------------------------------------------------
 
@@ -137,7 +163,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
+                            headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request, exc: Exception):
@@ -151,7 +178,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     async def health():
         return {"status": "ok", "model": engine.model_id, "streams": len(registry)}
 
-    @app.get("/v1/models", dependencies=authed)
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": engine.model_id, "object": "model", "created": 0,
                                             "owned_by": "streamvlm", "routing": engine.default_routing}]}
@@ -168,7 +195,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     # -- chat completions --------------------------------------------------------------------------
 
-    @app.post("/v1/chat/completions", dependencies=authed)
+    @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
         job = parse_request(req, engine.model_id)
         if job.routing is not None:
@@ -216,23 +243,24 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     # -- live streams ------------------------------------------------------------------------------
 
-    @app.get("/v1/sources", dependencies=authed)
+    @app.get("/v1/sources")
     async def sources():
         items = [{"id": "sample", "label": "sample video (built in, played as live)"}]
         items += [{"id": name, "label": name} for name in config.media.listing()]
         return {"object": "list", "data": items}
 
-    @app.post("/v1/streams", dependencies=authed, status_code=201)
+    @app.post("/v1/streams", status_code=201)
     async def open_stream(req: StreamRequest):
         resolved = config.media.live_source(req.source)
         budget = req.memory_budget
         try:
             MemoryBudget.parse(budget)
-        except (StreamVLMError, ValueError) as e:
+        except (StreamVLMError, ValueError, OverflowError) as e:  # "1e999GB" overflows
             raise APIError(400, f"memory_budget: {e}", param="memory_budget") from None
         routing = req.routing
         if routing is not None:
             _check_routing(engine, routing)
+        await sweep()
         spec = StreamSpec(source=req.source, resolved=resolved, fps=req.fps, routing=routing or engine.default_routing,
                           memory_budget=budget, speed=req.speed, loop=req.loop, max_new_tokens=req.max_tokens)
         stream_id = registry.reserve()
@@ -248,29 +276,27 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         return await asyncio.to_thread(stream.describe)
 
     # LiveSession.stats waits for the session's lock, which an answer holds throughout: never on the loop.
-    @app.get("/v1/streams", dependencies=authed)
+    @app.get("/v1/streams")
     async def list_streams():
+        await sweep()
         return {"object": "list", "data": [await asyncio.to_thread(s.describe) for s in registry.all()]}
 
-    @app.get("/v1/streams/{stream_id}", dependencies=authed)
+    @app.get("/v1/streams/{stream_id}")
     async def get_stream(stream_id: str):
         return await asyncio.to_thread(registry.get(stream_id).describe)
 
-    @app.get("/v1/streams/{stream_id}/frame.jpg", dependencies=authed)
+    @app.get("/v1/streams/{stream_id}/frame.jpg")
     async def frame(stream_id: str):
         shot = await asyncio.to_thread(registry.get(stream_id).preview)
         if shot is None:
             raise APIError(404, "no frame captured yet", code="no_frame")
         return Response(shot[1], media_type="image/jpeg", headers={"X-Stream-Time": f"{shot[0]:.3f}"})
 
-    @app.delete("/v1/streams/{stream_id}", dependencies=authed)
+    @app.delete("/v1/streams/{stream_id}")
     async def close_stream(stream_id: str):
         stream = registry.get(stream_id)
         registry.release(stream_id)
-        stream.cancel_ticker()
-        for watcher in list(stream.watchers):
-            watcher.offer({"type": "closed", "t": stream.live.stream_time})
-        await asyncio.to_thread(stream.close)
+        await close(stream)
         return {"id": stream_id, "object": "stream.deleted", "deleted": True}
 
     @app.websocket("/v1/streams/{stream_id}/ws")
@@ -278,7 +304,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
         if config.api_key is not None and not (
                 _key_ok(websocket.headers.get("authorization"), config.api_key)
-                or any(hmac.compare_digest(p, "bearer." + config.api_key) for p in offered)):
+                or any(_same(p, "bearer." + config.api_key) for p in offered)):
             await websocket.close(code=1008, reason="missing or wrong API key")  # before accept: HTTP 403
             return
         await websocket.accept(subprotocol="streamvlm" if "streamvlm" in offered else None)
@@ -292,7 +318,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         stream.watchers.add(watcher)
         try:
             await websocket.send_json({"type": "hello", "stream": await asyncio.to_thread(stream.describe)})
-            await _serve_watcher(websocket, stream, watcher)
+            await _serve_watcher(websocket, stream, watcher, config)
         except WebSocketDisconnect:
             pass
         finally:
@@ -301,8 +327,10 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     return app
 
 
-async def _serve_watcher(websocket: WebSocket, stream: LiveStream, watcher: Watcher) -> None:
-    """Read questions and write messages until the client leaves or the stream is closed."""
+async def _serve_watcher(websocket: WebSocket, stream: LiveStream, watcher: Watcher, config: ServeConfig) -> None:
+    """Read questions and write messages until the client leaves or the stream is closed; then its questions
+    still waiting are cancelled."""
+    answers: set[asyncio.Task] = set()
 
     async def writer():
         while True:
@@ -312,11 +340,21 @@ async def _serve_watcher(websocket: WebSocket, stream: LiveStream, watcher: Watc
                 await websocket.close(code=1000, reason="stream closed")
                 return
 
+    def finished(task: asyncio.Task) -> None:
+        # a done callback, not a finally in _answer: a task cancelled before its first step never runs its body
+        answers.discard(task)
+        stream.asks -= 1
+
     async def reader():
-        answers: set[asyncio.Task] = set()
         while True:
-            raw = await websocket.receive_text()
+            received = await websocket.receive()
+            if received["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(received.get("code", 1000))
+            message = None  # what the except branch reports, whatever failed first
             try:
+                raw = received.get("text")
+                if raw is None:
+                    raise ValueError("a message is JSON text, not binary")
                 message = json.loads(raw)
                 if not isinstance(message, dict):
                     raise ValueError("a message is a JSON object")
@@ -329,9 +367,18 @@ async def _serve_watcher(websocket: WebSocket, stream: LiveStream, watcher: Watc
                               "message": f"bad message: {_short(e)}; send "
                                          '{"type": "ask", "question": "..."} or {"type": "stats"}'})
                 continue
+            busy = ("this connection", config.max_asks_per_connection) if len(answers) >= \
+                config.max_asks_per_connection else ("this stream", config.max_asks_per_stream) if \
+                stream.asks >= config.max_asks_per_stream else None
+            if busy is not None:
+                watcher.send({"type": "error", "id": ask.id, "code": "too_many_questions",
+                              "message": f"{busy[0]} already has {busy[1]} question(s) answering or waiting; "
+                                         "ask again when one is answered"})
+                continue
+            stream.asks += 1
             task = asyncio.create_task(_answer(stream, watcher, ask))
             answers.add(task)
-            task.add_done_callback(answers.discard)
+            task.add_done_callback(finished)
 
     tasks = [asyncio.create_task(writer()), asyncio.create_task(reader())]
     try:
@@ -340,7 +387,7 @@ async def _serve_watcher(websocket: WebSocket, stream: LiveStream, watcher: Watc
             if task.exception() is not None and not isinstance(task.exception(), WebSocketDisconnect):
                 raise task.exception()
     finally:
-        for task in tasks:
+        for task in (*tasks, *answers):
             task.cancel()
 
 
@@ -367,7 +414,15 @@ async def _answer(stream: LiveStream, watcher: Watcher, ask: AskMessage) -> None
         return stream.live.ask(ask.question, on_piece=on_piece, on_start=on_start, **sampling)
 
     try:
-        answer = await asyncio.to_thread(work)
+        async with stream.answering:  # waiting costs no thread
+            running = asyncio.ensure_future(asyncio.to_thread(work))
+            try:
+                answer = await asyncio.shield(running)
+            except asyncio.CancelledError:  # the asker left: hold the turn until the answer ends (<= max_tokens)
+                await asyncio.wait([running])
+                if not running.cancelled():
+                    running.exception()  # seen: no "exception was never retrieved" in the log
+                raise
         watcher.send({**answer.as_event(), "type": "answer.done", "id": qid})
     except StreamVLMError as e:
         watcher.send({"type": "error", "id": qid, "message": str(e)})
@@ -380,20 +435,33 @@ def _check_routing(engine: Engine, routing: str) -> None:
     """A client may pick a routing spec, never a router folder: that would read files of its choosing."""
     from streamvlm.routers import resolve_routing
 
-    if "/" in routing or "\\" in routing or Path(routing).exists():
+    if "/" in routing or "\\" in routing or _exists(routing):
         raise APIError(400, "routing: give a spec such as mod:0.2 or fastv; router folders are chosen when the "
                             "server starts (--routing DIR)", param="routing")
     parts = engine.vlm.adapter.decoder
     try:
         resolve_routing(routing, parts.num_layers, parts.hidden_size)
-    except (StreamVLMError, ValueError) as e:
-        raise APIError(400, f"routing: {e}", param="routing") from None
+    except (StreamVLMError, ValueError, OSError) as e:  # OSError: a spec too long to be a folder's name
+        raise APIError(400, f"routing: {_short(e)}", param="routing") from None
+
+
+def _exists(name: str) -> bool:
+    try:
+        return Path(name).exists()
+    except OSError:  # ENAMETOOLONG: no such file either
+        return False
 
 
 def _key_ok(header: str | None, key: str) -> bool:
     if not header or not header.startswith("Bearer "):
         return False
-    return hmac.compare_digest(header[len("Bearer "):].strip(), key)
+    return _same(header[len("Bearer "):].strip(), key)
+
+
+def _same(given: str, secret: str) -> bool:
+    """Constant-time equality; as bytes, since compare_digest raises TypeError on non-ASCII str (a header is
+    latin-1, so a client could send any byte)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), secret.encode("utf-8", "surrogateescape"))
 
 
 def _sse(payload: dict) -> str:
@@ -406,6 +474,56 @@ def _short(error: Exception) -> str:
 
 
 _ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+
+
+class _KeyCheck:
+    """401 for an HTTP request under /v1 without `Authorization: Bearer KEY`, from its headers alone: the body
+    is never read (FastAPI's dependencies run after the body is parsed, so a keyless upload of 45 MB used to be
+    read in full first). The connection is closed after the refusal, since the body was not drained."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers", ())).get(b"authorization")
+        if header is not None and _key_ok(header.decode("latin-1"), self.key):
+            return await self.app(scope, receive, send)
+        body = json.dumps(error_body(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                                     code="invalid_api_key")).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b"Bearer"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTimeout:
+    """408 (and the connection closed) when a request body goes `timeout` seconds without a byte: a client
+    that sends half a body must not hold its connection and its request open for ever."""
+
+    def __init__(self, app, timeout: float):
+        self.app, self.timeout = app, timeout
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        more = True
+
+        async def timed():
+            nonlocal more
+            if not more:  # the body is in: what comes next is the disconnect, which may wait for ever
+                return await receive()
+            try:
+                message_in = await asyncio.wait_for(receive(), self.timeout)
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"the request body stalled for {self.timeout:g} s (--body-timeout-s)",
+                                    headers={"Connection": "close"}) from None
+            if message_in["type"] != "http.request" or not message_in.get("more_body", False):
+                more = False
+            return message_in
+
+        await self.app(scope, timed, send)
 
 
 class _BodyLimit:

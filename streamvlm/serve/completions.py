@@ -18,9 +18,9 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from streamvlm.errors import StreamVLMError
 from streamvlm.serve.engine import Engine
@@ -29,29 +29,45 @@ from streamvlm.serve.media import MediaPolicy
 from streamvlm.video.files import read_video
 
 DEFAULT_FRAMES = 8
+INT_MAX = 2**31 - 1
+"""Largest count a request may give (tokens, top_k): past it a number is a mistake or an attack, and huge
+ints reach torch and C code that raise (or overflow) instead of refusing."""
+
+
+def _no_nul(text: str) -> str:
+    # NUL ends a C string: paths, URLs and FFmpeg options with one raise ValueError deep inside a library
+    if "\x00" in text:
+        raise ValueError("contains a NUL character")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+"""Every string a client sends: no NUL."""
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+"""torch's generator takes a 64-bit seed."""
 FINISH_REASONS = {"stop_token": "stop", "max_new_tokens": "length", "context_full": "length",
                   "cancelled": "stop"}
 
 
 class VideoURL(BaseModel):
-    url: str
+    url: Text
 
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
+    type: Text
+    text: Text | None = None
     video_url: VideoURL | None = None
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
 
 
 class VideoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     num_frames: int | None = Field(None, ge=1, le=1024, description="frames spread evenly over the video")
     fps: float | None = Field(None, gt=0, le=60, description="frames per second of video instead of num_frames")
     max_frames: int | None = Field(None, ge=1, le=4096, description="cap on frames when sampling by fps")
@@ -65,20 +81,20 @@ class ChatRequest(BaseModel):
     """The subset of OpenAI's chat completion request that a video model serves, plus `video`, `routing`
     and `top_k`. Fields OpenAI defines that change the output and are not supported here are refused."""
 
-    model_config = ConfigDict(extra="allow")
-    model: str
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model: Text
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT_MAX)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
-    n: int = Field(1, ge=1)
+    top_k: int | None = Field(None, ge=0, le=INT_MAX)
+    seed: Seed | None = None
+    n: int = Field(1, ge=1, le=INT_MAX)
     video: VideoOptions | None = None
-    routing: str | None = Field(None, description="a --routing spec for this request (default: the server's)")
+    routing: Text | None = Field(None, description="a --routing spec for this request (default: the server's)")
 
 
 # Fields whose presence would change the answer in ways this server does not implement.

@@ -42,11 +42,17 @@ class MediaPolicy:
         ref = ref.removeprefix("file://")
         root = self.allowed_dir.resolve()
         candidate = Path(ref)
-        path = (candidate if candidate.is_absolute() else root / candidate).resolve()
-        if path != root and root not in path.parents:
+        try:
+            path = (candidate if candidate.is_absolute() else root / candidate).resolve()
+            outside = path != root and root not in path.parents
+            found = not outside and path.is_file()
+        except OSError as e:  # a name over NAME_MAX/PATH_MAX (ENAMETOOLONG), a loop of links (ELOOP), ...
+            raise APIError(400, f"{param}: not a usable path ({e.strerror or type(e).__name__})", param=param,
+                           code="bad_path") from None
+        if outside:
             raise APIError(403, f"{param}: {ref!r} is outside the allowed media folder; name a file inside it, "
                                 "e.g. a path relative to it", param=param, code="path_not_allowed")
-        if not path.is_file():
+        if not found:
             raise APIError(404, f"{param}: no file {ref!r} in the media folder", param=param, code="file_not_found")
         return path
 

@@ -91,6 +91,10 @@ class LiveStream:
         self.live = LiveSession(vlm, self.source, memory_budget=spec.memory_budget, on_event=self._on_event,
                                 max_new_tokens=spec.max_new_tokens)
         self.watchers: set[Watcher] = set()
+        # One answer at a time per stream (the session's lock would serialise them anyway): the others wait
+        # here, on the event loop, instead of each blocking a thread on that lock.
+        self.answering = asyncio.Lock()
+        self.asks = 0  # questions answering or waiting, on the event loop only
         self._questions = itertools.count(1)
         self._preview: tuple[float, bytes] | None = None  # (stream time, JPEG) of the newest preview
         self._preview_lock = threading.Lock()
@@ -168,26 +172,57 @@ class LiveStream:
 
 
 class StreamRegistry:
-    """The server's live streams, at most `max_sessions` at once."""
+    """The server's live streams: at most `max_sessions` running (or opening) at once.
 
-    def __init__(self, max_sessions: int):
+    A stream that ended or failed frees its slot at once; it stays readable (its figures, its last frame)
+    until deleted, for `ended_grace_s` seconds after it was first seen ended, or until `max_sessions` newer
+    ended streams push it out. `expired()` hands back those whose time is up, for the caller to close."""
+
+    def __init__(self, max_sessions: int, ended_grace_s: float = 300.0):
         if max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
-        self.max_sessions = max_sessions
+        if ended_grace_s < 0:
+            raise ValueError("ended_grace_s must be at least 0")
+        self.max_sessions, self.ended_grace_s = max_sessions, ended_grace_s
         self._streams: dict[str, LiveStream] = {}
+        self._ended_at: dict[str, float] = {}  # stream id -> monotonic time it was first seen ended
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._streams)
 
     def all(self) -> list[LiveStream]:
-        """The open streams (not those still opening)."""
+        """The open streams (not those still opening), ended ones included."""
         return [s for s in list(self._streams.values()) if s is not None]
+
+    def _running(self) -> int:
+        """Slots taken: streams opening or running (under the lock). Notes when each ended stream was first seen."""
+        now = time.monotonic()
+        running = 0
+        for stream_id, stream in self._streams.items():
+            if stream is not None and stream.live.done:
+                self._ended_at.setdefault(stream_id, now)
+            else:
+                running += 1
+        return running
+
+    def expired(self) -> list[LiveStream]:
+        """Ended streams past their grace period, or beyond the newest `max_sessions` ended ones: removed from
+        the registry and returned (their threads have finished; close them to free their cache)."""
+        with self._lock:
+            self._running()
+            now = time.monotonic()
+            ended = sorted(self._ended_at, key=self._ended_at.get)
+            keep = set(ended[-self.max_sessions:])
+            gone = [i for i in ended if i not in keep or now - self._ended_at[i] >= self.ended_grace_s]
+            for stream_id in gone:
+                self._ended_at.pop(stream_id)
+            return [s for s in (self._streams.pop(i, None) for i in gone) if s is not None]
 
     def reserve(self) -> str:
         """A new stream id, counted against the limit from now on (release it if the open fails)."""
         with self._lock:
-            if len(self._streams) >= self.max_sessions:
+            if self._running() >= self.max_sessions:
                 raise APIError(429, f"this server runs at most {self.max_sessions} live stream(s) (--max-sessions); "
                                     "close one with DELETE /v1/streams/{id}", code="too_many_sessions")
             stream_id = "str_" + secrets.token_hex(8)
@@ -200,6 +235,7 @@ class StreamRegistry:
 
     def release(self, stream_id: str) -> LiveStream | None:
         with self._lock:
+            self._ended_at.pop(stream_id, None)
             return self._streams.pop(stream_id, None)
 
     def get(self, stream_id: str) -> LiveStream:
