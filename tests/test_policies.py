@@ -457,7 +457,7 @@ def test_greedy_schedule_search(tmp_path, capsys, monkeypatch):
                  "--out", str(tmp_path / "loose"), *common]) == 0
     loose = json.loads(capsys.readouterr().out)
     assert loose["keep"] == [0.0625] * 4  # anything passes: the smallest ratio everywhere
-    assert main(["calibrate", "schedule", "--search", "greedy", "--threshold", "-1",
+    assert main(["calibrate", "schedule", "--search", "greedy", "--threshold", "0",
                  "--out", str(tmp_path / "strict"), *common]) == 0
     strict = json.loads(capsys.readouterr().out)
     assert strict["keep"] == [1.0] * 4 and strict["flops_fraction"] == pytest.approx(1.0)
