@@ -147,12 +147,13 @@ def head_pruned_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     return out
 
 
-def head_pruned_visits(chunk: Chunk, key_kinds: torch.Tensor, pruned: torch.Tensor) -> int:
+def head_pruned_visits(chunk: Chunk, key_kinds: torch.Tensor, pruned) -> int:
     """Query-key pairs `head_pruned_attend` scores for `chunk` (the last n of the layer's L entries, of kinds
     key_kinds (L,)), in "all heads" units, as the counter charges attention per head-average: active heads
-    score every causal pair; pruned heads only text queries against non-vision entries."""
-    heads, n, length = pruned.numel(), len(chunk), key_kinds.numel()
-    gone = int(pruned.sum())
+    score every causal pair; pruned heads only text queries against non-vision entries. pruned: per head,
+    True where pruned (a tuple of bools, as `PrunedHeads` holds it, or a bool tensor)."""
+    heads, n, length = len(pruned), len(chunk), key_kinds.numel()
+    gone = int(sum(pruned))
     visits = (heads - gone) * (n * (length - n) + n * (n + 1) // 2)
     text = torch.nonzero(chunk.text_mask).squeeze(1)
     if gone and text.numel():

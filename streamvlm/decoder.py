@@ -179,7 +179,7 @@ class Decoder:
             return m * (length - m) + m * (m + 1) // 2
         if isinstance(variant, WindowAttention):
             return neighbour_visits(chunk, cache.positions(layer), cache.kinds(layer), variant.window)
-        return head_pruned_visits(chunk, cache.kinds(layer), torch.tensor(variant.heads, dtype=torch.bool))
+        return head_pruned_visits(chunk, cache.kinds(layer), variant.heads)  # no tensor per step
 
     def _layer(self, index: int, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                chunk: Chunk, keep, weight: torch.Tensor | None, cache: KVCache) -> torch.Tensor:

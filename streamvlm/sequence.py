@@ -258,6 +258,15 @@ class SequenceBuilder:
         self.next_rope = cursor
         return chunk
 
+    def preview(self, pieces: Sequence[Piece]) -> Chunk:
+        """The Chunk `place` would make of `pieces`, leaving the sequence where it is."""
+        saved = self.next_pos, self.next_rope, self.video_rope, self._trace
+        self._trace = None
+        try:
+            return self.place(pieces)
+        finally:
+            self.next_pos, self.next_rope, self.video_rope, self._trace = saved
+
     def renumbered(self, held: int) -> None:
         """After eviction renumbered the `held` positions still cached to 0..held-1: what comes next moves by
         the same shift, so the recent past keeps its relative layout (M-RoPE's text and open video too)."""
@@ -288,6 +297,12 @@ def target_rows(pieces: Sequence[Piece], builder: SequenceBuilder) -> tuple[list
     return rows, targets
 
 
+def padded_span(times: list[float], step: int) -> list[float]:
+    """The times of a frame of tokens short of its `step` input frames, padded with its last frame's time, as
+    its pixels are padded with copies of the last frame (`FamilyAdapter.encode_frames`)."""
+    return times + times[-1:] * (step - len(times))
+
+
 def lay_out_dialogue(builder: SequenceBuilder, events, times: Sequence[float], encode, stop_ids: set[int]) -> list[Piece]:
     """A whole dialogue's pieces, laid out exactly as a session feeds it (training places them as one chunk).
 
@@ -305,7 +320,7 @@ def lay_out_dialogue(builder: SequenceBuilder, events, times: Sequence[float], e
                 continue
             run = [float(t) for t in times[event.start:event.end]]
             spans = [run[i:i + step] for i in range(0, len(run), step)]
-            spans[-1] = spans[-1] + spans[-1][-1:] * (step - len(spans[-1]))
+            spans[-1] = padded_span(spans[-1], step)
             pieces += builder.frame_pieces(builder.plan_frames(spans), encode(event.start, event.end))
             continue
         plan = builder.question(event.question)

@@ -28,7 +28,7 @@ from streamvlm.errors import StreamVLMError
 from streamvlm.flops import FlopCounter
 from streamvlm.generation import Answer, SamplingConfig, stream_answer
 from streamvlm.memory import MemoryBudget, MemoryPolicy
-from streamvlm.sequence import Piece, QuestionPlan, SequenceBuilder, TextPiece
+from streamvlm.sequence import Piece, QuestionPlan, SequenceBuilder, TextPiece, padded_span
 from streamvlm.types import VISION, Turn
 from streamvlm.video.preprocess import FrameInput, as_frame_tensor
 
@@ -161,8 +161,7 @@ class Session:
             return
         held, times = self._pending
         self._pending = None
-        span = times + times[-1:] * (self._adapter.frames_per_step - len(times))  # padded as the pixels are
-        self._ingest([span], lambda first, last: self._adapter.encode_frames(held), count_vision=True)
+        self._ingest([padded_span(times, self._adapter.frames_per_step)], lambda first, last: self._adapter.encode_frames(held), count_vision=True)
 
     def _ingest(self, spans: list[list[float]], encode, count_vision: bool) -> None:
         """Feed len(spans) frames of tokens, frame i made of the input frames at spans[i] (seconds), whose
@@ -228,9 +227,7 @@ class Session:
     @torch.inference_mode()
     def _before_question(self, plan: QuestionPlan) -> None:
         """Let the router drop cached vision entries that matter little for this question."""
-        probe = SequenceBuilder(self._adapter, trace=False)  # the prompt's embeddings and positions, not placed
-        probe.next_pos, probe.next_rope = self._seq.next_pos, self._seq.next_rope
-        chunk = probe.place([p for p in plan.pieces])
+        chunk = self._seq.preview(plan.pieces)  # the prompt's embeddings and positions, not yet placed
         drop = self._decoder.router.question_evictions(self.cache, chunk.embeds, chunk.rope_ids())
         if drop is None or drop.numel() == 0:
             return
