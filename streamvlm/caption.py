@@ -193,7 +193,7 @@ class JsonlOutput:
 
 def caption_video(vlm, path: Path, cfg: CaptionConfig, frame_bar=None) -> dict:
     """Caption one video; returns its record (raises StreamVLMError for an unreadable video)."""
-    from streamvlm.video.files import iter_frames, probe_video
+    from streamvlm.video.files import probe_video
 
     start = time.perf_counter()
     info = probe_video(path)
@@ -219,7 +219,7 @@ def caption_video(vlm, path: Path, cfg: CaptionConfig, frame_bar=None) -> dict:
         segments.append({"start": round(seg_start, 3), "end": round(end, 3), "text": session.ask(cfg.prompt)})
         seg_start, in_segment = end, 0
 
-    frames = iter_frames(path, fps=cfg.fps)
+    frames = vlm.iter_frames(path, fps=cfg.fps)  # resized to the model's input size as they decode
     try:
         while True:
             t0 = time.perf_counter()

@@ -94,15 +94,18 @@ def _load(args) -> tuple:
 
 
 def cmd_ask(args) -> int:
-    from streamvlm.video.files import read_video
+    from streamvlm.video.files import probe_video
     from streamvlm.world.sample import sample_video
 
     video = Path(args.video) if args.video else sample_video()
     if args.num_frames is not None and args.fps is not None:
         raise StreamVLMError("give --num-frames or --fps, not both")
     num_frames = None if args.fps is not None else (8 if args.num_frames is None else args.num_frames)
-    clip = read_video(video, num_frames=num_frames, fps=args.fps, max_frames=args.max_frames)
+    probe_video(video)  # a bad file fails before the model loads
     vlm, model_dir = _load(args)
+    asked = sum(len(vlm.tokenizer(q, add_special_tokens=False)["input_ids"]) for q in args.question)
+    clip = vlm.read_video(video, num_frames=num_frames, fps=args.fps, max_frames=args.max_frames,
+                          reserve_tokens=asked)
     session = vlm.session(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed)
     start = time.perf_counter()
@@ -186,15 +189,16 @@ def cmd_caption(args) -> int:
 def cmd_compare(args) -> int:
     from streamvlm.compare import compare, default_policies, format_rows
     from streamvlm.routers.registry import split_policy_specs
-    from streamvlm.video.files import read_video
+    from streamvlm.video.files import probe_video
     from streamvlm.world.sample import sample_video
 
     policies = split_policy_specs(args.policies)
     if args.policies and not policies:
         raise StreamVLMError("--policies: give --routing specs separated by ';', e.g. 'dense;mod:0.2'")
     video = Path(args.video) if args.video else sample_video()
-    clip = read_video(video, num_frames=args.num_frames)
+    probe_video(video)  # a bad file fails before the model loads
     vlm, _ = _load(args)
+    clip = vlm.read_video(video, num_frames=args.num_frames)
     policies = policies or default_policies(vlm, clip.frames, args.question)
     rows = compare(vlm, clip.frames, args.question, policies, args.max_new_tokens, args.repeats)
     print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
@@ -205,12 +209,14 @@ def cmd_calibrate(args) -> int:
     from streamvlm.calibrate import (DEFAULT_QUESTIONS, calibrate_vtw, save_heads, save_schedule, save_vtw,
                                      search_greedy, search_sigmoid)
     from streamvlm.routers.head_prune import calibrate_heads
-    from streamvlm.video.files import read_video
+    from streamvlm.video.files import probe_video
     from streamvlm.world.sample import sample_video
 
     videos = args.videos or [str(sample_video())]
-    clips = [read_video(v, num_frames=args.num_frames).frames for v in videos]
+    for video in videos:
+        probe_video(video)  # a bad file fails before the model loads
     vlm, _ = _load(args)
+    clips = [vlm.read_video(v, num_frames=args.num_frames).frames for v in videos]
     questions = args.question or list(DEFAULT_QUESTIONS)
     if args.method == "schedule":
         if args.search == "greedy":
@@ -607,6 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-seconds", type=_positive_float, default=4.0,
                    help="serve: length of the clip each question is about (default 4)")
     p.add_argument("--workers", type=_positive_int, default=1, help="serve: the server's --workers (default 1)")
+    p.add_argument("--abuse-rounds", type=_non_negative_int, default=3, metavar="N",
+                   help="serve: bursts of oversized video requests (4000x3000 and 1080p sources asked for more "
+                        "frames than the context holds, and for the most it holds), with the server's RSS before, "
+                        "at peak and after, and /health latency during them; 0 skips (default 3)")
     p.add_argument("--stream-fps", type=_positive_float, default=1.0, help="stream: frames per second sampled (default 1)")
     p.add_argument("--memory-budget", default="8192",
                    help="stream: our session's KV bound, tokens per layer or a size (default 8192)")

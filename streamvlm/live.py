@@ -27,7 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -226,6 +226,8 @@ class LiveSession:
     def _capture(self) -> None:
         try:
             for frame in self.source.frames(self._stop, self._source_event):
+                # resized here: the buffer holds frames at the model's input size, whatever the camera sends
+                frame = replace(frame, frame=self.vlm.resize(frame.frame))
                 self.captured += 1
                 self.source_time = frame.time
                 self._buffer.put(frame, wait=not self.source.paced)

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from streamvlm.decoder import Decoder
-from streamvlm.errors import StreamVLMError
+from streamvlm.errors import FrameBudgetError, StreamVLMError
 from streamvlm.generation import SamplingConfig
 from streamvlm.memory import MemoryBudget
 from streamvlm.models import FamilyAdapter, load_adapter
 from streamvlm.routers import Router, resolve_routing
+from streamvlm.sequence import SequenceBuilder
 from streamvlm.session import Session
-from streamvlm.video.preprocess import FrameInput, preprocess
+from streamvlm.video.files import TimedFrame, VideoClip, iter_frames, read_video
+from streamvlm.video.preprocess import FrameInput, preprocess, resize_frame
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -93,6 +95,48 @@ class StreamVLM:
     def preprocess(self, frames: FrameInput) -> torch.Tensor:
         """uint8 (T, H, W, 3) -> float (T, 3, h, w), resized and normalized as the checkpoint says."""
         return preprocess(frames, self.adapter.preprocess_config, self.adapter.dtype, self.adapter.device)
+
+    def resize(self, frame: torch.Tensor) -> torch.Tensor:
+        """One uint8 frame (H, W, 3) -> uint8 (h, w, 3) at the size preprocessing makes, by the same op (so
+        preprocessing a resized frame gives the same pixels as preprocessing the original)."""
+        return resize_frame(frame, self.adapter.preprocess_config)
+
+    def frame_capacity(self, reserve_tokens: int = 0) -> int:
+        """How many input frames a fresh session's context holds, leaving `reserve_tokens` positions for the
+        question, the answer and anything else. Counts the chat text around the frames; the session still
+        checks exactly as it feeds them."""
+        adapter = self.adapter
+        step = adapter.frames_per_step
+        plan = SequenceBuilder(adapter, trace=False).plan_frames([[0.0] * step, [1.0] * step])
+        first, later = (len(ids) + self.tokens_per_frame for ids in plan.text_ids)
+        room = adapter.decoder.max_positions - reserve_tokens - adapter.video_tail().shape[0] - 1 - first
+        return 0 if room < 0 else (1 + room // later) * step
+
+    def read_video(self, path, *, num_frames: int | None = None, fps: float | None = None, start: float = 0.0,
+                   end: float | None = None, max_frames: int | None = None, reserve_tokens: int = 0) -> VideoClip:
+        """`streamvlm.video.files.read_video` with this model's bounds: the frame count is checked against the
+        context (frame_capacity(reserve_tokens)) before anything is decoded (FrameBudgetError), and each
+        frame is resized to the model's input size as it is decoded, so full-size frames are never held
+        together. The pixels the model sees are the same as preprocessing the full-size frames."""
+        capacity = self.frame_capacity(reserve_tokens)
+
+        def admit(count: int) -> None:
+            if count > capacity:
+                limit = self.adapter.decoder.max_positions
+                raise FrameBudgetError(
+                    f"{count} frames need about {count * self.tokens_per_frame // self.adapter.frames_per_step} "
+                    f"tokens, but the model's {limit}-token context holds at most {capacity} frames"
+                    f"{' besides the text' if reserve_tokens else ''}; ask for at most {capacity} frames "
+                    "(fewer num_frames, a lower fps, or max_frames)", count, capacity)
+
+        return read_video(path, num_frames=num_frames, fps=fps, start=start, end=end, max_frames=max_frames,
+                          resize=self.resize, admit=admit)
+
+    def iter_frames(self, path, *, fps: float | None = None, start: float = 0.0, end: float | None = None,
+                    max_frames: int | None = None) -> Iterator[TimedFrame]:
+        """`streamvlm.video.files.iter_frames` with each frame resized to the model's input size as it is
+        decoded (for files too long to hold; the count is bounded by the caller's memory budget)."""
+        return iter_frames(path, fps=fps, start=start, end=end, max_frames=max_frames, resize=self.resize)
 
     @torch.inference_mode()
     def encode(self, frames: FrameInput) -> torch.Tensor:

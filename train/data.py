@@ -25,6 +25,7 @@ import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 
 from streamvlm.errors import StreamVLMError
 from streamvlm.video.files import check_sampling, probe_video, read_video
-from streamvlm.video.preprocess import PreprocessConfig, preprocess
+from streamvlm.video.preprocess import PreprocessConfig, preprocess, resize_frame
 from streamvlm.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -348,13 +349,13 @@ class VideoInstructionDataset(Dataset):
 
     def _decode(self, record: Record) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 (T, 3, h, w) pixels and float64 (T,) timestamps of the frames the record uses."""
+        cfg = self.preprocess_config  # frames are resized as they decode: full-size frames are never held together
         clip = read_video(record.video, num_frames=self.num_frames, fps=self.fps, max_frames=self.max_frames,
-                          end=_decode_end(record))
+                          end=_decode_end(record), resize=partial(resize_frame, cfg=cfg))
         count = _frames_used(record, clip.timestamps)
         if count == 0:  # every exchange precedes the first frame: a text-only sample
-            cfg = self.preprocess_config
             return torch.empty(0, 3, cfg.height, cfg.width), clip.timestamps[:0]
-        return preprocess(clip.frames[:count], self.preprocess_config), clip.timestamps[:count]
+        return preprocess(clip.frames[:count], cfg), clip.timestamps[:count]
 
 
 def _decode_end(record: Record) -> float | None:

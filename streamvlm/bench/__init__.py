@@ -280,7 +280,7 @@ def run(args) -> dict:
         clients = _numbers("--clients", args.clients, int)
         return run_serve_bench(Path(args.model) if args.model else None, clients, args.requests,
                                _numbers("--ages", args.ages or "1,30", float), args.stream_fps, args.new_tokens,
-                               args.clip_seconds, args.workers)
+                               args.clip_seconds, args.workers, args.abuse_rounds)
     if args.suite == "stream":
         from streamvlm.bench.stream import run_stream_bench
 

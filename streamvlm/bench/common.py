@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
 import statistics
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
@@ -93,3 +96,15 @@ def bench_video(seconds: float = 60, fps: float = 8.0, size: int = 256) -> Path:
     write_video(tmp, frames, fps=fps)
     tmp.replace(target)
     return target
+
+
+def call(url: str, method: str, path: str, body: dict | None = None, timeout: float = 300) -> tuple[int, dict]:
+    """One request on a fresh connection (as a new client would): (status, JSON body)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request(method, path, None if body is None else json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        conn.close()

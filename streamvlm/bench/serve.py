@@ -13,7 +13,6 @@ client on 127.0.0.1 in one run.
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import shutil
@@ -22,25 +21,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
+from streamvlm.bench.common import call
 from streamvlm.errors import StreamVLMError
 
 logger = logging.getLogger(__name__)
 
 QUESTION = "What is happening in the video?"
-
-
-def _call(url: str, method: str, path: str, body: dict | None = None, timeout: float = 300) -> tuple[int, dict]:
-    """One request on a fresh connection (as a new client would): (status, JSON body)."""
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-    try:
-        conn.request(method, path, None if body is None else json.dumps(body), {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        return response.status, json.loads(response.read() or b"{}")
-    finally:
-        conn.close()
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -67,7 +54,7 @@ def run_load(url: str, model_id: str, clients: int, requests: int, new_tokens: i
                 left[0] -= 1
             start = time.perf_counter()
             try:
-                status, reply = _call(url, "POST", "/v1/chat/completions", body)
+                status, reply = call(url, "POST", "/v1/chat/completions", body)
             except OSError as e:
                 status, reply = 0, {"error": {"message": str(e)}}
             took = time.perf_counter() - start
@@ -108,7 +95,7 @@ def run_live_age(url: str, media: Path, minutes: float, fps: float, new_tokens: 
     if not (media / name).exists():
         shutil.copy(video, media / name)  # a link would lead out of the media folder, which the server refuses
     frames_total = round(probe_video(video)["duration"] * fps)
-    status, opened = _call(url, "POST", "/v1/streams", {"source": name, "fps": fps, "speed": 0,
+    status, opened = call(url, "POST", "/v1/streams", {"source": name, "fps": fps, "speed": 0,
                                                       "max_tokens": new_tokens})
     if status != 201:
         raise StreamVLMError(f"bench serve: opening the stream failed: {opened}")
@@ -116,7 +103,7 @@ def run_live_age(url: str, media: Path, minutes: float, fps: float, new_tokens: 
     try:
         started = time.perf_counter()
         while True:
-            stats = _call(url, "GET", f"/v1/streams/{stream_id}")[1]["stats"]
+            stats = call(url, "GET", f"/v1/streams/{stream_id}")[1]["stats"]
             if stats["done"]:
                 break
             time.sleep(0.1)
@@ -140,9 +127,9 @@ def run_live_age(url: str, media: Path, minutes: float, fps: float, new_tokens: 
                 elif message["type"] == "error":
                     raise StreamVLMError(f"bench serve: the question failed: {message['message']}")
             answer_s = time.perf_counter() - sent
-        session = _call(url, "GET", f"/v1/streams/{stream_id}")[1]["stats"]["session"]
+        session = call(url, "GET", f"/v1/streams/{stream_id}")[1]["stats"]["session"]
     finally:
-        _call(url, "DELETE", f"/v1/streams/{stream_id}")
+        call(url, "DELETE", f"/v1/streams/{stream_id}")
     return {"age_minutes": minutes, "stream_fps": fps, "frames_in_video": frames_total,
             "frames_ingested": stats["ingested"], "ingest_seconds": ingest_s,
             "ingest_fps": stats["ingested"] / ingest_s if ingest_s else None,
@@ -153,7 +140,8 @@ def run_live_age(url: str, media: Path, minutes: float, fps: float, new_tokens: 
 
 
 def run_serve_bench(model_dir: Path | None, clients: list[int], requests: int, ages: list[float], stream_fps: float,
-                    new_tokens: int, video_seconds: float, workers: int) -> dict:
+                    new_tokens: int, video_seconds: float, workers: int, abuse_rounds: int = 3) -> dict:
+    from streamvlm.bench.abuse import run_abuse
     from streamvlm.bench.common import bench_video
     from streamvlm.world.builtin import default_model_dir
     from streamvlm.serve.process import ServerProcess
@@ -172,11 +160,12 @@ def run_serve_bench(model_dir: Path | None, clients: list[int], requests: int, a
             load = [run_load(server.url, "bench", c, max(requests, c), new_tokens) for c in clients]
             live = [run_live_age(server.url, media, age, stream_fps, new_tokens) for age in ages]
             rss_end = server.rss_bytes()
+            abuse = run_abuse(server, "bench", media, abuse_rounds) if abuse_rounds else None
         finally:
             server.stop()
     return {"suite": "serve", "model": str(model), "workers": workers, "video_seconds": video_seconds,
             "frames_per_request": 8, "new_tokens": new_tokens, "load": load, "live": live,
-            "server_rss_start_bytes": rss_start, "server_rss_end_bytes": rss_end}
+            "server_rss_start_bytes": rss_start, "server_rss_end_bytes": rss_end, "abuse": abuse}
 
 
 def format_serve(result: dict) -> str:
@@ -193,4 +182,8 @@ def format_serve(result: dict) -> str:
     for r in result["live"]:
         lines.append(f"| {r['age_minutes']:g} min | {r['frames_ingested']} | {r['ingest_fps']:.1f} | "
                      f"{r['ttft_s']:.3f} | {r['answer_s']:.3f} | {r['kv_bytes'] / 2**20:.2f} |")
+    if result.get("abuse"):
+        from streamvlm.bench.abuse import format_abuse
+
+        lines += ["", format_abuse(result["abuse"])]
     return "\n".join(lines)

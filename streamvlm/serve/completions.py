@@ -22,11 +22,10 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from streamvlm.errors import StreamVLMError
+from streamvlm.errors import FrameBudgetError, StreamVLMError
 from streamvlm.serve.engine import Engine
 from streamvlm.serve.errors import APIError
 from streamvlm.serve.media import MediaPolicy
-from streamvlm.video.files import read_video
 
 DEFAULT_FRAMES = 8
 INT_MAX = 2**31 - 1
@@ -217,9 +216,16 @@ def run_chat(engine: Engine, media: MediaPolicy, job: ChatJob) -> Iterator[str |
     seconds = 0.0
     if job.video_url is not None:
         param = "messages[].content[].video_url.url"
+        # the text's tokens are kept free: frames that leave no room for the question are refused before
+        # decoding
+        texts = [job.question, *(text for exchange in job.history for text in exchange), job.system or ""]
+        reserve = sum(len(vlm.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts if text)
         with media.video(job.video_url, param) as path:
             try:
-                clip = read_video(path, num_frames=job.num_frames, fps=job.fps, max_frames=job.max_frames)
+                clip = vlm.read_video(path, num_frames=job.num_frames, fps=job.fps, max_frames=job.max_frames,
+                                      reserve_tokens=reserve)
+            except FrameBudgetError as e:
+                raise APIError(400, f"video: {e}", param="video", code="too_many_frames") from None
             except StreamVLMError as e:
                 raise APIError(400, f"{param}: {e}", param=param, code="bad_video") from None
         session.append_frames(clip.frames, clip.timestamps.tolist())

@@ -57,6 +57,15 @@ class ServerProcess:
     def rss_bytes(self) -> int:
         return self.proc_status("VmRSS") * 1024
 
+    def peak_rss_bytes(self) -> int:
+        """The most resident memory the server has held since it started or since reset_peak()."""
+        return self.proc_status("VmHWM") * 1024
+
+    def reset_peak(self) -> None:
+        """Start peak_rss_bytes() over from the present RSS (Linux: writes 5 to /proc/PID/clear_refs)."""
+        with open(f"/proc/{self.pid}/clear_refs", "w") as f:
+            f.write("5")
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 

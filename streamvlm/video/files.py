@@ -1,8 +1,9 @@
 """Decode a video file into uint8 RGB frames with their presentation timestamps, offline.
 
 PyAV decodes sequentially (frame threading on) and converts only the frames a sampler picks. When
-decord is importable, `num_frames` sampling of an unrotated stream reads just the picked frames through
-decord's random access instead (much faster on long files); decord sees the same timestamps and the same
+decord is importable, `num_frames` sampling of an unrotated stream of at most 1080p that asks for few of
+its frames (a quarter or fewer) reads just the picked frames through decord's random access instead (much
+faster on long files); decord sees the same timestamps and the same
 picking code, so both paths return the same frames, and any decord failure falls back to PyAV.
 
 Timestamps are seconds from the stream's start_time, taken from each frame's pts, so variable frame rate
@@ -15,6 +16,17 @@ returned and a warning is logged (a truncated or partly corrupt file still yield
 
 iter_frames walks a file of any length frame by frame with the same decoding and picking code as
 read_video's fps path, holding a couple of decoded frames at a time.
+
+Bounded work. What a read may cost is settled before a frame is converted:
+- a frame larger than MAX_PIXELS is refused from the stream's header;
+- `admit(count)` (read_video) hears how many frames the sampling will return before decoding starts, and
+  may refuse by raising (the runtime checks the count against the model's context);
+- `resize` (a function of one upright uint8 frame) runs on each picked frame as it is converted, so only
+  the resized frames are held: with the model's own resize (`StreamVLM.read_video`) the pixels are those
+  preprocessing would have made from the full-size frames, and a 4000x3000 source costs one full-size
+  frame at a time;
+- num_frames sampling returns each frame of the file at most once: asking a 1-frame video for 1024
+  frames gives 1 frame, not 1024 copies of it.
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -44,6 +56,10 @@ log = logging.getLogger(__name__)
 
 # Float slack when comparing frame times with range bounds and sampling ticks (seconds).
 _EPS = 1e-6
+
+MAX_PIXELS = 40_000_000
+"""Largest frame (width x height) the reader decodes; 8K UHD (33 MP) passes. Larger ones are refused from
+the stream's header, before a frame is decoded."""
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing tensors with == is ambiguous
@@ -140,40 +156,53 @@ def read_video(
     start: float = 0.0,
     end: float | None = None,
     max_frames: int | None = None,
+    resize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    admit: Callable[[int], None] | None = None,
 ) -> VideoClip:
     """Decode frames of a video file in [start, end) seconds.
 
     num_frames: N frames, the one nearest each of N targets spaced evenly over [start, end) from start
         (np.linspace with endpoint=False, as transformers' default uniform sampler does over indices);
-        a range with fewer than N frames repeats frames.
-    fps: one frame per 1/fps seconds from start, the latest frame at or before each tick.
+        a range with fewer than N frames gives each of its frames once (a frame is never repeated).
+    fps: one frame per 1/fps seconds from start, the latest frame at or before each tick (above the
+        file's own rate a frame fills several ticks).
     neither: every frame. max_frames caps the count by thinning uniformly.
+    resize: applied to each picked frame, uint8 (H, W, 3) upright -> uint8 (h, w, 3), as it is converted.
+    admit: called with the number of frames the sampling returns (at most; for every-frame reads, the
+        container's estimate) before anything is decoded; raise in it to refuse the read.
     """
     check_sampling("read_video", num_frames, fps, start, end, max_frames)
     info = _probe(path)
     stop = _stop("read_video", info, start, end)
+    finish = _finisher(info.rotation, resize)
     if num_frames is None and fps is None and max_frames is not None:
         if (stop - start) * info.fps > max_frames:  # too many: sample uniformly while decoding
             num_frames = max_frames
     if num_frames is not None:
         n = min(num_frames, max_frames or num_frames)
+        if admit is not None:
+            admit(n)
         targets = start + (stop - start) * np.arange(n) / n
-        times, arrays = _read_nearest(info, targets, start, stop)
-        rate = n / (stop - start)
+        times, frames = _read_nearest(info, targets, start, stop, finish)
+        rate = len(times) / (stop - start)
     elif fps is not None:
         ticks = start + np.arange(_tick_count(start, stop, fps)) / fps
         rate = fps
         if max_frames is not None and len(ticks) > max_frames:
             rate = fps * max_frames / len(ticks)
             ticks = ticks[_uniform(len(ticks), max_frames)]
-        times, arrays = _read_picks(info, start, stop, lambda items: _sweep(items, ticks, stop, info.hold, _latest))
+        if admit is not None:
+            admit(len(ticks))
+        times, frames = _read_picks(info, start, stop, lambda items: _sweep(items, ticks, stop, info.hold, _latest),
+                                    finish)
     else:
-        times, arrays = _read_picks(info, start, stop, lambda items: _until(items, end))
+        if admit is not None:
+            admit(max(1, math.ceil((stop - start) * info.fps)) if info.fps else max(1, info.num_frames))
+        times, frames = _read_picks(info, start, stop, lambda items: _until(items, end), finish)
         if max_frames is not None and len(times) > max_frames:  # the fps estimate was low
             keep = _uniform(len(times), max_frames)
-            times, arrays = times[keep], arrays[keep]
+            times, frames = times[keep], frames[torch.from_numpy(keep)]
         rate = info.fps
-    frames = _upright(torch.from_numpy(arrays), info.rotation)
     return VideoClip(frames, torch.from_numpy(times), str(info.path), info.duration, float(rate))
 
 
@@ -184,11 +213,13 @@ def iter_frames(
     start: float = 0.0,
     end: float | None = None,
     max_frames: int | None = None,
+    resize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[TimedFrame]:
     """Decode frames of a video file in [start, end) seconds one at a time, for files too long to hold.
 
     fps: one frame per 1/fps seconds from start, the latest frame at or before each tick, as read_video
         picks them; None: every frame. max_frames stops after that many frames (read_video thins instead).
+    resize: as read_video's.
     The file is probed here, so a bad file or a start past its end raises StreamVLMError before the first
     frame; probe_video gives the duration for a progress bar. Decoding starts at the first next(); the file
     stays open until the iterator is exhausted or closed (close() it, or use contextlib.closing, when
@@ -203,7 +234,7 @@ def iter_frames(
         picks = _decode_picks(info, start, stop, lambda items: _sweep(items, ticks, stop, info.hold, _latest))
     else:
         picks = _decode_picks(info, start, stop, lambda items: islice(_until(items, end), max_frames))
-    return _timed_frames(picks, info.rotation)
+    return _timed_frames(picks, _finisher(info.rotation, resize))
 
 
 def write_video(
@@ -328,9 +359,17 @@ def _open(p: Path) -> Iterator[tuple[av.container.InputContainer, av.video.strea
         yield container, stream
 
 
+def _check_pixels(p: Path, width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise StreamVLMError(
+            f"{p.name} has {width}x{height} frames ({width * height / 1e6:.0f} MP); the reader takes at most "
+            f"{MAX_PIXELS / 1e6:.0f} MP a frame. Scale it down first (e.g. ffmpeg -i IN -vf scale=1920:-2 OUT).")
+
+
 def _probe(path: str | os.PathLike) -> _Info:
     p = _check_file(path)
     with _open(p) as (container, stream):
+        _check_pixels(p, stream.codec_context.width or 0, stream.codec_context.height or 0)  # before decoding
         report = _Report()
         with closing(_frames(container, stream, 0.0, report)) as items:
             first = next(items, None)
@@ -340,6 +379,7 @@ def _probe(path: str | os.PathLike) -> _Info:
                 "The file is corrupt or truncated; re-download or re-encode it."
             )
         first_time, frame = first
+        _check_pixels(p, frame.width, frame.height)  # a header may leave the size out
         rate = stream.average_rate or stream.guessed_rate
         fps = float(rate) if rate else 0.0
         hold = 1.0 / fps if fps else 0.0
@@ -426,10 +466,18 @@ def _note_error(report: _Report, error: av.FFmpegError) -> None:
     report.first_error = report.first_error or (getattr(error, "strerror", None) or str(error))
 
 
-def _read_picks(info: _Info, start: float, stop: float | None, pick) -> tuple[np.ndarray, np.ndarray]:
-    """All of _decode_picks at once: (T,) float64 seconds and uint8 (T, H, W, 3) frames before rotation."""
-    times, arrays = zip(*_decode_picks(info, start, stop, pick))
-    return np.asarray(times, dtype=np.float64), np.stack(arrays)
+def _read_picks(info: _Info, start: float, stop: float | None, pick, finish) -> tuple[np.ndarray, torch.Tensor]:
+    """All of _decode_picks at once: (T,) float64 seconds and uint8 (T, h, w, 3) finished frames.
+
+    Each decoded frame is finished (rotated, resized) as it arrives, so the full-size frames are never held
+    together; a frame picked several times is finished once."""
+    times, frames, last_array, last_frame = [], [], None, None
+    for t, array in _decode_picks(info, start, stop, pick):
+        if array is not last_array:
+            last_array, last_frame = array, finish(array)
+        times.append(t)
+        frames.append(last_frame)
+    return np.asarray(times, dtype=np.float64), torch.stack(frames)
 
 
 def _decode_picks(info: _Info, start: float, stop: float | None, pick) -> Iterator[tuple[float, np.ndarray]]:
@@ -458,10 +506,23 @@ def _decode_picks(info: _Info, start: float, stop: float | None, pick) -> Iterat
         raise StreamVLMError(f"{info.path} has no frame in [{start}, {stop}) s; widen the range")
 
 
-def _timed_frames(picks: Iterator[tuple[float, np.ndarray]], rotation: int) -> Iterator[TimedFrame]:
+def _timed_frames(picks: Iterator[tuple[float, np.ndarray]], finish) -> Iterator[TimedFrame]:
+    last_array, last_frame = None, None
     with closing(picks):  # close() here closes the file now, not when the garbage collector gets to it
         for t, array in picks:
-            yield TimedFrame(t, _upright(torch.from_numpy(array)[None], rotation)[0])
+            if array is not last_array:
+                last_array, last_frame = array, finish(array)
+            yield TimedFrame(t, last_frame)
+
+
+def _finisher(rotation: int, resize):
+    """RGB (H, W, 3) as decoded -> the frame handed out: upright, then resized."""
+    def finish(array: np.ndarray) -> torch.Tensor:
+        frame = torch.from_numpy(array)
+        if rotation:
+            frame = _upright(frame[None], rotation)[0]
+        return frame if resize is None else resize(frame)
+    return finish
 
 
 def _to_rgb(info: _Info, frame: av.VideoFrame) -> np.ndarray:
@@ -561,14 +622,39 @@ def _uniform(total: int, count: int) -> np.ndarray:
 # ---------------------------------------------------------------- decord
 
 
-def _read_nearest(info: _Info, targets: np.ndarray, start: float, stop: float) -> tuple[np.ndarray, np.ndarray]:
-    result = _read_nearest_decord(info, targets, start, stop)
-    if result is not None:
-        return result
-    return _read_picks(info, start, stop, lambda items: _sweep(items, targets, stop, info.hold, _nearest))
+def _once(picks):
+    """Picks without consecutive repeats of one item (frames are picked in order, so repeats are adjacent)."""
+    last = None
+    for item in picks:
+        if item is not last:
+            yield item
+        last = item
 
 
-def _read_nearest_decord(info: _Info, targets: np.ndarray, start: float, stop: float):
+def _read_nearest(info: _Info, targets: np.ndarray, start: float, stop: float, finish) -> tuple[np.ndarray, torch.Tensor]:
+    if _decord_pays(info, len(targets), start, stop):
+        result = _read_nearest_decord(info, targets, start, stop, finish)
+        if result is not None:
+            return result
+    return _read_picks(info, start, stop, lambda items: _once(_sweep(items, targets, stop, info.hold, _nearest)),
+                       finish)
+
+
+# decord's decoder holds far more than the frames it returns (measured with decord 0.6: about 200 MB for a
+# 1080p file even a frame at a time, against 70 MB for PyAV's sequential decode), so it is used only where
+# its random access saves real decoding: frames up to 1080p, and ranges holding at least _DECORD_SPACING
+# frames per frame asked.
+_DECORD_MAX_PIXELS = 1920 * 1088
+_DECORD_SPACING = 4
+# Frames per get_batch call; each call holds its frames at full size until they are finished.
+_DECORD_BATCH = 4
+
+
+def _decord_pays(info: _Info, count: int, start: float, stop: float) -> bool:
+    return info.width * info.height <= _DECORD_MAX_PIXELS and (stop - start) * info.fps >= _DECORD_SPACING * count
+
+
+def _read_nearest_decord(info: _Info, targets: np.ndarray, start: float, stop: float, finish):
     """(times, frames) through decord's random access, or None where decord cannot be trusted to agree."""
     if _decord is None or info.rotation or info.first_pts is None:
         return None  # decord rotates by itself, and only for some containers
@@ -585,16 +671,17 @@ def _read_nearest_decord(info: _Info, targets: np.ndarray, start: float, stop: f
             return None
         times = [float(p * info.time_base) for p in rel_pts]
         items = ((t, index) for index, t in enumerate(times) if t >= start - _EPS)
-        picks = list(_sweep(items, targets, stop, info.hold, _nearest))
+        picks = list(_once(_sweep(items, targets, stop, info.hold, _nearest)))
         if not picks:
             return None
-        wanted = sorted({index for _, index in picks})
-        batch = reader.get_batch(wanted).asnumpy()  # (K, H, W, 3) uint8
-        if batch.shape[1:] != (info.height, info.width, 3):
-            return None
-        row = {index: r for r, index in enumerate(wanted)}
+        frames = []
+        for first in range(0, len(picks), _DECORD_BATCH):
+            batch = reader.get_batch([index for _, index in picks[first:first + _DECORD_BATCH]]).asnumpy()
+            if batch.shape[1:] != (info.height, info.width, 3):  # (K, H, W, 3) uint8
+                return None
+            frames.extend(finish(np.ascontiguousarray(array)) for array in batch)
         _warn_if_damaged(info, start, _Report(decoded=len(times), eof=True, last_time=times[-1]))
-        return np.array([t for t, _ in picks], dtype=np.float64), batch[[row[index] for _, index in picks]]
+        return np.array([t for t, _ in picks], dtype=np.float64), torch.stack(frames)
     except Exception as e:  # DECORDError, RuntimeError, ...: PyAV may still read the file
         log.debug("decord could not read %s (%s); using PyAV", info.path, e)
         return None

@@ -112,16 +112,38 @@ def as_frame_tensor(frames: FrameInput) -> torch.Tensor:
     return frames
 
 
+def resize_frames(frames: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> uint8 (T, cfg.height, cfg.width, 3), as `preprocess` resizes (the same op, so
+    resizing first and preprocessing after gives the same pixels). Frames already that size, or a config
+    that does not resize, come back as they are."""
+    if not cfg.do_resize or tuple(frames.shape[1:3]) == (cfg.height, cfg.width):
+        return frames
+    # One channel plane at a time: interpolate treats planes alike and apart, so the pixels are the same, and
+    # the float copy of a large frame is a third the size (48 MB rather than 144 MB for 4000x3000).
+    planes = [_resize(frames[..., c][:, None], cfg).to(torch.uint8) for c in range(frames.shape[-1])]
+    return torch.cat(planes, dim=1).permute(0, 2, 3, 1).contiguous()
+
+
+def resize_frame(frame: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    """One uint8 frame (H, W, 3) -> uint8 (cfg.height, cfg.width, 3); see resize_frames."""
+    return resize_frames(frame[None], cfg)[0]
+
+
+def _resize(x: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    """(T, 3, H, W) -> float (T, 3, cfg.height, cfg.width) holding whole values 0..255."""
+    # Resize in float then round back to uint8 values, as a uint8 image resize does.
+    antialias = cfg.resample in ("bilinear", "bicubic")
+    y = F.interpolate(x.float(), size=(cfg.height, cfg.width), mode=cfg.resample, antialias=antialias,
+                      **({} if cfg.resample == "nearest" else {"align_corners": False}))
+    return y.round_().clamp_(0, 255)
+
+
 def preprocess(frames: FrameInput, cfg: PreprocessConfig, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 (T, H, W, 3) -> float (T, 3, cfg.height, cfg.width)."""
     x = as_frame_tensor(frames).to(device).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
     if cfg.do_resize and tuple(x.shape[-2:]) != (cfg.height, cfg.width):
-        # Resize in float then round back to uint8 values, as a uint8 image resize does.
-        antialias = cfg.resample in ("bilinear", "bicubic")
-        y = F.interpolate(x.float(), size=(cfg.height, cfg.width), mode=cfg.resample, antialias=antialias,
-                          **({} if cfg.resample == "nearest" else {"align_corners": False}))
-        x = y.round_().clamp_(0, 255)
+        x = _resize(x, cfg)
     x = x.to(torch.float32)
     if cfg.do_rescale:
         x = x * cfg.rescale_factor

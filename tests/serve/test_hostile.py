@@ -387,3 +387,32 @@ def test_the_largest_accepted_values_are_served(server, http):
             "top_p": 1}
     response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
+
+
+def test_oversized_videos_cost_bounded_memory_and_still_get_their_answer_or_400(tmp_path):
+    # A 4000x3000 source (a few-KB data: URI and a file) and a 1080p one, asked for more frames than the
+    # context holds (400 before decoding) and for the most it holds (200, decoded frame by frame at the
+    # model's size). The server's peak RSS over idle stays under 300 MB; /health answers throughout.
+    import os
+
+    from streamvlm.bench.abuse import run_abuse
+    from streamvlm.serve.process import ServerProcess
+    from streamvlm.world.builtin import default_model_dir
+
+    env = {**os.environ, "STREAMVLM_CACHE": str(tmp_path / "cache")}
+    env.pop("STREAMVLM_API_KEY", None)
+    media = tmp_path / "media"
+    media.mkdir()
+    server = ServerProcess(["--model", str(default_model_dir()), "--model-name", "bench"], env,
+                           tmp_path / "server.log", media_dir=media)
+    try:
+        row = run_abuse(server, "bench", media, rounds=1)
+        assert server.alive()
+    finally:
+        server.stop()
+    assert [(r["status"], r["code"]) for r in row["requests"]] == [
+        (400, "too_many_frames"), (400, "too_many_frames"), (200, None), (400, "too_many_frames"), (200, None)]
+    assert row["data_uri_bytes"] < 2**20  # a small request
+    assert row["rss_peak_bytes"] - row["rss_idle_bytes"] < 300 * 2**20, row
+    assert row["health_polls"] > 0
+    assert "Traceback" not in server.log()

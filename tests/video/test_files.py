@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from fractions import Fraction
+from functools import partial
 
 import av
 import numpy as np
@@ -15,6 +16,7 @@ from streamvlm.errors import StreamVLMError
 from streamvlm.video import files
 from streamvlm.world import sample
 from streamvlm.video.files import probe_video, read_video, write_video
+from streamvlm.video.preprocess import PreprocessConfig, preprocess, resize_frame
 from support import FPS, N, encode, indexed_frames, indices, upright_picture
 
 
@@ -73,10 +75,93 @@ def test_num_frames_picks_nearest(video, num_frames, expected):
     assert clip.fps == pytest.approx(num_frames / (N / FPS))
 
 
-def test_num_frames_more_than_the_video_repeats_frames(video):
+def test_num_frames_more_than_the_video_gives_each_frame_once(video, tmp_path):
     clip = read_video(video, num_frames=2 * N)
-    assert len(clip) == 2 * N
-    assert sorted(set(indices(clip))) == list(range(N))
+    assert indices(clip) == list(range(N))  # no frame twice: a short video does not fill the count with copies
+    assert clip.timestamps.tolist() == pytest.approx([i / FPS for i in range(N)])
+    assert clip.fps == pytest.approx(FPS)
+    one = write_video(tmp_path / "one.mp4", indexed_frames(1), fps=FPS)
+    assert len(read_video(one, num_frames=1024)) == 1
+
+
+# ---------------------------------------------------------------- bounded work
+
+
+def _model_resize(height=20, width=30, resample=3):
+    cfg = PreprocessConfig.from_dict({"size": {"height": height, "width": width}, "resample": resample})
+    return cfg, partial(resize_frame, cfg=cfg)
+
+
+@pytest.mark.parametrize("resample", [3, 2, 0])
+@pytest.mark.parametrize("kwargs", [{}, {"num_frames": 5}, {"fps": 3}, {"num_frames": 40}])
+def test_resizing_while_decoding_gives_the_pixels_preprocessing_makes(video, resample, kwargs):
+    cfg, resize = _model_resize(resample=resample)
+    full = read_video(video, **kwargs)
+    small = read_video(video, resize=resize, **kwargs)
+    assert small.frames.shape == (len(full), 20, 30, 3) and small.frames.dtype == torch.uint8
+    assert torch.equal(small.timestamps, full.timestamps)
+    assert torch.equal(preprocess(small.frames, cfg), preprocess(full.frames, cfg))
+
+
+def test_resizing_a_rotated_video_resizes_the_upright_frame(tmp_path):
+    stored = np.ascontiguousarray(np.rot90(upright_picture(), k=-1))
+    path = encode(tmp_path / "rotated.mp4", np.stack([stored] * 4), rotation=90)
+    cfg, resize = _model_resize(height=12, width=16)
+    full, small = read_video(path), read_video(path, resize=resize)
+    assert torch.equal(preprocess(small.frames, cfg), preprocess(full.frames, cfg))
+    streamed = [f.frame for f in files.iter_frames(path, resize=resize)]
+    assert torch.equal(torch.stack(streamed), small.frames)
+
+
+def test_the_full_size_frames_are_not_held_together(video, monkeypatch):
+    # every frame is finished (resized) before the next one is decoded
+    held, finished = [], []
+    real = files._decode_picks
+
+    def decode(*args):
+        for t, array in real(*args):
+            held.append(len(finished))
+            yield t, array
+
+    monkeypatch.setattr(files, "_decode_picks", decode)
+    cfg, resize = _model_resize()
+    read_video(video, resize=lambda f: finished.append(1) or resize(f), fps=4)
+    assert held == list(range(len(held))) and len(finished) == len(held)  # the k-th decode sees k finished
+
+
+@pytest.mark.parametrize("kwargs, count", [({"num_frames": 7}, 7), ({"num_frames": 7, "max_frames": 3}, 3),
+                                           ({"fps": 2}, 6), ({"fps": 4, "max_frames": 5}, 5), ({}, N),
+                                           ({"num_frames": 100}, 100)])
+def test_admit_hears_the_count_before_anything_is_decoded(video, monkeypatch, kwargs, count):
+    heard = []
+
+    def refuse(n):
+        heard.append(n)
+        raise StreamVLMError("too many")
+
+    monkeypatch.setattr(files, "_decode_picks", lambda *a: pytest.fail("decoded before admit"))
+    monkeypatch.setattr(files, "_read_nearest_decord", lambda *a: pytest.fail("decoded before admit"))
+    with pytest.raises(StreamVLMError, match="too many"):
+        read_video(video, admit=refuse, **kwargs)
+    assert heard == [count]
+
+
+def test_admitted_reads_return_at_most_the_admitted_count(video):
+    for kwargs in ({"num_frames": 7}, {"fps": 2}, {"fps": 4, "max_frames": 5}, {}):
+        heard = []
+        clip = read_video(video, admit=heard.append, **kwargs)
+        assert len(clip) <= heard[0]
+
+
+def test_frames_over_the_pixel_bound_are_refused_from_the_header(video, monkeypatch):
+    monkeypatch.setattr(files, "MAX_PIXELS", 48 * 64 - 1)
+    monkeypatch.setattr(files, "_frames", lambda *a: pytest.fail("decoded a frame"))
+    for read in (read_video, probe_video, files.iter_frames):  # read_video: decord is not asked either
+        with pytest.raises(StreamVLMError, match=r"64x48 frames .* at most 0 MP a frame. Scale it down"):
+            read(video)
+    monkeypatch.undo()
+    monkeypatch.setattr(files, "MAX_PIXELS", 48 * 64)
+    assert len(read_video(video, num_frames=2)) == 2  # at the bound: read
 
 
 def test_fps_takes_latest_frame_at_or_before_each_tick(video):
@@ -133,15 +218,19 @@ def test_stream_start_offset_is_removed(tmp_path):
 @pytest.mark.skipif(files._decord is None, reason="decord not installed")
 @pytest.mark.parametrize("name", ["v.mp4", "v.mkv"])
 @pytest.mark.parametrize("num_frames", [5, 7, 16, 48])
-def test_decord_and_pyav_agree(tmp_path, monkeypatch, name, num_frames):
+@pytest.mark.parametrize("resized", [False, True])
+def test_decord_and_pyav_agree(tmp_path, monkeypatch, name, num_frames, resized):
+    resize = _model_resize()[1] if resized else None
+    monkeypatch.setattr(files, "_DECORD_SPACING", 0)  # decord even where it saves no decoding
     path = encode(tmp_path / name, indexed_frames(noise=True), pts=[i + (3 if i > 9 else 0) for i in range(N)])
     calls = []
     real = files._read_nearest_decord
     monkeypatch.setattr(files, "_read_nearest_decord", lambda *a: calls.append(1) or real(*a))
-    fast = read_video(path, num_frames=num_frames, start=0.2)
-    assert calls and real(files._probe(path), np.array([0.0]), 0.0, 10.0) is not None  # decord really ran
+    fast = read_video(path, num_frames=num_frames, start=0.2, resize=resize)
+    assert calls and real(files._probe(path), np.array([0.0]), 0.0, 10.0, files._finisher(0, None)) is not None
+    # (decord really ran)
     monkeypatch.setattr(files, "_decord", None)
-    slow = read_video(path, num_frames=num_frames, start=0.2)
+    slow = read_video(path, num_frames=num_frames, start=0.2, resize=resize)
     assert torch.equal(fast.timestamps, slow.timestamps)
     assert torch.equal(fast.frames, slow.frames)
 
@@ -365,3 +454,11 @@ def test_sample_video_is_created_once_and_shows_its_content(monkeypatch, tmp_pat
 def test_sample_video_at_a_given_path(tmp_path):
     path = sample.sample_video(tmp_path / "here" / "s.mkv")
     assert path.is_file() and probe_video(path)["duration"] == pytest.approx(8.0)
+
+
+def test_decord_is_asked_only_where_its_random_access_saves_decoding(video, monkeypatch):
+    info = files._probe(video)  # 64x48, 24 frames over 3 s
+    assert files._decord_pays(info, 6, 0.0, 3.0)  # 4 frames of the file per frame asked
+    assert not files._decord_pays(info, 7, 0.0, 3.0)  # nearly every frame: a sequential decode is as fast
+    monkeypatch.setattr(files, "_DECORD_MAX_PIXELS", 64 * 48 - 1)  # frames larger than the bound: PyAV
+    assert not files._decord_pays(info, 1, 0.0, 3.0)
