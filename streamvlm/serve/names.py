@@ -28,14 +28,14 @@ _END = r"(?![\w~+-]|\.[\w~+-])"
 class ClientNames:
     def __init__(self, media_dir: Path | None, model_dir: Path | None = None):
         # (folder or file, what a path inside it starts with instead, what the path itself is called)
-        named = [(cache_dir() / SAMPLE_NAME, None, "sample"),
+        named = [(cache_dir() / SAMPLE_NAME, "sample/", "sample"),  # a file: nothing is inside it
                  (media_dir, "", "the media folder"),
                  (model_dir, "<model>/", "the model folder"),
                  (cache_dir(), "<cache>/", "the cache folder"),
                  (Path(tempfile.gettempdir()), "<temp>/", "the temporary folder"),
                  (Path.cwd(), "./", "the server's working folder"),
                  (Path.home(), "~/", "~")]
-        rules: dict[str, tuple[str | None, str]] = {}
+        rules: dict[str, tuple[str, str]] = {}
         for path, inside, whole in named:
             if path is None:
                 continue
@@ -55,7 +55,8 @@ class ClientNames:
             return text
         text = self._upload.sub("the data: URI video", text)
         for pattern, inside, whole in self._rules:
-            text = pattern.sub(lambda m: whole if m.group(1) is None or inside is None else inside, text)
+            # group 1 is the "/" after a folder: what follows is a path inside it
+            text = pattern.sub(lambda m, inside=inside, whole=whole: whole if m.group(1) is None else inside, text)
         return text
 
     def figures(self, value):
