@@ -22,8 +22,6 @@ from streamvlm.routers.schedule import ScheduleConfig, sigmoid_schedule
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_QUESTIONS = ("What happens in the video?", "What objects are visible?", "Describe the motion you see.")
-
 
 def calibrate_vtw(vlm, clips: list, questions: list[str], threshold: float, max_new_tokens: int = 16) -> dict:
     """clips: uint8 frame tensors (T, H, W, 3). Returns {"layer", "threshold", "kl_per_layer"}."""

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from streamvlm.errors import StreamVLMError
+from streamvlm.prompts import GENERIC_PROMPTS
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,9 @@ class CaptionConfig:
     """Frames per second fed to the model."""
     segment: float = 10.0
     """Seconds of video per caption."""
-    prompt: str = "Describe what happens in this part of the video."
-    """Asked at the end of every segment."""
-    summary_prompt: str = "Summarize what happens in the whole video."
+    prompt: str = GENERIC_PROMPTS.caption
+    """Asked at the end of every segment (`streamvlm caption` asks the built-in model what it knows instead)."""
+    summary_prompt: str = GENERIC_PROMPTS.summary
     """Asked once at the end."""
     max_new_tokens: int = 64
     """Longest caption or summary, in tokens."""

@@ -167,8 +167,12 @@ def cmd_live(args) -> int:
 
 def cmd_caption(args) -> int:
     from streamvlm.caption import CaptionConfig, run
+    from streamvlm.prompts import default_prompts
 
-    cfg = CaptionConfig(fps=args.fps, segment=args.segment, prompt=args.prompt, summary_prompt=args.summary_prompt,
+    prompts = default_prompts(args.model)
+    cfg = CaptionConfig(fps=args.fps, segment=args.segment,
+                        prompt=prompts.caption if args.prompt is None else args.prompt,
+                        summary_prompt=prompts.summary if args.summary_prompt is None else args.summary_prompt,
                         max_new_tokens=args.max_new_tokens,
                         memory_budget=args.memory_budget)
     model_name = args.model or "builtin"
@@ -188,6 +192,7 @@ def cmd_caption(args) -> int:
 
 def cmd_compare(args) -> int:
     from streamvlm.compare import compare, default_policies, format_rows
+    from streamvlm.prompts import default_prompts
     from streamvlm.routers.registry import split_policy_specs
     from streamvlm.video.files import probe_video
     from streamvlm.world.sample import sample_video
@@ -199,15 +204,16 @@ def cmd_compare(args) -> int:
     probe_video(video)  # a bad file fails before the model loads
     vlm, _ = _load(args)
     clip = vlm.read_video(video, num_frames=args.num_frames)
-    policies = policies or default_policies(vlm, clip.frames, args.question)
-    rows = compare(vlm, clip.frames, args.question, policies, args.max_new_tokens, args.repeats)
+    question = default_prompts(args.model).question if args.question is None else args.question
+    policies = policies or default_policies(vlm, clip.frames, question)
+    rows = compare(vlm, clip.frames, question, policies, args.max_new_tokens, args.repeats)
     print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
     return 0
 
 
 def cmd_calibrate(args) -> int:
-    from streamvlm.calibrate import (DEFAULT_QUESTIONS, calibrate_vtw, save_heads, save_schedule, save_vtw,
-                                     search_greedy, search_sigmoid)
+    from streamvlm.calibrate import calibrate_vtw, save_heads, save_schedule, save_vtw, search_greedy, search_sigmoid
+    from streamvlm.prompts import default_prompts
     from streamvlm.routers.head_prune import calibrate_heads
     from streamvlm.video.files import probe_video
     from streamvlm.world.sample import sample_video
@@ -217,7 +223,7 @@ def cmd_calibrate(args) -> int:
         probe_video(video)  # a bad file fails before the model loads
     vlm, _ = _load(args)
     clips = [vlm.read_video(v, num_frames=args.num_frames).frames for v in videos]
-    questions = args.question or list(DEFAULT_QUESTIONS)
+    questions = args.question or list(default_prompts(args.model).calibrate)
     if args.method == "schedule":
         if args.search == "greedy":
             result = search_greedy(vlm, clips, questions, args.threshold, args.max_new_tokens)
@@ -341,6 +347,8 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from streamvlm.prompts import default_help
+
     parser = _Parser(
         prog="streamvlm",
         description="Stream video into a video language model's KV cache and ask about it. Everything runs "
@@ -361,8 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "in turn; later questions see the earlier answers.")
     p.add_argument("video", nargs="?", help="video file (default: the built-in sample video)")
     p.add_argument("-q", "--question", action="append", default=None,
-                   help="a question (repeat for several; default: four questions the built-in model knows, or "
-                        "'What happens in the video?' with --model)")
+                   help="a question (repeat for several; " + default_help(lambda d: d.ask) + ")")
     g = p.add_argument_group("frames")
     g.add_argument("--num-frames", type=_positive_int, default=None, metavar="N",
                    help="N frames spread evenly over the video (default 8 when --fps is not given)")
@@ -446,10 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSON Lines output file (appended to; resumable)")
     p.add_argument("--fps", type=_positive_float, default=1.0, help="frames per second fed to the model (default 1)")
     p.add_argument("--segment", type=_positive_float, default=10.0, help="seconds of video per caption (default 10)")
-    p.add_argument("--prompt", default="Describe what happens in this part of the video.",
-                   help="asked at the end of every segment")
-    p.add_argument("--summary-prompt", default="Summarize what happens in the whole video.",
-                   help="asked once at the end of each video")
+    p.add_argument("--prompt", default=None,
+                   help="asked at the end of every segment (" + default_help(lambda d: d.caption) + ")")
+    p.add_argument("--summary-prompt", default=None,
+                   help="asked once at the end of each video (" + default_help(lambda d: d.summary) + ")")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="longest caption (default 64)")
     p.add_argument("--memory-budget", default="auto",
                    help="KV cache bound per video: auto (half the model's context), N tokens per layer, a size "
@@ -472,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="Policies (--routing and --policies values; also a router folder from training or "
                               "calibrate):\n" + describe_policies())
     p.add_argument("--video", help="video file (default: the sample video)")
-    p.add_argument("--question", default="What happens in the video?", help="the question to answer")
+    p.add_argument("--question", default=None,
+                   help="the question to answer (" + default_help(lambda d: d.question) + ")")
     p.add_argument("--policies", action="append", metavar="SPECS",
                    help="--routing values separated by ';' (quote them in a shell), or the flag repeated; a comma "
                         "never separates policies, so schedule:1,0.5,0.5 is one (default: every policy below at "
@@ -501,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="schedule, sigmoid: the most LLM FLOPs, as a fraction of dense (default 0.5)")
     p.add_argument("--trials", type=_positive_int, default=20, help="schedule, sigmoid: optimisation trials (default 20)")
     p.add_argument("--videos", nargs="+", help="calibration videos (default: the sample video)")
-    p.add_argument("--question", action="append", help="calibration question (repeat; default: three generic ones)")
+    p.add_argument("--question", action="append",
+                   help="calibration question (repeat; " + default_help(lambda d: d.calibrate) + ")")
     p.add_argument("--threshold", type=_non_negative_float, default=0.003,
                    help="vtw and greedy schedule: KL threshold (VTW: 0.003 for 7B models)")
     p.add_argument("--tau", type=_non_negative_float, default=0.07, help="heads: vision/text attention ratio a head must pass "
@@ -647,9 +656,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "ask" and args.question is None:
-        from streamvlm.world.builtin import EXAMPLE_QUESTIONS
+        from streamvlm.prompts import default_prompts
 
-        args.question = list(EXAMPLE_QUESTIONS) if args.model is None else ["What happens in the video?"]
+        args.question = list(default_prompts(args.model).ask)
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

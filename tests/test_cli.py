@@ -115,16 +115,6 @@ def test_bench_routing_json_rows(tmp_path, cache, capsys):
         assert (r["kv_ratio"] < 1.0) == (r["keep_ratio"] < 1.0)
 
 
-def test_example_script_runs(cache):
-    import pathlib
-
-    script = pathlib.Path(__file__).parents[1] / "examples" / "stream_and_ask.py"
-    out = subprocess.run([sys.executable, str(script), "--routing", "mod:0.5", "--fps", "1"], capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "What is on screen now?" in out.stdout and "of dense" in out.stdout
-
-
 def test_bench_caption_json_rows(tiny_dir, cache, capsys):
     assert main(["bench", "caption", "--model", str(tiny_dir), "--video-seconds", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

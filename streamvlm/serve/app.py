@@ -54,6 +54,7 @@ from streamvlm.serve.completions import (
 from streamvlm.serve.engine import Engine
 from streamvlm.serve.errors import APIError, error_body
 from streamvlm.serve.media import MediaPolicy
+from streamvlm.serve.names import ClientNames
 from streamvlm.serve.streams import LiveStream, StreamRegistry, StreamSpec, Watcher
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,8 @@ class AskMessage(BaseModel):
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     registry = StreamRegistry(config.max_sessions, config.ended_grace_s)
+    # The reader's and the sources' messages name files by their real paths: clients get the names they know.
+    names = ClientNames(config.media.allowed_dir, engine.vlm.adapter.model_dir)
 
     async def close(stream: LiveStream) -> None:
         stream.cancel_ticker()
@@ -145,11 +148,11 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(names.figures(exc.body()), status_code=exc.status)
 
     @app.exception_handler(StreamVLMError)
     async def _user_error(request, exc: StreamVLMError):
-        return JSONResponse(error_body(400, str(exc)), status_code=400)
+        return JSONResponse(error_body(400, names.text(str(exc))), status_code=400)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
@@ -233,7 +236,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             except Exception as e:  # the status line is sent already: report in the stream, as OpenAI does
                 log.error("streamed completion failed", exc_info=e)
                 message = e.message if isinstance(e, APIError) else str(e) or type(e).__name__
-                yield _sse(error_body(getattr(e, "status", 500), message))
+                yield _sse(error_body(getattr(e, "status", 500), names.text(message)))
             finally:
                 await events.aclose()
             yield "data: [DONE]\n\n"
@@ -267,7 +270,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         try:
             loop = asyncio.get_running_loop()
             # opening probes files and makes a router: not on the event loop
-            stream = await asyncio.to_thread(LiveStream, stream_id, spec, engine.fresh(routing), loop)
+            stream = await asyncio.to_thread(LiveStream, stream_id, spec, engine.fresh(routing), loop, names)
             stream.start()
         except BaseException:
             registry.release(stream_id)
@@ -425,7 +428,7 @@ async def _answer(stream: LiveStream, watcher: Watcher, ask: AskMessage) -> None
                 raise
         watcher.send({**answer.as_event(), "type": "answer.done", "id": qid})
     except StreamVLMError as e:
-        watcher.send({"type": "error", "id": qid, "message": str(e)})
+        watcher.send({"type": "error", "id": qid, "message": stream.names.text(str(e))})
     except Exception as e:
         log.error("live answer failed", exc_info=e)
         watcher.send({"type": "error", "id": qid, "message": f"internal error ({type(e).__name__})"})

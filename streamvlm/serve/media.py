@@ -21,6 +21,9 @@ from streamvlm.serve.errors import APIError
 from streamvlm.video.live import NETWORK_SCHEMES
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".ts", ".m4v", ".flv", ".mpg", ".mpeg")
+UPLOAD_PREFIX, UPLOAD_SUFFIX = "streamvlm-upload-", ".video"
+"""How a data: URI's temporary file is named (in tempfile.gettempdir()), so responses can call it what the client
+sent (streamvlm.serve.names)."""
 _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
                        re.ASCII)
 
@@ -62,7 +65,7 @@ class MediaPolicy:
         to a temporary file for as long as the context lasts."""
         if url.startswith("data:"):
             data = self.decode_data_uri(url, param)
-            fd, name = tempfile.mkstemp(prefix="streamvlm-upload-", suffix=".video")
+            fd, name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, suffix=UPLOAD_SUFFIX)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)

@@ -27,6 +27,7 @@ import torch
 
 from streamvlm.live import LiveSession
 from streamvlm.serve.errors import APIError
+from streamvlm.serve.names import ClientNames
 from streamvlm.video.live import LiveFrame, Reconnect, Source, open_source
 from streamvlm.world.sample import source_spec
 
@@ -83,8 +84,11 @@ class Watcher:
 
 
 class LiveStream:
-    def __init__(self, stream_id: str, spec: StreamSpec, vlm, loop: asyncio.AbstractEventLoop):
-        self.id, self.spec, self.loop = stream_id, spec, loop
+    """names: what the stream's figures and events call the server's paths (its source, the messages of the
+    reader and the source), since they go to clients."""
+
+    def __init__(self, stream_id: str, spec: StreamSpec, vlm, loop: asyncio.AbstractEventLoop, names: ClientNames):
+        self.id, self.spec, self.loop, self.names = stream_id, spec, loop, names
         self.created = int(time.time())
         self.source = _Tap(open_source(source_spec(spec.resolved), fps=spec.fps, speed=spec.speed, loop=spec.loop,
                                        reconnect=Reconnect()))
@@ -116,9 +120,10 @@ class LiveStream:
 
     def describe(self) -> dict:
         spec = self.spec
-        return {"id": self.id, "object": "stream", "source": spec.source, "fps": spec.fps, "routing": spec.routing,
-                "memory_budget": spec.memory_budget, "speed": spec.speed, "loop": spec.loop, "created": self.created,
-                "stats": self.live.stats()}
+        stats = {**self.live.stats(), "source": spec.source}  # as the client named it, not the file opened
+        return self.names.figures({"id": self.id, "object": "stream", "source": spec.source, "fps": spec.fps,
+                                   "routing": spec.routing, "memory_budget": spec.memory_budget, "speed": spec.speed,
+                                   "loop": spec.loop, "created": self.created, "stats": stats})
 
     def status(self) -> dict:
         """The figures a watcher is sent every second (flat, for the page)."""
@@ -128,7 +133,8 @@ class LiveStream:
                 "dropped": s["dropped"], "buffered": s["buffered"], "reconnects": s["reconnects"],
                 "ingest_fps": s["ingest_fps"], "latency_s": s["latency_s"], "frames": session["frames"],
                 "tokens": session["tokens"], "kv_bytes": session["kv_bytes"],
-                "evicted_entries": session["evicted_entries"], "done": s["done"], "error": s["error"]}
+                "evicted_entries": session["evicted_entries"], "done": s["done"],
+                "error": s["error"] and self.names.text(s["error"])}
 
     def preview(self) -> tuple[float, bytes] | None:
         """(stream time, JPEG bytes) of the newest captured frame, encoded at most once per frame."""
@@ -149,7 +155,7 @@ class LiveStream:
         """From the live session's threads."""
         if event["type"] == "ingested":  # per frame: the status message carries the count instead
             return
-        self.loop.call_soon_threadsafe(self._broadcast, event)
+        self.loop.call_soon_threadsafe(self._broadcast, self.names.figures(event))
 
     def _broadcast(self, message: dict) -> None:
         for watcher in list(self.watchers):

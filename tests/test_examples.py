@@ -1,0 +1,76 @@
+"""examples/: each runs on its defaults (the sample and the built-in model), asks what that model knows, and
+its docstring's usage line gives the defaults its code has."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streamvlm.prompts import BUILTIN_PROMPTS
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+SCRIPTS = sorted(EXAMPLES.glob("*.py"))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMVLM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def load(script: Path):
+    spec = importlib.util.spec_from_file_location(f"example_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines main(); runs nothing (a __main__ guard)
+    return module
+
+
+def run(script: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_there_are_examples():
+    assert {s.name for s in SCRIPTS} >= {"live_camera.py", "stream_and_ask.py"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.name)
+def test_documented_defaults_are_the_code_defaults(script):
+    module = load(script)
+    usage = next(line.strip() for line in module.__doc__.splitlines()
+                 if line.strip().startswith(f"python examples/{script.name} ["))
+    # [--fps 2] shows a default; [--model DIR] names what to give (no default)
+    documented = {k: v for k, v in re.findall(r"\[--([\w-]+) ([^\]\s]+)\]", usage) if not v.isupper()}
+    defaults = {k.replace("_", "-"): v for k, v in vars(module.parse_args([])).items() if v is not None}
+    options = {k for k in defaults if f"[{k.upper()}]" not in usage}  # not the positional arguments
+    assert documented, usage
+    assert set(documented) == options, (usage, defaults)  # every option with a default shows it
+    for flag, shown in documented.items():
+        value = defaults[flag]
+        assert (float(shown) == value) if isinstance(value, float) else (shown == str(value)), (flag, shown, value)
+    assert "noise" not in module.__doc__ and "random weights" not in module.__doc__  # the default model is trained
+
+
+def test_live_camera_watches_the_sample_by_default(cache):
+    script = EXAMPLES / "live_camera.py"
+    assert load(script).parse_args([]).source == "sample"
+    out = run(script, "--seconds", "2", "--every", "1")  # the sample plays in real time: about 2 s
+    assert out.returncode == 0, out.stderr
+    answers = [line for line in out.stdout.splitlines() if " -> " in line]
+    assert answers, out.stdout
+    for answer in answers:
+        assert f"{BUILTIN_PROMPTS.question} -> 'big red square moving right" in answer, answer
+    assert "frames in, 0 dropped" in out.stdout
+
+
+def test_stream_and_ask_runs_on_the_sample(cache):
+    out = run(EXAMPLES / "stream_and_ask.py", "--routing", "mod:0.5", "--fps", "1")
+    assert out.returncode == 0, out.stderr
+    half, end = [line for line in out.stdout.splitlines() if " -> " in line]
+    assert f"{BUILTIN_PROMPTS.question} -> big red square moving right" in half
+    assert "green triangle" in half and "green triangle" not in end  # it left at 4.5 s
+    assert "of dense" in out.stdout
