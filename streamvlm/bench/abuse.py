@@ -109,7 +109,8 @@ def run_abuse(server, model_id: str, media: Path, rounds: int = 3) -> dict:
 
 def format_abuse(row: dict) -> str:
     lines = [f"abuse: {row['rounds']} bursts of {len(row['requests']) // row['rounds']} oversized video requests "
-             f"({row['burst_seconds']:.1f} s; the context holds {row['frames_limit']} frames)", "",
+             f"({row['burst_seconds']:.1f} s; the context holds {row['frames_limit']} frames; the data: URI is "
+             f"{row['data_uri_bytes'] / 1024:.1f} KB)", "",
              "| request | status (expected) |", "|---|---|"]
     for r in row["requests"][:len(row["requests"]) // row["rounds"]]:
         statuses = sorted({x["status"] for x in row["requests"] if x["request"] == r["request"]})

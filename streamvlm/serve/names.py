@@ -5,7 +5,8 @@ wants. A client of the server must not learn the server's folders (its home, cac
 model and working folders), so text the server sends on (error messages, stream figures, live events)
 goes through `ClientNames` on its way out: a file in the media folder becomes its name relative to the
 folder (what the client asked for), the sample video `sample`, an uploaded data: URI `the data: URI
-video`, and any other path in one of those folders is named by the folder (`<cache>/...`).
+video`, and any other path in one of those folders is named by the folder (`<cache>/...`). The
+credentials in a URL (a camera's `rtsp://user:password@...`) are hidden the same way.
 
 Answers and questions are not rewritten: the model's words are not the server's paths.
 """
@@ -20,6 +21,9 @@ from pathlib import Path
 from streamvlm.paths import cache_dir
 from streamvlm.serve.media import UPLOAD_PREFIX, UPLOAD_SUFFIX
 from streamvlm.world.sample import SAMPLE_NAME
+
+# user[:password]@ after a URL's scheme
+_CREDENTIALS = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
 
 # What may follow a folder's path when the path ends there: not more of a name (a sentence's full stop may)
 _END = r"(?![\w~+-]|\.[\w~+-])"
@@ -50,9 +54,11 @@ class ClientNames:
                                   re.escape(UPLOAD_PREFIX) + r"\w+" + re.escape(UPLOAD_SUFFIX))
 
     def text(self, text: str) -> str:
-        """`text` with every path in a known folder named as the client knows it."""
+        """`text` with every path in a known folder named as the client knows it, and the credentials of
+        every URL (rtsp://user:password@host/...) hidden: every client with the key sees every stream."""
         if "/" not in text:
             return text
+        text = _CREDENTIALS.sub(r"\1***@", text)
         text = self._upload.sub("the data: URI video", text)
         for pattern, inside, whole in self._rules:
             # group 1 is the "/" after a folder: what follows is a path inside it

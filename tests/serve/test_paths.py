@@ -129,3 +129,24 @@ def test_client_names_rewrite_only_paths_in_known_folders(tmp_path, monkeypatch)
     assert names.text("rtsp://cam/stream and a/b.mp4") == "rtsp://cam/stream and a/b.mp4"  # not paths of ours
     assert names.figures({"a": [f"{media}/x.mp4", 1, None], "b": {"c": str(media)}}) == \
         {"a": ["x.mp4", 1, None], "b": {"c": "the media folder"}}
+
+
+def test_a_streams_url_credentials_are_hidden_from_every_client(app):
+    opened = app.post("/v1/streams", json={"source": "rtsp://admin:s3cret@127.0.0.1:1/cam", "fps": 1})
+    assert opened.status_code == 201, opened.text
+    stream_id = opened.json()["id"]
+    try:
+        for path in ("/v1/streams", f"/v1/streams/{stream_id}"):
+            body = app.get(path).text
+            assert "rtsp://***@127.0.0.1:1/cam" in body and "s3cret" not in body and "admin" not in body
+    finally:
+        app.delete(f"/v1/streams/{stream_id}")
+
+
+def test_url_credentials_are_hidden_in_any_text():
+    from streamvlm.serve.names import ClientNames
+
+    names = ClientNames(None)
+    assert names.text("could not open rtsp://admin:s3cret@10.0.0.5:554/cam (timeout), srt://u@h:9") == \
+        "could not open rtsp://***@10.0.0.5:554/cam (timeout), srt://***@h:9"
+    assert names.text("http://host/a@b and user@example.com") == "http://host/a@b and user@example.com"
