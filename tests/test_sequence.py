@@ -12,25 +12,7 @@ import torch
 
 from streamvlm import StreamVLM
 from streamvlm.sequence import SequenceBuilder, lay_out_dialogue
-from support import Exchange, Frames, random_frames
-
-
-def _checkpoint(family: str, root) -> str:
-    if family == "llava_onevision":
-        from streamvlm.tiny import TinySpec, write_tiny_checkpoint
-
-        return write_tiny_checkpoint(root / family, TinySpec())
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        from streamvlm.tiny.qwen import write_tiny_qwen
-
-        return write_tiny_qwen(root / family, family, seed=0)
-    if family == "qwen3_vl":
-        from streamvlm.tiny.qwen3 import write_tiny_qwen3_vl
-
-        return write_tiny_qwen3_vl(root / family, seed=0)
-    from streamvlm.tiny.smolvlm import write_tiny_smolvlm
-
-    return write_tiny_smolvlm(root / family, seed=0)
+from support import Exchange, Frames, random_frames, tiny_family_checkpoint
 
 
 def _recorded_chunks(vlm) -> list:
@@ -47,7 +29,7 @@ def _recorded_chunks(vlm) -> list:
 
 @pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm"])
 def test_builder_lays_out_a_dialogue_as_the_session_feeds_it(family, tmp_path):
-    vlm = StreamVLM.from_pretrained(_checkpoint(family, tmp_path))
+    vlm = StreamVLM.from_pretrained(tiny_family_checkpoint(family, tmp_path))
     tok = vlm.tokenizer
     # Odd runs (5 and 3 frames): Qwen-VL pairs the last frame of each with a copy of itself.
     frames = random_frames(8, seed=3)

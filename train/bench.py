@@ -46,7 +46,7 @@ def run(model_dir: str | None, frames: int, routing: str, repeats: int, device: 
     dev = resolve_device(device)
     module = RouterTrainingModule(model_dir=model_dir or str(bench_model_dir()), routing=routing,
                                   trainable="router", loss="lm").to(dev)
-    module.model.model.language_model.requires_grad_(True)  # a fine-tuning step: the LM's weights get grads
+    module.vlm.adapter.language_model().requires_grad_(True)  # a fine-tuning step: the LM's weights get grads
     module.model.lm_head.requires_grad_(True)
     vlm = module.vlm
     size = vlm.adapter.preprocess_config

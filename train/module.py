@@ -143,11 +143,6 @@ class RouterTrainingModule(L.LightningModule):
         self.hparams.model_dir = model_dir
         # Frozen weights are loaded in float32; Lightning's precision flag (bf16-mixed) casts compute.
         vlm = StreamVLM.from_pretrained(model_dir, routing=routing, device="cpu", dtype=torch.float32)
-        if vlm.adapter.family != "llava_onevision":
-            # Samples are laid out by the runtime's SequenceBuilder, right for every family; what training
-            # still lacks for the others is encoding frames in pairs per run and DeepStack features.
-            raise StreamVLMError(f"training supports llava_onevision checkpoints; {model_dir} is "
-                                 f"{vlm.adapter.family}")
         if trainable != "model" and not isinstance(vlm.router, MoDRouter):
             raise StreamVLMError(f"routing {routing!r} has nothing to train; use a learned policy such as mod:0.2")
         self.vlm = vlm
@@ -157,12 +152,12 @@ class RouterTrainingModule(L.LightningModule):
         if trainable == "router+lora":
             self._add_lora(lora_rank, lora_alpha)
         elif trainable == "all":
-            self.model.model.language_model.requires_grad_(True)
-            self.model.lm_head.requires_grad_(True)
+            vlm.adapter.language_model().requires_grad_(True)
+            vlm.adapter.lm_head().requires_grad_(True)
         elif trainable == "model":
             self.model.requires_grad_(True)
             if freeze_vision:
-                self.model.model.vision_tower.requires_grad_(False)
+                vlm.adapter.vision_tower().requires_grad_(False)
         self.router.requires_grad_(True)
         # Lightning keeps each module's train/eval mode as it finds it: the frozen model stays in eval
         # mode (no dropout), the router trains.
@@ -181,7 +176,7 @@ class RouterTrainingModule(L.LightningModule):
             raise StreamVLMError("trainable='router+lora' needs peft: pip install 'streamvlm[train]'") from None
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
         # Only the language model's projections: the vision tower stays frozen and untouched.
-        inject_adapter_in_model(config, self.model.model.language_model)
+        inject_adapter_in_model(config, self.vlm.adapter.language_model())
         for name, p in self.model.named_parameters():
             p.requires_grad_("lora_" in name)
         # peft swapped the projection modules for LoRA ones: read the decoder's parts again.
@@ -206,19 +201,42 @@ class RouterTrainingModule(L.LightningModule):
     def _tower_trains(self) -> bool:
         return self.hparams.trainable == "model" and not self.hparams.freeze_vision
 
-    def _features(self, sample: Sample) -> torch.Tensor:
-        """(T, tokens_per_frame, d) frame tokens. While the vision tower is frozen its output
-        (`tower_features`) comes from the feature cache when present, and the rest of the encoder (the
-        projector, `project_features`) runs on it, with gradients when it trains (trainable "model")."""
+    def _runs(self, sample: Sample) -> tuple[list[int], dict[int, int]]:
+        """How a sample's frames are encoded: the input frames in encoding order, and the first row of each
+        run's frames of tokens (by the run's first frame). Frames fold in frames_per_step groups within a run
+        (Qwen-VL pairs); a run short of a whole group repeats its last frame, as a session pads a frame whose
+        pair never came. With one frame per step this is every frame in order."""
+        step = self.vlm.adapter.frames_per_step
+        order, first_row = [], {}
+        for event in sample.events:
+            if hasattr(event, "start") and event.end > event.start:
+                first_row[event.start] = len(order) // step
+                order += list(range(event.start, event.end)) + [event.end - 1] * (-(event.end - event.start) % step)
+        return order, first_row
+
+    def _features(self, sample: Sample, order: list[int]) -> torch.Tensor:
+        """Frames of tokens (rows, tokens_per_frame, feature_dim) of the input frames `order` (a whole number
+        of groups per run). While the vision tower is frozen its output (`tower_features`) comes from the
+        feature cache when present, and the rest of the encoder (the projector, `project_features`) runs on
+        it, with gradients when it trains (trainable "model")."""
         adapter = self.vlm.adapter
+
+        def pixels() -> torch.Tensor:
+            p = sample.pixels
+            if order != list(range(p.shape[0])):
+                p = p[torch.tensor(order)]
+            return p.to(self.device, adapter.dtype)
+
+        if not order:
+            return torch.empty(0, adapter.vision.tokens_per_frame, adapter.feature_dim, device=self.device)
         if self._tower_trains:  # no cache, gradients flow through the tower
-            return adapter.frame_features(sample.pixels.to(self.device, adapter.dtype))
+            return adapter.frame_features(pixels())
         path = sample.feature_path
         if path and os.path.exists(path):
             tower = torch.load(path, map_location=self.device, weights_only=True).to(adapter.dtype)
         else:
             with torch.no_grad():
-                tower = adapter.tower_features(sample.pixels.to(self.device, adapter.dtype))
+                tower = adapter.tower_features(pixels())
             if path:
                 tmp = f"{path}.{os.getpid()}.tmp"
                 torch.save(tower.detach().cpu(), tmp)
@@ -229,10 +247,13 @@ class RouterTrainingModule(L.LightningModule):
     def sequence(self, sample: Sample):
         """The sample as one Chunk, laid out by the runtime's SequenceBuilder (what a session feeds), plus
         (target rows, target ids): logits row r predicts token ids[r]."""
-        features = self._features(sample)
+        order, first_row = self._runs(sample)
+        features = self._features(sample, order)
+        step = self.vlm.adapter.frames_per_step
         builder = SequenceBuilder(self.vlm.adapter, trace=False)
         pieces = lay_out_dialogue(builder, sample.events, sample.timestamps.tolist(),
-                                  lambda start, end: features[start:end], self.stop_ids)
+                                  lambda start, end: features[first_row[start]:first_row[start] + math.ceil((end - start) / step)],
+                                  self.stop_ids)
         rows, targets = target_rows(pieces, builder)
         if not rows:
             raise StreamVLMError(f"sample {sample.id} has no answer tokens to train on")

@@ -120,6 +120,22 @@ class FamilyAdapter(ABC):
         -> frame tokens (T / frames_per_step, tokens_per_frame, feature_dim), differentiable (training the
         vision tower goes through it)."""
 
+    language_model_path = "model.language_model"
+    """Where the decoder stack sits in transformers' model (what LoRA adapts and trainable "all" trains)."""
+    vision_tower_path = "model.vision_tower"
+    """Where the vision tower sits in transformers' model."""
+
+    def language_model(self, model: nn.Module | None = None) -> nn.Module:
+        """The decoder stack (embeddings and layers, not the LM head) of `model` (default: this adapter's)."""
+        return (model or self.model).get_submodule(self.language_model_path)
+
+    def vision_tower(self, model: nn.Module | None = None) -> nn.Module:
+        """The vision tower of `model` (default: this adapter's), without the projector."""
+        return (model or self.model).get_submodule(self.vision_tower_path)
+
+    def lm_head(self, model: nn.Module | None = None) -> nn.Module:
+        return (model or self.model).lm_head
+
     tower_prefix: str | None = None
     """Name prefix of the weights `tower_features` reads (the ones a feature cache must be keyed by), for a
     family whose encoder splits into `tower_features` and `project_features`; None when it does not split."""

@@ -102,6 +102,7 @@ class Qwen2VLAdapter(FamilyAdapter):
     mrope = True
     assumed_fps = 2.0
     model_class = "Qwen2VLForConditionalGeneration"
+    vision_tower_path = "model.visual"
     windowed_tower = False
 
     @classmethod

@@ -85,6 +85,8 @@ def sampling_fps(cfg: dict) -> float:
 
 class SmolVLMAdapter(FamilyAdapter):
     family = "smolvlm"
+    language_model_path = "model.text_model"
+    vision_tower_path = "model.vision_model"
 
     def __init__(self, model_dir: Path, model, tokenizer, preprocess: PreprocessConfig, decoder: DecoderParts,
                  vision: VisionShape, video_token: str, image_token: str, fake_image_token: str,

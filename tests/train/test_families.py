@@ -1,0 +1,125 @@
+"""Every family the runtime serves trains: LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and SmolVLM2.
+
+The proof that training sees what inference sees: the routed training forward at keep 1.0 (a fresh MoD
+router, whose weights are all 1) gives the logits a runtime session gives running dense on the same
+dialogue, frames in odd runs (Qwen-VL pairs each run's last frame with a copy of itself), answers
+teacher-forced, DeepStack included.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from streamvlm import StreamVLM
+from streamvlm.train.data import Exchange, Frames, Sample, VideoDataModule
+from streamvlm.train.module import RouterTrainingModule, export_router
+from support import FAMILIES, random_frames, tiny_family_checkpoint
+
+DIALOGUE = [("What is moving?", "a red square"), ("Where?", "left"), ("And now?", "up")]
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("families")
+    return {family: tiny_family_checkpoint(family, root) for family in FAMILIES}
+
+
+def _sample(vlm) -> Sample:
+    frames = random_frames(8, seed=3)
+    times = torch.tensor([0.5 * i for i in range(8)], dtype=torch.float64)
+    (q1, a1), (q2, a2), (q3, a3) = DIALOGUE
+    events = [Frames(0, 5), Exchange(q1, a1), Exchange(q2, a2), Frames(5, 8), Exchange(q3, a3)]
+    return Sample("s", "v.mp4", vlm.preprocess(frames), times, events, None)
+
+
+def _session_logits(vlm, sample: Sample) -> torch.Tensor:
+    """What a session running dense gives for each answer token and the token after each answer."""
+    frames = random_frames(8, seed=3)
+    times = sample.timestamps.tolist()
+    session = vlm.with_routing("dense").session()
+    rows = []
+    session.append_frames(frames[:5], times[:5])
+    for question, answer in DIALOGUE[:2]:
+        rows.append(session.score(question, vlm.tokenizer(answer, add_special_tokens=False)["input_ids"]))
+    session.append_frames(frames[5:], times[5:])
+    question, answer = DIALOGUE[2]
+    rows.append(session.score(question, vlm.tokenizer(answer, add_special_tokens=False)["input_ids"]))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_training_forward_at_keep_one_gives_the_sessions_dense_logits(family, family_dirs):
+    module = RouterTrainingModule(model_dir=str(family_dirs[family]), routing="mod:1.0")
+    sample = _sample(module.vlm)
+    chunk, rows, targets = module.sequence(sample)
+    with torch.no_grad():
+        trained = module._run(module.student, chunk)[rows]
+    expected = _session_logits(module.vlm, sample)
+    assert trained.shape == expected.shape
+    torch.testing.assert_close(trained, expected, atol=2e-4, rtol=1e-4)
+    assert torch.equal(expected.argmax(-1)[:-1], trained.argmax(-1)[:-1])
+
+
+def _training_checkpoint(family: str, root) -> str:
+    """Four layers and 16 tokens per frame of tokens: three routed layers with something to choose from."""
+    if family == "llava_onevision":
+        from streamvlm.tiny import TinySpec, write_tiny_checkpoint
+
+        return write_tiny_checkpoint(root / family, TinySpec(num_layers=4, image_size=56, patch_size=7))
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        from streamvlm.tiny.qwen import write_tiny_qwen
+
+        return write_tiny_qwen(root / family, family, num_layers=4)
+    if family == "qwen3_vl":
+        from streamvlm.tiny.qwen3 import write_tiny_qwen3_vl
+
+        return write_tiny_qwen3_vl(root / family, num_layers=4)
+    from streamvlm.tiny.smolvlm import TinySmolVLMSpec, write_tiny_smolvlm
+
+    return write_tiny_smolvlm(root / family, spec=TinySmolVLMSpec(num_layers=4))
+
+
+def _random_scorers(router) -> None:
+    """Start from a random ranking (the zero init ranks every token alike, a choice training first undoes)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in router.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / 8)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_trains_a_router_that_the_runtime_loads(family, tmp_path):
+    L.seed_everything(0)
+    model_dir = str(_training_checkpoint(family, tmp_path))
+    module = RouterTrainingModule(model_dir=model_dir, routing="mod:0.25:all:1", lr=0.03)
+    _random_scorers(module.router)
+    data = VideoDataModule(synthetic={"num_videos": 16, "val_videos": 8, "seed": 0,
+                                      "out_dir": str(tmp_path / "synthetic")}, batch_size=4, num_frames=8)
+    data.set_preprocess_config(module.vlm.adapter.preprocess_config)
+    data.setup("fit")
+    val = [s for batch in data.val_dataloader() for s in batch]
+
+    def held_out() -> float:
+        with torch.no_grad():
+            return sum(float(module.losses(s)["distill"]) for s in val) / len(val)
+
+    before = held_out()
+    trainer = L.Trainer(max_epochs=10, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    after = held_out()
+    assert after < before, (before, after)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    router_dir = export_router(ckpt, tmp_path / "router")
+    vlm = StreamVLM.from_pretrained(model_dir, routing=router_dir)
+    loaded = dict(vlm.router.named_parameters())
+    for name, value in module.router.named_parameters():
+        assert torch.equal(loaded[name], value.detach())  # the trained weights, not a fresh router
+    session = vlm.session(max_new_tokens=3, ignore_stop=True)
+    session.append_frames(random_frames(4, seed=1))
+    assert len(session.ask("What is moving?")) > 0 and len(session.turns[-1].answer_ids) == 3
+    assert session.stats()["flops"]["llm"] < session.stats()["flops"]["llm_dense"]  # the router routes
