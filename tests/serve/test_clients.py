@@ -290,6 +290,11 @@ def test_max_completion_tokens_and_the_usage_chunk(tiny_app, tiny_media):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == capped.choices[0].message.content
 
 
+def test_the_models_listing_says_how_many_frames_fit(tiny, tiny_app):
+    listing = tiny_app.http.get("/v1/models").json()["data"][0]
+    assert listing["context_frames"] == tiny.frame_capacity() > 0
+
+
 # -- parsing -----------------------------------------------------------------------------------------------------
 
 def parse(*content, **fields):
