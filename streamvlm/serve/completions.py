@@ -412,12 +412,13 @@ class _FrameBudget:
         taken = self.capacity - self.left
         raise APIError(400, f"{param}: {count} {what} are more frames than fit: the model's {self._context}-token "
                             f"context holds at most {self.capacity} frames besides the text"
-                            f"{f', and {taken} are taken by the images' if taken else ''}; ask for at most "
+                            f"{f', and the message takes {taken} elsewhere' if taken else ''}; ask for at most "
                             f"{self.left} {what} (fewer images, fewer num_frames, a lower fps, or max_frames)",
                        param=param, code="too_many_frames")
 
 
 def _read_video(vlm: StreamVLM, policy: MediaPolicy, job: ChatJob, part: VideoPart, budget: _FrameBudget) -> VideoClip:
+    # StreamVLM.read_video, with the frame count checked against what the message's other media left
     with policy.video(part.url, part.param) as path:
         try:
             return read_video(path, num_frames=job.num_frames, fps=job.fps, max_frames=job.max_frames,

@@ -262,6 +262,21 @@ def test_videos_images_and_text_in_one_message_keep_their_order(tiny, tiny_app, 
     assert ext["frames"] == 7 and ext["video_seconds"] == pytest.approx(clip.duration + 3.0)
 
 
+def test_a_video_gets_the_frames_the_images_left(tiny, tiny_app):
+    import openai
+
+    capacity = tiny.frame_capacity(reserve_tokens=len(tiny.tokenizer("Q?", add_special_tokens=False)["input_ids"]))
+    pictures = [image(png(np.full((8, 8, 3), 9, np.uint8)))] * (capacity - 2)
+    message = {"role": "user", "content": [{"type": "video_url", "video_url": {"url": "clip.mp4"}}, *pictures,
+                                           text("Q?")]}
+    with pytest.raises(openai.BadRequestError) as info:  # refused before the video or any image is decoded
+        tiny_app.ask(message, max_tokens=1, extra_body={"video": {"num_frames": 4}})
+    error = info.value.body
+    assert error["code"] == "too_many_frames" and error["param"] == "video"
+    assert f"holds at most {capacity} frames" in error["message"] and "ask for at most 2 video frames" in \
+        error["message"]
+
+
 def test_a_single_image_is_a_one_frame_video(tiny, tiny_app):
     picture = torch.randint(0, 256, (20, 24, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
     reply = tiny_app.ask({"role": "user", "content": [image(png(picture)), text("What is this?")]}, max_tokens=6)
