@@ -181,10 +181,14 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     async def health():
         return {"status": "ok", "model": engine.model_id, "streams": len(registry)}
 
+    # the most input frames (video frames or images) one request may send, before its text takes its share
+    context_frames = engine.vlm.frame_capacity()
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": engine.model_id, "object": "model", "created": 0,
-                                            "owned_by": "streamvlm", "routing": engine.default_routing}]}
+                                            "owned_by": "streamvlm", "routing": engine.default_routing,
+                                            "context_frames": context_frames}]}
 
     @app.get("/", include_in_schema=False)
     async def page():

@@ -1,33 +1,57 @@
 """`POST /v1/chat/completions`: OpenAI's request and response shapes over a streamvlm session.
 
 A conversation maps onto one session: system messages become its system prompt; the first user message
-may carry one video (`{"type": "video_url", "video_url": {"url": ...}}`), whose frames are ingested
-first; earlier user/assistant pairs are fed as given (teacher-forced, as `Session.score` does), and the
-last user message is answered. For a single question about a video this is exactly
-`StreamVLM.generate(frames, question)`.
+may carry the media, whose frames are ingested first; earlier user/assistant pairs are fed as given
+(teacher-forced, as `Session.score` does), and the last user message is answered. For a single question
+about a video this is exactly `StreamVLM.generate(frames, question)`.
+
+Media, in the order the message gives them, on one timeline (one video, as the session lays out a turn):
+- a `video_url` part (a file in the media folder or a data: URI), sampled by the request's video options;
+- a run of consecutive `image_url` parts (PNG or JPEG), each image a frame, resized to the model's input
+  size as it is decoded (so images of any sizes make one video). This is how evaluation harnesses send a
+  video (lmms-eval samples it and sends a PNG per frame). A text part that is only `<T seconds>` (or
+  `<T s>`) right before an image gives that frame's time and is not text (lmms-eval's Qwen3-VL layout);
+  without them the frames are 1/fps apart (the video options' fps, default 1).
+A later video or run starts where the one before ended (its times shifted when they would overlap). The
+text parts, wherever they stand, make the question, joined by newlines: the session puts a turn's video
+before its text, as every supported family's template does.
 
 Extensions (sent by the openai client through `extra_body`): `video` {num_frames | fps, max_frames}
-(default 8 frames spread over the video, as `streamvlm ask`), `routing` (a --routing spec), `top_k`.
+(default 8 frames spread over the video, as `streamvlm ask`), `routing` (a --routing spec), `top_k`. vLLM's
+`mm_processor_kwargs` and `media_io_kwargs["video"]` give the same three video options (ours win). Other
+unknown fields are ignored (logged at debug level), as OpenAI ignores them; fields that would change what
+an answer means and are not implemented are refused.
 Responses carry a `streamvlm` object: frames, video seconds, routing, language-model FLOPs as a fraction
 of dense, and KV cache bytes.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from streamvlm.errors import FrameBudgetError, StreamVLMError
+from streamvlm.errors import StreamVLMError
+from streamvlm.runtime import StreamVLM
 from streamvlm.serve.engine import Engine
 from streamvlm.serve.errors import APIError
+from streamvlm.serve.images import load_image
 from streamvlm.serve.media import MediaPolicy
+from streamvlm.session import Session
+from streamvlm.video.files import VideoClip, read_video
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FRAMES = 8
+DEFAULT_IMAGE_FPS = 1.0
+"""Frames per second of image runs without `<T seconds>` parts, unless the request gives video.fps."""
 INT_MAX = 2**31 - 1
 """Largest count a request may give (tokens, top_k): past it a number is a mistake or an attack, and huge
 ints reach torch and C code that raise (or overflow) instead of refusing."""
@@ -52,11 +76,19 @@ class VideoURL(BaseModel):
     url: Text
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    url: Text
+    detail: Text | None = None
+    """OpenAI's resolution hint; every image is resized to the model's input size whatever it says."""
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: Text
     text: Text | None = None
     video_url: VideoURL | None = None
+    image_url: ImageURL | None = None
 
 
 class Message(BaseModel):
@@ -94,10 +126,38 @@ class ChatRequest(BaseModel):
     n: int = Field(1, ge=1, le=INT_MAX)
     video: VideoOptions | None = None
     routing: Text | None = Field(None, description="a --routing spec for this request (default: the server's)")
+    mm_processor_kwargs: dict[str, Any] | None = Field(
+        None, description="vLLM's: its fps, num_frames and max_frames are read as `video`'s; the rest is ignored")
+    media_io_kwargs: dict[str, dict[str, Any]] | None = Field(
+        None, description="vLLM's: the \"video\" entry's fps, num_frames and max_frames are read as `video`'s")
 
 
 # Fields whose presence would change the answer in ways this server does not implement.
 _REFUSED = ("tools", "functions", "response_format", "logit_bias", "stop", "audio", "prediction")
+_VIDEO_KEYS = ("num_frames", "fps", "max_frames")
+# A text part that is only a frame's time, as lmms-eval writes one before each Qwen3-VL frame: "<12.5 seconds>"
+_STAMP = re.compile(r"\s*<\s*(\d{1,7}(?:\.\d*)?)\s*(?:seconds|s)\s*>\s*")
+
+
+@dataclass(frozen=True)
+class VideoPart:
+    """A `video_url` part, sampled by the request's video options."""
+
+    url: str
+    param: str
+
+
+@dataclass(frozen=True)
+class ImageRun:
+    """Consecutive `image_url` parts: one video whose frames are the images, in order."""
+
+    urls: tuple[str, ...]
+    params: tuple[str, ...]
+    times: tuple[float, ...] | None
+    """Seconds of each frame, from the `<T seconds>` parts before them; None: 1/fps apart."""
+
+
+Media = VideoPart | ImageRun
 
 
 @dataclass
@@ -107,7 +167,7 @@ class ChatJob:
     question: str
     system: str | None = None
     history: list[tuple[str, str]] = field(default_factory=list)
-    video_url: str | None = None
+    media: list[Media] = field(default_factory=list)
     num_frames: int | None = DEFAULT_FRAMES
     fps: float | None = None
     max_frames: int | None = None
@@ -138,13 +198,13 @@ def parse_request(req: ChatRequest, model_id: str) -> ChatJob:
             raise APIError(400, f"{name}: not supported by this server", param=name, code="unsupported_parameter")
     if extra.get("logprobs"):
         raise APIError(400, "logprobs: not supported by this server", param="logprobs", code="unsupported_parameter")
+    if extra:
+        log.debug("chat request: ignoring the fields %s", ", ".join(sorted(extra)))
 
     job = ChatJob(question="", routing=req.routing)
-    if req.video is not None:
-        if req.video.num_frames is not None and req.video.fps is not None:
-            raise APIError(400, "video: give num_frames or fps, not both", param="video")
-        job.num_frames = None if req.video.fps is not None else (req.video.num_frames or DEFAULT_FRAMES)
-        job.fps, job.max_frames = req.video.fps, req.video.max_frames
+    video = _video_options(req)
+    job.num_frames = None if video.fps is not None else (video.num_frames or DEFAULT_FRAMES)
+    job.fps, job.max_frames = video.fps, video.max_frames
     max_tokens = req.max_completion_tokens or req.max_tokens
     job.sampling = {k: v for k, v in dict(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                           top_k=req.top_k, seed=req.seed).items() if v is not None}
@@ -153,19 +213,19 @@ def parse_request(req: ChatRequest, model_id: str) -> ChatJob:
     turns: list[tuple[str, str]] = []  # (role, text)
     for i, message in enumerate(req.messages):
         param = f"messages[{i}]"
-        text, video = _content(message, param)
+        text, media = _content(message, param)
         if message.role in ("system", "developer"):
             if turns:
                 raise APIError(400, f"{param}: system messages must come before the conversation", param=param)
-            if video is not None:
-                raise APIError(400, f"{param}: a system message cannot carry a video", param=param)
+            if media:
+                raise APIError(400, f"{param}: a system message cannot carry a video or images", param=param)
             system.append(text)
             continue
-        if video is not None:
-            if turns or job.video_url is not None:
-                raise APIError(400, f"{param}: the video must be in the first user message (one video per "
-                                    "conversation)", param=param)
-            job.video_url = video
+        if media:
+            if turns or job.media:
+                raise APIError(400, f"{param}: videos and images must be in the first user message (the "
+                                    "conversation's video comes first)", param=param)
+            job.media = media
         expected = "user" if len(turns) % 2 == 0 else "assistant"
         if message.role != expected:
             raise APIError(400, f"{param}: expected a {expected} message here (user and assistant take turns, "
@@ -182,30 +242,98 @@ def parse_request(req: ChatRequest, model_id: str) -> ChatJob:
     return job
 
 
-def _content(message: Message, param: str) -> tuple[str, str | None]:
-    """The text of a message (parts joined by newlines) and its video URL, if any."""
+def _video_options(req: ChatRequest) -> VideoOptions:
+    """The request's video options: vLLM's mm_processor_kwargs, then its media_io_kwargs["video"], then our
+    `video`, each overriding the one before; fps and num_frames replace each other (as in vLLM)."""
+    merged: dict = {}
+    for name, given in (("mm_processor_kwargs", req.mm_processor_kwargs),
+                        ("media_io_kwargs.video", (req.media_io_kwargs or {}).get("video")),
+                        ("video", req.video.model_dump(exclude_none=True) if req.video is not None else None)):
+        if not given:
+            continue
+        taken = {key: given[key] for key in _VIDEO_KEYS if key in given}
+        if len(taken) < len(given):
+            log.debug("chat request: ignoring %s %s", name, ", ".join(sorted(set(given) - set(taken))))
+        try:
+            VideoOptions.model_validate(taken)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join([name, *map(str, first["loc"])])
+            raise APIError(400, f"{where}: {first['msg']}", param=where) from None
+        if "num_frames" in taken and "fps" in taken:
+            raise APIError(400, f"{name}: give num_frames or fps, not both", param=name)
+        for key, other in (("num_frames", "fps"), ("fps", "num_frames")):
+            if key in taken:
+                merged.pop(other, None)
+        merged.update(taken)
+    return VideoOptions.model_validate(merged)
+
+
+def _content(message: Message, param: str) -> tuple[str, list[Media]]:
+    """The text of a message (its text parts joined by newlines) and its media, in order (see the module's
+    docstring)."""
     if message.content is None:
-        return "", None
+        return "", []
     if isinstance(message.content, str):
-        return message.content, None
-    texts, video = [], None
-    for j, part in enumerate(message.content):
+        return message.content, []
+    texts: list[str] = []
+    media: list[Media | _Run] = []
+    run: _Run | None = None  # the image run being read
+    stamp: float | None = None  # the time a <T seconds> part gave the next image
+    parts = message.content
+    for j, part in enumerate(parts):
         where = f"{param}.content[{j}]"
+        if part.type == "image_url":
+            if part.image_url is None:
+                raise APIError(400, f"{where}: an image_url part needs {{'image_url': {{'url': ...}}}}", param=where)
+            if run is None:
+                run = _Run()
+                media.append(run)
+            run.add(part.image_url.url, f"{where}.image_url.url", stamp)
+            stamp = None
+            continue
         if part.type == "text":
+            match = _STAMP.fullmatch(part.text or "")
+            if match and j + 1 < len(parts) and parts[j + 1].type == "image_url":
+                stamp = float(match.group(1))
+                continue
             texts.append(part.text or "")
         elif part.type == "video_url":
             if part.video_url is None:
                 raise APIError(400, f"{where}: a video_url part needs {{'video_url': {{'url': ...}}}}", param=where)
-            if video is not None:
-                raise APIError(400, f"{where}: one video per conversation", param=where)
-            video = part.video_url.url
-        elif part.type == "image_url":
-            raise APIError(400, f"{where}: images are not supported; send a video_url (a one-frame video works)",
-                           param=where, code="unsupported_content")
+            media.append(VideoPart(part.video_url.url, f"{where}.video_url.url"))
         else:
-            raise APIError(400, f"{where}: unknown content type {part.type!r}; use text or video_url", param=where,
-                           code="unsupported_content")
-    return "\n".join(texts), video
+            raise APIError(400, f"{where}: unknown content type {part.type!r}; use text, video_url or image_url",
+                           param=where, code="unsupported_content")
+        run = None
+    return "\n".join(texts), [item.close() if isinstance(item, _Run) else item for item in media]
+
+
+class _Run:
+    """An image run as it is read: its parts' URLs, where they stand, and their times (None: not given)."""
+
+    def __init__(self):
+        self.urls: list[str] = []
+        self.params: list[str] = []
+        self.stamps: list[float | None] = []
+
+    def add(self, url: str, param: str, stamp: float | None) -> None:
+        self.urls.append(url)
+        self.params.append(param)
+        self.stamps.append(stamp)
+
+    def close(self) -> ImageRun:
+        if all(t is None for t in self.stamps):
+            return ImageRun(tuple(self.urls), tuple(self.params), None)
+        if None in self.stamps:
+            where = self.params[self.stamps.index(None)]
+            raise APIError(400, f"{where}: this image has no <T seconds> text part before it but others of its run "
+                                "do; give one before every image of the run or before none", param=where)
+        for where, before, t in zip(self.params[1:], self.stamps, self.stamps[1:]):
+            if t < before:
+                raise APIError(400, f"{where}: <{t:g} seconds> comes after <{before:g} seconds>; frame times must "
+                                    "not go backwards", param=where)
+        return ImageRun(tuple(self.urls), tuple(self.params), tuple(self.stamps))
 
 
 def run_chat(engine: Engine, media: MediaPolicy, job: ChatJob) -> Iterator[str | ChatResult]:
@@ -213,23 +341,7 @@ def run_chat(engine: Engine, media: MediaPolicy, job: ChatJob) -> Iterator[str |
     started = time.perf_counter()
     vlm = engine.model(job.routing)
     session = vlm.session(system=job.system, **job.sampling)
-    seconds = 0.0
-    if job.video_url is not None:
-        param = "messages[].content[].video_url.url"
-        # the text's tokens are kept free: frames that leave no room for the question are refused before
-        # decoding
-        texts = [job.question, *(text for exchange in job.history for text in exchange), job.system or ""]
-        reserve = sum(len(vlm.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts if text)
-        with media.video(job.video_url, param) as path:
-            try:
-                clip = vlm.read_video(path, num_frames=job.num_frames, fps=job.fps, max_frames=job.max_frames,
-                                      reserve_tokens=reserve)
-            except FrameBudgetError as e:
-                raise APIError(400, f"video: {e}", param="video", code="too_many_frames") from None
-            except StreamVLMError as e:
-                raise APIError(400, f"{param}: {e}", param=param, code="bad_video") from None
-        session.append_frames(clip.frames, clip.timestamps.tolist())
-        seconds = clip.duration
+    seconds = _feed_media(vlm, session, media, job) if job.media else 0.0
     tokenizer = vlm.tokenizer
     for question, answer in job.history:
         session.score(question, tokenizer(answer, add_special_tokens=False)["input_ids"])
@@ -251,6 +363,74 @@ def run_chat(engine: Engine, media: MediaPolicy, job: ChatJob) -> Iterator[str |
     }
     yield ChatResult("".join(pieces), FINISH_REASONS.get(turn.stop_reason, "stop"), turn.context_tokens,
                      len(turn.answer_ids), extension)
+
+
+def _feed_media(vlm: StreamVLM, session: Session, policy: MediaPolicy, job: ChatJob) -> float:
+    """Feed the conversation's videos and image runs into the session in order, on one timeline; returns the
+    seconds they span. Their frames are counted against the context before anything is decoded (the images'
+    at once, each video's as its read is planned), and each frame is resized to the model's input size as it
+    is decoded, so no two full-size frames are held together."""
+    # the text's tokens are kept free: frames that leave no room for the question are refused before decoding
+    texts = [job.question, *(text for exchange in job.history for text in exchange), job.system or ""]
+    reserve = sum(len(vlm.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts if text)
+    budget = _FrameBudget(vlm, reserve)
+    budget.take(sum(len(run.urls) for run in job.media if isinstance(run, ImageRun)), "images", "messages")
+    spacing = 1 / (job.fps or DEFAULT_IMAGE_FPS)
+    end = None  # where the next video or run may start: one frame interval after the last frame fed
+    seconds = 0.0
+    for part in job.media:
+        if isinstance(part, VideoPart):
+            clip = _read_video(vlm, policy, job, part, budget)
+            times = _after(clip.timestamps.tolist(), end)
+            session.append_frames(clip.frames, times)
+            seconds += clip.duration
+        else:
+            times = _after(list(part.times) if part.times else [i * spacing for i in range(len(part.urls))], end)
+            step = vlm.max_chunk_frames  # decoded and fed a chunk at a time: only a chunk is held
+            for first in range(0, len(part.urls), step):
+                frames = [vlm.resize(load_image(policy.image(url, param), param))
+                          for url, param in zip(part.urls[first:first + step], part.params[first:first + step])]
+                session.append_frames(torch.stack(frames), times[first:first + step])
+            seconds += times[-1] - times[0] + spacing
+        end = times[-1] + spacing
+    return seconds
+
+
+class _FrameBudget:
+    """The input frames a request's context holds besides its text, spent as videos and images are planned."""
+
+    def __init__(self, vlm: StreamVLM, reserve_tokens: int):
+        self.capacity = vlm.frame_capacity(reserve_tokens)
+        self.left = self.capacity
+        self._context = vlm.adapter.decoder.max_positions
+
+    def take(self, count: int, what: str, param: str) -> None:
+        """Spend `count` frames (`what`: "images", "video frames"), or refuse with a 400 if they do not fit."""
+        if count <= self.left:
+            self.left -= count
+            return
+        taken = self.capacity - self.left
+        raise APIError(400, f"{param}: {count} {what} are more frames than fit: the model's {self._context}-token "
+                            f"context holds at most {self.capacity} frames besides the text"
+                            f"{f', and the message takes {taken} elsewhere' if taken else ''}; ask for at most "
+                            f"{self.left} {what} (fewer images, fewer num_frames, a lower fps, or max_frames)",
+                       param=param, code="too_many_frames")
+
+
+def _read_video(vlm: StreamVLM, policy: MediaPolicy, job: ChatJob, part: VideoPart, budget: _FrameBudget) -> VideoClip:
+    # StreamVLM.read_video, with the frame count checked against what the message's other media left
+    with policy.video(part.url, part.param) as path:
+        try:
+            return read_video(path, num_frames=job.num_frames, fps=job.fps, max_frames=job.max_frames,
+                              resize=vlm.resize, admit=lambda count: budget.take(count, "video frames", "video"))
+        except StreamVLMError as e:
+            raise APIError(400, f"{part.param}: {e}", param=part.param, code="bad_video") from None
+
+
+def _after(times: list[float], end: float | None) -> list[float]:
+    """`times` moved later by as much as it takes for them to start at `end` or after."""
+    shift = 0.0 if end is None else max(0.0, end - times[0])
+    return [t + shift for t in times] if shift else times
 
 
 def completion_id() -> str:

@@ -1,4 +1,4 @@
-"""What a request may point the server at: video files under one folder, data: URIs, live sources.
+"""What a request may point the server at: video and image files under one folder, data: URIs, live sources.
 
 Paths are resolved with symlinks followed and must land inside the allowed folder, so `../` and a link out
 of the folder are both refused. A data: URI is decoded (base64) into a temporary file, with its size
@@ -33,7 +33,7 @@ class MediaPolicy:
     allowed_dir: Path | None
     """Video files a request may name, by a path relative to this folder (None: no files at all)."""
     max_data_bytes: int = 32 * 2**20
-    """Largest video accepted inline as a data: URI, in decoded bytes."""
+    """Largest video accepted inline as a data: URI, and largest image (inline or a file), in bytes."""
     allow_devices: bool = True
     """Whether a live stream may open /dev/videoN (a camera on the server)."""
 
@@ -73,20 +73,39 @@ class MediaPolicy:
             finally:
                 os.unlink(name)
             return
+        yield self._local(url, param, "video")
+
+    def image(self, url: str, param: str) -> bytes:
+        """The bytes of an `image_url` part: a data: URI, or a file in the media folder, each at most
+        max_data_bytes."""
+        if url.startswith("data:"):
+            return self.decode_data_uri(url, param, "image")
+        path = self._local(url, param, "image")
+        size = path.stat().st_size
+        if size > self.max_data_bytes:
+            raise APIError(413, f"{param}: the image file is {size / 2**20:.1f} MiB; the limit is "
+                                f"{self.max_data_bytes / 2**20:.1f} MiB an image (--max-data-mb)", param=param,
+                           code="image_too_large")
+        return path.read_bytes()
+
+    def _local(self, url: str, param: str, what: str) -> Path:
+        """A URL that names a file in the media folder (a path, or file://); other schemes are not fetched."""
         scheme = url.split("://", 1)[0].lower() if "://" in url else ""
         if scheme and scheme != "file":
+            live = " (live streams: POST /v1/streams)" if what == "video" else ""
             raise APIError(400, f"{param}: {scheme}:// URLs are not fetched; give a file in the media folder or a "
-                                "data: URI (live streams: POST /v1/streams)", param=param, code="unsupported_url")
-        yield self.file(url, param)
+                                f"data: URI{live}", param=param, code="unsupported_url")
+        return self.file(url, param, instead=f"send the {what} as a data: URI")
 
-    def decode_data_uri(self, url: str, param: str) -> bytes:
+    def decode_data_uri(self, url: str, param: str, what: str = "video") -> bytes:
+        example = {"video": "data:video/mp4;base64,...", "image": "data:image/png;base64,..."}[what]
         match = _DATA_URI.match(url)
         if match is None or not match.group("b64"):
-            raise APIError(400, f"{param}: a data: URI must be base64 (data:video/mp4;base64,...)", param=param,
+            raise APIError(400, f"{param}: a data: URI must be base64 ({example})", param=param,
                            code="bad_data_uri")
         payload = url[match.end():]
         if len(payload) * 3 // 4 > self.max_data_bytes:  # checked before decoding anything
-            raise APIError(413, f"{param}: the inline video is about {len(payload) * 3 // 4 / 2**20:.1f} MiB; the "
+            raise APIError(413, f"{param}: the inline {what} is about {len(payload) * 3 // 4 / 2**20:.1f} MiB; the "
                                 f"limit is {self.max_data_bytes / 2**20:.1f} MiB (--max-data-mb); put the file in "
                                 "the media folder instead", param=param, code="data_uri_too_large")
         try:

@@ -139,9 +139,12 @@ def test_bad_requests(server, http):
     refused(chat(http, "ok.mp4", routing="../../etc"), 400, "routing")
     refused(chat(http, "ok.mp4", routing="nonsense:7"), 400, "routing")
     refused(chat(http, "ok.mp4", max_tokens=0), 400, "max_tokens")
-    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}
-    refused(http.post("/v1/chat/completions", json={"model": "tiny", "messages": [image]}, headers=auth), 400,
-            "images are not supported")
+    for url, status, words in (("x.png", 404, ("no file", "x.png")), ("../outside.png", 403, ("outside",)),
+                               ("https://example.com/x.png", 400, ("not fetched",)),
+                               ("data:image/png,raw", 400, ("base64",))):
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Q?"}]
+        body = {"model": "tiny", "messages": [{"role": "user", "content": content}]}
+        refused(http.post("/v1/chat/completions", json=body, headers=auth), status, *words)
     (folders_media := server.media_dir / "notvideo.mp4").write_bytes(b"this is not a video")
     refused(chat(http, folders_media.name), 400, "video")
     refused(http.get("/v1/streams/str_nope", headers=auth), 404, "str_nope")
