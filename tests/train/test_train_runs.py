@@ -1,5 +1,8 @@
 """Where `streamvlm-train fit` writes and how a run resumes: checkpoints and logs under
---trainer.default_root_dir, `--ckpt_path last` exact, metrics.csv continued across the resume.
+--trainer.default_root_dir, metrics.csv continued across a resume.
+
+Every fit here is train/configs/tiny_cpu.yaml with a smaller data block (8 videos of 4 frames, 2 steps an epoch),
+run in a scratch working folder so that anything written to a fixed relative path would show up there.
 """
 
 from __future__ import annotations
@@ -8,13 +11,66 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 
+from streamvlm.train.cli import main
 from streamvlm.train.loggers import CSVLogger
+
+CONFIG = Path(__file__).resolve().parents[2] / "train" / "configs" / "tiny_cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def cwd(workdir):
+    folder = workdir / "cwd"
+    folder.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        yield folder
+
+
+def _args(cwd: Path, root: str, epochs: int, *extra: str) -> list[str]:
+    return ["fit", "--config", str(CONFIG), "--trainer.default_root_dir", root, "--trainer.max_epochs", str(epochs),
+            "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
+            "--data.synthetic", '{"num_videos": 8, "val_videos": 2, "seed": 0}', "--data.num_frames", "4",
+            # shared by every run here: the cache is keyed by the videos, sampling and tower
+            "--data.feature_cache", str(cwd.parent / "features"), *extra]
+
+
+def _fit(cwd: Path, root: str, epochs: int, *extra: str) -> None:
+    assert main(_args(cwd, root, epochs, *extra)) == 0
 
 
 def _rows(root: Path) -> list[dict[str, str]]:
     with open(root / "csv" / "metrics.csv", newline="") as file:
         return list(csv.DictReader(file))
+
+
+def _epoch_of(checkpoint: Path) -> int:
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"]
+
+
+@pytest.fixture(scope="module")
+def straight(cwd) -> list[dict[str, str]]:
+    """An uninterrupted 4-epoch run under S; its metrics.csv rows."""
+    _fit(cwd, "S", 4)
+    rows = _rows(cwd / "S")
+    assert {r["epoch"] for r in rows} == {"0", "1", "2", "3"} and any(r["val/loss"] for r in rows)
+    return rows
+
+
+def test_runs_with_different_root_dirs_write_separate_checkpoints_and_logs(cwd, straight):
+    before = (cwd / "S" / "checkpoints" / "last.ckpt").read_bytes()
+    _fit(cwd, "A", 1)
+    assert _epoch_of(cwd / "A" / "checkpoints" / "last.ckpt") == 0
+    assert (cwd / "S" / "checkpoints" / "last.ckpt").read_bytes() == before  # A's run left S's alone
+    assert {r["epoch"] for r in _rows(cwd / "A")} == {"0"} and len(_rows(cwd / "S")) == len(straight)
+    assert any((cwd / "A" / "tensorboard").glob("events.out.tfevents.*"))
+    assert not (cwd / "runs").exists()  # the config's own root, runs/tiny_cpu, is not written to
+
+    # A dirpath given on the command line still wins over the root folder.
+    _fit(cwd, "C", 1, "--trainer.callbacks.dirpath", str(cwd / "elsewhere"))
+    assert (cwd / "elsewhere" / "last.ckpt").is_file() and not (cwd / "C" / "checkpoints" / "last.ckpt").exists()
+    assert (cwd / "C" / "csv" / "metrics.csv").is_file()
 
 
 def test_the_csv_logger_keeps_rows_before_the_resume_and_merges_new_columns(tmp_path):
