@@ -1,5 +1,5 @@
 """Where `streamvlm-train fit` writes and how a run resumes: checkpoints and logs under
---trainer.default_root_dir, metrics.csv continued across a resume.
+--trainer.default_root_dir, `--ckpt_path last` exact, metrics.csv continued across the resume.
 
 Every fit here is train/configs/tiny_cpu.yaml with a smaller data block (8 videos of 4 frames, 2 steps an epoch),
 run in a scratch working folder so that anything written to a fixed relative path would show up there.
@@ -8,6 +8,11 @@ run in a scratch working folder so that anything written to a fixed relative pat
 from __future__ import annotations
 
 import csv
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -45,6 +50,17 @@ def _rows(root: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
+def _assert_same_rows(rows: list[dict[str, str]], expected: list[dict[str, str]]) -> None:
+    def filled(rows):
+        return [sorted(key for key, value in row.items() if value) for row in rows]
+
+    assert filled(rows) == filled(expected)  # the same steps, each with the same columns
+    for row, want in zip(rows, expected):
+        for key, value in want.items():
+            if value:
+                assert float(row[key]) == pytest.approx(float(value), abs=1e-7), (key, row, want)
+
+
 def _epoch_of(checkpoint: Path) -> int:
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"]
 
@@ -67,10 +83,60 @@ def test_runs_with_different_root_dirs_write_separate_checkpoints_and_logs(cwd, 
     assert any((cwd / "A" / "tensorboard").glob("events.out.tfevents.*"))
     assert not (cwd / "runs").exists()  # the config's own root, runs/tiny_cpu, is not written to
 
-    # A dirpath given on the command line still wins over the root folder.
+    # A dirpath given on the command line still wins over the root folder (it applies to the config's last
+    # callback, the one that writes last.ckpt; the best checkpoint stays under the root).
     _fit(cwd, "C", 1, "--trainer.callbacks.dirpath", str(cwd / "elsewhere"))
     assert (cwd / "elsewhere" / "last.ckpt").is_file() and not (cwd / "C" / "checkpoints" / "last.ckpt").exists()
     assert (cwd / "C" / "csv" / "metrics.csv").is_file()
+
+
+def test_resume_from_last_keeps_the_earlier_rows_and_logs_what_a_straight_run_logs(cwd, straight):
+    _fit(cwd, "R", 2)
+    assert {r["epoch"] for r in _rows(cwd / "R")} == {"0", "1"}
+    # last.ckpt is the latest epoch even where val/loss got worse (it does here after epoch 0)
+    assert _epoch_of(cwd / "R" / "checkpoints" / "last.ckpt") == 1
+    _fit(cwd, "R", 4, "--ckpt_path", "last")
+    _assert_same_rows(_rows(cwd / "R"), straight)
+    for root in ("R", "S"):
+        assert _epoch_of(cwd / root / "checkpoints" / "last.ckpt") == 3
+
+
+def test_resume_from_an_older_checkpoint_drops_the_rows_logged_after_it(cwd, straight):
+    _fit(cwd, "O", 2)
+    shutil.copy(cwd / "O" / "checkpoints" / "last.ckpt", cwd / "epoch2.ckpt")
+    _fit(cwd, "O", 3, "--ckpt_path", "last")  # its third epoch is logged, then abandoned
+    _fit(cwd, "O", 4, "--ckpt_path", str(cwd / "epoch2.ckpt"))
+    _assert_same_rows(_rows(cwd / "O"), straight)
+
+
+KILLER = '''
+import os
+import signal
+
+import lightning as L
+
+
+class KillInThirdEpoch(L.Callback):
+    """SIGKILL in the second step of epoch 2, after the checkpoint of epoch 1 and the first step's row."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 2 and batch_idx == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def test_a_killed_run_resumes_to_the_rows_of_a_straight_run(cwd, straight, tmp_path):
+    (tmp_path / "killer.py").write_text(textwrap.dedent(KILLER))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    args = _args(cwd, "K", 4, "--trainer.callbacks+=killer.KillInThirdEpoch")
+    run = subprocess.run([sys.executable, "-m", "streamvlm.train", *args], cwd=cwd, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == -9, run.stderr[-3000:]
+    # The trainer flushes every row as it logs it: the first step of epoch 2 is on disk, after the checkpoint.
+    assert [r["step"] for r in _rows(cwd / "K") if r["epoch"] == "2"] == ["4"]
+    assert _epoch_of(cwd / "K" / "checkpoints" / "last.ckpt") == 1
+    _fit(cwd, "K", 4, "--ckpt_path", "last")
+    _assert_same_rows(_rows(cwd / "K"), straight)
 
 
 def test_the_csv_logger_keeps_rows_before_the_resume_and_merges_new_columns(tmp_path):
