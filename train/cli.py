@@ -2,6 +2,7 @@
 
     streamvlm-train fit --config train/configs/tiny_cpu.yaml
     streamvlm-train fit --config train/configs/tiny_cpu.yaml --ckpt_path last     # resume
+    streamvlm-train fit --config train/configs/tiny_cpu.yaml --trainer.default_root_dir DIR   # everything under DIR
     streamvlm-train export CKPT OUT_DIR                                           # -> router folder
     streamvlm-train export-model CKPT OUT_DIR               # a trainable: model run -> checkpoint folder
     streamvlm-train vision --out runs/world_vision/model     # stage 0 of the world model: the vision tower
@@ -29,6 +30,10 @@ def _cli_class():
             # to start when the two hold different model_dir hparams.
             parser.link_arguments("model.model_dir", "data.model_dir")
 
+        def before_instantiate_classes(self) -> None:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            _root_run_outputs(config.trainer)
+
         def before_fit(self) -> None:
             # The data module preprocesses frames as the model's checkpoint says.
             self.datamodule.set_preprocess_config(self.model.vlm.adapter.preprocess_config)
@@ -36,6 +41,43 @@ def _cli_class():
         before_validate = before_fit
 
     return StreamVLMTrainCLI
+
+
+def _root_run_outputs(trainer) -> None:
+    """Put what a run writes under `trainer.default_root_dir` unless the config names another folder.
+
+    Loggers whose `save_dir` is unset (ours: streamvlm.train.loggers) get the root folder, and checkpoint
+    callbacks without a `dirpath` get ROOT/checkpoints, where `--ckpt_path last` then finds last.ckpt.
+    Lightning's own default for the latter would be the first logger's folder (ROOT/csv/checkpoints); we
+    keep the shorter path the docs and configs name. A `dirpath` or `save_dir` set anywhere (config file or
+    `--trainer.callbacks...dirpath`) is left alone.
+    """
+    import os
+
+    from jsonargparse import Namespace
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    root = trainer.default_root_dir or os.getcwd()  # Lightning's own default root is the working folder
+
+    def entries(value) -> list:
+        items = value if isinstance(value, list) else [value]
+        return [item for item in items if isinstance(item, Namespace) and item.get("init_args") is not None]
+
+    for logger in entries(trainer.logger):
+        if "save_dir" in logger.init_args and logger.init_args.save_dir is None:
+            logger.init_args.save_dir = root
+    for callback in entries(trainer.callbacks):
+        if _is_subclass(callback.class_path, ModelCheckpoint) and callback.init_args.get("dirpath") is None:
+            callback.init_args.dirpath = os.path.join(root, "checkpoints")
+
+
+def _is_subclass(class_path: str, base: type) -> bool:
+    import importlib
+
+    # jsonargparse has already imported the class and written its full dotted path here
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None)
+    return isinstance(cls, type) and issubclass(cls, base)
 
 
 def export_main(argv: list[str]) -> int:
@@ -148,10 +190,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return plot_main(argv[1:])
         from streamvlm.train.data import VideoDataModule
+        from streamvlm.train.loggers import ContinueMetrics
         from streamvlm.train.module import RouterTrainingModule
 
+        # ContinueMetrics joins whatever callbacks the config lists: a resumed run's metrics.csv keeps its rows
         _cli_class()(RouterTrainingModule, VideoDataModule, args=lightning_args, seed_everything_default=0,
-                     save_config_kwargs={"overwrite": True})
+                     save_config_kwargs={"overwrite": True}, trainer_defaults={"callbacks": [ContinueMetrics()]})
         return 0
     except StreamVLMError as e:
         print(f"streamvlm-train: error: {e}", file=sys.stderr)
