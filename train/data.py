@@ -1,13 +1,9 @@
-"""Video instruction data for training: records, samples, the dataset, the sampler and the data module.
+"""Video instruction data for training: samples, the dataset, the sampler and the data module.
 
-Two record formats are read, detected per record:
-
-- LLaVA-Video-178K / LLaVA-OneVision (`conversations`, turns `from` human/gpt): every frame comes
-  before the first question, as transformers' processor lays out one video and a dialogue.
-- VideoLLM-online streaming (`conversation`, messages with `role`, `content` and `time` in seconds):
-  frames and exchanges interleave by stream time, and frames after the last exchange are not decoded.
-
-A Sample carries preprocessed pixels and the event sequence the training module turns into tokens.
+Records come from record files in the formats `streamvlm.train.records` reads (LLaVA-Video, VideoLLM-online
+streaming, VideoChat instructions, ShareGPT4Video captions). A Sample carries preprocessed pixels and the event
+sequence the training module turns into tokens: for a LLaVA style record every frame, then the exchanges; for a
+streaming one frames and exchanges interleaved by stream time, frames after the last exchange not decoded.
 When a feature cache folder is set, the module saves the frozen vision tower's output at
 `Sample.feature_path` and this dataset writes the frame timestamps beside it, so later epochs skip decoding
 and the tower.
@@ -20,14 +16,13 @@ import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator
 
 import lightning
 import torch
@@ -35,9 +30,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from streamvlm.errors import StreamVLMError
+from streamvlm.train.records import Exchange, Record, load_records, read_records, warn_bad_records
 from streamvlm.video.files import check_sampling, probe_video, read_video
 from streamvlm.video.preprocess import PreprocessConfig, preprocess, resize_frame
 from streamvlm.paths import cache_dir
+
+__all__ = [
+    "EpochShuffleSampler", "Event", "Exchange", "Frames", "Record", "Sample", "VideoDataModule",
+    "VideoInstructionDataset", "collate_samples", "load_records",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,6 @@ _EPS = 1e-6
 # read_video's `end` is exclusive: decode a little past the last exchange so a frame exactly at its
 # time is kept (seconds; far below one frame interval).
 _END_SLACK = 1e-3
-# "<video>\n" / "<image>\n" placeholders in LLaVA human turns; the video goes where the processor puts it.
-_PLACEHOLDER = re.compile(r"<(?:video|image)>\n?")
-_HUMAN = ("human", "user")
-_GPT = ("gpt", "assistant")
-# Roles carried by some streaming records that hold no exchange (VideoLLM-online marks frame runs "stream").
-_STREAM_IGNORED = ("system", "stream")
 
 
 # ---------------------------------------------------------------- sample format
@@ -64,17 +59,6 @@ class Frames:
     start: int
     end: int
     """Exclusive."""
-
-
-@dataclass(frozen=True)
-class Exchange:
-    """A user question and the assistant's answer."""
-
-    question: str
-    answer: str
-    """"" when the record has none (a streaming question the assistant never answered)."""
-    time: float | None = None
-    """Stream time (s) the exchange happens at, for streaming records; None for LLaVA records."""
 
 
 Event = Frames | Exchange
@@ -105,171 +89,6 @@ class Sample:
         if self.pixels is None:
             return self
         return replace(self, pixels=self.pixels.to(device, non_blocking=non_blocking))
-
-
-@dataclass(frozen=True)
-class Record:
-    """One parsed record of a record file."""
-
-    id: str
-    video: str
-    """Absolute path of the video file (resolved against video_root or the record file's folder)."""
-    kind: Literal["llava", "stream"]
-    exchanges: tuple[Exchange, ...]
-    """In order; for "stream" records each has a time and times never decrease."""
-    source: str
-    """Where the record is, for messages: "file.json record 3" or "file.jsonl line 5"."""
-
-
-# ---------------------------------------------------------------- records
-
-
-class _BadRecord(Exception):
-    """What is wrong with a record; load_records adds where it is."""
-
-
-def load_records(path: str | os.PathLike, video_root: str | os.PathLike | None = None) -> list[Record]:
-    """Read a JSON list or JSONL file of LLaVA-style or streaming records.
-
-    Relative video paths are resolved against video_root, else the record file's folder. Raises
-    StreamVLMError naming the file and the record (index or line, and id) when anything is malformed.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise StreamVLMError(f"record file not found: {path}. Check train_file / val_file.")
-    root = Path(video_root).expanduser() if video_root is not None else path.parent
-    records = [_parse_record(obj, where, root) for where, obj in _read_objects(path)]
-    if not records:
-        raise StreamVLMError(f"{path} holds no records; a record file is a JSON list or one JSON object per line")
-    return records
-
-
-def _read_objects(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, object) for each record of a JSON list, or of a JSONL file (one object per line)."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte order mark
-    except (OSError, UnicodeDecodeError) as e:
-        raise StreamVLMError(f"cannot read the record file {path} ({e}); it must be UTF-8 JSON or JSONL") from e
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise StreamVLMError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
-        for index, obj in enumerate(items):
-            yield f"{path} record {index}", obj
-        return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StreamVLMError(
-                f"{path} line {number} is not valid JSON ({e.msg} at column {e.colno}); a JSONL file holds "
-                "one record object per line, a JSON file a list of records") from e
-        yield f"{path} line {number}", obj
-
-
-def _parse_record(obj: object, where: str, root: Path) -> Record:
-    record_id = obj.get("id") if isinstance(obj, dict) else None
-    label = where if record_id is None else f"{where} (id {record_id!r})"
-    try:
-        if not isinstance(obj, dict):
-            raise _BadRecord(f"a record must be a JSON object, got {type(obj).__name__}")
-        video = obj.get("video")
-        if not isinstance(video, str) or not video:
-            raise _BadRecord("missing key 'video' (the video's path, relative to video_root)")
-        if "conversations" in obj:
-            kind, exchanges = "llava", _llava_exchanges(obj["conversations"])
-        elif "conversation" in obj:
-            kind, exchanges = "stream", _stream_exchanges(obj["conversation"])
-        else:
-            raise _BadRecord("has neither 'conversations' (LLaVA format) nor 'conversation' (streaming format)")
-        if not exchanges:
-            raise _BadRecord("has no exchanges (no question with an answer)")
-    except _BadRecord as e:
-        raise StreamVLMError(f"{label}: {e}") from None
-    return Record(
-        id=str(record_id) if record_id is not None else where,
-        video=os.path.abspath(root / Path(video).expanduser()),
-        kind=kind, exchanges=tuple(exchanges), source=where,
-    )
-
-
-def _strip_placeholders(text: str) -> str:
-    return _PLACEHOLDER.sub("", text).strip()
-
-
-def _field(turn: object, index: int, key: str) -> str:
-    if not isinstance(turn, dict):
-        raise _BadRecord(f"turn {index} must be an object, got {type(turn).__name__}")
-    value = turn.get(key)
-    if not isinstance(value, str):
-        raise _BadRecord(f"turn {index} has no string {key!r}")
-    return value
-
-
-def _llava_exchanges(turns: object) -> list[Exchange]:
-    """Pairs of human and gpt turns, in order."""
-    if not isinstance(turns, list):
-        raise _BadRecord("'conversations' must be a list of turns")
-    exchanges, pending = [], None  # pending: (turn index, question) of a human turn awaiting its answer
-    for index, turn in enumerate(turns):
-        role = _field(turn, index, "from")
-        text = _field(turn, index, "value")
-        if role in _HUMAN:
-            if pending is not None:
-                raise _BadRecord(f"human turn {pending[0]} has no gpt turn after it")
-            pending = (index, _strip_placeholders(text))
-        elif role in _GPT:
-            if pending is None:
-                raise _BadRecord(f"gpt turn {index} has no human turn before it")
-            exchanges.append(Exchange(pending[1], text.strip()))
-            pending = None
-        elif role != "system":
-            raise _BadRecord(f"turn {index} has an unknown 'from' {role!r}; expected human or gpt")
-    if pending is not None:
-        raise _BadRecord(f"human turn {pending[0]} has no gpt turn after it")
-    return exchanges
-
-
-def _stream_exchanges(messages: object) -> list[Exchange]:
-    """Each assistant message with the latest user message before it; unanswered questions get answer ""."""
-    if not isinstance(messages, list):
-        raise _BadRecord("'conversation' must be a list of messages")
-    exchanges: list[Exchange] = []
-    question: tuple[str, float] | None = None  # (text, time) of the latest user message
-    answered = False
-    last_time = 0.0
-    for index, message in enumerate(messages):
-        role = _field(message, index, "role")
-        if role in _STREAM_IGNORED:
-            continue
-        if role not in ("user", "assistant"):
-            raise _BadRecord(f"message {index} has an unknown role {role!r}; expected user or assistant")
-        text, time = _field(message, index, "content"), _time(message, index)
-        if time < last_time - _EPS:
-            raise _BadRecord(f"message {index} at {time}s is earlier than the message before it ({last_time}s)")
-        last_time = time
-        if role == "user":
-            if question is not None and not answered:
-                exchanges.append(Exchange(question[0], "", question[1]))
-            question, answered = (_strip_placeholders(text), time), False
-        else:
-            if question is None:
-                raise _BadRecord(f"assistant message {index} has no user message before it")
-            exchanges.append(Exchange(question[0], text.strip(), time))
-            answered = True
-    if question is not None and not answered:
-        exchanges.append(Exchange(question[0], "", question[1]))
-    return exchanges
-
-
-def _time(message: dict, index: int) -> float:
-    time = message.get("time")
-    if isinstance(time, bool) or not isinstance(time, (int, float)) or not time >= 0:
-        raise _BadRecord(f"message {index} needs a 'time' in seconds >= 0, got {time!r}")
-    return float(time)
 
 
 # ---------------------------------------------------------------- dataset
@@ -482,7 +301,8 @@ class VideoDataModule(lightning.LightningDataModule):
     ):
         """
         Args:
-            train_file: training records, a JSON list or JSONL file (LLaVA-Video or streaming format).
+            train_file: training records, a JSON list or JSONL file (LLaVA-Video, VideoLLM-online streaming,
+                VideoChat or ShareGPT4Video records; see `streamvlm.train.records`).
             val_file: validation records in the same formats; no validation when unset.
             video_root: folder that records' relative video paths start from (default: the record file's folder).
             model_dir: checkpoint folder whose preprocessor config says how frames are resized and
@@ -493,7 +313,8 @@ class VideoDataModule(lightning.LightningDataModule):
             batch_size: samples per batch (a batch is a list of samples).
             num_workers: data loader worker processes (kept alive between epochs).
             feature_cache: folder for cached vision features and timestamps; off when unset.
-            strict: raise on a missing or undecodable video instead of skipping it with a warning.
+            strict: raise on a malformed record or a missing or undecodable video instead of skipping it with a
+                warning.
             seed: shuffling seed; epoch e uses seed + e, so resumed runs see the same order.
             synthetic: when train_file is unset, generate videos with known answers, e.g. {num_videos: 16,
                 val_videos: 4, seed: 0, out_dir: ...} (also fps, seconds, size, streaming; out_dir
@@ -532,7 +353,7 @@ class VideoDataModule(lightning.LightningDataModule):
         self.synthetic = dict(synthetic) if synthetic is not None else None
         self.world = dict(world) if world is not None else None
         self.skipped: dict[str, int] = {}
-        """reason ("missing", "unreadable") -> records dropped in setup."""
+        """reason ("malformed", "missing", "unreadable") -> records dropped in setup."""
         self.train_records: list[Record] | None = None
         """Training records with readable videos, after setup."""
         self.val_records: list[Record] | None = None
@@ -621,8 +442,18 @@ class VideoDataModule(lightning.LightningDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def _readable_records(self, files: list[tuple[Path, str | None]], probe: bool = True) -> list[Record]:
-        """Records of (record file, video root) pairs whose videos exist and (probe) probe."""
-        records = [record for path, root in files for record in load_records(path, root)]
+        """Well-formed records of (record file, video root) pairs whose videos exist and (probe) probe."""
+        records: list[Record] = []
+        for path, root in files:
+            found, problems = read_records(path, root)
+            if problems and self.strict:
+                raise StreamVLMError(problems[0])
+            if problems and not found:
+                raise StreamVLMError(f"no record of {path} is well formed; the first: {problems[0]}")
+            warn_bad_records(problems)
+            if problems:
+                self.skipped["malformed"] = self.skipped.get("malformed", 0) + len(problems)
+            records += found
         usable = self._drop_unreadable(records, probe)
         if not usable:
             names = ", ".join(str(path) for path, _ in files)
