@@ -1,9 +1,13 @@
-"""Video instruction data for training: samples, the dataset, the sampler and the data module.
+"""Video instruction data for training: samples, frame sampling, the dataset, the sampler and the data module.
 
 Records come from record files in the formats `streamvlm.train.records` reads (LLaVA-Video, VideoLLM-online
 streaming, VideoChat instructions, ShareGPT4Video captions). A Sample carries preprocessed pixels and the event
 sequence the training module turns into tokens: for a LLaVA style record every frame, then the exchanges; for a
-streaming one frames and exchanges interleaved by stream time, frames after the last exchange not decoded.
+streaming one frames and exchanges interleaved by stream time.
+
+Frames are sampled as the checkpoint's video processor samples them (`FrameSampling.from_checkpoint`) unless
+the data config says otherwise.
+
 When a feature cache folder is set, the module saves the frozen vision tower's output at
 `Sample.feature_path` and this dataset writes the frame timestamps beside it, so later epochs skip decoding
 and the tower.
@@ -15,14 +19,14 @@ import bisect
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import lightning
 import torch
@@ -30,13 +34,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from streamvlm.errors import StreamVLMError
+from streamvlm.paths import cache_dir
 from streamvlm.train.records import Exchange, Record, load_records, read_records, warn_bad_records
 from streamvlm.video.files import check_sampling, probe_video, read_video
 from streamvlm.video.preprocess import PreprocessConfig, preprocess, resize_frame
-from streamvlm.paths import cache_dir
 
 __all__ = [
-    "EpochShuffleSampler", "Event", "Exchange", "Frames", "Record", "Sample", "VideoDataModule",
+    "EpochShuffleSampler", "Event", "Exchange", "FrameSampling", "Frames", "Record", "Sample", "VideoDataModule",
     "VideoInstructionDataset", "collate_samples", "load_records",
 ]
 
@@ -91,6 +95,140 @@ class Sample:
         return replace(self, pixels=self.pixels.to(device, non_blocking=non_blocking))
 
 
+# ---------------------------------------------------------------- frame sampling
+
+_FPS_RULES = ("ticks", "floor", "round")
+# Qwen-VL's processors and qwen-vl-utils: 2 frames per second, 4 to 768 frames.
+_QWEN_FPS, _QWEN_MIN_FRAMES, _QWEN_MAX_FRAMES = 2.0, 4, 768
+# SmolVLM2's processor: 1 frame per second, at most 64.
+_SMOLVLM_FPS, _SMOLVLM_MAX_FRAMES = 1.0, 64
+
+
+@dataclass(frozen=True)
+class FrameSampling:
+    """Which frames a sample decodes, over the span of the video it uses: the whole video for a LLaVA style
+    record, up to the last exchange for a streaming one. Give num_frames or fps, or neither for every frame."""
+
+    num_frames: int | None = None
+    """N frames spread evenly over the span (a span with fewer frames gives each once)."""
+    fps: float | None = None
+    """Frames per second of the span, picked as fps_rule says."""
+    fps_rule: Literal["ticks", "floor", "round"] = "ticks"
+    """How fps picks frames. "ticks": the latest frame at each 1/fps tick from the span's start (streamvlm's
+    reader: frames at the times a live stream gives them). "floor" / "round": as Hugging Face video processors
+    do, span x fps frames rounded down (Qwen-VL's) or to the nearest (SmolVLM2's), kept within
+    [min_frames, max_frames], spread evenly over the span."""
+    min_frames: int = 1
+    """Fewest frames an fps_rule of "floor" or "round" takes (a span with fewer frames gives all it has)."""
+    max_frames: int | None = None
+    """Most frames; more are thinned uniformly."""
+    multiple: int = 1
+    """Input frames per frame of tokens (Qwen-VL's temporal patch: 2). A LLaVA style sample's frame count is
+    made a multiple of it, rounded as the processor rounds (num_frames to the nearest, fps counts down), so no
+    pair is padded with a copy of its frame. A streaming sample's runs between exchanges are padded as a
+    session pads them."""
+
+    def __post_init__(self):
+        check_sampling("frame sampling", self.num_frames, self.fps, 0.0, None, self.max_frames)
+        if self.fps_rule not in _FPS_RULES:
+            raise StreamVLMError(f"fps_rule must be one of {', '.join(_FPS_RULES)}, got {self.fps_rule!r}")
+        if self.min_frames < 1 or self.multiple < 1:
+            raise StreamVLMError(f"min_frames and multiple must be at least 1, got {self.min_frames} and "
+                                 f"{self.multiple}")
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: str | os.PathLike) -> FrameSampling | None:
+        """How the checkpoint's video processor samples frames (`video_preprocessor_config.json`, else
+        `preprocessor_config.json`), or None when its config says nothing about sampling (LLaVA-OneVision's
+        processor takes the frames it is given).
+
+        Qwen2-VL, Qwen2.5-VL, Qwen3-VL (configs with a `temporal_patch_size`): `num_frames` when set (rounded
+        to a multiple of the temporal patch), else `fps` (default 2, as qwen-vl-utils samples) frames per
+        second rounded down to a multiple of it, within `min_frames` (4) and `max_frames` (768). SmolVLM2:
+        `fps` (1) frames per second, rounded, at most `num_frames` (64; SmolVLM's processor reads num_frames as
+        a cap) or `video_sampling`'s values. Other processors: `num_frames`, or `fps` with `min_frames` and
+        `max_frames`. `do_sample_frames` is not read: it says whether transformers' processor samples the
+        frames itself or takes them sampled elsewhere, not how many the model expects.
+        """
+        model_dir = Path(model_dir)
+        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+            path = model_dir / name
+            if path.is_file():
+                try:
+                    cfg = json.loads(path.read_text())
+                except (OSError, ValueError) as e:
+                    raise StreamVLMError(f"cannot read {path} ({e}); it must be the processor's JSON config") from e
+                return cls.from_processor_config(cfg)
+        return None
+
+    @classmethod
+    def from_processor_config(cls, cfg: dict) -> FrameSampling | None:
+        """from_checkpoint's rules on a processor config already read."""
+        kinds = " ".join(str(cfg.get(key, "")) for key in ("video_processor_type", "image_processor_type",
+                                                               "processor_class"))
+        sampling = cfg.get("video_sampling") or {}
+        if "SmolVLM" in kinds:
+            return cls(fps=float(cfg.get("fps") or sampling.get("fps") or _SMOLVLM_FPS), fps_rule="round",
+                       max_frames=int(cfg.get("num_frames") or sampling.get("max_frames") or _SMOLVLM_MAX_FRAMES))
+        if "temporal_patch_size" in cfg:
+            multiple = int(cfg["temporal_patch_size"] or 1)
+            max_frames = int(cfg.get("max_frames") or _QWEN_MAX_FRAMES)
+            if cfg.get("num_frames"):
+                return cls(num_frames=int(cfg["num_frames"]), max_frames=max_frames, multiple=multiple)
+            return cls(fps=float(cfg.get("fps") or _QWEN_FPS), fps_rule="floor",
+                       min_frames=int(cfg.get("min_frames") or _QWEN_MIN_FRAMES), max_frames=max_frames,
+                       multiple=multiple)
+        max_frames = int(cfg["max_frames"]) if cfg.get("max_frames") else None
+        if cfg.get("num_frames"):
+            return cls(num_frames=int(cfg["num_frames"]), max_frames=max_frames)
+        if cfg.get("fps"):
+            return cls(fps=float(cfg["fps"]), fps_rule="floor", min_frames=int(cfg.get("min_frames") or 1),
+                       max_frames=max_frames)
+        return None
+
+    @property
+    def counts_span(self) -> bool:
+        """Whether the frame count depends on the span's length (fps counted as a processor counts it)."""
+        return self.fps is not None and self.fps_rule != "ticks"
+
+    def count(self, span: float) -> int:
+        """Frames an fps_rule of "floor" or "round" takes over `span` seconds."""
+        exact = span * self.fps
+        n = math.floor(exact + 1e-9) if self.fps_rule == "floor" else round(exact)
+        n = max(n, self.min_frames)
+        if self.max_frames is not None:
+            n = min(n, self.max_frames)
+        return max(1, self._round_down(n))
+
+    def read_args(self, span: float | None) -> dict:
+        """read_video's num_frames, fps and max_frames; span (seconds) is needed when counts_span."""
+        if self.num_frames is not None:
+            n = self.num_frames
+            if self.multiple > 1:  # Qwen-VL's processors round num_frames to the nearest multiple
+                n = max(self.multiple, round(n / self.multiple) * self.multiple)
+            return {"num_frames": n, "fps": None, "max_frames": self.max_frames}
+        if self.counts_span:
+            if span is None:
+                raise ValueError("fps counted over the span needs the span's length")
+            return {"num_frames": self.count(span), "fps": None, "max_frames": None}
+        return {"num_frames": None, "fps": self.fps, "max_frames": self.max_frames}
+
+    def trim(self, count: int) -> int:
+        """A LLaVA style sample's frame count made a multiple of `multiple` (kept when it has fewer)."""
+        return count if count < self.multiple else self._round_down(count)
+
+    def _round_down(self, n: int) -> int:
+        return n if n < self.multiple else n // self.multiple * self.multiple
+
+
+DEFAULT_SAMPLING = FrameSampling(num_frames=8, max_frames=64)
+"""Frames of a checkpoint whose processor says nothing about sampling, when the data config says nothing either."""
+
+
+VideoInfo = tuple[float, float]
+"""(duration in seconds, frames per second) of a probed video."""
+
+
 # ---------------------------------------------------------------- dataset
 
 
@@ -106,23 +244,25 @@ class VideoInstructionDataset(Dataset):
         self,
         records: list[Record],
         preprocess_config: PreprocessConfig,
-        num_frames: int | None = 8,
-        fps: float | None = None,
-        max_frames: int | None = 64,
+        sampling: FrameSampling = DEFAULT_SAMPLING,
         feature_dir: str | os.PathLike | None = None,
         strict: bool = False,
         encoder: str | None = None,
+        videos: dict[str, VideoInfo] | None = None,
     ):
-        """encoder: an identity of the weights that encode frames (a hash), part of the feature cache's key."""
-        check_sampling("data", num_frames, fps, 0.0, None, max_frames)
-        self.encoder = encoder
+        """
+        Args:
+            encoder: an identity of the weights that encode frames (a hash), part of the feature cache's key.
+            videos: path -> (duration, fps) of videos probed already; sampling that counts frames over a
+                video's length probes the others.
+        """
         self.records = list(records)
         self.preprocess_config = preprocess_config
-        self.num_frames = num_frames
-        self.fps = fps
-        self.max_frames = max_frames
+        self.sampling = sampling
         self.feature_dir = Path(feature_dir).expanduser() if feature_dir is not None else None
         self.strict = strict
+        self.encoder = encoder
+        self.videos = dict(videos or {})
         if self.feature_dir is not None:
             self.feature_dir.mkdir(parents=True, exist_ok=True)
 
@@ -140,16 +280,16 @@ class VideoInstructionDataset(Dataset):
             return None
 
     def feature_path(self, record: Record) -> str | None:
-        """Where the features of `record` are cached: a hash of the file's identity, the sampling, the
-        preprocessing and the encoder, so a changed video, setting or vision tower never reuses stale features.
-        None when caching is off."""
+        """Where the features of `record` are cached: a hash of the file's identity, the sampling, the span,
+        the preprocessing and the encoder, so a changed video, setting or vision tower never reuses stale
+        features. None when caching is off."""
         if self.feature_dir is None:
             return None
         stat = os.stat(record.video)
         key = {
             "video": record.video, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "num_frames": self.num_frames, "fps": self.fps, "max_frames": self.max_frames,
-            "end": _decode_end(record), "preprocess": asdict(self.preprocess_config),
+            "sampling": asdict(self.sampling), "end": _decode_end(record),
+            "preprocess": asdict(self.preprocess_config),
         }
         if self.encoder is not None:
             key["encoder"] = self.encoder
@@ -169,12 +309,25 @@ class VideoInstructionDataset(Dataset):
     def _decode(self, record: Record) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 (T, 3, h, w) pixels and float64 (T,) timestamps of the frames the record uses."""
         cfg = self.preprocess_config  # frames are resized as they decode: full-size frames are never held together
-        clip = read_video(record.video, num_frames=self.num_frames, fps=self.fps, max_frames=self.max_frames,
-                          end=_decode_end(record), resize=partial(resize_frame, cfg=cfg))
-        count = _frames_used(record, clip.timestamps)
+        end = _decode_end(record)
+        span = None
+        if self.sampling.counts_span:
+            duration = self._duration(record.video)
+            span = duration if end is None else min(end, duration)
+        clip = read_video(record.video, end=end, resize=partial(resize_frame, cfg=cfg), **self.sampling.read_args(span))
+        times = clip.timestamps
+        count = _frames_used(record, times)
+        if record.kind != "stream":
+            count = self.sampling.trim(count)
         if count == 0:  # every exchange precedes the first frame: a text-only sample
-            return torch.empty(0, 3, cfg.height, cfg.width), clip.timestamps[:0]
-        return preprocess(clip.frames[:count], cfg), clip.timestamps[:count]
+            return torch.empty(0, 3, cfg.height, cfg.width), times[:0]
+        return preprocess(clip.frames[:count], cfg), times[:count]
+
+    def _duration(self, path: str) -> float:
+        if path not in self.videos:
+            info = probe_video(path)
+            self.videos[path] = (info["duration"], info["fps"])
+        return self.videos[path][0]
 
 
 def _decode_end(record: Record) -> float | None:
@@ -288,9 +441,9 @@ class VideoDataModule(lightning.LightningDataModule):
         val_file: str | None = None,
         video_root: str | None = None,
         model_dir: str | None = None,
-        num_frames: int | None = 8,
+        num_frames: int | None = None,
         fps: float | None = None,
-        max_frames: int | None = 64,
+        max_frames: int | None = None,
         batch_size: int = 1,
         num_workers: int = 0,
         feature_cache: str | None = None,
@@ -305,11 +458,14 @@ class VideoDataModule(lightning.LightningDataModule):
                 VideoChat or ShareGPT4Video records; see `streamvlm.train.records`).
             val_file: validation records in the same formats; no validation when unset.
             video_root: folder that records' relative video paths start from (default: the record file's folder).
-            model_dir: checkpoint folder whose preprocessor config says how frames are resized and
-                normalized (unset when the training module calls set_preprocess_config).
-            num_frames: frames sampled uniformly per video (null to sample by fps).
-            fps: frames per second to sample instead of num_frames.
-            max_frames: cap on frames per video, thinned uniformly.
+            model_dir: checkpoint folder whose processor configs say how frames are resized and normalized
+                (unless the training module calls set_preprocess_config) and sampled (unless it calls
+                set_frame_sampling).
+            num_frames: frames sampled uniformly per video. Unset with fps unset: the checkpoint's video
+                processor decides (`FrameSampling.from_checkpoint`; Qwen-VL: 2 per second in pairs, SmolVLM2:
+                1 per second), else 8.
+            fps: frames per second to sample instead of num_frames (the latest frame at each 1/fps tick).
+            max_frames: cap on frames per video, thinned uniformly (unset: the processor's, else 64).
             batch_size: samples per batch (a batch is a list of samples).
             num_workers: data loader worker processes (kept alive between epochs).
             feature_cache: folder for cached vision features and timestamps; off when unset.
@@ -359,7 +515,11 @@ class VideoDataModule(lightning.LightningDataModule):
         self.val_records: list[Record] | None = None
         """Validation records with readable videos, after setup; None without validation data."""
         self._preprocess_config: PreprocessConfig | None = None
+        self._family_sampling: FrameSampling | None = None
+        self._family_known = False
+        """Whether _family_sampling was set or read from model_dir (it may be None: the processor says nothing)."""
         self._encoder: str | None = None
+        self._videos: dict[str, VideoInfo] = {}
         self._datasets: dict[str, VideoInstructionDataset] = {}
 
     def set_preprocess_config(self, cfg: PreprocessConfig) -> None:
@@ -375,6 +535,29 @@ class VideoDataModule(lightning.LightningDataModule):
         sets a hash of them in its setup): features of another vision tower are then never reused."""
         self._encoder = encoder
         self._datasets.clear()
+
+    def set_frame_sampling(self, sampling: FrameSampling | None) -> None:
+        """The model's own frame sampling (`FrameSampling.from_checkpoint(model_dir)`), used where the data
+        config sets no num_frames or fps, instead of model_dir's. Call it before the dataloaders are made."""
+        self._family_sampling = sampling
+        self._family_known = True
+        self._datasets.clear()
+
+    @property
+    def sampling(self) -> FrameSampling:
+        """How frames are sampled: num_frames or fps from the data config when either is set, else the
+        model's processor's sampling, else 8 frames; max_frames from the config, else the model's, else 64.
+        Frames fold in the model's pairs (Qwen-VL) either way."""
+        if not self._family_known:
+            self._family_sampling = FrameSampling.from_checkpoint(self.model_dir) if self.model_dir else None
+            self._family_known = True
+        family = self._family_sampling
+        multiple = family.multiple if family is not None else 1
+        if self.num_frames is not None or self.fps is not None:
+            cap = self.max_frames or (family.max_frames if family is not None else None) or DEFAULT_SAMPLING.max_frames
+            return FrameSampling(num_frames=self.num_frames, fps=self.fps, max_frames=cap, multiple=multiple)
+        sampling = family or DEFAULT_SAMPLING
+        return sampling if self.max_frames is None else replace(sampling, max_frames=self.max_frames)
 
     @property
     def preprocess_config(self) -> PreprocessConfig:
@@ -427,13 +610,14 @@ class VideoDataModule(lightning.LightningDataModule):
     # ------------------------------------------------------------ helpers
 
     def _dataset(self, split: str, records: list[Record] | None) -> VideoInstructionDataset | None:
-        """The split's dataset, made on first use (the preprocess config may be set after setup)."""
+        """The split's dataset, made on first use (the preprocess config and sampling may be set after setup)."""
         if records is None:
             return None
         if split not in self._datasets:
+            sampling = self.sampling
             self._datasets[split] = VideoInstructionDataset(
-                records, self.preprocess_config, self.num_frames, self.fps, self.max_frames, self.feature_cache,
-                self.strict, self._encoder)
+                records, self.preprocess_config, sampling, self.feature_cache, self.strict, self._encoder,
+                self._videos)
         return self._datasets[split]
 
     def _loader(self, dataset: VideoInstructionDataset, sampler: Sampler | None) -> DataLoader:
@@ -462,25 +646,27 @@ class VideoDataModule(lightning.LightningDataModule):
 
     def _drop_unreadable(self, records: list[Record], probe: bool = True) -> list[Record]:
         """Records whose video exists and (probe) probes; one warning per bad file, counted per record in
-        skipped."""
+        skipped. Probed videos' durations and rates are kept for sampling and fitting."""
         paths = sorted({record.video for record in records})
         check = _video_problem if probe else _video_missing
         # probing decodes one frame per file; threads overlap the file reads (PyAV releases the GIL)
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             found = pool.map(check, paths)
-            problems = dict(zip(paths, tqdm(found, total=len(paths), desc="checking videos", unit="file",
-                                            disable=len(paths) < 1000)))
+            checked = dict(zip(paths, tqdm(found, total=len(paths), desc="checking videos", unit="file",
+                                           disable=len(paths) < 1000)))
+        problems = {path: problem for path, (problem, _) in checked.items() if problem is not None}
+        self._videos.update({path: info for path, (_, info) in checked.items() if info is not None})
         if self.strict:
             for record in records:
-                if problems[record.video] is not None:
+                if record.video in problems:
                     raise StreamVLMError(f"{record.source} (id {record.id!r}): {problems[record.video][1]}")
         for path, problem in problems.items():
-            if problem is not None:
-                log.warning("skipping the records of %s: %s", path, problem[1])
-        counts = Counter(problems[r.video][0] for r in records if problems[r.video] is not None)
-        for reason, count in counts.items():
-            self.skipped[reason] = self.skipped.get(reason, 0) + count
-        return [record for record in records if problems[record.video] is None]
+            log.warning("skipping the records of %s: %s", path, problem[1])
+        for record in records:
+            if record.video in problems:
+                reason = problems[record.video][0]
+                self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        return [record for record in records if record.video not in problems]
 
     def _uses_synthetic(self) -> bool:
         return self.train_file is None and (self.synthetic is not None or self.world is not None)
@@ -544,18 +730,19 @@ class VideoDataModule(lightning.LightningDataModule):
         return train, val
 
 
-def _video_missing(path: str) -> tuple[str, str] | None:
-    """("missing", message) when there is no file at path, else None."""
-    return None if os.path.isfile(path) else ("missing", f"video file not found: {path}")
+def _video_missing(path: str) -> tuple[tuple[str, str] | None, None]:
+    """(("missing", message), None) when there is no file at path, else (None, None)."""
+    return (None if os.path.isfile(path) else ("missing", f"video file not found: {path}")), None
 
 
-def _video_problem(path: str) -> tuple[str, str] | None:
-    """(reason, message) when the video at path is missing or unreadable, else None."""
-    missing = _video_missing(path)
+def _video_problem(path: str) -> tuple[tuple[str, str] | None, VideoInfo | None]:
+    """((reason, message), None) when the video at path is missing or unreadable, else (None, its
+    (duration, fps))."""
+    missing, _ = _video_missing(path)
     if missing is not None:
-        return missing
+        return missing, None
     try:
-        probe_video(path)
+        info = probe_video(path)
     except StreamVLMError as e:
-        return "unreadable", str(e)
-    return None
+        return ("unreadable", str(e)), None
+    return None, (info["duration"], info["fps"])

@@ -11,7 +11,7 @@ import pytest
 
 from streamvlm.errors import StreamVLMError
 from streamvlm.train import data, records
-from streamvlm.train.data import Exchange, Frames, VideoDataModule, VideoInstructionDataset
+from streamvlm.train.data import Exchange, Frames, FrameSampling, VideoDataModule, VideoInstructionDataset
 from streamvlm.train.records import CAPTION_QUESTION, SEGMENT_QUESTION, load_records, read_records
 from streamvlm.video.files import write_video
 from streamvlm.video.preprocess import PreprocessConfig
@@ -75,7 +75,7 @@ def test_sharegpt4video_gives_a_caption_record_and_a_keyframe_stream(tmp_path):
         Exchange(SEGMENT_QUESTION, "It stops at the right edge.", 2.5),
     )
     # each keyframe caption comes after the frames up to its time (8 fps, every frame)
-    sample = VideoInstructionDataset([stream], CFG, num_frames=None, max_frames=None)[0]
+    sample = VideoInstructionDataset([stream], CFG, FrameSampling())[0]
     assert [e for e in sample.events if isinstance(e, Frames)] == [Frames(0, 1), Frames(1, 9), Frames(9, 21)]
 
 
