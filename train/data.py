@@ -1,4 +1,5 @@
-"""Video instruction data for training: samples, frame sampling, the dataset, the sampler and the data module.
+"""Video instruction data for training: samples, frame sampling, the token budget, the dataset, the sampler and
+the data module.
 
 Records come from record files in the formats `streamvlm.train.records` reads (LLaVA-Video, VideoLLM-online
 streaming, VideoChat instructions, ShareGPT4Video captions). A Sample carries preprocessed pixels and the event
@@ -6,7 +7,8 @@ sequence the training module turns into tokens: for a LLaVA style record every f
 streaming one frames and exchanges interleaved by stream time.
 
 Frames are sampled as the checkpoint's video processor samples them (`FrameSampling.from_checkpoint`) unless
-the data config says otherwise.
+the data config says otherwise. With a token budget (`VideoDataModule.set_token_budget`) a record too long for
+the model's context is split at exchange boundaries into samples that fit, never cut inside an answer.
 
 When a feature cache folder is set, the module saves the frozen vision tower's output at
 `Sample.feature_path` and this dataset writes the frame timestamps beside it, so later epochs skip decoding
@@ -22,8 +24,9 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Iterator, Literal
@@ -40,8 +43,9 @@ from streamvlm.video.files import check_sampling, probe_video, read_video
 from streamvlm.video.preprocess import PreprocessConfig, preprocess, resize_frame
 
 __all__ = [
-    "EpochShuffleSampler", "Event", "Exchange", "FrameSampling", "Frames", "Record", "Sample", "VideoDataModule",
-    "VideoInstructionDataset", "collate_samples", "load_records",
+    "EpochShuffleSampler", "Event", "Exchange", "FitReport", "FrameSampling", "Frames", "Record", "Sample",
+    "TextTokens", "TokenBudget", "VideoDataModule", "VideoInstructionDataset", "collate_samples", "fit_records",
+    "load_records",
 ]
 
 log = logging.getLogger(__name__)
@@ -107,7 +111,8 @@ _SMOLVLM_FPS, _SMOLVLM_MAX_FRAMES = 1.0, 64
 @dataclass(frozen=True)
 class FrameSampling:
     """Which frames a sample decodes, over the span of the video it uses: the whole video for a LLaVA style
-    record, up to the last exchange for a streaming one. Give num_frames or fps, or neither for every frame."""
+    record, up to the last exchange for a streaming one (from the part before's last exchange for a later part
+    of a split one). Give num_frames or fps, or neither for every frame."""
 
     num_frames: int | None = None
     """N frames spread evenly over the span (a span with fewer frames gives each once)."""
@@ -213,6 +218,24 @@ class FrameSampling:
             return {"num_frames": self.count(span), "fps": None, "max_frames": None}
         return {"num_frames": None, "fps": self.fps, "max_frames": self.max_frames}
 
+    def bound(self, span: float | None, rate: float | None) -> int | None:
+        """The most frames a span of `span` seconds of a video at `rate` frames per second gives (either may
+        be None: unknown); None when nothing bounds it."""
+        available = math.ceil(span * rate) + 1 if span is not None and rate else None
+        if self.num_frames is not None or self.counts_span:
+            asked = self.read_args(span if span is not None else 0.0)["num_frames"]
+            if span is None and self.counts_span:  # unknown length: as many as max_frames allows
+                asked = self.max_frames
+            wanted = asked if self.max_frames is None or asked is None else min(asked, self.max_frames)
+        elif self.fps is not None and span is not None:
+            ticks = max(1, math.ceil(span * self.fps - _EPS))
+            wanted = ticks if self.max_frames is None else min(ticks, self.max_frames)
+        else:
+            wanted = self.max_frames
+        if wanted is None:
+            return available
+        return wanted if available is None else min(wanted, available)
+
     def trim(self, count: int) -> int:
         """A LLaVA style sample's frame count made a multiple of `multiple` (kept when it has fewer)."""
         return count if count < self.multiple else self._round_down(count)
@@ -225,8 +248,309 @@ DEFAULT_SAMPLING = FrameSampling(num_frames=8, max_frames=64)
 """Frames of a checkpoint whose processor says nothing about sampling, when the data config says nothing either."""
 
 
+# ---------------------------------------------------------------- token budget
+
+
+class TextTokens:
+    """A tokenizer as a text -> token count function (picklable, so loader workers can hold it)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """How many positions a sample takes in the model's context, and how many there are.
+
+    A sample's length is counted from its events as the sequence builder lays them out: each run of frames
+    takes video_text, plus ceil(frames / frames_per_step) frames of tokens of tokens_per_frame + frame_text
+    each; each exchange takes its question's and answer's tokens (count_text) plus exchange_text; every sample
+    takes fixed_text once. With only the first four fields the count is a lower bound (no template text);
+    `for_adapter` measures the rest on a loaded model, so the count is within a few tokens of the layout
+    (text tokenized alone can merge differently in context, and digits of times and frame counts vary:
+    exchange_text and video_text carry 2 tokens of slack each).
+
+    A sample fits when its count is at most max_positions - reserve.
+    """
+
+    max_positions: int
+    """The model's context length (`DecoderParts.max_positions`)."""
+    tokens_per_frame: int
+    """Tokens of one frame of tokens (`VisionShape.tokens_per_frame`)."""
+    count_text: Callable[[str], int]
+    """Text -> its token count (`TextTokens(tokenizer)`)."""
+    frames_per_step: int = 1
+    """Input frames per frame of tokens (Qwen-VL: 2; an odd run is padded to a pair)."""
+    frame_text: int = 0
+    """Text tokens around each frame of tokens (Qwen3-VL's timestamps, SmolVLM2's frame captions)."""
+    video_text: int = 0
+    """Text and tail tokens around each run of frames (the family's video intro, outro and tail)."""
+    exchange_text: int = 0
+    """Chat-template tokens of one exchange besides its question and answer (turn markers, end of turn)."""
+    fixed_text: int = 0
+    """Tokens every sample has once (a BOS, a system prompt the template writes)."""
+    reserve: int = 0
+    """Positions kept free."""
+
+    def __post_init__(self):
+        if self.max_positions < 1 or self.tokens_per_frame < 1 or self.frames_per_step < 1:
+            raise StreamVLMError("a token budget needs positive max_positions, tokens_per_frame and frames_per_step, "
+                                 f"got {self.max_positions}, {self.tokens_per_frame}, {self.frames_per_step}")
+
+    @classmethod
+    def for_adapter(cls, adapter, reserve: int = 0) -> TokenBudget:
+        """The budget of a loaded model (`StreamVLM.adapter`), its template costs measured by laying dialogues
+        out with the runtime's sequence builder (as training and sessions lay them out)."""
+        from streamvlm.sequence import SequenceBuilder, lay_out_dialogue
+
+        step = adapter.frames_per_step
+        tpf = adapter.vision.tokens_per_frame
+        count_text = TextTokens(adapter.tokenizer)
+        question, answer = "What happens in the video?", "A red square moves to the left."
+
+        def length(*events: Event) -> int:
+            frames = max((e.end for e in events if isinstance(e, Frames)), default=0)
+            times = [1000.0 + i for i in range(frames)]  # four-digit times: Qwen3-VL writes them per frame
+            builder = SequenceBuilder(adapter, trace=False)
+            width = adapter.decoder.hidden_size * (1 + adapter.vision.deepstack)
+            pieces = lay_out_dialogue(builder, events, times,
+                                      lambda a, b: torch.zeros(math.ceil((b - a) / step), tpf, width), set())
+            return builder.tokens(pieces)
+
+        ask = Exchange(question, answer)
+        one = length(Frames(0, step), ask)
+        per_step = length(Frames(0, 2 * step), ask) - one
+        per_exchange = length(Frames(0, step), ask, ask) - one
+        per_video = length(Frames(0, step), ask, Frames(step, 2 * step), ask) - one - per_exchange - per_step
+        texts = count_text(question) + count_text(answer)
+        return cls(
+            max_positions=adapter.decoder.max_positions, tokens_per_frame=tpf, count_text=count_text,
+            frames_per_step=step, frame_text=max(0, per_step - tpf), video_text=max(0, per_video) + 2,
+            exchange_text=max(0, per_exchange - texts) + 2,
+            fixed_text=max(0, one - per_video - per_step - per_exchange), reserve=reserve)
+
+    @property
+    def limit(self) -> int:
+        """The most tokens a sample may take."""
+        return self.max_positions - self.reserve
+
+    def frames_tokens(self, frames: int) -> int:
+        """Tokens of one run of `frames` input frames (0 for none)."""
+        if frames <= 0:
+            return 0
+        return self.video_text + math.ceil(frames / self.frames_per_step) * (self.tokens_per_frame + self.frame_text)
+
+    def exchange_tokens(self, exchange: Exchange) -> int:
+        return self.count_text(exchange.question) + self.count_text(exchange.answer) + self.exchange_text
+
+    def tokens(self, events: Sequence[Event]) -> int:
+        """Tokens of a sample laid out from `events` (a LLaVA style one: [Frames(0, T), *exchanges])."""
+        return self.fixed_text + sum(self.frames_tokens(e.end - e.start) if isinstance(e, Frames)
+                                     else self.exchange_tokens(e) for e in events)
+
+    def fits(self, events: Sequence[Event]) -> bool:
+        return self.tokens(events) <= self.limit
+
+    def text_bound(self, exchange: Exchange) -> int:
+        """At least exchange_tokens(exchange), without tokenizing: a text of b UTF-8 bytes is taken to need at
+        most b + 1 tokens (true of byte-level BPE and of SentencePiece with byte fallback)."""
+        return (len(exchange.question.encode()) + len(exchange.answer.encode()) + 2) + self.exchange_text
+
+
+# ---------------------------------------------------------------- fitting records to the context
+
+
+@dataclass
+class FitReport:
+    """What fitting a split's records to the token budget did."""
+
+    records: int = 0
+    """Records planned."""
+    split: int = 0
+    """Records split into several samples."""
+    samples: int = 0
+    """Samples the split records became."""
+    dropped_exchanges: int = 0
+    """Exchanges left out because, with the frames they need, they alone exceed the budget."""
+    skipped: int = 0
+    """Records of which nothing fits (not even the frames and one exchange)."""
+    skipped_ids: list[str] = field(default_factory=list)
+    """The first few skipped records' ids, for the log."""
+
+    def message(self, split: str, budget: TokenBudget) -> str | None:
+        """One line for the log, None when every record fit whole."""
+        if not (self.split or self.dropped_exchanges or self.skipped):
+            return None
+        parts = [f"{split}: of {self.records} records for the {budget.limit}-token budget"]
+        if self.split:
+            parts.append(f"{self.split} were split into {self.samples} samples at exchange boundaries")
+        if self.dropped_exchanges:
+            parts.append(f"{self.dropped_exchanges} exchanges were left out (with their frames, each alone is "
+                         "too long)")
+        if self.skipped:
+            parts.append(f"{self.skipped} were skipped (even their frames and first exchange are too long; e.g. "
+                         f"{', '.join(self.skipped_ids)})")
+        return "; ".join(parts) + ". Fewer frames (num_frames, fps, max_frames) make more of them fit."
+
+
 VideoInfo = tuple[float, float]
 """(duration in seconds, frames per second) of a probed video."""
+
+
+def fit_records(records: Sequence[Record], budget: TokenBudget, sampling: FrameSampling,
+                videos: dict[str, VideoInfo] | None = None) -> tuple[list[Record], FitReport]:
+    """Records split so that each fits the budget, as the dataset will sample their frames.
+
+    A LLaVA style record keeps all its frames in every part, and its exchanges in order go into as many parts
+    as needed (frames first, then as many whole exchanges as fit). A streaming record is cut at exchange
+    boundaries into consecutive parts, each with the frames since the part before's last exchange. An exchange
+    that does not fit even alone (with its frames) is left out; a record none of whose exchanges fits is
+    skipped. Frame counts are planned from the sampling and the video's length and rate (`videos`: path ->
+    (duration, fps) of probed videos; a LLaVA style record's video whose length decides its frame count and
+    matters is probed here and added); the dataset checks each loaded sample again and cuts it at an exchange
+    boundary in the rare case the plan was short.
+    """
+    report = FitReport(records=len(records))
+    fitted: list[Record] = []
+    videos = {} if videos is None else videos
+    for record in records:
+        plan = _Plan(record, budget, sampling, videos)
+        parts = plan.parts()
+        report.dropped_exchanges += plan.dropped
+        if not parts:
+            report.skipped += 1
+            if len(report.skipped_ids) < 3:
+                report.skipped_ids.append(record.id)
+            continue
+        if len(parts) > 1:
+            report.split += 1
+            report.samples += len(parts)
+            parts = [replace(part, id=f"{record.id}#{i + 1}") for i, part in enumerate(parts)]
+        fitted += parts
+    return fitted, report
+
+
+class _Plan:
+    """One record's parts under a budget (see fit_records)."""
+
+    def __init__(self, record: Record, budget: TokenBudget, sampling: FrameSampling, videos: dict[str, VideoInfo]):
+        self.record, self.budget, self.sampling, self.videos = record, budget, sampling, videos
+        self.duration, self.rate = videos.get(record.video, (None, None))
+        self.dropped = 0
+        self._costs: dict[int, int] = {}
+
+    def parts(self) -> list[Record]:
+        record, budget = self.record, self.budget
+        # without tokenizing: a record whose frames and text, both bounded from above, fit, fits whole
+        text = sum(map(budget.text_bound, record.exchanges))
+        if self._frame_tokens_bound() + budget.fixed_text + text <= budget.limit:
+            return [record]
+        if record.kind == "llava" and self.duration is None and self.sampling.num_frames is None:
+            # the frame count follows the video's length, unknown until probed (generated videos are not
+            # probed at setup): probe it rather than plan for max_frames
+            self._probe()
+            if self._frame_tokens_bound() + budget.fixed_text + text <= budget.limit:
+                return [record]
+        if record.kind == "stream":
+            return self._stream_parts()
+        return self._llava_parts()
+
+    def _probe(self) -> None:
+        try:
+            info = probe_video(self.record.video)
+        except (StreamVLMError, OSError):
+            return  # the dataset skips it when it fails to decode
+        self.duration, self.rate = self.videos[self.record.video] = (info["duration"], info["fps"])
+
+    def _cost(self, index: int) -> int:
+        if index not in self._costs:
+            self._costs[index] = self.budget.exchange_tokens(self.record.exchanges[index])
+        return self._costs[index]
+
+    def _llava_parts(self) -> list[Record]:
+        room = self.budget.limit - self.budget.fixed_text - self._frame_tokens_bound()
+        groups: list[list[Exchange]] = []
+        current: list[Exchange] = []
+        used = 0
+        for index, exchange in enumerate(self.record.exchanges):
+            cost = self._cost(index)
+            if cost > room:  # not even alone with the frames
+                self.dropped += 1
+                continue
+            if used + cost > room:
+                groups.append(current)
+                current, used = [], 0
+            current.append(exchange)
+            used += cost
+        if current:
+            groups.append(current)
+        return [replace(self.record, exchanges=tuple(group)) for group in groups]
+
+    def _stream_parts(self) -> list[Record]:
+        parts: list[Record] = []
+        start = self.record.start
+        first = 0  # index of the current part's first exchange
+        exchanges = self.record.exchanges
+        index = 0
+        while index < len(exchanges):
+            if self._fits(start, first, index + 1):
+                index += 1
+                continue
+            if index > first:  # close the part before this exchange; it opens the next
+                parts.append(self._part(start, first, index))
+                start, first = exchanges[index - 1].time, index
+                continue
+            self.dropped += 1  # this exchange alone is too long: the next part starts after it
+            start, first, index = exchanges[index].time, index + 1, index + 1
+        if index > first:
+            parts.append(self._part(start, first, index))
+        return parts
+
+    def _part(self, start: float | None, first: int, end: int) -> Record:
+        return replace(self.record, exchanges=self.record.exchanges[first:end], start=start)
+
+    def _fits(self, start: float | None, first: int, end: int) -> bool:
+        part = self._part(start, first, end)
+        times = self._planned_times(part)
+        runs = _events(part, torch.tensor(times, dtype=torch.float64)) if times else []
+        frames = sum(self.budget.frames_tokens(e.end - e.start) for e in runs if isinstance(e, Frames))
+        text = sum(self._cost(i) for i in range(first, end))
+        return self.budget.fixed_text + frames + text <= self.budget.limit
+
+    def _span(self, record: Record) -> float | None:
+        start = record.start or 0.0
+        stop = _decode_end(record)
+        if self.duration is not None:
+            stop = self.duration if stop is None else min(stop, self.duration)
+        return None if stop is None else max(stop - start, 0.0)
+
+    def _frame_tokens_bound(self) -> int:
+        """The most tokens the whole record's frames take: one run for a LLaVA style record; for a streaming
+        one up to a run per exchange, each with its video text and (frames in pairs) a padded pair."""
+        record, budget = self.record, self.budget
+        count = self.sampling.bound(self._span(record), self.rate) or 0
+        if record.kind == "llava":
+            return budget.frames_tokens(self.sampling.trim(count))
+        runs = min(count, len(record.exchanges))
+        if not runs:
+            return 0
+        padded = runs - 1 if budget.frames_per_step > 1 else 0
+        return (budget.frames_tokens(count) + (runs - 1) * budget.video_text
+                + padded * (budget.tokens_per_frame + budget.frame_text))
+
+    def _planned_times(self, record: Record) -> list[float]:
+        """Frame times a streaming part is expected to get: its planned count spread evenly over its span
+        (after its start, which belongs to the part before)."""
+        span = self._span(record)
+        count = self.sampling.bound(span, self.rate) or 0
+        if not count or span is None:
+            return []
+        origin = record.start or 0.0
+        shift = 1 if record.start is not None else 0
+        return [origin + span * (i + shift) / (count + shift) for i in range(count)]
 
 
 # ---------------------------------------------------------------- dataset
@@ -238,6 +562,8 @@ class VideoInstructionDataset(Dataset):
     Items are None for videos that fail to decode (strict=False; a warning names the file); collate_samples
     drops them. With feature_dir, an item whose features (`<key>.pt`, written by the training module) and
     timestamps (`<key>.json`, written here) are both cached is returned without decoding, pixels None.
+    With a budget, a loaded sample longer than it is cut after the last exchange that fits (a warning says so;
+    fit_records plans records so that this is rare), and is None when not even its first exchange fits.
     """
 
     def __init__(
@@ -248,6 +574,7 @@ class VideoInstructionDataset(Dataset):
         feature_dir: str | os.PathLike | None = None,
         strict: bool = False,
         encoder: str | None = None,
+        budget: TokenBudget | None = None,
         videos: dict[str, VideoInfo] | None = None,
     ):
         """
@@ -262,6 +589,7 @@ class VideoInstructionDataset(Dataset):
         self.feature_dir = Path(feature_dir).expanduser() if feature_dir is not None else None
         self.strict = strict
         self.encoder = encoder
+        self.budget = budget
         self.videos = dict(videos or {})
         if self.feature_dir is not None:
             self.feature_dir.mkdir(parents=True, exist_ok=True)
@@ -282,13 +610,14 @@ class VideoInstructionDataset(Dataset):
     def feature_path(self, record: Record) -> str | None:
         """Where the features of `record` are cached: a hash of the file's identity, the sampling, the span,
         the preprocessing and the encoder, so a changed video, setting or vision tower never reuses stale
-        features. None when caching is off."""
+        features. The parts of a split LLaVA style record share their frames, so their features too.
+        None when caching is off."""
         if self.feature_dir is None:
             return None
         stat = os.stat(record.video)
         key = {
             "video": record.video, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "sampling": asdict(self.sampling), "end": _decode_end(record),
+            "sampling": asdict(self.sampling), "start": record.start, "end": _decode_end(record),
             "preprocess": asdict(self.preprocess_config),
         }
         if self.encoder is not None:
@@ -296,7 +625,7 @@ class VideoInstructionDataset(Dataset):
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
         return str(self.feature_dir / f"{digest}.pt")
 
-    def _load(self, record: Record) -> Sample:
+    def _load(self, record: Record) -> Sample | None:
         feature_path = self.feature_path(record)
         timestamps = _cached_timestamps(feature_path) if feature_path is not None else None
         pixels = None
@@ -304,24 +633,60 @@ class VideoInstructionDataset(Dataset):
             pixels, timestamps = self._decode(record)
             if feature_path is not None:
                 _write_timestamps(feature_path, record.video, timestamps)
-        return Sample(record.id, record.video, pixels, timestamps, _events(record, timestamps), feature_path)
+        events = _events(record, timestamps)
+        if self.budget is None or self.budget.fits(events):
+            return Sample(record.id, record.video, pixels, timestamps, events, feature_path)
+        return self._cut(record, pixels, timestamps, events, feature_path)
+
+    def _cut(self, record: Record, pixels: torch.Tensor | None, timestamps: torch.Tensor, events: list[Event],
+             feature_path: str | None) -> Sample | None:
+        """The sample cut after its last exchange that fits the budget; None when its first does not."""
+        budget = self.budget
+        used, keep = budget.fixed_text, 0
+        for index, event in enumerate(events):
+            used += budget.frames_tokens(event.end - event.start) if isinstance(event, Frames) else \
+                budget.exchange_tokens(event)
+            if used > budget.limit:
+                break
+            if isinstance(event, Exchange):
+                keep = index + 1
+        total = sum(isinstance(e, Exchange) for e in events)
+        kept = events[:keep]
+        exchanges = sum(isinstance(e, Exchange) for e in kept)
+        if not exchanges:
+            log.warning("skipping record %r of %s: %d tokens, over the %d-token budget even with only its first "
+                        "exchange", record.id, record.video, budget.tokens(events), budget.limit)
+            return None
+        log.warning("record %r of %s: keeping %d of its %d exchanges, the rest is over the %d-token budget",
+                    record.id, record.video, exchanges, total, budget.limit)
+        frames = max((e.end for e in kept if isinstance(e, Frames)), default=0)
+        if frames == len(timestamps):  # the same frames: cached features stay valid
+            return Sample(record.id, record.video, pixels, timestamps, kept, feature_path)
+        if pixels is None:  # the cache holds every frame's features; this sample wants fewer
+            pixels, _ = self._decode(record)
+        # fewer frames than the feature cache's key stands for: this sample is not cached
+        return Sample(record.id, record.video, pixels[:frames], timestamps[:frames], kept, None)
 
     def _decode(self, record: Record) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 (T, 3, h, w) pixels and float64 (T,) timestamps of the frames the record uses."""
         cfg = self.preprocess_config  # frames are resized as they decode: full-size frames are never held together
-        end = _decode_end(record)
+        start, end = record.start or 0.0, _decode_end(record)
         span = None
-        if self.sampling.counts_span:
+        if self.sampling.counts_span or record.start is not None:
             duration = self._duration(record.video)
-            span = duration if end is None else min(end, duration)
-        clip = read_video(record.video, end=end, resize=partial(resize_frame, cfg=cfg), **self.sampling.read_args(span))
+            if start >= duration:  # a later part of a split record whose exchanges all come after the video
+                return torch.empty(0, 3, cfg.height, cfg.width), torch.empty(0, dtype=torch.float64)
+            span = (duration if end is None else min(end, duration)) - start
+        clip = read_video(record.video, start=start, end=end, resize=partial(resize_frame, cfg=cfg),
+                          **self.sampling.read_args(span))
         times = clip.timestamps
+        first = 0 if record.start is None else bisect.bisect_right(times.tolist(), record.start + _EPS)
         count = _frames_used(record, times)
         if record.kind != "stream":
-            count = self.sampling.trim(count)
-        if count == 0:  # every exchange precedes the first frame: a text-only sample
+            count = first + self.sampling.trim(count - first)
+        if count <= first:  # every exchange precedes the first frame: a text-only sample
             return torch.empty(0, 3, cfg.height, cfg.width), times[:0]
-        return preprocess(clip.frames[:count], cfg), times[:count]
+        return preprocess(clip.frames[first:count], cfg), times[first:count]
 
     def _duration(self, path: str) -> float:
         if path not in self.videos:
@@ -509,7 +874,10 @@ class VideoDataModule(lightning.LightningDataModule):
         self.synthetic = dict(synthetic) if synthetic is not None else None
         self.world = dict(world) if world is not None else None
         self.skipped: dict[str, int] = {}
-        """reason ("malformed", "missing", "unreadable") -> records dropped in setup."""
+        """reason -> records dropped: "malformed", "missing", "unreadable" in setup; "too_long" (nothing of
+        them fits the token budget) when the datasets are made."""
+        self.fitted: dict[str, FitReport] = {}
+        """split ("train", "val") -> what fitting its records to the token budget did (with a budget set)."""
         self.train_records: list[Record] | None = None
         """Training records with readable videos, after setup."""
         self.val_records: list[Record] | None = None
@@ -518,9 +886,11 @@ class VideoDataModule(lightning.LightningDataModule):
         self._family_sampling: FrameSampling | None = None
         self._family_known = False
         """Whether _family_sampling was set or read from model_dir (it may be None: the processor says nothing)."""
+        self._budget: TokenBudget | None = None
         self._encoder: str | None = None
         self._videos: dict[str, VideoInfo] = {}
         self._datasets: dict[str, VideoInstructionDataset] = {}
+        self._plans: dict[str, tuple[tuple, list[Record]]] = {}
 
     def set_preprocess_config(self, cfg: PreprocessConfig) -> None:
         """Use cfg for frames instead of reading model_dir's preprocessor config.
@@ -541,6 +911,13 @@ class VideoDataModule(lightning.LightningDataModule):
         config sets no num_frames or fps, instead of model_dir's. Call it before the dataloaders are made."""
         self._family_sampling = sampling
         self._family_known = True
+        self._datasets.clear()
+
+    def set_token_budget(self, budget: TokenBudget | None) -> None:
+        """Fit samples to a model's context: records longer than `budget` are split at exchange boundaries
+        or skipped, counted in `fitted` and logged once per split (see fit_records). None (the default)
+        accepts every record whole. Call it before the dataloaders are made (the CLI's before_fit)."""
+        self._budget = budget
         self._datasets.clear()
 
     @property
@@ -610,15 +987,37 @@ class VideoDataModule(lightning.LightningDataModule):
     # ------------------------------------------------------------ helpers
 
     def _dataset(self, split: str, records: list[Record] | None) -> VideoInstructionDataset | None:
-        """The split's dataset, made on first use (the preprocess config and sampling may be set after setup)."""
+        """The split's dataset, made on first use (the preprocess config, sampling and budget may be set
+        after setup)."""
         if records is None:
             return None
         if split not in self._datasets:
             sampling = self.sampling
             self._datasets[split] = VideoInstructionDataset(
-                records, self.preprocess_config, sampling, self.feature_cache, self.strict, self._encoder,
-                self._videos)
+                self._fitted(split, records, sampling), self.preprocess_config, sampling, self.feature_cache,
+                self.strict, self._encoder, self._budget, self._videos)
         return self._datasets[split]
+
+    def _fitted(self, split: str, records: list[Record], sampling: FrameSampling) -> list[Record]:
+        """The split's records fitted to the token budget, planned (and logged) once per budget and sampling."""
+        if self._budget is None:
+            return records
+        key = (self._budget, sampling, len(records))
+        if split in self._plans and self._plans[split][0] == key:
+            return self._plans[split][1]
+        fitted, report = fit_records(records, self._budget, sampling, self._videos)
+        self._plans[split] = (key, fitted)
+        self.fitted[split] = report
+        too_long = sum(r.skipped for r in self.fitted.values())
+        if too_long:
+            self.skipped["too_long"] = too_long
+        message = report.message(split, self._budget)
+        if message is not None:
+            log.warning("%s", message)
+        if not fitted:
+            raise StreamVLMError(f"no {split} record fits the model's {self._budget.limit}-token context; "
+                                 "sample fewer frames (num_frames, fps, max_frames)")
+        return fitted
 
     def _loader(self, dataset: VideoInstructionDataset, sampler: Sampler | None) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False,

@@ -66,7 +66,7 @@ class Exchange:
 
 @dataclass(frozen=True)
 class Record:
-    """One parsed record of a record file."""
+    """One parsed record of a record file, or a part of one (a record split to fit the model's context)."""
 
     id: str
     video: str
@@ -76,6 +76,9 @@ class Record:
     """In order; for "stream" records each has a time and times never decrease."""
     source: str
     """Where the record is, for messages: "file.json record 3" or "file.jsonl line 5"."""
+    start: float | None = None
+    """For a later part of a split streaming record: the time (s) of the part before's last exchange. Its
+    frames, those at or before this time, belong to that part. None: from the start of the video."""
 
 
 class _BadRecord(Exception):
