@@ -1,13 +1,15 @@
-"""Video instruction data for training: records, samples, the dataset, the sampler and the data module.
+"""Video instruction data for training: samples, frame sampling, the token budget, the dataset, the sampler and
+the data module.
 
-Two record formats are read, detected per record:
+Records come from record files in the formats `streamvlm.train.records` reads (LLaVA-Video, VideoLLM-online
+streaming, VideoChat instructions, ShareGPT4Video captions). A Sample carries preprocessed pixels and the event
+sequence the training module turns into tokens: for a LLaVA style record every frame, then the exchanges; for a
+streaming one frames and exchanges interleaved by stream time.
 
-- LLaVA-Video-178K / LLaVA-OneVision (`conversations`, turns `from` human/gpt): every frame comes
-  before the first question, as transformers' processor lays out one video and a dialogue.
-- VideoLLM-online streaming (`conversation`, messages with `role`, `content` and `time` in seconds):
-  frames and exchanges interleave by stream time, and frames after the last exchange are not decoded.
+Frames are sampled as the checkpoint's video processor samples them (`FrameSampling.from_checkpoint`) unless
+the data config says otherwise. With a token budget (`VideoDataModule.set_token_budget`) a record too long for
+the model's context is split at exchange boundaries into samples that fit, never cut inside an answer.
 
-A Sample carries preprocessed pixels and the event sequence the training module turns into tokens.
 When a feature cache folder is set, the module saves the frozen vision tower's output at
 `Sample.feature_path` and this dataset writes the frame timestamps beside it, so later epochs skip decoding
 and the tower.
@@ -19,12 +21,12 @@ import bisect
 import hashlib
 import json
 import logging
+import math
 import os
-import re
 import tempfile
-from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Iterator, Literal
@@ -35,9 +37,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from streamvlm.errors import StreamVLMError
+from streamvlm.paths import cache_dir
+from streamvlm.train.records import Exchange, Record, load_records, read_records, warn_bad_records
 from streamvlm.video.files import check_sampling, probe_video, read_video
 from streamvlm.video.preprocess import PreprocessConfig, preprocess, resize_frame
-from streamvlm.paths import cache_dir
+
+__all__ = [
+    "EpochShuffleSampler", "Event", "Exchange", "FitReport", "FrameSampling", "Frames", "Record", "Sample",
+    "TextTokens", "TokenBudget", "VideoDataModule", "VideoInstructionDataset", "collate_samples", "fit_records",
+    "load_records",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +55,6 @@ _EPS = 1e-6
 # read_video's `end` is exclusive: decode a little past the last exchange so a frame exactly at its
 # time is kept (seconds; far below one frame interval).
 _END_SLACK = 1e-3
-# "<video>\n" / "<image>\n" placeholders in LLaVA human turns; the video goes where the processor puts it.
-_PLACEHOLDER = re.compile(r"<(?:video|image)>\n?")
-_HUMAN = ("human", "user")
-_GPT = ("gpt", "assistant")
-# Roles carried by some streaming records that hold no exchange (VideoLLM-online marks frame runs "stream").
-_STREAM_IGNORED = ("system", "stream")
 
 
 # ---------------------------------------------------------------- sample format
@@ -64,17 +67,6 @@ class Frames:
     start: int
     end: int
     """Exclusive."""
-
-
-@dataclass(frozen=True)
-class Exchange:
-    """A user question and the assistant's answer."""
-
-    question: str
-    answer: str
-    """"" when the record has none (a streaming question the assistant never answered)."""
-    time: float | None = None
-    """Stream time (s) the exchange happens at, for streaming records; None for LLaVA records."""
 
 
 Event = Frames | Exchange
@@ -107,169 +99,458 @@ class Sample:
         return replace(self, pixels=self.pixels.to(device, non_blocking=non_blocking))
 
 
+# ---------------------------------------------------------------- frame sampling
+
+_FPS_RULES = ("ticks", "floor", "round")
+# Qwen-VL's processors and qwen-vl-utils: 2 frames per second, 4 to 768 frames.
+_QWEN_FPS, _QWEN_MIN_FRAMES, _QWEN_MAX_FRAMES = 2.0, 4, 768
+# SmolVLM2's processor: 1 frame per second, at most 64.
+_SMOLVLM_FPS, _SMOLVLM_MAX_FRAMES = 1.0, 64
+
+
 @dataclass(frozen=True)
-class Record:
-    """One parsed record of a record file."""
+class FrameSampling:
+    """Which frames a sample decodes, over the span of the video it uses: the whole video for a LLaVA style
+    record, up to the last exchange for a streaming one (from the part before's last exchange for a later part
+    of a split one). Give num_frames or fps, or neither for every frame."""
 
-    id: str
-    video: str
-    """Absolute path of the video file (resolved against video_root or the record file's folder)."""
-    kind: Literal["llava", "stream"]
-    exchanges: tuple[Exchange, ...]
-    """In order; for "stream" records each has a time and times never decrease."""
-    source: str
-    """Where the record is, for messages: "file.json record 3" or "file.jsonl line 5"."""
+    num_frames: int | None = None
+    """N frames spread evenly over the span (a span with fewer frames gives each once)."""
+    fps: float | None = None
+    """Frames per second of the span, picked as fps_rule says."""
+    fps_rule: Literal["ticks", "floor", "round"] = "ticks"
+    """How fps picks frames. "ticks": the latest frame at each 1/fps tick from the span's start (streamvlm's
+    reader: frames at the times a live stream gives them). "floor" / "round": as Hugging Face video processors
+    do, span x fps frames rounded down (Qwen-VL's) or to the nearest (SmolVLM2's), kept within
+    [min_frames, max_frames], spread evenly over the span."""
+    min_frames: int = 1
+    """Fewest frames an fps_rule of "floor" or "round" takes (a span with fewer frames gives all it has)."""
+    max_frames: int | None = None
+    """Most frames; more are thinned uniformly."""
+    multiple: int = 1
+    """Input frames per frame of tokens (Qwen-VL's temporal patch: 2). A LLaVA style sample's frame count is
+    made a multiple of it, rounded as the processor rounds (num_frames to the nearest, fps counts down), so no
+    pair is padded with a copy of its frame. A streaming sample's runs between exchanges are padded as a
+    session pads them."""
+
+    def __post_init__(self):
+        check_sampling("frame sampling", self.num_frames, self.fps, 0.0, None, self.max_frames)
+        if self.fps_rule not in _FPS_RULES:
+            raise StreamVLMError(f"fps_rule must be one of {', '.join(_FPS_RULES)}, got {self.fps_rule!r}")
+        if self.min_frames < 1 or self.multiple < 1:
+            raise StreamVLMError(f"min_frames and multiple must be at least 1, got {self.min_frames} and "
+                                 f"{self.multiple}")
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: str | os.PathLike) -> FrameSampling | None:
+        """How the checkpoint's video processor samples frames (`video_preprocessor_config.json`, else
+        `preprocessor_config.json`), or None when its config says nothing about sampling (LLaVA-OneVision's
+        processor takes the frames it is given).
+
+        Qwen2-VL, Qwen2.5-VL, Qwen3-VL (configs with a `temporal_patch_size`): `num_frames` when set (rounded
+        to a multiple of the temporal patch), else `fps` (default 2, as qwen-vl-utils samples) frames per
+        second rounded down to a multiple of it, within `min_frames` (4) and `max_frames` (768). SmolVLM2:
+        `fps` (1) frames per second, rounded, at most `num_frames` (64; SmolVLM's processor reads num_frames as
+        a cap) or `video_sampling`'s values. Other processors: `num_frames`, or `fps` with `min_frames` and
+        `max_frames`. `do_sample_frames` is not read: it says whether transformers' processor samples the
+        frames itself or takes them sampled elsewhere, not how many the model expects.
+        """
+        model_dir = Path(model_dir)
+        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+            path = model_dir / name
+            if path.is_file():
+                try:
+                    cfg = json.loads(path.read_text())
+                except (OSError, ValueError) as e:
+                    raise StreamVLMError(f"cannot read {path} ({e}); it must be the processor's JSON config") from e
+                return cls.from_processor_config(cfg)
+        return None
+
+    @classmethod
+    def from_processor_config(cls, cfg: dict) -> FrameSampling | None:
+        """from_checkpoint's rules on a processor config already read."""
+        kinds = " ".join(str(cfg.get(key, "")) for key in ("video_processor_type", "image_processor_type",
+                                                               "processor_class"))
+        sampling = cfg.get("video_sampling") or {}
+        if "SmolVLM" in kinds:
+            return cls(fps=float(cfg.get("fps") or sampling.get("fps") or _SMOLVLM_FPS), fps_rule="round",
+                       max_frames=int(cfg.get("num_frames") or sampling.get("max_frames") or _SMOLVLM_MAX_FRAMES))
+        if "temporal_patch_size" in cfg:
+            multiple = int(cfg["temporal_patch_size"] or 1)
+            max_frames = int(cfg.get("max_frames") or _QWEN_MAX_FRAMES)
+            if cfg.get("num_frames"):
+                return cls(num_frames=int(cfg["num_frames"]), max_frames=max_frames, multiple=multiple)
+            return cls(fps=float(cfg.get("fps") or _QWEN_FPS), fps_rule="floor",
+                       min_frames=int(cfg.get("min_frames") or _QWEN_MIN_FRAMES), max_frames=max_frames,
+                       multiple=multiple)
+        max_frames = int(cfg["max_frames"]) if cfg.get("max_frames") else None
+        if cfg.get("num_frames"):
+            return cls(num_frames=int(cfg["num_frames"]), max_frames=max_frames)
+        if cfg.get("fps"):
+            return cls(fps=float(cfg["fps"]), fps_rule="floor", min_frames=int(cfg.get("min_frames") or 1),
+                       max_frames=max_frames)
+        return None
+
+    @property
+    def counts_span(self) -> bool:
+        """Whether the frame count depends on the span's length (fps counted as a processor counts it)."""
+        return self.fps is not None and self.fps_rule != "ticks"
+
+    def count(self, span: float) -> int:
+        """Frames an fps_rule of "floor" or "round" takes over `span` seconds."""
+        exact = span * self.fps
+        n = math.floor(exact + 1e-9) if self.fps_rule == "floor" else round(exact)
+        n = max(n, self.min_frames)
+        if self.max_frames is not None:
+            n = min(n, self.max_frames)
+        return max(1, self._round_down(n))
+
+    def read_args(self, span: float | None) -> dict:
+        """read_video's num_frames, fps and max_frames; span (seconds) is needed when counts_span."""
+        if self.num_frames is not None:
+            n = self.num_frames
+            if self.multiple > 1:  # Qwen-VL's processors round num_frames to the nearest multiple
+                n = max(self.multiple, round(n / self.multiple) * self.multiple)
+            return {"num_frames": n, "fps": None, "max_frames": self.max_frames}
+        if self.counts_span:
+            if span is None:
+                raise ValueError("fps counted over the span needs the span's length")
+            return {"num_frames": self.count(span), "fps": None, "max_frames": None}
+        return {"num_frames": None, "fps": self.fps, "max_frames": self.max_frames}
+
+    def bound(self, span: float | None, rate: float | None) -> int | None:
+        """The most frames a span of `span` seconds of a video at `rate` frames per second gives (either may
+        be None: unknown); None when nothing bounds it."""
+        available = math.ceil(span * rate) + 1 if span is not None and rate else None
+        if self.num_frames is not None or self.counts_span:
+            asked = self.read_args(span if span is not None else 0.0)["num_frames"]
+            if span is None and self.counts_span:  # unknown length: as many as max_frames allows
+                asked = self.max_frames
+            wanted = asked if self.max_frames is None or asked is None else min(asked, self.max_frames)
+        elif self.fps is not None and span is not None:
+            ticks = max(1, math.ceil(span * self.fps - _EPS))
+            wanted = ticks if self.max_frames is None else min(ticks, self.max_frames)
+        else:
+            wanted = self.max_frames
+        if wanted is None:
+            return available
+        return wanted if available is None else min(wanted, available)
+
+    def trim(self, count: int) -> int:
+        """A LLaVA style sample's frame count made a multiple of `multiple` (kept when it has fewer)."""
+        return count if count < self.multiple else self._round_down(count)
+
+    def _round_down(self, n: int) -> int:
+        return n if n < self.multiple else n // self.multiple * self.multiple
 
 
-# ---------------------------------------------------------------- records
+DEFAULT_SAMPLING = FrameSampling(num_frames=8, max_frames=64)
+"""Frames of a checkpoint whose processor says nothing about sampling, when the data config says nothing either."""
 
 
-class _BadRecord(Exception):
-    """What is wrong with a record; load_records adds where it is."""
+# ---------------------------------------------------------------- token budget
 
 
-def load_records(path: str | os.PathLike, video_root: str | os.PathLike | None = None) -> list[Record]:
-    """Read a JSON list or JSONL file of LLaVA-style or streaming records.
+class TextTokens:
+    """A tokenizer as a text -> token count function (picklable, so loader workers can hold it)."""
 
-    Relative video paths are resolved against video_root, else the record file's folder. Raises
-    StreamVLMError naming the file and the record (index or line, and id) when anything is malformed.
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """How many positions a sample takes in the model's context, and how many there are.
+
+    A sample's length is counted from its events as the sequence builder lays them out: each run of frames
+    takes video_text, plus ceil(frames / frames_per_step) frames of tokens of tokens_per_frame + frame_text
+    each; each exchange takes its question's and answer's tokens (count_text) plus exchange_text; every sample
+    takes fixed_text once. With only the first four fields the count is a lower bound (no template text);
+    `for_adapter` measures the rest on a loaded model, so the count is within a few tokens of the layout
+    (text tokenized alone can merge differently in context, and digits of times and frame counts vary:
+    exchange_text and video_text carry 2 tokens of slack each).
+
+    A sample fits when its count is at most max_positions - reserve.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise StreamVLMError(f"record file not found: {path}. Check train_file / val_file.")
-    root = Path(video_root).expanduser() if video_root is not None else path.parent
-    records = [_parse_record(obj, where, root) for where, obj in _read_objects(path)]
-    if not records:
-        raise StreamVLMError(f"{path} holds no records; a record file is a JSON list or one JSON object per line")
-    return records
+
+    max_positions: int
+    """The model's context length (`DecoderParts.max_positions`)."""
+    tokens_per_frame: int
+    """Tokens of one frame of tokens (`VisionShape.tokens_per_frame`)."""
+    count_text: Callable[[str], int]
+    """Text -> its token count (`TextTokens(tokenizer)`)."""
+    frames_per_step: int = 1
+    """Input frames per frame of tokens (Qwen-VL: 2; an odd run is padded to a pair)."""
+    frame_text: int = 0
+    """Text tokens around each frame of tokens (Qwen3-VL's timestamps, SmolVLM2's frame captions)."""
+    video_text: int = 0
+    """Text and tail tokens around each run of frames (the family's video intro, outro and tail)."""
+    exchange_text: int = 0
+    """Chat-template tokens of one exchange besides its question and answer (turn markers, end of turn)."""
+    fixed_text: int = 0
+    """Tokens every sample has once (a BOS, a system prompt the template writes)."""
+    reserve: int = 0
+    """Positions kept free."""
+
+    def __post_init__(self):
+        if self.max_positions < 1 or self.tokens_per_frame < 1 or self.frames_per_step < 1:
+            raise StreamVLMError("a token budget needs positive max_positions, tokens_per_frame and frames_per_step, "
+                                 f"got {self.max_positions}, {self.tokens_per_frame}, {self.frames_per_step}")
+
+    @classmethod
+    def for_adapter(cls, adapter, reserve: int = 0) -> TokenBudget:
+        """The budget of a loaded model (`StreamVLM.adapter`), its template costs measured by laying dialogues
+        out with the runtime's sequence builder (as training and sessions lay them out)."""
+        from streamvlm.sequence import SequenceBuilder, lay_out_dialogue
+
+        step = adapter.frames_per_step
+        tpf = adapter.vision.tokens_per_frame
+        count_text = TextTokens(adapter.tokenizer)
+        question, answer = "What happens in the video?", "A red square moves to the left."
+
+        def length(*events: Event) -> int:
+            frames = max((e.end for e in events if isinstance(e, Frames)), default=0)
+            times = [1000.0 + i for i in range(frames)]  # four-digit times: Qwen3-VL writes them per frame
+            builder = SequenceBuilder(adapter, trace=False)
+            width = adapter.decoder.hidden_size * (1 + adapter.vision.deepstack)
+            pieces = lay_out_dialogue(builder, events, times,
+                                      lambda a, b: torch.zeros(math.ceil((b - a) / step), tpf, width), set())
+            return builder.tokens(pieces)
+
+        ask = Exchange(question, answer)
+        one = length(Frames(0, step), ask)
+        per_step = length(Frames(0, 2 * step), ask) - one
+        per_exchange = length(Frames(0, step), ask, ask) - one
+        per_video = length(Frames(0, step), ask, Frames(step, 2 * step), ask) - one - per_exchange - per_step
+        texts = count_text(question) + count_text(answer)
+        return cls(
+            max_positions=adapter.decoder.max_positions, tokens_per_frame=tpf, count_text=count_text,
+            frames_per_step=step, frame_text=max(0, per_step - tpf), video_text=max(0, per_video) + 2,
+            exchange_text=max(0, per_exchange - texts) + 2,
+            fixed_text=max(0, one - per_video - per_step - per_exchange), reserve=reserve)
+
+    @property
+    def limit(self) -> int:
+        """The most tokens a sample may take."""
+        return self.max_positions - self.reserve
+
+    def frames_tokens(self, frames: int) -> int:
+        """Tokens of one run of `frames` input frames (0 for none)."""
+        if frames <= 0:
+            return 0
+        return self.video_text + math.ceil(frames / self.frames_per_step) * (self.tokens_per_frame + self.frame_text)
+
+    def exchange_tokens(self, exchange: Exchange) -> int:
+        return self.count_text(exchange.question) + self.count_text(exchange.answer) + self.exchange_text
+
+    def tokens(self, events: Sequence[Event]) -> int:
+        """Tokens of a sample laid out from `events` (a LLaVA style one: [Frames(0, T), *exchanges])."""
+        return self.fixed_text + sum(self.frames_tokens(e.end - e.start) if isinstance(e, Frames)
+                                     else self.exchange_tokens(e) for e in events)
+
+    def fits(self, events: Sequence[Event]) -> bool:
+        return self.tokens(events) <= self.limit
+
+    def text_bound(self, exchange: Exchange) -> int:
+        """At least exchange_tokens(exchange), without tokenizing: a text of b UTF-8 bytes is taken to need at
+        most b + 1 tokens (true of byte-level BPE and of SentencePiece with byte fallback)."""
+        return (len(exchange.question.encode()) + len(exchange.answer.encode()) + 2) + self.exchange_text
 
 
-def _read_objects(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, object) for each record of a JSON list, or of a JSONL file (one object per line)."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte order mark
-    except (OSError, UnicodeDecodeError) as e:
-        raise StreamVLMError(f"cannot read the record file {path} ({e}); it must be UTF-8 JSON or JSONL") from e
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise StreamVLMError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
-        for index, obj in enumerate(items):
-            yield f"{path} record {index}", obj
-        return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+# ---------------------------------------------------------------- fitting records to the context
+
+
+@dataclass
+class FitReport:
+    """What fitting a split's records to the token budget did."""
+
+    records: int = 0
+    """Records planned."""
+    split: int = 0
+    """Records split into several samples."""
+    samples: int = 0
+    """Samples the split records became."""
+    dropped_exchanges: int = 0
+    """Exchanges left out because, with the frames they need, they alone exceed the budget."""
+    skipped: int = 0
+    """Records of which nothing fits (not even the frames and one exchange)."""
+    skipped_ids: list[str] = field(default_factory=list)
+    """The first few skipped records' ids, for the log."""
+
+    def message(self, split: str, budget: TokenBudget) -> str | None:
+        """One line for the log, None when every record fit whole."""
+        if not (self.split or self.dropped_exchanges or self.skipped):
+            return None
+        parts = [f"{split}: of {self.records} records for the {budget.limit}-token budget"]
+        if self.split:
+            parts.append(f"{self.split} were split into {self.samples} samples at exchange boundaries")
+        if self.dropped_exchanges:
+            parts.append(f"{self.dropped_exchanges} exchanges were left out (with their frames, each alone is "
+                         "too long)")
+        if self.skipped:
+            parts.append(f"{self.skipped} were skipped (even their frames and first exchange are too long; e.g. "
+                         f"{', '.join(self.skipped_ids)})")
+        return "; ".join(parts) + ". Fewer frames (num_frames, fps, max_frames) make more of them fit."
+
+
+VideoInfo = tuple[float, float]
+"""(duration in seconds, frames per second) of a probed video."""
+
+
+def fit_records(records: Sequence[Record], budget: TokenBudget, sampling: FrameSampling,
+                videos: dict[str, VideoInfo] | None = None) -> tuple[list[Record], FitReport]:
+    """Records split so that each fits the budget, as the dataset will sample their frames.
+
+    A LLaVA style record keeps all its frames in every part, and its exchanges in order go into as many parts
+    as needed (frames first, then as many whole exchanges as fit). A streaming record is cut at exchange
+    boundaries into consecutive parts, each with the frames since the part before's last exchange. An exchange
+    that does not fit even alone (with its frames) is left out; a record none of whose exchanges fits is
+    skipped. Frame counts are planned from the sampling and the video's length and rate (`videos`: path ->
+    (duration, fps) of probed videos; a LLaVA style record's video whose length decides its frame count and
+    matters is probed here and added); the dataset checks each loaded sample again and cuts it at an exchange
+    boundary in the rare case the plan was short.
+    """
+    report = FitReport(records=len(records))
+    fitted: list[Record] = []
+    videos = {} if videos is None else videos
+    for record in records:
+        plan = _Plan(record, budget, sampling, videos)
+        parts = plan.parts()
+        report.dropped_exchanges += plan.dropped
+        if not parts:
+            report.skipped += 1
+            if len(report.skipped_ids) < 3:
+                report.skipped_ids.append(record.id)
             continue
+        if len(parts) > 1:
+            report.split += 1
+            report.samples += len(parts)
+            parts = [replace(part, id=f"{record.id}#{i + 1}") for i, part in enumerate(parts)]
+        fitted += parts
+    return fitted, report
+
+
+class _Plan:
+    """One record's parts under a budget (see fit_records)."""
+
+    def __init__(self, record: Record, budget: TokenBudget, sampling: FrameSampling, videos: dict[str, VideoInfo]):
+        self.record, self.budget, self.sampling, self.videos = record, budget, sampling, videos
+        self.duration, self.rate = videos.get(record.video, (None, None))
+        self.dropped = 0
+        self._costs: dict[int, int] = {}
+
+    def parts(self) -> list[Record]:
+        record, budget = self.record, self.budget
+        # without tokenizing: a record whose frames and text, both bounded from above, fit, fits whole
+        text = sum(map(budget.text_bound, record.exchanges))
+        if self._frame_tokens_bound() + budget.fixed_text + text <= budget.limit:
+            return [record]
+        if record.kind == "llava" and self.duration is None and self.sampling.num_frames is None:
+            # the frame count follows the video's length, unknown until probed (generated videos are not
+            # probed at setup): probe it rather than plan for max_frames
+            self._probe()
+            if self._frame_tokens_bound() + budget.fixed_text + text <= budget.limit:
+                return [record]
+        if record.kind == "stream":
+            return self._stream_parts()
+        return self._llava_parts()
+
+    def _probe(self) -> None:
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StreamVLMError(
-                f"{path} line {number} is not valid JSON ({e.msg} at column {e.colno}); a JSONL file holds "
-                "one record object per line, a JSON file a list of records") from e
-        yield f"{path} line {number}", obj
+            info = probe_video(self.record.video)
+        except (StreamVLMError, OSError):
+            return  # the dataset skips it when it fails to decode
+        self.duration, self.rate = self.videos[self.record.video] = (info["duration"], info["fps"])
 
+    def _cost(self, index: int) -> int:
+        if index not in self._costs:
+            self._costs[index] = self.budget.exchange_tokens(self.record.exchanges[index])
+        return self._costs[index]
 
-def _parse_record(obj: object, where: str, root: Path) -> Record:
-    record_id = obj.get("id") if isinstance(obj, dict) else None
-    label = where if record_id is None else f"{where} (id {record_id!r})"
-    try:
-        if not isinstance(obj, dict):
-            raise _BadRecord(f"a record must be a JSON object, got {type(obj).__name__}")
-        video = obj.get("video")
-        if not isinstance(video, str) or not video:
-            raise _BadRecord("missing key 'video' (the video's path, relative to video_root)")
-        if "conversations" in obj:
-            kind, exchanges = "llava", _llava_exchanges(obj["conversations"])
-        elif "conversation" in obj:
-            kind, exchanges = "stream", _stream_exchanges(obj["conversation"])
-        else:
-            raise _BadRecord("has neither 'conversations' (LLaVA format) nor 'conversation' (streaming format)")
-        if not exchanges:
-            raise _BadRecord("has no exchanges (no question with an answer)")
-    except _BadRecord as e:
-        raise StreamVLMError(f"{label}: {e}") from None
-    return Record(
-        id=str(record_id) if record_id is not None else where,
-        video=os.path.abspath(root / Path(video).expanduser()),
-        kind=kind, exchanges=tuple(exchanges), source=where,
-    )
+    def _llava_parts(self) -> list[Record]:
+        room = self.budget.limit - self.budget.fixed_text - self._frame_tokens_bound()
+        groups: list[list[Exchange]] = []
+        current: list[Exchange] = []
+        used = 0
+        for index, exchange in enumerate(self.record.exchanges):
+            cost = self._cost(index)
+            if cost > room:  # not even alone with the frames
+                self.dropped += 1
+                continue
+            if used + cost > room:
+                groups.append(current)
+                current, used = [], 0
+            current.append(exchange)
+            used += cost
+        if current:
+            groups.append(current)
+        return [replace(self.record, exchanges=tuple(group)) for group in groups]
 
+    def _stream_parts(self) -> list[Record]:
+        parts: list[Record] = []
+        start = self.record.start
+        first = 0  # index of the current part's first exchange
+        exchanges = self.record.exchanges
+        index = 0
+        while index < len(exchanges):
+            if self._fits(start, first, index + 1):
+                index += 1
+                continue
+            if index > first:  # close the part before this exchange; it opens the next
+                parts.append(self._part(start, first, index))
+                start, first = exchanges[index - 1].time, index
+                continue
+            self.dropped += 1  # this exchange alone is too long: the next part starts after it
+            start, first, index = exchanges[index].time, index + 1, index + 1
+        if index > first:
+            parts.append(self._part(start, first, index))
+        return parts
 
-def _strip_placeholders(text: str) -> str:
-    return _PLACEHOLDER.sub("", text).strip()
+    def _part(self, start: float | None, first: int, end: int) -> Record:
+        return replace(self.record, exchanges=self.record.exchanges[first:end], start=start)
 
+    def _fits(self, start: float | None, first: int, end: int) -> bool:
+        part = self._part(start, first, end)
+        times = self._planned_times(part)
+        runs = _events(part, torch.tensor(times, dtype=torch.float64)) if times else []
+        frames = sum(self.budget.frames_tokens(e.end - e.start) for e in runs if isinstance(e, Frames))
+        text = sum(self._cost(i) for i in range(first, end))
+        return self.budget.fixed_text + frames + text <= self.budget.limit
 
-def _field(turn: object, index: int, key: str) -> str:
-    if not isinstance(turn, dict):
-        raise _BadRecord(f"turn {index} must be an object, got {type(turn).__name__}")
-    value = turn.get(key)
-    if not isinstance(value, str):
-        raise _BadRecord(f"turn {index} has no string {key!r}")
-    return value
+    def _span(self, record: Record) -> float | None:
+        start = record.start or 0.0
+        stop = _decode_end(record)
+        if self.duration is not None:
+            stop = self.duration if stop is None else min(stop, self.duration)
+        return None if stop is None else max(stop - start, 0.0)
 
+    def _frame_tokens_bound(self) -> int:
+        """The most tokens the whole record's frames take: one run for a LLaVA style record; for a streaming
+        one up to a run per exchange, each with its video text and (frames in pairs) a padded pair."""
+        record, budget = self.record, self.budget
+        count = self.sampling.bound(self._span(record), self.rate) or 0
+        if record.kind == "llava":
+            return budget.frames_tokens(self.sampling.trim(count))
+        runs = min(count, len(record.exchanges))
+        if not runs:
+            return 0
+        padded = runs - 1 if budget.frames_per_step > 1 else 0
+        return (budget.frames_tokens(count) + (runs - 1) * budget.video_text
+                + padded * (budget.tokens_per_frame + budget.frame_text))
 
-def _llava_exchanges(turns: object) -> list[Exchange]:
-    """Pairs of human and gpt turns, in order."""
-    if not isinstance(turns, list):
-        raise _BadRecord("'conversations' must be a list of turns")
-    exchanges, pending = [], None  # pending: (turn index, question) of a human turn awaiting its answer
-    for index, turn in enumerate(turns):
-        role = _field(turn, index, "from")
-        text = _field(turn, index, "value")
-        if role in _HUMAN:
-            if pending is not None:
-                raise _BadRecord(f"human turn {pending[0]} has no gpt turn after it")
-            pending = (index, _strip_placeholders(text))
-        elif role in _GPT:
-            if pending is None:
-                raise _BadRecord(f"gpt turn {index} has no human turn before it")
-            exchanges.append(Exchange(pending[1], text.strip()))
-            pending = None
-        elif role != "system":
-            raise _BadRecord(f"turn {index} has an unknown 'from' {role!r}; expected human or gpt")
-    if pending is not None:
-        raise _BadRecord(f"human turn {pending[0]} has no gpt turn after it")
-    return exchanges
-
-
-def _stream_exchanges(messages: object) -> list[Exchange]:
-    """Each assistant message with the latest user message before it; unanswered questions get answer ""."""
-    if not isinstance(messages, list):
-        raise _BadRecord("'conversation' must be a list of messages")
-    exchanges: list[Exchange] = []
-    question: tuple[str, float] | None = None  # (text, time) of the latest user message
-    answered = False
-    last_time = 0.0
-    for index, message in enumerate(messages):
-        role = _field(message, index, "role")
-        if role in _STREAM_IGNORED:
-            continue
-        if role not in ("user", "assistant"):
-            raise _BadRecord(f"message {index} has an unknown role {role!r}; expected user or assistant")
-        text, time = _field(message, index, "content"), _time(message, index)
-        if time < last_time - _EPS:
-            raise _BadRecord(f"message {index} at {time}s is earlier than the message before it ({last_time}s)")
-        last_time = time
-        if role == "user":
-            if question is not None and not answered:
-                exchanges.append(Exchange(question[0], "", question[1]))
-            question, answered = (_strip_placeholders(text), time), False
-        else:
-            if question is None:
-                raise _BadRecord(f"assistant message {index} has no user message before it")
-            exchanges.append(Exchange(question[0], text.strip(), time))
-            answered = True
-    if question is not None and not answered:
-        exchanges.append(Exchange(question[0], "", question[1]))
-    return exchanges
-
-
-def _time(message: dict, index: int) -> float:
-    time = message.get("time")
-    if isinstance(time, bool) or not isinstance(time, (int, float)) or not time >= 0:
-        raise _BadRecord(f"message {index} needs a 'time' in seconds >= 0, got {time!r}")
-    return float(time)
+    def _planned_times(self, record: Record) -> list[float]:
+        """Frame times a streaming part is expected to get: its planned count spread evenly over its span
+        (after its start, which belongs to the part before)."""
+        span = self._span(record)
+        count = self.sampling.bound(span, self.rate) or 0
+        if not count or span is None:
+            return []
+        origin = record.start or 0.0
+        shift = 1 if record.start is not None else 0
+        return [origin + span * (i + shift) / (count + shift) for i in range(count)]
 
 
 # ---------------------------------------------------------------- dataset
@@ -281,29 +562,35 @@ class VideoInstructionDataset(Dataset):
     Items are None for videos that fail to decode (strict=False; a warning names the file); collate_samples
     drops them. With feature_dir, an item whose features (`<key>.pt`, written by the training module) and
     timestamps (`<key>.json`, written here) are both cached is returned without decoding, pixels None.
+    With a budget, a loaded sample longer than it is cut after the last exchange that fits (a warning says so;
+    fit_records plans records so that this is rare), and is None when not even its first exchange fits.
     """
 
     def __init__(
         self,
         records: list[Record],
         preprocess_config: PreprocessConfig,
-        num_frames: int | None = 8,
-        fps: float | None = None,
-        max_frames: int | None = 64,
+        sampling: FrameSampling = DEFAULT_SAMPLING,
         feature_dir: str | os.PathLike | None = None,
         strict: bool = False,
         encoder: str | None = None,
+        budget: TokenBudget | None = None,
+        videos: dict[str, VideoInfo] | None = None,
     ):
-        """encoder: an identity of the weights that encode frames (a hash), part of the feature cache's key."""
-        check_sampling("data", num_frames, fps, 0.0, None, max_frames)
-        self.encoder = encoder
+        """
+        Args:
+            encoder: an identity of the weights that encode frames (a hash), part of the feature cache's key.
+            videos: path -> (duration, fps) of videos probed already; sampling that counts frames over a
+                video's length probes the others.
+        """
         self.records = list(records)
         self.preprocess_config = preprocess_config
-        self.num_frames = num_frames
-        self.fps = fps
-        self.max_frames = max_frames
+        self.sampling = sampling
         self.feature_dir = Path(feature_dir).expanduser() if feature_dir is not None else None
         self.strict = strict
+        self.encoder = encoder
+        self.budget = budget
+        self.videos = dict(videos or {})
         if self.feature_dir is not None:
             self.feature_dir.mkdir(parents=True, exist_ok=True)
 
@@ -321,23 +608,24 @@ class VideoInstructionDataset(Dataset):
             return None
 
     def feature_path(self, record: Record) -> str | None:
-        """Where the features of `record` are cached: a hash of the file's identity, the sampling, the
-        preprocessing and the encoder, so a changed video, setting or vision tower never reuses stale features.
+        """Where the features of `record` are cached: a hash of the file's identity, the sampling, the span,
+        the preprocessing and the encoder, so a changed video, setting or vision tower never reuses stale
+        features. The parts of a split LLaVA style record share their frames, so their features too.
         None when caching is off."""
         if self.feature_dir is None:
             return None
         stat = os.stat(record.video)
         key = {
             "video": record.video, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "num_frames": self.num_frames, "fps": self.fps, "max_frames": self.max_frames,
-            "end": _decode_end(record), "preprocess": asdict(self.preprocess_config),
+            "sampling": asdict(self.sampling), "start": record.start, "end": _decode_end(record),
+            "preprocess": asdict(self.preprocess_config),
         }
         if self.encoder is not None:
             key["encoder"] = self.encoder
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
         return str(self.feature_dir / f"{digest}.pt")
 
-    def _load(self, record: Record) -> Sample:
+    def _load(self, record: Record) -> Sample | None:
         feature_path = self.feature_path(record)
         timestamps = _cached_timestamps(feature_path) if feature_path is not None else None
         pixels = None
@@ -345,17 +633,66 @@ class VideoInstructionDataset(Dataset):
             pixels, timestamps = self._decode(record)
             if feature_path is not None:
                 _write_timestamps(feature_path, record.video, timestamps)
-        return Sample(record.id, record.video, pixels, timestamps, _events(record, timestamps), feature_path)
+        events = _events(record, timestamps)
+        if self.budget is None or self.budget.fits(events):
+            return Sample(record.id, record.video, pixels, timestamps, events, feature_path)
+        return self._cut(record, pixels, timestamps, events, feature_path)
+
+    def _cut(self, record: Record, pixels: torch.Tensor | None, timestamps: torch.Tensor, events: list[Event],
+             feature_path: str | None) -> Sample | None:
+        """The sample cut after its last exchange that fits the budget; None when its first does not."""
+        budget = self.budget
+        used, keep = budget.fixed_text, 0
+        for index, event in enumerate(events):
+            used += budget.frames_tokens(event.end - event.start) if isinstance(event, Frames) else \
+                budget.exchange_tokens(event)
+            if used > budget.limit:
+                break
+            if isinstance(event, Exchange):
+                keep = index + 1
+        total = sum(isinstance(e, Exchange) for e in events)
+        kept = events[:keep]
+        exchanges = sum(isinstance(e, Exchange) for e in kept)
+        if not exchanges:
+            log.warning("skipping record %r of %s: %d tokens, over the %d-token budget even with only its first "
+                        "exchange", record.id, record.video, budget.tokens(events), budget.limit)
+            return None
+        log.warning("record %r of %s: keeping %d of its %d exchanges, the rest is over the %d-token budget",
+                    record.id, record.video, exchanges, total, budget.limit)
+        frames = max((e.end for e in kept if isinstance(e, Frames)), default=0)
+        if frames == len(timestamps):  # the same frames: cached features stay valid
+            return Sample(record.id, record.video, pixels, timestamps, kept, feature_path)
+        if pixels is None:  # the cache holds every frame's features; this sample wants fewer
+            pixels, _ = self._decode(record)
+        # fewer frames than the feature cache's key stands for: this sample is not cached
+        return Sample(record.id, record.video, pixels[:frames], timestamps[:frames], kept, None)
 
     def _decode(self, record: Record) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 (T, 3, h, w) pixels and float64 (T,) timestamps of the frames the record uses."""
         cfg = self.preprocess_config  # frames are resized as they decode: full-size frames are never held together
-        clip = read_video(record.video, num_frames=self.num_frames, fps=self.fps, max_frames=self.max_frames,
-                          end=_decode_end(record), resize=partial(resize_frame, cfg=cfg))
-        count = _frames_used(record, clip.timestamps)
-        if count == 0:  # every exchange precedes the first frame: a text-only sample
-            return torch.empty(0, 3, cfg.height, cfg.width), clip.timestamps[:0]
-        return preprocess(clip.frames[:count], cfg), clip.timestamps[:count]
+        start, end = record.start or 0.0, _decode_end(record)
+        span = None
+        if self.sampling.counts_span or record.start is not None:
+            duration = self._duration(record.video)
+            if start >= duration:  # a later part of a split record whose exchanges all come after the video
+                return torch.empty(0, 3, cfg.height, cfg.width), torch.empty(0, dtype=torch.float64)
+            span = (duration if end is None else min(end, duration)) - start
+        clip = read_video(record.video, start=start, end=end, resize=partial(resize_frame, cfg=cfg),
+                          **self.sampling.read_args(span))
+        times = clip.timestamps
+        first = 0 if record.start is None else bisect.bisect_right(times.tolist(), record.start + _EPS)
+        count = _frames_used(record, times)
+        if record.kind != "stream":
+            count = first + self.sampling.trim(count - first)
+        if count <= first:  # every exchange precedes the first frame: a text-only sample
+            return torch.empty(0, 3, cfg.height, cfg.width), times[:0]
+        return preprocess(clip.frames[first:count], cfg), times[first:count]
+
+    def _duration(self, path: str) -> float:
+        if path not in self.videos:
+            info = probe_video(path)
+            self.videos[path] = (info["duration"], info["fps"])
+        return self.videos[path][0]
 
 
 def _decode_end(record: Record) -> float | None:
@@ -469,9 +806,9 @@ class VideoDataModule(lightning.LightningDataModule):
         val_file: str | None = None,
         video_root: str | None = None,
         model_dir: str | None = None,
-        num_frames: int | None = 8,
+        num_frames: int | None = None,
         fps: float | None = None,
-        max_frames: int | None = 64,
+        max_frames: int | None = None,
         batch_size: int = 1,
         num_workers: int = 0,
         feature_cache: str | None = None,
@@ -482,18 +819,23 @@ class VideoDataModule(lightning.LightningDataModule):
     ):
         """
         Args:
-            train_file: training records, a JSON list or JSONL file (LLaVA-Video or streaming format).
+            train_file: training records, a JSON list or JSONL file (LLaVA-Video, VideoLLM-online streaming,
+                VideoChat or ShareGPT4Video records; see `streamvlm.train.records`).
             val_file: validation records in the same formats; no validation when unset.
             video_root: folder that records' relative video paths start from (default: the record file's folder).
-            model_dir: checkpoint folder whose preprocessor config says how frames are resized and
-                normalized (unset when the training module calls set_preprocess_config).
-            num_frames: frames sampled uniformly per video (null to sample by fps).
-            fps: frames per second to sample instead of num_frames.
-            max_frames: cap on frames per video, thinned uniformly.
+            model_dir: checkpoint folder whose processor configs say how frames are resized and normalized
+                (unless the training module calls set_preprocess_config) and sampled (unless it calls
+                set_frame_sampling).
+            num_frames: frames sampled uniformly per video. Unset with fps unset: the checkpoint's video
+                processor decides (`FrameSampling.from_checkpoint`; Qwen-VL: 2 per second in pairs, SmolVLM2:
+                1 per second), else 8.
+            fps: frames per second to sample instead of num_frames (the latest frame at each 1/fps tick).
+            max_frames: cap on frames per video, thinned uniformly (unset: the processor's, else 64).
             batch_size: samples per batch (a batch is a list of samples).
             num_workers: data loader worker processes (kept alive between epochs).
             feature_cache: folder for cached vision features and timestamps; off when unset.
-            strict: raise on a missing or undecodable video instead of skipping it with a warning.
+            strict: raise on a malformed record or a missing or undecodable video instead of skipping it with a
+                warning.
             seed: shuffling seed; epoch e uses seed + e, so resumed runs see the same order.
             synthetic: when train_file is unset, generate videos with known answers, e.g. {num_videos: 16,
                 val_videos: 4, seed: 0, out_dir: ...} (also fps, seconds, size, streaming; out_dir
@@ -532,14 +874,23 @@ class VideoDataModule(lightning.LightningDataModule):
         self.synthetic = dict(synthetic) if synthetic is not None else None
         self.world = dict(world) if world is not None else None
         self.skipped: dict[str, int] = {}
-        """reason ("missing", "unreadable") -> records dropped in setup."""
+        """reason -> records dropped: "malformed", "missing", "unreadable" in setup; "too_long" (nothing of
+        them fits the token budget) when the datasets are made."""
+        self.fitted: dict[str, FitReport] = {}
+        """split ("train", "val") -> what fitting its records to the token budget did (with a budget set)."""
         self.train_records: list[Record] | None = None
         """Training records with readable videos, after setup."""
         self.val_records: list[Record] | None = None
         """Validation records with readable videos, after setup; None without validation data."""
         self._preprocess_config: PreprocessConfig | None = None
+        self._family_sampling: FrameSampling | None = None
+        self._family_known = False
+        """Whether _family_sampling was set or read from model_dir (it may be None: the processor says nothing)."""
+        self._budget: TokenBudget | None = None
         self._encoder: str | None = None
+        self._videos: dict[str, VideoInfo] = {}
         self._datasets: dict[str, VideoInstructionDataset] = {}
+        self._plans: dict[str, tuple[tuple, list[Record]]] = {}
 
     def set_preprocess_config(self, cfg: PreprocessConfig) -> None:
         """Use cfg for frames instead of reading model_dir's preprocessor config.
@@ -554,6 +905,36 @@ class VideoDataModule(lightning.LightningDataModule):
         sets a hash of them in its setup): features of another vision tower are then never reused."""
         self._encoder = encoder
         self._datasets.clear()
+
+    def set_frame_sampling(self, sampling: FrameSampling | None) -> None:
+        """The model's own frame sampling (`FrameSampling.from_checkpoint(model_dir)`), used where the data
+        config sets no num_frames or fps, instead of model_dir's. Call it before the dataloaders are made."""
+        self._family_sampling = sampling
+        self._family_known = True
+        self._datasets.clear()
+
+    def set_token_budget(self, budget: TokenBudget | None) -> None:
+        """Fit samples to a model's context: records longer than `budget` are split at exchange boundaries
+        or skipped, counted in `fitted` and logged once per split (see fit_records). None (the default)
+        accepts every record whole. Call it before the dataloaders are made (the CLI's before_fit)."""
+        self._budget = budget
+        self._datasets.clear()
+
+    @property
+    def sampling(self) -> FrameSampling:
+        """How frames are sampled: num_frames or fps from the data config when either is set, else the
+        model's processor's sampling, else 8 frames; max_frames from the config, else the model's, else 64.
+        Frames fold in the model's pairs (Qwen-VL) either way."""
+        if not self._family_known:
+            self._family_sampling = FrameSampling.from_checkpoint(self.model_dir) if self.model_dir else None
+            self._family_known = True
+        family = self._family_sampling
+        multiple = family.multiple if family is not None else 1
+        if self.num_frames is not None or self.fps is not None:
+            cap = self.max_frames or (family.max_frames if family is not None else None) or DEFAULT_SAMPLING.max_frames
+            return FrameSampling(num_frames=self.num_frames, fps=self.fps, max_frames=cap, multiple=multiple)
+        sampling = family or DEFAULT_SAMPLING
+        return sampling if self.max_frames is None else replace(sampling, max_frames=self.max_frames)
 
     @property
     def preprocess_config(self) -> PreprocessConfig:
@@ -606,14 +987,37 @@ class VideoDataModule(lightning.LightningDataModule):
     # ------------------------------------------------------------ helpers
 
     def _dataset(self, split: str, records: list[Record] | None) -> VideoInstructionDataset | None:
-        """The split's dataset, made on first use (the preprocess config may be set after setup)."""
+        """The split's dataset, made on first use (the preprocess config, sampling and budget may be set
+        after setup)."""
         if records is None:
             return None
         if split not in self._datasets:
+            sampling = self.sampling
             self._datasets[split] = VideoInstructionDataset(
-                records, self.preprocess_config, self.num_frames, self.fps, self.max_frames, self.feature_cache,
-                self.strict, self._encoder)
+                self._fitted(split, records, sampling), self.preprocess_config, sampling, self.feature_cache,
+                self.strict, self._encoder, self._budget, self._videos)
         return self._datasets[split]
+
+    def _fitted(self, split: str, records: list[Record], sampling: FrameSampling) -> list[Record]:
+        """The split's records fitted to the token budget, planned (and logged) once per budget and sampling."""
+        if self._budget is None:
+            return records
+        key = (self._budget, sampling, len(records))
+        if split in self._plans and self._plans[split][0] == key:
+            return self._plans[split][1]
+        fitted, report = fit_records(records, self._budget, sampling, self._videos)
+        self._plans[split] = (key, fitted)
+        self.fitted[split] = report
+        too_long = sum(r.skipped for r in self.fitted.values())
+        if too_long:
+            self.skipped["too_long"] = too_long
+        message = report.message(split, self._budget)
+        if message is not None:
+            log.warning("%s", message)
+        if not fitted:
+            raise StreamVLMError(f"no {split} record fits the model's {self._budget.limit}-token context; "
+                                 "sample fewer frames (num_frames, fps, max_frames)")
+        return fitted
 
     def _loader(self, dataset: VideoInstructionDataset, sampler: Sampler | None) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False,
@@ -621,8 +1025,18 @@ class VideoDataModule(lightning.LightningDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def _readable_records(self, files: list[tuple[Path, str | None]], probe: bool = True) -> list[Record]:
-        """Records of (record file, video root) pairs whose videos exist and (probe) probe."""
-        records = [record for path, root in files for record in load_records(path, root)]
+        """Well-formed records of (record file, video root) pairs whose videos exist and (probe) probe."""
+        records: list[Record] = []
+        for path, root in files:
+            found, problems = read_records(path, root)
+            if problems and self.strict:
+                raise StreamVLMError(problems[0])
+            if problems and not found:
+                raise StreamVLMError(f"no record of {path} is well formed; the first: {problems[0]}")
+            warn_bad_records(problems)
+            if problems:
+                self.skipped["malformed"] = self.skipped.get("malformed", 0) + len(problems)
+            records += found
         usable = self._drop_unreadable(records, probe)
         if not usable:
             names = ", ".join(str(path) for path, _ in files)
@@ -631,25 +1045,27 @@ class VideoDataModule(lightning.LightningDataModule):
 
     def _drop_unreadable(self, records: list[Record], probe: bool = True) -> list[Record]:
         """Records whose video exists and (probe) probes; one warning per bad file, counted per record in
-        skipped."""
+        skipped. Probed videos' durations and rates are kept for sampling and fitting."""
         paths = sorted({record.video for record in records})
         check = _video_problem if probe else _video_missing
         # probing decodes one frame per file; threads overlap the file reads (PyAV releases the GIL)
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             found = pool.map(check, paths)
-            problems = dict(zip(paths, tqdm(found, total=len(paths), desc="checking videos", unit="file",
-                                            disable=len(paths) < 1000)))
+            checked = dict(zip(paths, tqdm(found, total=len(paths), desc="checking videos", unit="file",
+                                           disable=len(paths) < 1000)))
+        problems = {path: problem for path, (problem, _) in checked.items() if problem is not None}
+        self._videos.update({path: info for path, (_, info) in checked.items() if info is not None})
         if self.strict:
             for record in records:
-                if problems[record.video] is not None:
+                if record.video in problems:
                     raise StreamVLMError(f"{record.source} (id {record.id!r}): {problems[record.video][1]}")
         for path, problem in problems.items():
-            if problem is not None:
-                log.warning("skipping the records of %s: %s", path, problem[1])
-        counts = Counter(problems[r.video][0] for r in records if problems[r.video] is not None)
-        for reason, count in counts.items():
-            self.skipped[reason] = self.skipped.get(reason, 0) + count
-        return [record for record in records if problems[record.video] is None]
+            log.warning("skipping the records of %s: %s", path, problem[1])
+        for record in records:
+            if record.video in problems:
+                reason = problems[record.video][0]
+                self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        return [record for record in records if record.video not in problems]
 
     def _uses_synthetic(self) -> bool:
         return self.train_file is None and (self.synthetic is not None or self.world is not None)
@@ -713,18 +1129,19 @@ class VideoDataModule(lightning.LightningDataModule):
         return train, val
 
 
-def _video_missing(path: str) -> tuple[str, str] | None:
-    """("missing", message) when there is no file at path, else None."""
-    return None if os.path.isfile(path) else ("missing", f"video file not found: {path}")
+def _video_missing(path: str) -> tuple[tuple[str, str] | None, None]:
+    """(("missing", message), None) when there is no file at path, else (None, None)."""
+    return (None if os.path.isfile(path) else ("missing", f"video file not found: {path}")), None
 
 
-def _video_problem(path: str) -> tuple[str, str] | None:
-    """(reason, message) when the video at path is missing or unreadable, else None."""
-    missing = _video_missing(path)
+def _video_problem(path: str) -> tuple[tuple[str, str] | None, VideoInfo | None]:
+    """((reason, message), None) when the video at path is missing or unreadable, else (None, its
+    (duration, fps))."""
+    missing, _ = _video_missing(path)
     if missing is not None:
-        return missing
+        return missing, None
     try:
-        probe_video(path)
+        info = probe_video(path)
     except StreamVLMError as e:
-        return "unreadable", str(e)
-    return None
+        return ("unreadable", str(e)), None
+    return None, (info["duration"], info["fps"])

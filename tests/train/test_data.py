@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,8 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from streamvlm.errors import StreamVLMError
 from streamvlm.train import data, synthetic
 from streamvlm.train.data import (
-    EpochShuffleSampler, Exchange, Frames, Sample, VideoDataModule, VideoInstructionDataset, collate_samples,
-    load_records,
+    EpochShuffleSampler, Exchange, Frames, FrameSampling, Sample, VideoDataModule, VideoInstructionDataset,
+    collate_samples, load_records,
 )
 from streamvlm.video.files import read_video, write_video
 from streamvlm.video.preprocess import PreprocessConfig
@@ -83,7 +84,7 @@ def test_llava_record_frames_come_before_all_exchanges(clips, writer):
     assert record.video == str(clips / "clips" / "a.mp4")
     assert record.exchanges == (Exchange("What happens?", "A man walks."), Exchange("And then?", "He sits."))
 
-    sample = VideoInstructionDataset([record], CFG, num_frames=8)[0]
+    sample = VideoInstructionDataset([record], CFG, FrameSampling(num_frames=8))[0]
     assert sample.id == "v1" and sample.feature_path is None
     assert sample.pixels.dtype == torch.float32 and sample.pixels.shape == (8, 3, 16, 16)
     assert sample.timestamps.dtype == torch.float64 and sample.timestamps.shape == (8,)
@@ -103,7 +104,7 @@ def test_stream_record_interleaves_frames_by_timestamp(clips):
     assert record.exchanges == (
         Exchange(question, "Not yet.", 0.5), Exchange(question, "Now.", 1.0), Exchange(colour, "Red.", 2.0))
 
-    sample = VideoInstructionDataset([record], CFG, num_frames=None, max_frames=None)[0]
+    sample = VideoInstructionDataset([record], CFG, FrameSampling())[0]
     # every frame at i / 8 s up to the last exchange (2.0 s, frame 16); later frames teach nothing
     torch.testing.assert_close(sample.timestamps, torch.arange(17, dtype=torch.float64) / FPS)
     assert sample.pixels.shape[0] == 17
@@ -116,7 +117,7 @@ def test_stream_record_interleaves_frames_by_timestamp(clips):
 
 def test_stream_frames_sampled_by_fps_split_at_exchange_times(clips):
     (record,) = load_records(write_jsonl(clips / "stream.jsonl", [STREAM]))
-    sample = VideoInstructionDataset([record], CFG, num_frames=None, fps=2)[0]
+    sample = VideoInstructionDataset([record], CFG, FrameSampling(fps=2))[0]
     torch.testing.assert_close(sample.timestamps, torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0], dtype=torch.float64))
     assert [e for e in sample.events if isinstance(e, Frames)] == [Frames(0, 2), Frames(2, 3), Frames(3, 5)]
 
@@ -186,14 +187,14 @@ def test_data_module_strict_raises_on_bad_video(mixed):
 
 def test_dataset_returns_none_for_undecodable_video(mixed, caplog):
     records = load_records(mixed)
-    dataset = VideoInstructionDataset(records, CFG, num_frames=2)
+    dataset = VideoInstructionDataset(records, CFG, FrameSampling(num_frames=2))
     with caplog.at_level(logging.WARNING, logger=data.__name__):
         assert dataset[2] is None
     assert any("corrupt.mp4" in r.getMessage() for r in caplog.records)
     batch = collate_samples([dataset[0], dataset[1], dataset[2]])
     assert [s.id for s in batch] == ["a"]
     with pytest.raises(StreamVLMError, match="corrupt.mp4"):
-        VideoInstructionDataset(records, CFG, num_frames=2, strict=True)[2]
+        VideoInstructionDataset(records, CFG, FrameSampling(num_frames=2), strict=True)[2]
 
 
 # ---------------------------------------------------------------- feature cache
@@ -201,7 +202,7 @@ def test_dataset_returns_none_for_undecodable_video(mixed, caplog):
 
 def test_feature_cache_skips_decoding(clips, tmp_path, monkeypatch):
     (record,) = load_records(write_jsonl(clips / "stream.jsonl", [STREAM]))
-    dataset = VideoInstructionDataset([record], CFG, num_frames=None, fps=4, feature_dir=tmp_path / "features")
+    dataset = VideoInstructionDataset([record], CFG, FrameSampling(fps=4), feature_dir=tmp_path / "features")
     first = dataset[0]
     assert first.pixels is not None and first.feature_path.endswith(".pt")
     assert dataset[0].pixels is not None  # no features saved yet: decoded again
@@ -221,7 +222,7 @@ def test_feature_cache_skips_decoding(clips, tmp_path, monkeypatch):
 def test_feature_path_changes_with_sampling_and_preprocessing(clips, tmp_path):
     (record,) = load_records(write_json(clips / "r.json", [LLAVA]))
     paths = {
-        VideoInstructionDataset([record], cfg, num_frames=n, feature_dir=tmp_path).feature_path(record)
+        VideoInstructionDataset([record], cfg, FrameSampling(num_frames=n), feature_dir=tmp_path).feature_path(record)
         for cfg in (CFG, PreprocessConfig(height=8, width=8, mean=CFG.mean, std=CFG.std)) for n in (4, 8)
     }
     assert len(paths) == 4
@@ -433,3 +434,119 @@ def test_resumed_run_sees_the_order_of_an_uninterrupted_run(tmp_path):
     (checkpoint,) = (tmp_path / "ckpt").glob("epoch=0-*.ckpt")
     resumed = fit(3, ckpt_path=checkpoint)
     assert resumed == {1: whole[1], 2: whole[2]}
+
+
+# ---------------------------------------------------------------- frame sampling per family
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Tiny checkpoints of four families: their processor configs say how each samples frames."""
+    from streamvlm.tiny import TinySpec, write_tiny_checkpoint
+    from streamvlm.tiny.qwen import write_tiny_qwen
+    from streamvlm.tiny.qwen3 import write_tiny_qwen3_vl
+    from streamvlm.tiny.smolvlm import write_tiny_smolvlm
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        "qwen2_5_vl": write_tiny_qwen(root / "qwen2_5_vl", "qwen2_5_vl"),
+        "qwen2_vl": write_tiny_qwen(root / "qwen2_vl", "qwen2_vl"),
+        "qwen3_vl": write_tiny_qwen3_vl(root / "qwen3_vl"),
+        "smolvlm": write_tiny_smolvlm(root / "smolvlm"),
+        "llava_onevision": write_tiny_checkpoint(root / "llava_onevision", TinySpec()),
+    }
+
+
+QWEN = FrameSampling(fps=2.0, fps_rule="floor", min_frames=4, max_frames=768, multiple=2)
+
+
+@pytest.mark.parametrize("family, expected", [
+    ("qwen2_5_vl", QWEN),
+    ("qwen2_vl", QWEN),
+    ("qwen3_vl", FrameSampling(fps=2.0, fps_rule="floor", min_frames=4, max_frames=256, multiple=2)),
+    ("smolvlm", FrameSampling(fps=1.0, fps_rule="round", max_frames=64)),  # its num_frames is a cap
+    ("llava_onevision", None),  # its processor takes the frames it is given
+])
+def test_frame_sampling_is_read_from_the_checkpoints_processor(checkpoints, family, expected):
+    assert FrameSampling.from_checkpoint(checkpoints[family]) == expected
+
+
+def test_frame_sampling_reads_the_processor_keys_it_finds():
+    qwen = {"temporal_patch_size": 2, "video_processor_type": "Qwen2VLVideoProcessor"}
+    assert FrameSampling.from_processor_config(qwen) == QWEN  # qwen-vl-utils' defaults
+    assert FrameSampling.from_processor_config(qwen | {"fps": 1, "min_frames": 2, "max_frames": 32}) == \
+        FrameSampling(fps=1.0, fps_rule="floor", min_frames=2, max_frames=32, multiple=2)
+    assert FrameSampling.from_processor_config(qwen | {"num_frames": 16}) == \
+        FrameSampling(num_frames=16, max_frames=768, multiple=2)
+    smol = {"processor_class": "SmolVLMProcessor", "video_sampling": {"fps": 2, "max_frames": 32}}
+    assert FrameSampling.from_processor_config(smol) == FrameSampling(fps=2.0, fps_rule="round", max_frames=32)
+    assert FrameSampling.from_processor_config({"num_frames": 32}) == FrameSampling(num_frames=32)
+    assert FrameSampling.from_processor_config({}) is None
+
+
+def test_frame_counts_round_as_the_processors_do():
+    assert [QWEN.count(s) for s in (0.5, 2.0, 2.75, 3.25, 1000.0)] == [4, 4, 4, 6, 768]  # pairs, 4..768
+    smol = FrameSampling(fps=1.0, fps_rule="round", max_frames=64)
+    assert [smol.count(s) for s in (0.2, 2.6, 3.25, 100.0)] == [1, 3, 3, 64]
+    # Qwen rounds num_frames to the nearest pair; a LLaVA style sample's count is trimmed to pairs
+    assert FrameSampling(num_frames=7, multiple=2).read_args(None)["num_frames"] == 8
+    assert FrameSampling(num_frames=1, multiple=2).read_args(None)["num_frames"] == 2
+    assert [QWEN.trim(n) for n in (1, 2, 9)] == [1, 2, 8]
+    with pytest.raises(StreamVLMError, match="fps_rule"):
+        FrameSampling(fps=1.0, fps_rule="nearest")
+    with pytest.raises(StreamVLMError, match="not both"):
+        FrameSampling(num_frames=4, fps=1.0)
+
+
+@pytest.mark.parametrize("family, seconds, frames", [
+    ("qwen2_5_vl", 3.25, 6),  # 2 per second
+    ("qwen2_5_vl", 2.75, 4),  # 5.5 rounded down to pairs
+    ("qwen2_5_vl", 1.0, 4),  # at least min_frames
+    ("qwen3_vl", 2.75, 4),
+    ("smolvlm", 3.25, 3),  # 1 per second, rounded
+    ("llava_onevision", 3.25, 8),  # nothing in its processor: 8 frames
+])
+def test_data_module_samples_frames_as_the_family_does(checkpoints, tmp_path, family, seconds, frames):
+    make_video(tmp_path / "clips" / "a.mp4", seconds)
+    module = VideoDataModule(train_file=str(write_json(tmp_path / "r.json", [LLAVA])),
+                             model_dir=str(checkpoints[family]))
+    module.set_preprocess_config(CFG)
+    module.setup("fit")
+    sample = module.train_dataset[0]
+    assert len(sample.timestamps) == frames and sample.pixels.shape[0] == frames
+    # spread evenly over the video, on its 1/8 s frame grid
+    evenly = torch.arange(frames, dtype=torch.float64) * seconds / frames
+    torch.testing.assert_close(sample.timestamps, evenly, atol=0.5 / FPS, rtol=0)
+
+
+def test_streaming_record_counts_frames_over_its_span(checkpoints, clips):
+    # the span ends at the last exchange (2 s): 4 frames at 2 per second
+    (record,) = load_records(write_jsonl(clips / "stream.jsonl", [STREAM]))
+    sample = VideoInstructionDataset([record], CFG, FrameSampling.from_checkpoint(checkpoints["qwen2_5_vl"]))[0]
+    torch.testing.assert_close(sample.timestamps, torch.tensor([0.0, 0.5, 1.0, 1.5], dtype=torch.float64))
+
+
+def test_the_users_num_frames_or_fps_win_over_the_family(checkpoints, clips):
+    path = str(write_json(clips / "r.json", [LLAVA]))
+    qwen = str(checkpoints["qwen2_5_vl"])
+
+    def module(**settings):
+        m = VideoDataModule(train_file=path, model_dir=qwen, **settings)
+        m.set_preprocess_config(CFG)
+        return m
+
+    assert module().sampling == QWEN
+    assert module(num_frames=3).sampling == FrameSampling(num_frames=3, max_frames=768, multiple=2)
+    assert module(fps=3).sampling == FrameSampling(fps=3, max_frames=768, multiple=2)
+    assert module(max_frames=4).sampling == replace(QWEN, max_frames=4)
+    unknown = VideoDataModule(train_file=path, fps=3)
+    assert unknown.sampling == FrameSampling(fps=3, max_frames=64)
+    # frames still come in pairs: num_frames 3 becomes 4, 3 fps over 3 s gives 9 ticks, trimmed to 8
+    for settings, frames in (({"num_frames": 3}, 4), ({"fps": 3}, 8)):
+        m = module(**settings)
+        m.setup("fit")
+        assert len(m.train_dataset[0].timestamps) == frames
+    # the training module may name the model's sampling itself
+    m = module()
+    m.set_frame_sampling(FrameSampling(num_frames=2))
+    assert m.sampling == FrameSampling(num_frames=2)
