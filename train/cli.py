@@ -35,8 +35,15 @@ def _cli_class():
             _root_run_outputs(config.trainer)
 
         def before_fit(self) -> None:
-            # The data module preprocesses frames as the model's checkpoint says.
-            self.datamodule.set_preprocess_config(self.model.vlm.adapter.preprocess_config)
+            # The data module preprocesses and samples frames as the model's checkpoint says, and fits every
+            # sample to the model's context (a record too long is split at exchange boundaries, never cut
+            # inside an answer).
+            from streamvlm.train.data import FrameSampling, TokenBudget
+
+            adapter = self.model.vlm.adapter
+            self.datamodule.set_preprocess_config(adapter.preprocess_config)
+            self.datamodule.set_frame_sampling(FrameSampling.from_checkpoint(adapter.model_dir))
+            self.datamodule.set_token_budget(TokenBudget.for_adapter(adapter))
 
         before_validate = before_fit
 
