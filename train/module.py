@@ -59,16 +59,42 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 
 TRAINABLE = ("router", "router+lora", "all", "model")
 LOSSES = ("distill", "lm", "distill+lm")
-def tiny_training_model_dir() -> Path:
-    """A small random checkpoint for CPU runs (16 tokens per frame), made once in the cache folder."""
-    from streamvlm.tiny import TinySpec, write_tiny_checkpoint
+TINY_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm")
+
+
+def write_training_checkpoint(family: str, out_dir: str | Path) -> Path:
+    """A small random checkpoint of `family` for CPU runs: 4 decoder layers of width 64 and 16 tokens per
+    frame of tokens, so three routed layers have something to choose from."""
+    if family == "llava_onevision":
+        from streamvlm.tiny import TinySpec, write_tiny_checkpoint
+
+        return write_tiny_checkpoint(out_dir, TinySpec(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                                                       intermediate_size=128, image_size=56, patch_size=7))
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        from streamvlm.tiny.qwen import write_tiny_qwen
+
+        return write_tiny_qwen(out_dir, family, num_layers=4)
+    if family == "qwen3_vl":
+        from streamvlm.tiny.qwen3 import write_tiny_qwen3_vl
+
+        return write_tiny_qwen3_vl(out_dir, num_layers=4)
+    if family == "smolvlm":
+        from streamvlm.tiny.smolvlm import TinySmolVLMSpec, write_tiny_smolvlm
+
+        return write_tiny_smolvlm(out_dir, spec=TinySmolVLMSpec(num_layers=4))
+    raise StreamVLMError(f"model.tiny: choose a family among {', '.join(TINY_FAMILIES)} (or true), got {family!r}")
+
+
+def tiny_training_model_dir(family: str = "llava_onevision") -> Path:
+    """write_training_checkpoint's checkpoint of `family`, made once in the cache folder."""
     from streamvlm.paths import cache_dir
 
-    target = cache_dir() / "train-tiny"
+    if family not in TINY_FAMILIES:
+        raise StreamVLMError(f"model.tiny: choose a family among {', '.join(TINY_FAMILIES)} (or true), got {family!r}")
+    target = cache_dir() / ("train-tiny" if family == "llava_onevision" else f"train-tiny-{family}")
     if not (target / "config.json").is_file():
-        tmp = target.with_name(f".train-tiny-{os.getpid()}")
-        write_tiny_checkpoint(tmp, TinySpec(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
-                                            intermediate_size=128, image_size=56, patch_size=7))
+        tmp = target.with_name(f".{target.name}-{os.getpid()}")
+        write_training_checkpoint(family, tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # another process (a DDP rank) made it first
@@ -78,7 +104,7 @@ def tiny_training_model_dir() -> Path:
 
 
 class RouterTrainingModule(L.LightningModule):
-    def __init__(self, model_dir: str | None = None, tiny: bool = False, world_model: bool = False,
+    def __init__(self, model_dir: str | None = None, tiny: bool | str = False, world_model: bool = False,
                  routing: str = "mod:0.2:interleaved",
                  trainable: str = "router", loss: str = "distill", lm_weight: float = 1.0,
                  distill_weight: float = 1.0, rank_weight: float = 0.0, agree_weight: float = 0.0,
@@ -90,7 +116,8 @@ class RouterTrainingModule(L.LightningModule):
         """
         Args:
             model_dir: local Hugging Face checkpoint folder of the model whose router is trained.
-            tiny: with no model_dir, make and use a small random checkpoint (for CPU trial runs and tests).
+            tiny: with no model_dir, make and use a small random checkpoint (for CPU trial runs and tests):
+                true for LLaVA-OneVision, or a family name (qwen2_vl, qwen2_5_vl, qwen3_vl, smolvlm).
             world_model: with no model_dir, start from the untrained world model (`streamvlm.train.world_model`).
             routing: the router to train, as --routing takes it ("mod:0.2:interleaved") or a router folder
                 to continue from.
@@ -136,7 +163,7 @@ class RouterTrainingModule(L.LightningModule):
 
                 model_dir = str(initial_model_dir())
             elif tiny:
-                model_dir = str(tiny_training_model_dir())
+                model_dir = str(tiny_training_model_dir("llava_onevision" if tiny is True else tiny))
             else:
                 raise StreamVLMError("set model.model_dir to a checkpoint folder (or model.tiny: true for a trial)")
         self.save_hyperparameters()

@@ -14,7 +14,7 @@ import torch
 
 from streamvlm import StreamVLM
 from streamvlm.train.data import Exchange, Frames, Sample, VideoDataModule
-from streamvlm.train.module import RouterTrainingModule, export_router
+from streamvlm.train.module import RouterTrainingModule, export_router, write_training_checkpoint
 from support import FAMILIES, random_frames, tiny_family_checkpoint
 
 DIALOGUE = [("What is moving?", "a red square"), ("Where?", "left"), ("And now?", "up")]
@@ -62,25 +62,6 @@ def test_the_training_forward_at_keep_one_gives_the_sessions_dense_logits(family
     assert torch.equal(expected.argmax(-1)[:-1], trained.argmax(-1)[:-1])
 
 
-def _training_checkpoint(family: str, root) -> str:
-    """Four layers and 16 tokens per frame of tokens: three routed layers with something to choose from."""
-    if family == "llava_onevision":
-        from streamvlm.tiny import TinySpec, write_tiny_checkpoint
-
-        return write_tiny_checkpoint(root / family, TinySpec(num_layers=4, image_size=56, patch_size=7))
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        from streamvlm.tiny.qwen import write_tiny_qwen
-
-        return write_tiny_qwen(root / family, family, num_layers=4)
-    if family == "qwen3_vl":
-        from streamvlm.tiny.qwen3 import write_tiny_qwen3_vl
-
-        return write_tiny_qwen3_vl(root / family, num_layers=4)
-    from streamvlm.tiny.smolvlm import TinySmolVLMSpec, write_tiny_smolvlm
-
-    return write_tiny_smolvlm(root / family, spec=TinySmolVLMSpec(num_layers=4))
-
-
 def _random_scorers(router) -> None:
     """Start from a random ranking (the zero init ranks every token alike, a choice training first undoes)."""
     g = torch.Generator().manual_seed(1)
@@ -92,7 +73,7 @@ def _random_scorers(router) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_trains_a_router_that_the_runtime_loads(family, tmp_path):
     L.seed_everything(0)
-    model_dir = str(_training_checkpoint(family, tmp_path))
+    model_dir = str(write_training_checkpoint(family, tmp_path / family))
     module = RouterTrainingModule(model_dir=model_dir, routing="mod:0.25:all:1", lr=0.03)
     _random_scorers(module.router)
     data = VideoDataModule(synthetic={"num_videos": 16, "val_videos": 8, "seed": 0,
