@@ -170,8 +170,17 @@ class RouterTrainingModule(L.LightningModule):
         self.hparams.model_dir = model_dir
         # Frozen weights are loaded in float32; Lightning's precision flag (bf16-mixed) casts compute.
         vlm = StreamVLM.from_pretrained(model_dir, routing=routing, device="cpu", dtype=torch.float32)
-        if trainable != "model" and not isinstance(vlm.router, MoDRouter):
-            raise StreamVLMError(f"routing {routing!r} has nothing to train; use a learned policy such as mod:0.2")
+        learned = any(True for _ in vlm.router.parameters())
+        if trainable == "router" and not learned:
+            # A training-free policy (skip, layer_drop, fastv, ...) trains the model to work under it: the
+            # language model (or LoRA on it) learns with the policy in the loop, as Skipping Computations
+            # fine-tunes with its skips.
+            raise StreamVLMError(f"routing {routing!r} has no weights of its own to train; train the language "
+                                 "model under it with trainable: router+lora or all, or use a learned policy "
+                                 "such as mod:0.2")
+        if (rank_weight or agree_weight or z_loss_weight) and not isinstance(vlm.router, MoDRouter):
+            raise StreamVLMError("rank_weight, agree_weight and z_loss_weight train a MoD router's scorers; "
+                                 f"routing {routing!r} has none")
         self.vlm = vlm
         self.model = vlm.adapter.model  # registered, so Lightning moves it to the device
         self.router = vlm.router
@@ -339,7 +348,7 @@ class RouterTrainingModule(L.LightningModule):
     def _teacher(self, chunk):
         """Dense forward with the original weights: logits, its cache, and each routed layer's input."""
         lora = self._lora_layers()
-        recorder = HiddenRecorder(map(int, self.router.scorers))
+        recorder = HiddenRecorder(map(int, getattr(self.router, "scorers", {})))
         parts = self.teacher.parts
         cache = KVCache(parts.num_layers, parts.num_kv_heads, parts.head_dim, chunk.embeds.dtype, self.device)
         for m in lora:
@@ -443,7 +452,10 @@ class RouterTrainingModule(L.LightningModule):
         parts = self.vlm.adapter.decoder
         routing = self.router.config.to_dict() if isinstance(self.router, MoDRouter) else None
         checkpoint["streamvlm"] = {"routing": routing, "num_layers": parts.num_layers, "trainable": self.hparams.trainable,
-                                   "hidden_size": parts.hidden_size, "model_dir": str(self.hparams.model_dir)}
+                                   "hidden_size": parts.hidden_size, "model_dir": str(self.hparams.model_dir),
+                                   "family": self.vlm.adapter.family, "spec": self.router.spec(),
+                                   "lora": ({"rank": self.hparams.lora_rank, "alpha": self.hparams.lora_alpha}
+                                            if self.hparams.trainable == "router+lora" else None)}
 
 
 def export_router(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
@@ -458,6 +470,10 @@ def export_router(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     if meta is None:
         raise StreamVLMError(f"{checkpoint_path} is not a streamvlm training checkpoint")
     if meta.get("routing") is None:
+        if meta.get("spec") not in (None, "dense"):
+            raise StreamVLMError(f"{checkpoint_path} trained the language model under {meta['spec']} (a policy with "
+                                 "no weights of its own); export it with `streamvlm-train export-model CKPT OUT`, "
+                                 "which writes the model and the policy as OUT/router")
         raise StreamVLMError(f"{checkpoint_path} trained a whole model, not a router; export it with "
                              "`streamvlm-train export-model`")
     config = RoutingConfig.from_dict(meta["routing"])

@@ -106,13 +106,14 @@ def initial_model_dir(seed: int = 0) -> Path:
 
 
 def export_model(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
-    """Write the model of a checkpoint that trained it as a Hugging Face checkpoint folder: the starting
-    checkpoint's files with the trained weights. trainable="model" checkpoints hold every weight;
-    trainable="all" ones (a router trained with the language model) hold the language model's, and the
-    rest comes from the starting checkpoint. The router of an "all" checkpoint is exported apart
-    (`streamvlm-train export`)."""
-    from transformers import LlavaOnevisionForConditionalGeneration
-
+    """Write the model of a checkpoint that trained it as a Hugging Face checkpoint folder of its family: the
+    starting checkpoint's files with the trained weights. trainable="model" checkpoints hold every weight;
+    trainable="all" ones hold the language model's; trainable="router+lora" ones hold LoRA adapters, merged
+    into the language model's projections here. The rest comes from the starting checkpoint. A model trained
+    under a training-free policy (skip, layer_drop, ...) gets that policy as `router/` in the folder, for
+    `--routing OUT/router`; a MoD router is exported apart (`streamvlm-train export`)."""
+    from streamvlm.models import load_adapter
+    from streamvlm.routers import build_router, parse_routing, save_router
     from streamvlm.train.weights import is_language_model_weight
 
     try:
@@ -121,33 +122,65 @@ def export_model(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
         raise StreamVLMError(f"cannot read checkpoint {checkpoint_path}: {e}") from None
     meta = ckpt.get("streamvlm")
     trainable = None if meta is None else meta.get("trainable")
-    if trainable not in ("model", "all"):
-        raise StreamVLMError(f"{checkpoint_path} did not train the model (trainable: model or all); "
+    if trainable not in ("model", "all", "router+lora"):
+        raise StreamVLMError(f"{checkpoint_path} did not train the model (trainable: model, all or router+lora); "
                              "a router checkpoint is exported with `streamvlm-train export`")
     source = Path(meta["model_dir"])
     if not (source / "config.json").is_file():
         raise StreamVLMError(f"the starting checkpoint {source} of {checkpoint_path} is gone; the export needs "
                              "its config and tokenizer")
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(source, dtype=torch.float32, local_files_only=True)
+    model = load_adapter(source, torch.float32, torch.device("cpu")).model
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if trainable == "router+lora":
+        state = _merged_lora(model, state, meta["lora"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     if trainable == "all":  # the frozen tower and projector are the starting checkpoint's
         missing = [k for k in missing if is_language_model_weight(k)]
+    if trainable == "router+lora":  # only the adapted projections were written
+        missing = []
     if unexpected or missing:
         raise StreamVLMError(f"{checkpoint_path} does not fit {source}: missing {missing[:3]}, unexpected "
                              f"{unexpected[:3]}")
     about = {"steps": ckpt.get("global_step"), "epochs": ckpt.get("epoch"), "trainable": trainable}
+    if meta.get("routing") is None and meta.get("spec") not in (None, "dense"):
+        about["trained_under"] = meta["spec"]
     started = source / "streamvlm_model.json"
-    if trainable == "all" and started.is_file():  # a trained model trained on: keep how it was made
+    if trainable != "model" and started.is_file():  # a trained model trained on: keep how it was made
         about["started_from"] = {k: v for k, v in json.loads(started.read_text()).items() if k != "spec"}
-    return save_weights(source, model, out_dir, about)
+    world = bool((ckpt.get("datamodule_hyper_parameters") or {}).get("world")) or started.is_file()
+    out = save_weights(source, model, out_dir, about, world=world)
+    if "trained_under" in about:
+        config = parse_routing(about["trained_under"])
+        save_router(build_router(config, meta["num_layers"], meta["hidden_size"]), out / "router",
+                    meta["num_layers"], meta["hidden_size"])
+    return out
 
 
-def save_weights(source: str | Path, model, out_dir: str | Path, about: dict) -> Path:
+def _merged_lora(model, state: dict, lora: dict) -> dict:
+    """The weights of a LoRA checkpoint merged into the model's own: each adapted projection's weight
+    becomes W + (alpha / rank) * B @ A. Returns the updated weights under the model's names."""
+    merged = {}
+    own = model.state_dict()
+    scale = lora["alpha"] / lora["rank"]
+    for key, a in state.items():
+        if ".lora_A." not in key:
+            continue
+        path = key.split(".lora_A.")[0]
+        b = state[key.replace(".lora_A.", ".lora_B.")]
+        weight = f"{path}.weight"
+        if weight not in own:
+            raise StreamVLMError(f"the LoRA adapter {path} has no weight {weight} in the model to merge into")
+        merged[weight] = own[weight] + scale * (b.float() @ a.float()).to(own[weight].dtype)
+    if not merged:
+        raise StreamVLMError("the checkpoint holds no LoRA adapters to merge")
+    return merged
+
+
+def save_weights(source: str | Path, model, out_dir: str | Path, about: dict, world: bool = True) -> Path:
     """Write `model` as a checkpoint folder: the files of the checkpoint folder `source` it was loaded from
-    (config, tokenizer, preprocessing) with its weights, and `about` in streamvlm_model.json. The folder
-    appears whole or not at all."""
+    (config, tokenizer, preprocessing) with its weights, and `about` in streamvlm_model.json (with the world's
+    recipe when it is a world model). The folder appears whole or not at all."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}-{os.getpid()}")
@@ -155,10 +188,10 @@ def save_weights(source: str | Path, model, out_dir: str | Path, about: dict) ->
     shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("*.safetensors", "streamvlm_tiny.json",
                                                                 "streamvlm_model.json", "router"))
     model.save_pretrained(tmp)
-    (tmp / "streamvlm_model.json").write_text(json.dumps({
-        "trained_on": "streamvlm.world", **about,
-        "spec": asdict(WORLD_SPEC) | {"vocab_size": model.config.text_config.vocab_size},
-    }, indent=2))
+    world_recipe = {"trained_on": "streamvlm.world",
+                    "spec": asdict(WORLD_SPEC) | {"vocab_size": model.config.text_config.vocab_size}}
+    (tmp / "streamvlm_model.json").write_text(json.dumps(
+        {**about, **world_recipe} if world else about, indent=2))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

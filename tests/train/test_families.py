@@ -15,6 +15,7 @@ import torch
 from streamvlm import StreamVLM
 from streamvlm.train.data import Exchange, Frames, Sample, VideoDataModule
 from streamvlm.train.module import RouterTrainingModule, export_router, write_training_checkpoint
+from streamvlm.train.world_model import export_model
 from support import FAMILIES, random_frames, tiny_family_checkpoint
 
 DIALOGUE = [("What is moving?", "a red square"), ("Where?", "left"), ("And now?", "up")]
@@ -34,11 +35,12 @@ def _sample(vlm) -> Sample:
     return Sample("s", "v.mp4", vlm.preprocess(frames), times, events, None)
 
 
-def _session_logits(vlm, sample: Sample) -> torch.Tensor:
-    """What a session running dense gives for each answer token and the token after each answer."""
+def _session_logits(vlm, sample: Sample, routing: str | None = "dense") -> torch.Tensor:
+    """What a session gives for each answer token and the token after each answer (routing None: the
+    model's own router)."""
     frames = random_frames(8, seed=3)
     times = sample.timestamps.tolist()
-    session = vlm.with_routing("dense").session()
+    session = (vlm if routing is None else vlm.with_routing(routing)).session()
     rows = []
     session.append_frames(frames[:5], times[:5])
     for question, answer in DIALOGUE[:2]:
@@ -104,3 +106,54 @@ def test_every_family_trains_a_router_that_the_runtime_loads(family, tmp_path):
     session.append_frames(random_frames(4, seed=1))
     assert len(session.ask("What is moving?")) > 0 and len(session.turns[-1].answer_ids) == 3
     assert session.stats()["flops"]["llm"] < session.stats()["flops"]["llm_dense"]  # the router routes
+
+
+def _routed_session_logits(vlm, sample: Sample) -> torch.Tensor:
+    """_session_logits with the model's own router instead of dense."""
+    return _session_logits(vlm, sample, routing=None)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "smolvlm"])
+@pytest.mark.parametrize("routing, trainable", [("mod:0.25:all:1", "router+lora"), ("mod:0.25:all:1", "all"),
+                                                ("skip:block", "router+lora"), ("skip:block", "all")])
+def test_the_language_model_trains_with_the_router_or_under_a_training_free_policy(family, routing, trainable,
+                                                                                   tmp_path):
+    # router+lora and all: the language model (LoRA adapters, or all its weights) learns by distillation from
+    # the dense model with the policy in the loop; export writes what the runtime loads, and the runtime's
+    # logits on a dialogue are the trained module's.
+    L.seed_everything(0)
+    model_dir = str(write_training_checkpoint(family, tmp_path / family))
+    module = RouterTrainingModule(model_dir=model_dir, routing=routing, trainable=trainable,
+                                  lr=0.01 if trainable == "router+lora" else 1e-3)
+    data = VideoDataModule(synthetic={"num_videos": 8, "val_videos": 4, "seed": 0,
+                                      "out_dir": str(tmp_path / "synthetic")}, batch_size=4, num_frames=4)
+    data.set_preprocess_config(module.vlm.adapter.preprocess_config)
+    data.setup("fit")
+    val = [s for batch in data.val_dataloader() for s in batch]
+
+    def held_out() -> float:
+        with torch.no_grad():
+            return sum(float(module.losses(s)["distill"]) for s in val) / len(val)
+
+    before = held_out()
+    trainer = L.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    after = held_out()
+    assert after < before, (before, after)
+
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    model_out = export_model(ckpt, tmp_path / "model")
+    router_dir = model_out / "router" if routing.startswith("skip") else export_router(ckpt, tmp_path / "router")
+    vlm = StreamVLM.from_pretrained(model_out, routing=router_dir)
+    assert vlm.router.spec() == module.router.spec()
+    sample = _sample(module.vlm)
+    module.eval()
+    chunk, rows, _ = module.sequence(sample)
+    with torch.no_grad():
+        trained = module._run(module.student, chunk)[rows]
+    torch.testing.assert_close(_routed_session_logits(vlm, sample), trained, atol=5e-4, rtol=1e-3)
+    untouched = StreamVLM.from_pretrained(model_dir, routing=router_dir)
+    assert not torch.allclose(_routed_session_logits(untouched, sample), trained, atol=5e-4)  # the weights moved
