@@ -115,7 +115,8 @@ def _routed_session_logits(vlm, sample: Sample) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "smolvlm"])
 @pytest.mark.parametrize("routing, trainable", [("mod:0.25:all:1", "router+lora"), ("mod:0.25:all:1", "all"),
-                                                ("skip:block", "router+lora"), ("skip:block", "all")])
+                                                ("skip:block", "router+lora"), ("skip:block", "all"),
+                                                ("neighbor_attention:1", "router+lora")])
 def test_the_language_model_trains_with_the_router_or_under_a_training_free_policy(family, routing, trainable,
                                                                                    tmp_path):
     # router+lora and all: the language model (LoRA adapters, or all its weights) learns by distillation from
@@ -146,7 +147,7 @@ def test_the_language_model_trains_with_the_router_or_under_a_training_free_poli
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)
     model_out = export_model(ckpt, tmp_path / "model")
-    router_dir = model_out / "router" if routing.startswith("skip") else export_router(ckpt, tmp_path / "router")
+    router_dir = export_router(ckpt, tmp_path / "router") if routing.startswith("mod") else model_out / "router"
     vlm = StreamVLM.from_pretrained(model_out, routing=router_dir)
     assert vlm.router.spec() == module.router.spec()
     sample = _sample(module.vlm)
