@@ -6,7 +6,7 @@
     streamvlm-train export CKPT OUT_DIR                                           # -> router folder
     streamvlm-train export-model CKPT OUT_DIR               # a trainable: model run -> checkpoint folder
     streamvlm-train vision --out runs/world_vision/model     # stage 0 of the world model: the vision tower
-    streamvlm-train bench [--json]                       # a training step, routed vs dense, time and memory
+    streamvlm-train bench [--family qwen2_5_vl] [--json]  # a training step, routed vs dense, time and memory
     streamvlm-train plot runs/tiny_cpu/csv/metrics.csv loss.svg                   # the loss curves
     python -m streamvlm.train ...                                                 # the same
 

@@ -1,8 +1,9 @@
 """Where `streamvlm-train fit` writes and how a run resumes: checkpoints and logs under
 --trainer.default_root_dir, `--ckpt_path last` exact, metrics.csv continued across the resume.
 
-Every fit here is train/configs/tiny_cpu.yaml with a smaller data block (8 videos of 4 frames, 2 steps an epoch),
-run in a scratch working folder so that anything written to a fixed relative path would show up there.
+Every fit here is train/configs/tiny_cpu.yaml (the kill -9 test also tiny_qwen2_5_vl_cpu.yaml) with a smaller
+data block (8 videos of 4 frames, 2 steps an epoch), run in a scratch working folder so that anything written to a
+fixed relative path would show up there.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 from streamvlm.train.cli import main
 from streamvlm.train.loggers import CSVLogger
 
-CONFIG = Path(__file__).resolve().parents[2] / "train" / "configs" / "tiny_cpu.yaml"
+CONFIGS = Path(__file__).resolve().parents[2] / "train" / "configs"
+CONFIG = {"llava_onevision": CONFIGS / "tiny_cpu.yaml", "qwen2_5_vl": CONFIGS / "tiny_qwen2_5_vl_cpu.yaml"}
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +35,16 @@ def cwd(workdir):
         yield folder
 
 
-def _args(cwd: Path, root: str, epochs: int, *extra: str) -> list[str]:
-    return ["fit", "--config", str(CONFIG), "--trainer.default_root_dir", root, "--trainer.max_epochs", str(epochs),
+def _args(cwd: Path, root: str, epochs: int, *extra: str, family: str = "llava_onevision") -> list[str]:
+    return ["fit", "--config", str(CONFIG[family]), "--trainer.default_root_dir", root, "--trainer.max_epochs", str(epochs),
             "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
             "--data.synthetic", '{"num_videos": 8, "val_videos": 2, "seed": 0}', "--data.num_frames", "4",
             # shared by every run here: the cache is keyed by the videos, sampling and tower
             "--data.feature_cache", str(cwd.parent / "features"), *extra]
 
 
-def _fit(cwd: Path, root: str, epochs: int, *extra: str) -> None:
-    assert main(_args(cwd, root, epochs, *extra)) == 0
+def _fit(cwd: Path, root: str, epochs: int, *extra: str, family: str = "llava_onevision") -> None:
+    assert main(_args(cwd, root, epochs, *extra, family=family)) == 0
 
 
 def _rows(root: Path) -> list[dict[str, str]]:
@@ -65,13 +67,30 @@ def _epoch_of(checkpoint: Path) -> int:
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"]
 
 
+STRAIGHT_ROOT = {"llava_onevision": "S", "qwen2_5_vl": "S-qwen2_5_vl"}
+
+
 @pytest.fixture(scope="module")
-def straight(cwd) -> list[dict[str, str]]:
-    """An uninterrupted 4-epoch run under S; its metrics.csv rows."""
-    _fit(cwd, "S", 4)
-    rows = _rows(cwd / "S")
-    assert {r["epoch"] for r in rows} == {"0", "1", "2", "3"} and any(r["val/loss"] for r in rows)
-    return rows
+def straight_runs(cwd):
+    """family -> the metrics.csv rows of an uninterrupted 4-epoch run of its config, run on first use."""
+    runs: dict[str, list[dict[str, str]]] = {}
+
+    def rows_of(family: str) -> list[dict[str, str]]:
+        if family not in runs:
+            root = STRAIGHT_ROOT[family]
+            _fit(cwd, root, 4, family=family)
+            rows = _rows(cwd / root)
+            assert {r["epoch"] for r in rows} == {"0", "1", "2", "3"} and any(r["val/loss"] for r in rows)
+            runs[family] = rows
+        return runs[family]
+
+    return rows_of
+
+
+@pytest.fixture(scope="module")
+def straight(straight_runs) -> list[dict[str, str]]:
+    """The uninterrupted LLaVA-OneVision run, under S."""
+    return straight_runs("llava_onevision")
 
 
 def test_runs_with_different_root_dirs_write_separate_checkpoints_and_logs(cwd, straight):
@@ -125,18 +144,21 @@ class KillInThirdEpoch(L.Callback):
 '''
 
 
-def test_a_killed_run_resumes_to_the_rows_of_a_straight_run(cwd, straight, tmp_path):
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_5_vl"])
+def test_a_killed_run_resumes_to_the_rows_of_a_straight_run(cwd, straight_runs, family, tmp_path):
+    straight = straight_runs(family)
+    root = f"K-{family}"
     (tmp_path / "killer.py").write_text(textwrap.dedent(KILLER))
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    args = _args(cwd, "K", 4, "--trainer.callbacks+=killer.KillInThirdEpoch")
+    args = _args(cwd, root, 4, "--trainer.callbacks+=killer.KillInThirdEpoch", family=family)
     run = subprocess.run([sys.executable, "-m", "streamvlm.train", *args], cwd=cwd, env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == -9, run.stderr[-3000:]
     # The trainer flushes every row as it logs it: the first step of epoch 2 is on disk, after the checkpoint.
-    assert [r["step"] for r in _rows(cwd / "K") if r["epoch"] == "2"] == ["4"]
-    assert _epoch_of(cwd / "K" / "checkpoints" / "last.ckpt") == 1
-    _fit(cwd, "K", 4, "--ckpt_path", "last")
-    _assert_same_rows(_rows(cwd / "K"), straight)
+    assert [r["step"] for r in _rows(cwd / root) if r["epoch"] == "2"] == ["4"]
+    assert _epoch_of(cwd / root / "checkpoints" / "last.ckpt") == 1
+    _fit(cwd, root, 4, "--ckpt_path", "last", family=family)
+    _assert_same_rows(_rows(cwd / root), straight)
 
 
 def test_the_csv_logger_keeps_rows_before_the_resume_and_merges_new_columns(tmp_path):
