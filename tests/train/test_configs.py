@@ -4,6 +4,7 @@ with its family, and each tiny config trains."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def _printed(capsys, *args: str) -> dict:
 def test_every_family_has_a_tiny_config_and_every_config_is_known():
     assert all(path.is_file() for path in TINY.values())
     gpu = {CONFIGS / "llava_ov_7b_gpu.yaml", CONFIGS / "qwen2_5_vl_7b_gpu.yaml"}
-    world = {CONFIGS / f"world_{name}.yaml" for name in ("model", "router", "joint")}
+    world = {CONFIGS / f"world_{name}.yaml" for name in ("model", "router", "joint", "skip")}
     assert set(CONFIGS.glob("*.yaml")) == set(TINY.values()) | gpu | world  # a new config gets a test here
 
 
@@ -80,3 +81,28 @@ def test_each_tiny_config_trains_a_router_that_exports(family, workdir, capsys):
     assert Path(ckpt["streamvlm"]["model_dir"]).name == ("train-tiny" if family == "llava_onevision"
                                                            else f"train-tiny-{family}")
     assert (export_router(root / "checkpoints" / "last.ckpt", root / "router") / "routing.json").is_file()
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_a_checkpoint_from_init_tiny_trains_exports_and_answers(family, workdir, capsys):
+    """The user's path: `streamvlm init-tiny --family F DIR`, `streamvlm-train fit --model.model_dir DIR`,
+    `streamvlm-train export`, `streamvlm ask --model DIR --routing ROUTER`."""
+    from streamvlm.cli import main as streamvlm
+
+    model_dir, root = workdir / f"init-{family}", workdir / f"fit-{family}"
+    assert streamvlm(["init-tiny", str(model_dir), "--family", family]) == 0
+    assert main(["fit", "--config", str(TINY["llava_onevision"]), "--model.tiny", "false",
+                 "--model.model_dir", str(model_dir), "--trainer.default_root_dir", str(root),
+                 "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                 "--data.synthetic", '{"num_videos": 4, "val_videos": 2, "seed": 0}', "--data.batch_size", "2",
+                 "--data.num_frames", "4", "--data.feature_cache", "null"]) == 0
+    router = root / "router"
+    assert main(["export", str(root / "checkpoints" / "last.ckpt"), str(router)]) == 0
+    capsys.readouterr()
+    assert streamvlm(["ask", "--model", str(model_dir), "--routing", str(router), "-q", "What is moving?",
+                      "--max-new-tokens", "2", "--json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    answer, stats = events[0], events[-1]
+    assert answer["type"] == "answer" and answer["stop_reason"] == "max_new_tokens"
+    assert stats["type"] == "stats" and stats["flops"]["llm"] < stats["flops"]["llm_dense"]  # the router routes
