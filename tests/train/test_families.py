@@ -72,14 +72,11 @@ def _random_scorers(router) -> None:
             p.copy_(torch.randn(p.shape, generator=g) / 8)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_trains_a_router_that_the_runtime_loads(family, tmp_path):
-    L.seed_everything(0)
-    model_dir = str(write_training_checkpoint(family, tmp_path / family))
-    module = RouterTrainingModule(model_dir=model_dir, routing="mod:0.25:all:1", lr=0.03)
-    _random_scorers(module.router)
-    data = VideoDataModule(synthetic={"num_videos": 16, "val_videos": 8, "seed": 0,
-                                      "out_dir": str(tmp_path / "synthetic")}, batch_size=4, num_frames=8)
+def _fit_and_save(module, tmp_path, videos: int, frames: int, epochs: int):
+    """Fit on generated videos (half as many again held out), check that the held-out distillation loss fell,
+    and save the trained state as tmp_path/last.ckpt (returned)."""
+    data = VideoDataModule(synthetic={"num_videos": videos, "val_videos": videos // 2, "seed": 0,
+                                      "out_dir": str(tmp_path / "synthetic")}, batch_size=4, num_frames=frames)
     data.set_preprocess_config(module.vlm.adapter.preprocess_config)
     data.setup("fit")
     val = [s for batch in data.val_dataloader() for s in batch]
@@ -89,7 +86,7 @@ def test_every_family_trains_a_router_that_the_runtime_loads(family, tmp_path):
             return sum(float(module.losses(s)["distill"]) for s in val) / len(val)
 
     before = held_out()
-    trainer = L.Trainer(max_epochs=10, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(module, data)
@@ -97,6 +94,16 @@ def test_every_family_trains_a_router_that_the_runtime_loads(family, tmp_path):
     assert after < before, (before, after)
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)
+    return ckpt
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_trains_a_router_that_the_runtime_loads(family, tmp_path):
+    L.seed_everything(0)
+    model_dir = str(write_training_checkpoint(family, tmp_path / family))
+    module = RouterTrainingModule(model_dir=model_dir, routing="mod:0.25:all:1", lr=0.03)
+    _random_scorers(module.router)
+    ckpt = _fit_and_save(module, tmp_path, videos=16, frames=8, epochs=10)
     router_dir = export_router(ckpt, tmp_path / "router")
     vlm = StreamVLM.from_pretrained(model_dir, routing=router_dir)
     loaded = dict(vlm.router.named_parameters())
@@ -126,26 +133,7 @@ def test_the_language_model_trains_with_the_router_or_under_a_training_free_poli
     model_dir = str(write_training_checkpoint(family, tmp_path / family))
     module = RouterTrainingModule(model_dir=model_dir, routing=routing, trainable=trainable,
                                   lr=0.01 if trainable == "router+lora" else 1e-3)
-    data = VideoDataModule(synthetic={"num_videos": 8, "val_videos": 4, "seed": 0,
-                                      "out_dir": str(tmp_path / "synthetic")}, batch_size=4, num_frames=4)
-    data.set_preprocess_config(module.vlm.adapter.preprocess_config)
-    data.setup("fit")
-    val = [s for batch in data.val_dataloader() for s in batch]
-
-    def held_out() -> float:
-        with torch.no_grad():
-            return sum(float(module.losses(s)["distill"]) for s in val) / len(val)
-
-    before = held_out()
-    trainer = L.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, default_root_dir=tmp_path)
-    trainer.fit(module, data)
-    after = held_out()
-    assert after < before, (before, after)
-
-    ckpt = tmp_path / "last.ckpt"
-    trainer.save_checkpoint(ckpt)
+    ckpt = _fit_and_save(module, tmp_path, videos=8, frames=4, epochs=6)
     model_out = export_model(ckpt, tmp_path / "model")
     router_dir = export_router(ckpt, tmp_path / "router") if routing.startswith("mod") else model_out / "router"
     vlm = StreamVLM.from_pretrained(model_out, routing=router_dir)

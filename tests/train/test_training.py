@@ -121,8 +121,14 @@ def test_bad_settings_give_clear_errors():
 
     with pytest.raises(StreamVLMError, match="model_dir"):
         RouterTrainingModule()
-    with pytest.raises(StreamVLMError, match="nothing to train"):
+    with pytest.raises(StreamVLMError, match="no weights of its own to train; .*router\\+lora or all"):
         RouterTrainingModule(tiny=True, routing="dense")
+    with pytest.raises(StreamVLMError, match="no weights of its own"):
+        RouterTrainingModule(tiny=True, routing="skip:block")
+    with pytest.raises(StreamVLMError, match="MoD router's scorers"):
+        RouterTrainingModule(tiny=True, routing="skip:block", trainable="all", rank_weight=1.0)
+    with pytest.raises(StreamVLMError, match="model.tiny: choose a family"):
+        RouterTrainingModule(tiny="llama")
     with pytest.raises(StreamVLMError, match="trainable"):
         RouterTrainingModule(tiny=True, trainable="some")
 
