@@ -286,10 +286,14 @@ class RouterTrainingModule(L.LightningModule):
         order, first_row = self._runs(sample)
         features = self._features(sample, order)
         step = self.vlm.adapter.frames_per_step
+
+        def encoded(start: int, end: int) -> torch.Tensor:
+            """The frames of tokens of the run of input frames start..end-1."""
+            first = first_row[start]
+            return features[first:first + math.ceil((end - start) / step)]
+
         builder = SequenceBuilder(self.vlm.adapter, trace=False)
-        pieces = lay_out_dialogue(builder, sample.events, sample.timestamps.tolist(),
-                                  lambda start, end: features[first_row[start]:first_row[start] + math.ceil((end - start) / step)],
-                                  self.stop_ids)
+        pieces = lay_out_dialogue(builder, sample.events, sample.timestamps.tolist(), encoded, self.stop_ids)
         rows, targets = target_rows(pieces, builder)
         if not rows:
             raise StreamVLMError(f"sample {sample.id} has no answer tokens to train on")

@@ -631,7 +631,8 @@ def _once(picks):
         last = item
 
 
-def _read_nearest(info: _Info, targets: np.ndarray, start: float, stop: float, finish) -> tuple[np.ndarray, torch.Tensor]:
+def _read_nearest(info: _Info, targets: np.ndarray, start: float, stop: float,
+                  finish) -> tuple[np.ndarray, torch.Tensor]:
     if _decord_pays(info, len(targets), start, stop):
         result = _read_nearest_decord(info, targets, start, stop, finish)
         if result is not None:
