@@ -289,18 +289,11 @@ def _init_tiny_family(args, out: Path) -> int:
     sizes = {k: v for k, v in (("num_layers", args.layers), ("hidden_size", args.hidden)) if v}
     if args.real_small:
         raise StreamVLMError(f"--real-small is only for llava_onevision, not {args.family}")
-    if args.family in ("qwen2_vl", "qwen2_5_vl"):
-        from streamvlm.tiny.qwen import write_tiny_qwen
-        write_tiny_qwen(out, args.family, seed=args.seed, **sizes)
-    else:
-        if sizes:
-            raise StreamVLMError(f"--layers and --hidden are not supported for {args.family}")
-        if args.family == "qwen3_vl":
-            from streamvlm.tiny.qwen3 import write_tiny_qwen3_vl
-            write_tiny_qwen3_vl(out, seed=args.seed)
-        else:
-            from streamvlm.tiny.smolvlm import write_tiny_smolvlm
-            write_tiny_smolvlm(out, seed=args.seed)
+    if sizes and args.family not in ("qwen2_vl", "qwen2_5_vl"):
+        raise StreamVLMError(f"--layers and --hidden are not supported for {args.family}")
+    from streamvlm.tiny.families import write_tiny_family
+
+    write_tiny_family(out, args.family, seed=args.seed, **sizes)
     print(f"wrote a random (untrained) {args.family} checkpoint to {out}; try it: streamvlm ask --model {out}")
     return 0
 

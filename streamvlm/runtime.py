@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -113,11 +113,18 @@ class StreamVLM:
         return 0 if room < 0 else (1 + room // later) * step
 
     def read_video(self, path, *, num_frames: int | None = None, fps: float | None = None, start: float = 0.0,
-                   end: float | None = None, max_frames: int | None = None, reserve_tokens: int = 0) -> VideoClip:
+                   end: float | None = None, max_frames: int | None = None, reserve_tokens: int = 0,
+                   admit: Callable[[int], None] | None = None) -> VideoClip:
         """`streamvlm.video.files.read_video` with this model's bounds: the frame count is checked against the
         context (frame_capacity(reserve_tokens)) before anything is decoded (FrameBudgetError), and each
         frame is resized to the model's input size as it is decoded, so full-size frames are never held
-        together. The pixels the model sees are the same as preprocessing the full-size frames."""
+        together. The pixels the model sees are the same as preprocessing the full-size frames.
+        admit: a check of the frame count of your own instead (e.g. against a budget other media share)."""
+        return read_video(path, num_frames=num_frames, fps=fps, start=start, end=end, max_frames=max_frames,
+                          resize=self.resize, admit=admit or self._within_context(reserve_tokens))
+
+    def _within_context(self, reserve_tokens: int) -> Callable[[int], None]:
+        """A read's admit: refuses (FrameBudgetError) more frames than frame_capacity(reserve_tokens)."""
         capacity = self.frame_capacity(reserve_tokens)
 
         def admit(count: int) -> None:
@@ -129,8 +136,7 @@ class StreamVLM:
                     f"{' besides the text' if reserve_tokens else ''}; ask for at most {capacity} frames "
                     "(fewer num_frames, a lower fps, or max_frames)", count, capacity)
 
-        return read_video(path, num_frames=num_frames, fps=fps, start=start, end=end, max_frames=max_frames,
-                          resize=self.resize, admit=admit)
+        return admit
 
     def iter_frames(self, path, *, fps: float | None = None, start: float = 0.0, end: float | None = None,
                     max_frames: int | None = None) -> Iterator[TimedFrame]:

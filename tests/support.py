@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from streamvlm.tiny import TinySpec
+from streamvlm.tiny.families import write_tiny_family
 
 # Several tiny shapes: grouped-query attention, an odd patch grid (pooling rounds up: 5x5 -> 3x3),
 # multi-query attention with more layers, and full multi-head attention.
@@ -174,23 +175,8 @@ class Exchange:
     answer: str
 
 
-FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm")
 
 
 def tiny_family_checkpoint(family: str, root) -> str:
     """A tiny random checkpoint of `family` that transformers writes, in root/family."""
-    if family == "llava_onevision":
-        from streamvlm.tiny import TinySpec, write_tiny_checkpoint
-
-        return write_tiny_checkpoint(root / family, TinySpec())
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        from streamvlm.tiny.qwen import write_tiny_qwen
-
-        return write_tiny_qwen(root / family, family, seed=0)
-    if family == "qwen3_vl":
-        from streamvlm.tiny.qwen3 import write_tiny_qwen3_vl
-
-        return write_tiny_qwen3_vl(root / family, seed=0)
-    from streamvlm.tiny.smolvlm import write_tiny_smolvlm
-
-    return write_tiny_smolvlm(root / family, seed=0)
+    return write_tiny_family(root / family, family)

@@ -51,6 +51,7 @@ from streamvlm.routers import DenseRouter, MoDRouter, RoutingConfig, build_route
 from streamvlm.runtime import StreamVLM
 from streamvlm.sequence import SequenceBuilder, lay_out_dialogue, target_rows
 from streamvlm.train.data import Sample, VideoDataModule
+from streamvlm.tiny.families import FAMILIES as TINY_FAMILIES
 from streamvlm.train.weights import is_language_model_weight
 
 logger = logging.getLogger(__name__)
@@ -59,30 +60,17 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 
 TRAINABLE = ("router", "router+lora", "all", "model")
 LOSSES = ("distill", "lm", "distill+lm")
-TINY_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm")
-
-
 def write_training_checkpoint(family: str, out_dir: str | Path) -> Path:
     """A small random checkpoint of `family` for CPU runs: 4 decoder layers of width 64 and 16 tokens per
     frame of tokens, so three routed layers have something to choose from."""
-    if family == "llava_onevision":
+    from streamvlm.tiny.families import write_tiny_family
+
+    if family == "llava_onevision":  # its default tiny tower gives 4 tokens per frame: a larger frame
         from streamvlm.tiny import TinySpec, write_tiny_checkpoint
 
         return write_tiny_checkpoint(out_dir, TinySpec(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
                                                        intermediate_size=128, image_size=56, patch_size=7))
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        from streamvlm.tiny.qwen import write_tiny_qwen
-
-        return write_tiny_qwen(out_dir, family, num_layers=4)
-    if family == "qwen3_vl":
-        from streamvlm.tiny.qwen3 import write_tiny_qwen3_vl
-
-        return write_tiny_qwen3_vl(out_dir, num_layers=4)
-    if family == "smolvlm":
-        from streamvlm.tiny.smolvlm import TinySmolVLMSpec, write_tiny_smolvlm
-
-        return write_tiny_smolvlm(out_dir, spec=TinySmolVLMSpec(num_layers=4))
-    raise StreamVLMError(f"model.tiny: choose a family among {', '.join(TINY_FAMILIES)} (or true), got {family!r}")
+    return write_tiny_family(out_dir, family, num_layers=4)
 
 
 def tiny_training_model_dir(family: str = "llava_onevision") -> Path:

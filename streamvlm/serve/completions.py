@@ -45,7 +45,7 @@ from streamvlm.serve.errors import APIError
 from streamvlm.serve.images import load_image
 from streamvlm.serve.media import MediaPolicy
 from streamvlm.session import Session
-from streamvlm.video.files import VideoClip, read_video
+from streamvlm.video.files import VideoClip
 
 log = logging.getLogger(__name__)
 
@@ -418,11 +418,11 @@ class _FrameBudget:
 
 
 def _read_video(vlm: StreamVLM, policy: MediaPolicy, job: ChatJob, part: VideoPart, budget: _FrameBudget) -> VideoClip:
-    # StreamVLM.read_video, with the frame count checked against what the message's other media left
+    # the frame count checked against what the message's other media left
     with policy.video(part.url, part.param) as path:
         try:
-            return read_video(path, num_frames=job.num_frames, fps=job.fps, max_frames=job.max_frames,
-                              resize=vlm.resize, admit=lambda count: budget.take(count, "video frames", "video"))
+            return vlm.read_video(path, num_frames=job.num_frames, fps=job.fps, max_frames=job.max_frames,
+                                  admit=lambda count: budget.take(count, "video frames", "video"))
         except StreamVLMError as e:
             raise APIError(400, f"{part.param}: {e}", param=part.param, code="bad_video") from None
 

@@ -160,15 +160,9 @@ def test_loaded_sample_over_the_budget_is_cut_after_a_whole_exchange(tmp_path, c
 @pytest.fixture(scope="module", params=["llava_onevision", "qwen2_5_vl", "qwen3_vl", "smolvlm"])
 def adapter(request, tmp_path_factory):
     from streamvlm.runtime import StreamVLM
-    from streamvlm.tiny import TinySpec, write_tiny_checkpoint
-    from streamvlm.tiny.qwen import write_tiny_qwen
-    from streamvlm.tiny.qwen3 import write_tiny_qwen3_vl
-    from streamvlm.tiny.smolvlm import write_tiny_smolvlm
+    from streamvlm.tiny.families import write_tiny_family
 
-    writers = {"llava_onevision": lambda out: write_tiny_checkpoint(out, TinySpec()),
-               "qwen2_5_vl": lambda out: write_tiny_qwen(out, "qwen2_5_vl"),
-               "qwen3_vl": write_tiny_qwen3_vl, "smolvlm": write_tiny_smolvlm}
-    out = writers[request.param](tmp_path_factory.mktemp(request.param))
+    out = write_tiny_family(tmp_path_factory.mktemp(request.param), request.param)
     return StreamVLM.from_pretrained(out, device="cpu").adapter
 
 

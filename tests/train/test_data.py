@@ -442,19 +442,10 @@ def test_resumed_run_sees_the_order_of_an_uninterrupted_run(tmp_path):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Tiny checkpoints of four families: their processor configs say how each samples frames."""
-    from streamvlm.tiny import TinySpec, write_tiny_checkpoint
-    from streamvlm.tiny.qwen import write_tiny_qwen
-    from streamvlm.tiny.qwen3 import write_tiny_qwen3_vl
-    from streamvlm.tiny.smolvlm import write_tiny_smolvlm
+    from streamvlm.tiny.families import FAMILIES, write_tiny_family
 
     root = tmp_path_factory.mktemp("checkpoints")
-    return {
-        "qwen2_5_vl": write_tiny_qwen(root / "qwen2_5_vl", "qwen2_5_vl"),
-        "qwen2_vl": write_tiny_qwen(root / "qwen2_vl", "qwen2_vl"),
-        "qwen3_vl": write_tiny_qwen3_vl(root / "qwen3_vl"),
-        "smolvlm": write_tiny_smolvlm(root / "smolvlm"),
-        "llava_onevision": write_tiny_checkpoint(root / "llava_onevision", TinySpec()),
-    }
+    return {family: write_tiny_family(root / family, family) for family in FAMILIES}
 
 
 QWEN = FrameSampling(fps=2.0, fps_rule="floor", min_frames=4, max_frames=768, multiple=2)
