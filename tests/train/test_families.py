@@ -12,11 +12,12 @@ import lightning as L
 import pytest
 import torch
 
-from streamvlm import StreamVLM
+from streamvlm import StreamVLM, StreamVLMError
 from streamvlm.train.data import Exchange, Frames, Sample, VideoDataModule
+from streamvlm.tiny.families import FAMILIES
 from streamvlm.train.module import RouterTrainingModule, export_router, write_training_checkpoint
 from streamvlm.train.world_model import export_model
-from support import FAMILIES, random_frames, tiny_family_checkpoint
+from support import random_frames, tiny_family_checkpoint
 
 DIALOGUE = [("What is moving?", "a red square"), ("Where?", "left"), ("And now?", "up")]
 
@@ -136,6 +137,10 @@ def test_the_language_model_trains_with_the_router_or_under_a_training_free_poli
     ckpt = _fit_and_save(module, tmp_path, videos=8, frames=4, epochs=6)
     model_out = export_model(ckpt, tmp_path / "model")
     router_dir = export_router(ckpt, tmp_path / "router") if routing.startswith("mod") else model_out / "router"
+    if not routing.startswith("mod"):  # nothing of the policy's own to export: `export` says what to run instead
+        with pytest.raises(StreamVLMError, match=f"under {routing} .*export-model CKPT OUT"):
+            export_router(ckpt, tmp_path / "router")
+        assert not (tmp_path / "router").exists()
     vlm = StreamVLM.from_pretrained(model_out, routing=router_dir)
     assert vlm.router.spec() == module.router.spec()
     sample = _sample(module.vlm)
@@ -146,3 +151,15 @@ def test_the_language_model_trains_with_the_router_or_under_a_training_free_poli
     torch.testing.assert_close(_routed_session_logits(vlm, sample), trained, atol=5e-4, rtol=1e-3)
     untouched = StreamVLM.from_pretrained(model_dir, routing=router_dir)
     assert not torch.allclose(_routed_session_logits(untouched, sample), trained, atol=5e-4)  # the weights moved
+
+
+def test_export_model_refuses_a_checkpoint_that_trained_only_a_router(tmp_path):
+    module = RouterTrainingModule(model_dir=str(write_training_checkpoint("smolvlm", tmp_path / "m")),
+                                  routing="mod:0.25:all:1")
+    trainer = L.Trainer(max_epochs=0, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "router.ckpt")
+    with pytest.raises(StreamVLMError, match="did not train the model .*streamvlm-train export"):
+        export_model(tmp_path / "router.ckpt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
