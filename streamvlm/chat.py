@@ -9,6 +9,11 @@ sentinel strings in place of the question and the answer and cutting at them:
 
 `before_video` must not depend on the question (true when the template writes media before the text,
 as every supported family does); frames arrive before the question is known.
+
+A turn may carry text the user wrote before its video (`preface`, e.g. "Watch this clip:"): it is a text
+part before the video in the user message, so the template puts it where it puts such text (before the
+video for templates that write parts in order, after it for those that write media first), exactly as the
+family's processor would lay out the same message.
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ class UserTurnText:
     """Text after the video placeholder, through the opening of the assistant's answer."""
 
 
-def user_message(question: str, with_video: bool) -> dict:
-    content = ([{"type": "video"}] if with_video else []) + [{"type": "text", "text": question}]
+def user_message(question: str, with_video: bool, preface: tuple[str, ...] = ()) -> dict:
+    """A user turn: the preface's text parts, the video, then the question (no part when it is empty)."""
+    content = ([{"type": "text", "text": text} for text in preface] + ([{"type": "video"}] if with_video else [])
+               + ([{"type": "text", "text": question}] if question else []))
     return {"role": "user", "content": content}
 
 
@@ -64,9 +71,10 @@ class ChatLayout:
                 "output for the first n-1")
         return text[len(before):]
 
-    def user_turn(self, history: list[dict], question: str, with_video: bool) -> UserTurnText:
+    def user_turn(self, history: list[dict], question: str, with_video: bool,
+                  preface: tuple[str, ...] = ()) -> UserTurnText:
         """The text of a new user turn after `history` (which ends with an assistant turn, or is empty)."""
-        delta = self._delta(history, user_message(question, with_video))
+        delta = self._delta(history, user_message(question, with_video, preface))
         if not with_video:
             return UserTurnText(before_video="", after_video=delta)
         if delta.count(self.video_token) != 1:
@@ -76,17 +84,17 @@ class ChatLayout:
         before, after = delta.split(self.video_token)
         return UserTurnText(before_video=before, after_video=after)
 
-    def before_video(self, history: list[dict]) -> str:
+    def before_video(self, history: list[dict], preface: tuple[str, ...] = ()) -> str:
         """The text of a new user turn before its video, which must not depend on the question."""
-        turn = self.user_turn(history, _QUESTION, with_video=True)
+        turn = self.user_turn(history, _QUESTION, with_video=True, preface=preface)
         if _QUESTION in turn.before_video:
             raise StreamVLMError(
                 "the chat template puts the question before the video; a stream needs the video first")
         return turn.before_video
 
-    def closing(self, history: list[dict], question: str, with_video: bool) -> str:
+    def closing(self, history: list[dict], question: str, with_video: bool, preface: tuple[str, ...] = ()) -> str:
         """Text that follows an answer to close the assistant turn (e.g. "<|im_end|>\\n")."""
-        text = self.render(history + [user_message(question, with_video), assistant_message(_ANSWER)],
+        text = self.render(history + [user_message(question, with_video, preface), assistant_message(_ANSWER)],
                            add_generation_prompt=False)
         if text.count(_ANSWER) != 1:
             raise StreamVLMError("the chat template does not write the assistant's answer verbatim")

@@ -7,6 +7,7 @@ out with the same object and feeds it as one chunk. Nothing here touches a cache
 
     plan_frames(spans)      text ids around each frame of tokens (not committed: the caller makes room first)
     frame_pieces(plan, f)   commit: the frames' pieces (text before each frame, the frame's features)
+    say(text)               text the user writes in the open turn: before its video, or between its frames
     question(q)             the question's pieces and the closing ids (not committed); commit(plan) after
     place(pieces)           -> Chunk: absolute positions, and M-RoPE positions for Qwen-VL families
     close_turn(q, answer)   the exchange joins the history the template renders later turns after
@@ -15,6 +16,11 @@ Layout of one user turn with a video (hooks of the family adapter, `FamilyAdapte
 
     [template text before the video] video_intro() frame_text(0)[0] <frame 0> frame_text(0)[1]
     frame_text(1)[0] <frame 1> ... frame_text(k)[1] video_outro() <video_tail()> [template text after]
+
+Text the user writes before the turn's video (`say` before any frame) is the turn's preface: a text part
+before the video in the user message, placed by the template (`ChatLayout`). Text written between frames
+of one video cannot be said in a template (it has one placeholder per video), so it is written where it
+stands: its ids go in front of the next frame's text, or of the video's outro when the question follows.
 
 M-RoPE (Qwen-VL): text runs on from the largest position so far + 1 (as transformers' generate does); a
 frame's (3, tokens) grid comes from the adapter's `vision_rope`, given the position after the text before
@@ -94,6 +100,8 @@ class QuestionPlan:
     """The video's tail (when the turn has frames) and the prompt text through the answer's opening."""
     closing_ids: tuple[int, ...]
     """What closes the assistant turn after the answer (e.g. "<|im_end|>\\n")."""
+    preface: tuple[str, ...] = ()
+    """Text the user wrote before the turn's video."""
 
 
 class SequenceBuilder:
@@ -122,6 +130,8 @@ class SequenceBuilder:
         self.video_t0 = 0.0
         self.video_rope = 0
         self.owed_text = ""
+        self.preface: list[str] = []
+        """Text the user wrote in the open turn before its video (the template places it)."""
         self._video_token_id = adapter.tokenizer.convert_tokens_to_ids(adapter.frame_token)
         self._trace = array("i") if trace else None
 
@@ -135,7 +145,7 @@ class SequenceBuilder:
         adapter = self.adapter
         starts = tuple(span[0] for span in spans)
         shown = tuple(sum(span) / len(span) for span in spans)
-        opening = self.layout.before_video(self.history) if self.open_video_text is None else ""
+        opening = self.layout.before_video(self.history, tuple(self.preface)) if self.open_video_text is None else ""
         video_t0 = starts[0] if self.open_video_text is None else self.video_t0
         texts, owed = [], self.owed_text
         for i, seconds in enumerate(shown):
@@ -167,16 +177,25 @@ class SequenceBuilder:
         self.started = True
         return pieces
 
+    def say(self, text: str) -> None:
+        """Text the user writes at this point of the open turn: its preface when no frame of the turn is laid
+        out yet, else text between two frames (laid out in front of what follows the last frame)."""
+        if self.open_video_text is None:
+            self.preface.append(text)
+        else:
+            self.owed_text += text
+
     # -- questions and answers -------------------------------------------------------------------
 
     def question(self, question: str) -> QuestionPlan:
         """The user turn of `question` after everything laid out so far (the open video, if any)."""
         with_video = self.open_video_text is not None
-        turn = self.layout.user_turn(self.history, question, with_video)
+        preface = tuple(self.preface)
+        turn = self.layout.user_turn(self.history, question, with_video, preface)
         if with_video and turn.before_video != self.open_video_text:
             raise StreamVLMError("the chat template's text before the video depends on the question; "
                                  "it cannot be streamed")
-        closing = self.adapter.tokenizer(self.layout.closing(self.history, question, with_video),
+        closing = self.adapter.tokenizer(self.layout.closing(self.history, question, with_video, preface),
                                          add_special_tokens=False)["input_ids"]
         if with_video:
             text = self.owed_text + self.adapter.video_outro() + turn.after_video
@@ -185,7 +204,7 @@ class SequenceBuilder:
         pieces: list[Piece] = [TextPiece(tuple(self.text_ids(text, first=not self.started)))]
         if with_video:
             pieces.insert(0, TailPiece())
-        return QuestionPlan(question, with_video, tuple(pieces), tuple(closing))
+        return QuestionPlan(question, with_video, tuple(pieces), tuple(closing), preface)
 
     def commit(self, plan: QuestionPlan) -> None:
         """The question's text is being fed: the preamble went with it."""
@@ -194,7 +213,8 @@ class SequenceBuilder:
 
     def close_turn(self, plan: QuestionPlan, answer: str) -> None:
         """The exchange joins the history; the next frames open a new video."""
-        self.history += [user_message(plan.question, plan.with_video), assistant_message(answer)]
+        self.history += [user_message(plan.question, plan.with_video, plan.preface), assistant_message(answer)]
+        self.preface = []
         self.open_video_text = None
         self.video_steps = 0
         self.owed_text = ""

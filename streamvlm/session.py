@@ -63,6 +63,7 @@ class Session:
         self._tokens_seen = 0
         self._question_evicted = 0
         self._peak_kv_bytes = 0
+        self._said = False  # the open turn has text from say()
 
     # -- feeding ---------------------------------------------------------------------------------
 
@@ -183,6 +184,18 @@ class Session:
                 self.flops.vision += (last - first) * adapter.vision.vision_flops_per_frame
             self._run(self._seq.frame_pieces(plan, features), logits="none")
 
+    def say(self, text: str) -> None:
+        """Text the user writes in the open turn at this point: before its first frame (the template places
+        it, as it places text before a video in a message), or between frames, where it is written as is. The
+        question that follows ends the turn; it may then be empty."""
+        if not isinstance(text, str):
+            raise StreamVLMError(f"say() takes text, got {type(text).__name__}")
+        if not text:
+            return
+        self._feed_pending()  # a frame held for its pair goes before the text
+        self._seq.say(text)
+        self._said = True
+
     # -- asking ----------------------------------------------------------------------------------
 
     def ask(self, question: str, **sampling) -> str:
@@ -215,7 +228,7 @@ class Session:
     def _open_question(self, question: str, extra_tokens: int) -> QuestionPlan:
         """Check the question and lay out its user turn (nothing of the turn is fed yet; a frame held for its
         pair is fed now, closing the video)."""
-        if not isinstance(question, str) or not question.strip():
+        if not isinstance(question, str) or not (question.strip() or self._said):
             raise StreamVLMError("the question is empty; ask something about the video")
         self._feed_pending()
         plan = self._seq.question(question)
@@ -266,6 +279,7 @@ class Session:
             self._run([TextPiece(rest)], logits="none")
         text = self._adapter.tokenizer.decode(answer.ids, skip_special_tokens=True)
         self._seq.close_turn(plan, text)
+        self._said = False
         self.turns.append(Turn(question=plan.question, answer=text, answer_ids=tuple(answer.ids),
                                frames_seen=self._frames, stream_time=self._last_timestamp,
                                stop_reason=answer.stop_reason, context_tokens=context))

@@ -52,8 +52,11 @@ class _VideoProcessorStandIn:
         return BatchFeature({"pixel_values_videos": self.pixels[None]})
 
 
-def hf_inputs(model_dir, pixels: torch.Tensor, prompt: str) -> dict:
-    """input_ids and pixel_values_videos as transformers' LlavaOnevisionProcessor builds them."""
+def hf_inputs(model_dir, pixels: torch.Tensor, prompt: str, preface: tuple[str, ...] = (),
+              chat_template: str | None = None) -> dict:
+    """input_ids and pixel_values_videos as transformers' LlavaOnevisionProcessor builds them for a user
+    message of the preface's text parts, the video and the prompt (with the checkpoint's chat template, or
+    the one given)."""
     from transformers import AutoTokenizer, LlavaOnevisionProcessor
     from transformers.processing_utils import ProcessorMixin
 
@@ -63,8 +66,9 @@ def hf_inputs(model_dir, pixels: torch.Tensor, prompt: str) -> dict:
         proc = LlavaOnevisionProcessor(image_processor=None, tokenizer=tok,
                                        video_processor=_VideoProcessorStandIn(pixels),
                                        num_image_tokens=num_image_tokens, vision_feature_select_strategy="full",
-                                       chat_template=tok.chat_template)
-    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+                                       chat_template=chat_template or tok.chat_template)
+    content = [{"type": "text", "text": text} for text in preface] + [{"type": "video"}]
+    conversation = [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
     text = proc.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     out = proc(text=text, videos=[pixels.numpy()], return_tensors="pt")
     return {"input_ids": out["input_ids"], "pixel_values_videos": out["pixel_values_videos"]}

@@ -12,9 +12,13 @@ Media, in the order the message gives them, on one timeline (one video, as the s
   video (lmms-eval samples it and sends a PNG per frame). A text part that is only `<T seconds>` (or
   `<T s>`) right before an image gives that frame's time and is not text (lmms-eval's Qwen3-VL layout);
   without them the frames are 1/fps apart (the video options' fps, default 1).
-A later video or run starts where the one before ended (its times shifted when they would overlap). The
-text parts, wherever they stand, make the question, joined by newlines: the session puts a turn's video
-before its text, as every supported family's template does.
+A later video or run starts where the one before ended (its times shifted when they would overlap).
+
+Text stays where it stands: the text after the last video or image run is the question; text before the
+first is the turn's preface, which the checkpoint's chat template places as it places text before a video
+(before it for templates that write parts in order, after it for those that write media first, as the
+family's own processor would); text between two runs is written between their frames (`Session.say`).
+Consecutive text parts are joined by newlines.
 
 Extensions (sent by the openai client through `extra_body`): `video` {num_frames | fps, max_frames}
 (default 8 frames spread over the video, as `streamvlm ask`), `routing` (a --routing spec), `top_k`. vLLM's
@@ -158,6 +162,8 @@ class ImageRun:
 
 
 Media = VideoPart | ImageRun
+Content = VideoPart | ImageRun | str
+"""A user message's media in order, with the text before and between them (a str) where it stands."""
 
 
 @dataclass
@@ -167,7 +173,8 @@ class ChatJob:
     question: str
     system: str | None = None
     history: list[tuple[str, str]] = field(default_factory=list)
-    media: list[Media] = field(default_factory=list)
+    media: list[Content] = field(default_factory=list)
+    """The first user message's videos, image runs and the text before and between them, in order."""
     num_frames: int | None = DEFAULT_FRAMES
     fps: float | None = None
     max_frames: int | None = None
@@ -230,7 +237,7 @@ def parse_request(req: ChatRequest, model_id: str) -> ChatJob:
         if message.role != expected:
             raise APIError(400, f"{param}: expected a {expected} message here (user and assistant take turns, "
                                 "starting with the user)", param=param)
-        if message.role == "user" and not text.strip():
+        if message.role == "user" and not text.strip() and not any(isinstance(m, str) for m in media):
             raise APIError(400, f"{param}: the user message has no text; ask a question about the video",
                            param=param)
         turns.append((message.role, text))
@@ -269,16 +276,22 @@ def _video_options(req: ChatRequest) -> VideoOptions:
     return VideoOptions.model_validate(merged)
 
 
-def _content(message: Message, param: str) -> tuple[str, list[Media]]:
-    """The text of a message (its text parts joined by newlines) and its media, in order (see the module's
-    docstring)."""
+def _content(message: Message, param: str) -> tuple[str, list[Content]]:
+    """A message's last text (its text parts after the last video or image run, joined by newlines) and, in
+    order, its media with the text before and between them (see the module's docstring)."""
     if message.content is None:
         return "", []
     if isinstance(message.content, str):
         return message.content, []
-    texts: list[str] = []
-    media: list[Media | _Run] = []
+    texts: list[str] = []  # text parts since the last video or image run
+    media: list[Content | _Run] = []
     run: _Run | None = None  # the image run being read
+
+    def text_stands_here() -> None:
+        if texts:
+            media.append("\n".join(texts))
+            texts.clear()
+
     stamp: float | None = None  # the time a <T seconds> part gave the next image
     parts = message.content
     for j, part in enumerate(parts):
@@ -287,6 +300,7 @@ def _content(message: Message, param: str) -> tuple[str, list[Media]]:
             if part.image_url is None:
                 raise APIError(400, f"{where}: an image_url part needs {{'image_url': {{'url': ...}}}}", param=where)
             if run is None:
+                text_stands_here()
                 run = _Run()
                 media.append(run)
             run.add(part.image_url.url, f"{where}.image_url.url", stamp)
@@ -297,16 +311,19 @@ def _content(message: Message, param: str) -> tuple[str, list[Media]]:
             if match and j + 1 < len(parts) and parts[j + 1].type == "image_url":
                 stamp = float(match.group(1))
                 continue
-            texts.append(part.text or "")
+            if part.text:
+                texts.append(part.text)
         elif part.type == "video_url":
             if part.video_url is None:
                 raise APIError(400, f"{where}: a video_url part needs {{'video_url': {{'url': ...}}}}", param=where)
+            text_stands_here()
             media.append(VideoPart(part.video_url.url, f"{where}.video_url.url"))
         else:
             raise APIError(400, f"{where}: unknown content type {part.type!r}; use text, video_url or image_url",
                            param=where, code="unsupported_content")
         run = None
-    return "\n".join(texts), [item.close() if isinstance(item, _Run) else item for item in media]
+    content = [item.close() if isinstance(item, _Run) else item for item in media]
+    return "\n".join(texts), content
 
 
 class _Run:
@@ -366,12 +383,14 @@ def run_chat(engine: Engine, media: MediaPolicy, job: ChatJob) -> Iterator[str |
 
 
 def _feed_media(vlm: StreamVLM, session: Session, policy: MediaPolicy, job: ChatJob) -> float:
-    """Feed the conversation's videos and image runs into the session in order, on one timeline; returns the
-    seconds they span. Their frames are counted against the context before anything is decoded (the images'
-    at once, each video's as its read is planned), and each frame is resized to the model's input size as it
-    is decoded, so no two full-size frames are held together."""
+    """Feed the conversation's videos and image runs into the session in order, on one timeline, with the text
+    before and between them where it stands; returns the seconds they span. Their frames are counted against
+    the context before anything is decoded (the images' at once, each video's as its read is planned), and
+    each frame is resized to the model's input size as it is decoded, so no two full-size frames are held
+    together."""
     # the text's tokens are kept free: frames that leave no room for the question are refused before decoding
-    texts = [job.question, *(text for exchange in job.history for text in exchange), job.system or ""]
+    texts = [job.question, *(text for exchange in job.history for text in exchange), job.system or "",
+             *(part for part in job.media if isinstance(part, str))]
     reserve = sum(len(vlm.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts if text)
     budget = _FrameBudget(vlm, reserve)
     budget.take(sum(len(run.urls) for run in job.media if isinstance(run, ImageRun)), "images", "messages")
@@ -379,6 +398,9 @@ def _feed_media(vlm: StreamVLM, session: Session, policy: MediaPolicy, job: Chat
     end = None  # where the next video or run may start: one frame interval after the last frame fed
     seconds = 0.0
     for part in job.media:
+        if isinstance(part, str):
+            session.say(part)
+            continue
         if isinstance(part, VideoPart):
             clip = _read_video(vlm, policy, job, part, budget)
             times = _after(clip.timestamps.tolist(), end)

@@ -246,16 +246,23 @@ def test_videos_images_and_text_in_one_message_keep_their_order(tiny, tiny_app, 
     (tiny_media / "extra.png").write_bytes(png(pictures[2]))
     reply = tiny_app.ask(message, max_tokens=8, extra_body={"video": {"num_frames": 4}})
 
-    # the session the server should have built: the video's 4 frames, then the images one second apart from
-    # one second after the video's last frame, then the text parts in order
+    # the session the server should have built: the text before the video, its 4 frames, the text between,
+    # then the images one second apart from one second after the video's last frame, then the question
     clip = read_video(tiny_media / "clip.mp4", num_frames=4, resize=tiny.resize)
     end = clip.timestamps[-1].item() + 1.0
     images = torch.stack([tiny.resize(load_image(data, "p")) for data in (png(pictures[0]), jpeg(pictures[1]))]
                          + [tiny.resize(pictures[2])])
     session = tiny.session(max_new_tokens=8)
+    session.say("Look at this.")
     session.append_frames(clip.frames, clip.timestamps.tolist())
+    session.say("Then these:")
     session.append_frames(images, [end, end + 1, end + 2])
-    want = session.ask("Look at this.\nThen these:\nWhat changed?")
+    want = session.ask("What changed?")
+    moved = tiny.session(max_new_tokens=8)  # the text all after the media: another prompt
+    moved.append_frames(clip.frames, clip.timestamps.tolist())
+    moved.append_frames(images, [end, end + 1, end + 2])
+    moved.ask("Look at this.\nThen these:\nWhat changed?")
+    assert moved.token_ids() != session.token_ids()
     assert reply.choices[0].message.content == want
     assert reply.usage.prompt_tokens == session.turns[-1].context_tokens
     ext = reply.model_extra["streamvlm"]
@@ -335,9 +342,13 @@ def test_stamps_runs_and_text_are_parsed_in_order():
     assert job.question == "What?"
     job = parse(text("Intro"), ref("a.png"), ref("b.png"), {"type": "video_url", "video_url": {"url": "v.mp4"}},
                 text("<3 seconds>"), ref("c.png"), text("<9 seconds>"), text("Why?"))
-    assert [type(m) for m in job.media] == [ImageRun, VideoPart, ImageRun]
-    assert job.media[0].times is None and job.media[2].urls == ("c.png",) and job.media[2].times == (3.0,)
-    assert job.question == "Intro\n<9 seconds>\nWhy?"  # a stamp before no image is text
+    assert [type(m) for m in job.media] == [str, ImageRun, VideoPart, ImageRun]
+    assert job.media[0] == "Intro"  # text before the media stands before them
+    assert job.media[1].times is None and job.media[3].urls == ("c.png",) and job.media[3].times == (3.0,)
+    assert job.question == "<9 seconds>\nWhy?"  # a stamp before no image is text
+    job = parse(text("One"), text("Two"), ref("a.png"), text("Three"), ref("b.png"))
+    assert job.media[0] == "One\nTwo" and job.media[2] == "Three" and job.question == ""
+    assert "has no text" in refusal(ref("a.png")).message
 
 
 def test_bad_stamps_and_misplaced_images_are_refused():
