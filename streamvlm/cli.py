@@ -334,8 +334,8 @@ def cmd_serve(args) -> int:
                          keep_alive_s=args.keep_alive_s, max_connections=args.max_connections,
                          max_asks_per_connection=args.max_asks_per_connection,
                          max_asks_per_stream=args.max_asks_per_stream)
-    serve(Engine(vlm, model_id, workers=args.workers), config, host=args.host, port=args.port,
-          log_level="info" if args.verbose else "warning")
+    serve(Engine(vlm, model_id, workers=args.workers, max_batch=args.max_batch), config, host=args.host,
+          port=args.port, log_level="info" if args.verbose else "warning")
     return 0
 
 
@@ -562,10 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="live streams running at once; one that ended or failed frees its slot (default 4)")
     p.add_argument("--ended-grace-s", type=_non_negative_float, default=300.0, metavar="S",
                    help="how long a stream that ended or failed stays readable before it is closed (default 300)")
+    p.add_argument("--max-batch", type=_positive_int, default=8, metavar="N",
+                   help="requests and live streams whose language-model steps run together in one forward "
+                        "(continuous batching: a request joins the running batch at its next token and leaves "
+                        "when done; default 8). 1: each request runs alone, one at a time")
     p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
-                   help="requests computed at once; more wait their turn in order (default 1: torch already "
-                        "spreads one request over the cores; measured faster than 2 on the built-in model, see "
-                        "bench serve). 2 lets a long video's decoding overlap another request's compute")
+                   help="requests worked on at once when --max-batch is 1 (default 1: torch already spreads one "
+                        "request over the cores); with batching, max(N, --max-batch) are")
     p.add_argument("--max-data-mb", type=_positive_float, default=32.0, metavar="MB",
                    help="largest video sent inline as a data: URI (default 32)")
     p.add_argument("--max-body-mb", type=_positive_float, default=48.0, metavar="MB",

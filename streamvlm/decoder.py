@@ -31,6 +31,7 @@ routed subsets vary; the variant paths) runs the same code eagerly.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -51,11 +52,20 @@ def _attention_update(p: DecoderParts, layer: LayerParts, x: torch.Tensor, cos: 
 
     attend(q (H, m, hd), keys, values) -> (H, m, hd) replaces plain attention (window, pruned heads).
     """
-    m = x.shape[0]
     h = layer.input_norm(x)
-    q = layer.q_proj(h).view(m, p.num_heads, p.head_dim).transpose(0, 1)  # (H, m, hd)
-    k = layer.k_proj(h).view(m, p.num_kv_heads, p.head_dim).transpose(0, 1)  # (KV, m, hd)
-    v = layer.v_proj(h).view(m, p.num_kv_heads, p.head_dim).transpose(0, 1)
+    attn = _attend(p, layer, layer.q_proj(h), layer.k_proj(h), layer.v_proj(h), cos, sin, keys, values, scale, attend)
+    return layer.o_proj(attn)
+
+
+def _attend(p: DecoderParts, layer: LayerParts, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, attend=None) -> torch.Tensor:
+    """The attention of m tokens from their projections q (m, H*hd), k, v (m, KV*hd): RoPE, their K/V written
+    as the last m rows of the cache views keys, values (KV, L, hd), attention. Returns (m, H*hd), before
+    o_proj. A batched step projects many sequences' rows at once and runs this per sequence."""
+    m = q.shape[0]
+    q = q.view(m, p.num_heads, p.head_dim).transpose(0, 1)  # (H, m, hd)
+    k = k.view(m, p.num_kv_heads, p.head_dim).transpose(0, 1)  # (KV, m, hd)
+    v = v.view(m, p.num_kv_heads, p.head_dim).transpose(0, 1)
     if layer.q_norm is not None:  # per-head RMSNorm of queries and keys before RoPE (Qwen3)
         q, k = layer.q_norm(q), layer.k_norm(k)
     q = apply_rope(q, cos, sin)
@@ -64,7 +74,7 @@ def _attention_update(p: DecoderParts, layer: LayerParts, x: torch.Tensor, cos: 
     keys[:, start:] = k  # the cache's buffers: compiled, this write stays in the graph, in place
     values[:, start:] = v
     attn = causal_attend(q, keys, values, scale) if attend is None else attend(q, keys, values)
-    return layer.o_proj(attn.transpose(0, 1).reshape(m, p.num_heads * p.head_dim))
+    return attn.transpose(0, 1).reshape(m, p.num_heads * p.head_dim)
 
 
 def _layer_step(p: DecoderParts, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -111,7 +121,8 @@ class Decoder:
         self.scale = parts.head_dim ** -0.5
         self.compiled = compile
         # How each layer computes is fixed here, once: the router's variant for the layer picks its path.
-        self._paths = [self._path(index, router.variant(index)) for index in range(parts.num_layers)]
+        self._variants = [router.variant(index) for index in range(parts.num_layers)]
+        self._paths = [self._path(index, variant) for index, variant in enumerate(self._variants)]
         # fullgraph: a graph break inside the step would silently put Python back into every decode step.
         # dynamic=False: only the key length, marked in `_layer`, is dynamic. Compiled graphs of `_layer_step`
         # are shared by every Decoder in the process; with automatic dynamic shapes a second model's other head
@@ -141,21 +152,14 @@ class Decoder:
         x = chunk.embeds
         cos, sin = p.rotary(x, chunk.rope_ids())  # (1, n, head_dim) each
         cos, sin = cos[0], sin[0]
-        deepstack = chunk.deepstack
-        vision_rows = chunk.vision_index.flatten() if deepstack is not None else None
         work: list[_LayerWork] = []
         for index, layer in enumerate(p.layers):
-            if deepstack is not None and 0 < index <= deepstack.shape[0]:
-                # DeepStack: the vision tower's intermediate features join the vision tokens' residual stream
-                # after each early layer, whether or not the router sent the tokens through that layer.
-                x = x.index_add(0, vision_rows, deepstack[index - 1].to(x.dtype))
+            x = _deepstack(x, chunk, index)
             decision = self.router.decide(index, x, chunk)
             x, done = self._paths[index](index, layer, x, cos, sin, chunk, decision, cache)
             if done is not None:
                 work.append(done)
-        if deepstack is not None and deepstack.shape[0] >= len(p.layers):
-            x = x.index_add(0, vision_rows, deepstack[len(p.layers) - 1].to(x.dtype))
-        return x, work
+        return _deepstack(x, chunk, len(p.layers)), work
 
     def _account(self, flops: FlopCounter, chunk: Chunk, cache: KVCache, work: list[_LayerWork], rows: int) -> None:
         """Charge the chunk to `flops` from what each layer did and the cache as the step left it (each layer
@@ -282,3 +286,106 @@ class Decoder:
         if mlp_rows.numel():
             after = after.index_add(0, mlp_rows, layer.mlp(layer.post_attention_norm(mlp_in[mlp_rows])))
         return after, _LayerWork(index, attends.numel(), mlp_rows.numel())
+
+
+class Work(NamedTuple):
+    """One sequence's part of a batched step: a chunk for its own cache, charged to its own counter."""
+
+    decoder: Decoder
+    """The sequence's decoder (its router); every decoder of a step runs the same model's weights."""
+    chunk: Chunk
+    cache: KVCache
+    flops: FlopCounter
+    logits: str = "last"
+    """As `Decoder.forward` takes it: "last", "all" or "none"."""
+
+
+def forward_batch(work: Sequence[Work]) -> list[torch.Tensor | None]:
+    """Several sequences' chunks through the model in one pass: per item what `item.decoder.forward` returns.
+
+    Each sequence keeps its own cache (its own length per layer) and its own routing. At a layer where a
+    sequence runs the standard block, its kept rows join every other such sequence's: the norms, the q/k/v,
+    o and MLP projections run once over all rows (the weights are read once per step, not once per
+    sequence, which is what a memory-bound decode step costs), and only RoPE, the cache write and attention
+    run per sequence, each over its own cache. A layer variant (window, pruned heads, vision skip) runs on
+    its sequence alone through the decoder's own path. Routing decisions stay per sequence.
+    """
+    if len(work) == 1:
+        only = work[0]
+        return [only.decoder.forward(only.chunk, only.cache, only.flops, only.logits)]
+    p = work[0].decoder.parts
+    if any(item.decoder.parts is not p for item in work):
+        raise ValueError("a batched step runs one model: every decoder must share its DecoderParts")
+    xs = [item.chunk.embeds for item in work]
+    rotations = []
+    for item in work:
+        cos, sin = p.rotary(item.chunk.embeds, item.chunk.rope_ids())  # (1, n, head_dim) each
+        rotations.append((cos[0], sin[0]))
+    done: list[list[_LayerWork]] = [[] for _ in work]
+    for index, layer in enumerate(p.layers):
+        group = []  # (item, kept rows or None for all, router weight) of the items in the standard block here
+        for b, item in enumerate(work):
+            xs[b] = _deepstack(xs[b], item.chunk, index)
+            decoder = item.decoder
+            decision = decoder.router.decide(index, xs[b], item.chunk)
+            if decoder._variants[index] is not None:
+                cos, sin = rotations[b]
+                xs[b], layer_work = decoder._paths[index](index, layer, xs[b], cos, sin, item.chunk, decision,
+                                                          item.cache)
+                if layer_work is not None:
+                    done[b].append(layer_work)
+                continue
+            keep, weight = (None, None) if decision is None else (decision.keep_index, decision.weight)
+            if keep is not None and keep.numel() == 0:  # nothing of this chunk runs here
+                continue
+            if keep is not None and keep.numel() == len(item.chunk):
+                keep = None
+            group.append((b, keep, weight))
+        if group:
+            _standard_rows(p, work, index, layer, group, xs, rotations, done)
+    for b, item in enumerate(work):
+        xs[b] = _deepstack(xs[b], item.chunk, len(p.layers))
+    heads = [xs[b][-1:] if item.logits == "last" else xs[b] for b, item in enumerate(work) if item.logits != "none"]
+    logits = iter(p.lm_head(p.norm(torch.cat(heads))).split([h.shape[0] for h in heads]) if heads else ())
+    outs = []
+    for b, item in enumerate(work):
+        out = None if item.logits == "none" else next(logits)
+        item.decoder._account(item.flops, item.chunk, item.cache, done[b], 0 if out is None else out.shape[0])
+        outs.append(out[0] if item.logits == "last" else out)
+    return outs
+
+
+def _deepstack(x: torch.Tensor, chunk: Chunk, index: int) -> torch.Tensor:
+    """DeepStack (Qwen3-VL): the vision tower's intermediate features of layer `index` - 1 join the chunk's
+    vision tokens' residual stream before layer `index` (after the last layer: index = num_layers), whether
+    or not the router sent the tokens through the layer before."""
+    stack = chunk.deepstack
+    if stack is None or not 0 < index <= stack.shape[0]:
+        return x
+    return x.index_add(0, chunk.vision_index.flatten(), stack[index - 1].to(x.dtype))
+
+
+def _standard_rows(p: DecoderParts, work: Sequence[Work], index: int, layer: LayerParts, group: list, xs: list,
+                   rotations: list, done: list) -> None:
+    """The standard block at layer `index` over the kept rows of every sequence in `group`, all projected at
+    once; each sequence attends over its own cache. Updates xs and done in place."""
+    rows = [xs[b] if keep is None else xs[b][keep] for b, keep, _ in group]
+    sizes = [r.shape[0] for r in rows]
+    x = torch.cat(rows)  # (M, d)
+    h = layer.input_norm(x)
+    q, k, v = layer.q_proj(h).split(sizes), layer.k_proj(h).split(sizes), layer.v_proj(h).split(sizes)
+    attended = []
+    for i, (b, keep, _) in enumerate(group):
+        chunk, cos, sin = work[b].chunk, *rotations[b]
+        taken = slice(None) if keep is None else keep
+        keys, values = work[b].cache.extend(index, chunk.positions[taken], chunk.kinds[taken], chunk.frames[taken])
+        attended.append(_attend(p, layer, q[i], k[i], v[i], cos[taken], sin[taken], keys, values,
+                                work[b].decoder.scale))
+    a = layer.o_proj(torch.cat(attended))
+    weights = [w for _, _, w in group]
+    weight = None if all(w is None for w in weights) else torch.cat(
+        [torch.ones(m, dtype=x.dtype, device=x.device) if w is None else w for w, m in zip(weights, sizes)])
+    out = _add_mlp(layer, x, a, weight).split(sizes)
+    for i, (b, keep, _) in enumerate(group):
+        xs[b] = out[i] if keep is None else xs[b].index_copy(0, keep, out[i])
+        done[b].append(_LayerWork(index, sizes[i], sizes[i]))

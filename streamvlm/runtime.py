@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -83,6 +84,14 @@ class StreamVLM:
         parts = self.adapter.decoder
         router = resolve_routing(routing, parts.num_layers, parts.hidden_size, self.adapter.model_dir)
         return StreamVLM(self.adapter, router, self.sampling, self.max_chunk_frames, self.decoder.compiled)
+
+    def batched(self, batcher) -> StreamVLM:
+        """This model, its router and weights shared, whose sessions' forwards run in `batcher`'s steps with
+        the other sessions it runs (continuous batching: `streamvlm.batching`). Drive each session from its
+        own thread."""
+        view = copy.copy(self)
+        view.decoder = batcher.decoder(self.decoder)
+        return view
 
     @property
     def tokenizer(self):

@@ -29,7 +29,8 @@ def serve(engine: Engine, config: ServeConfig, host: str = "127.0.0.1", port: in
     port = sock.getsockname()[1]
     shown = f"[{host}]" if sock.family == socket.AF_INET6 else host
     print(f"streamvlm serve: listening on http://{shown}:{port} (model {engine.model_id!r}, routing "
-          f"{engine.default_routing}, {engine.workers} worker(s)); web page at /, API description at /docs",
+          f"{engine.default_routing}, {engine.workers} worker(s), batches of up to {engine.max_batch}); web page at /, "
+          "API description at /docs",
           flush=True)
     _fixed_mmap_threshold()
     app = create_app(engine, config)

@@ -1,9 +1,13 @@
 """The loaded model and the threads that run it for the server.
 
 Model work never runs on the event loop. A request's work (decode the video, ingest it, answer) runs on
-one of `workers` threads; while they are busy, requests wait their turn in order. One worker is the
-default: torch already spreads a request's operations over the cores, and two workers on two cores
-oversubscribe them (measured: 11.0 vs 8.2 requests/s on the built-in model at 1 to 16 clients).
+one of max(workers, max_batch) threads; while they are busy, requests wait their turn in order.
+
+With max_batch > 1 the language model's forwards of every request and live stream run in one `Batcher`
+(continuous batching, `streamvlm.batching`): each request's thread drives its own session, and the
+batcher's thread runs what they hand in together, up to max_batch sequences a step. A request joins the
+running batch at its next forward and leaves it when it is done; the weights are read once a step for all
+of them. With max_batch 1 each request runs alone, one at a time (workers 1), as before batching.
 
 Each worker thread keeps its own router per routing spec (the model's weights are shared): some
 training-free routers keep per-call state, so one router instance must never serve two threads at once.
@@ -23,6 +27,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from streamvlm.batching import Batcher
 from streamvlm.runtime import StreamVLM
 
 T = TypeVar("T")
@@ -30,13 +35,15 @@ _END = object()
 
 
 class Engine:
-    def __init__(self, vlm: StreamVLM, model_id: str, workers: int = 1):
-        if workers < 1:
-            raise ValueError("workers must be at least 1")
+    def __init__(self, vlm: StreamVLM, model_id: str, workers: int = 1, max_batch: int = 1):
+        if workers < 1 or max_batch < 1:
+            raise ValueError("workers and max_batch must be at least 1")
         self.vlm = vlm
         self.model_id = model_id
-        self.workers = workers
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="streamvlm-worker")
+        self.workers = max(workers, max_batch)
+        self.max_batch = max_batch
+        self.batcher = Batcher(max_batch) if max_batch > 1 else None
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="streamvlm-worker")
         self._local = threading.local()
 
     @property
@@ -44,11 +51,14 @@ class Engine:
         return self.vlm.router.spec()
 
     def fresh(self, routing: str | None = None) -> StreamVLM:
-        """The model with a router of its own (`routing` None: a copy of the server's --routing router)."""
+        """The model with a router of its own (`routing` None: a copy of the server's --routing router), its
+        forwards batched with every other request's when batching is on."""
         if routing is None:
-            return StreamVLM(self.vlm.adapter, copy.deepcopy(self.vlm.router), self.vlm.sampling,
-                             self.vlm.max_chunk_frames)
-        return self.vlm.with_routing(routing)
+            vlm = StreamVLM(self.vlm.adapter, copy.deepcopy(self.vlm.router), self.vlm.sampling,
+                            self.vlm.max_chunk_frames)
+        else:
+            vlm = self.vlm.with_routing(routing)
+        return vlm.batched(self.batcher) if self.batcher is not None else vlm
 
     def model(self, routing: str | None = None) -> StreamVLM:
         """This worker thread's model for a routing spec (made on first use, then kept)."""
@@ -93,6 +103,8 @@ class Engine:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.batcher is not None:
+            self.batcher.close()
 
 
 class _Failed:

@@ -1,0 +1,168 @@
+"""Continuous batching: the decoder work of many sessions, each driven by its own thread, in shared forwards.
+
+A session does not know it is batched. Its decoder is a `BatchedDecoder`, whose `forward` hands the chunk
+to the `Batcher` and waits; the batcher's thread takes what every session has handed it, runs it as one
+step (`decoder.forward_batch`), and gives each its result. So whatever a session does (ingest frames, a
+question's prefill, one answer token, a memory budget's eviction, a question-time selection) shares
+forwards with whatever the others are doing, and sessions join and leave at any token boundary:
+
+    thread of request A:  ...ingest chunk ----> wait | token 1 -> wait | token 2 -> wait | (done: leave)
+    thread of request B:        question ----> wait | token 1 -> wait | token 2 -> wait | token 3 ...
+    batcher thread:               step [A ingest, B question] | step [A 1, B 1] | step [A 2, B 2] | [B 3]
+
+A step takes waiting chunks in arrival order, up to `max_batch` of them and `max_step_tokens` tokens (the
+first is always taken), so a long prefill never holds more than one step of everyone's decode, and nothing
+waits behind more than one step of it. After a step the batcher waits, up to `gather_s`, for the threads
+it just gave logits to (they are generating: they sample a token and hand it in at once), so a batch does
+not fall apart into singles. Threads whose chunk wanted no logits (frames ingested, a turn closed) are not
+waited for: they go on to other work (encoding the next frames, waiting for a camera).
+
+Cancelling a sequence is its thread stopping: it closes its turn (one chunk) and hands in nothing more.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from streamvlm.decoder import Decoder, Work, forward_batch
+
+
+@dataclass
+class _Ticket:
+    work: Work
+    thread: int
+    done: threading.Event = field(default_factory=threading.Event)
+    result: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
+class Batcher:
+    """Runs the forwards of every `BatchedDecoder` made from it, several per step, on one thread.
+
+    max_batch: sequences in one step. max_step_tokens: tokens in one step (a chunk larger than it runs
+    alone). gather_s: how long a step waits for the threads of the last step to hand in their next chunk.
+    """
+
+    def __init__(self, max_batch: int = 8, max_step_tokens: int = 2048, gather_s: float = 0.02):
+        if max_batch < 1 or max_step_tokens < 1:
+            raise ValueError("max_batch and max_step_tokens must be at least 1")
+        self.max_batch = max_batch
+        self.max_step_tokens = max_step_tokens
+        self.gather_s = gather_s
+        self._queue: deque[_Ticket] = deque()
+        self._expected: set[int] = set()  # threads generating in the last step and not yet back
+        self._lock = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        """Steps run so far."""
+        self.batched = 0
+        """Chunks run so far (batched / steps: the mean batch)."""
+
+    def decoder(self, decoder: Decoder) -> BatchedDecoder:
+        """`decoder` (a router over this batcher's model) with its forwards run by this batcher."""
+        return BatchedDecoder(decoder, self)
+
+    # -- the sessions' threads -----------------------------------------------------------------------
+
+    def run(self, work: Work) -> torch.Tensor | None:
+        """Hand in one chunk and wait for its step: what `Decoder.forward` returns."""
+        ticket = _Ticket(work, threading.get_ident())
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._start()
+            self._queue.append(ticket)
+            self._expected.discard(ticket.thread)
+            self._lock.notify_all()
+        ticket.done.wait()
+        if ticket.error is not None:
+            raise ticket.error
+        return ticket.result
+
+    # -- the batcher's thread ------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="streamvlm-batcher", daemon=True)
+            self._thread.start()
+
+    def _take(self) -> list[_Ticket] | None:
+        """The next step's tickets, once the threads of the last step are back (or gather_s has passed)."""
+        with self._lock:
+            while not self._queue and not self._closed:
+                self._lock.wait()
+            if self._closed:
+                return None
+            deadline = time.monotonic() + self.gather_s
+            while self._expected and len(self._queue) < self.max_batch and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._lock.wait(left)
+            taken = [self._queue.popleft()]
+            tokens = len(taken[0].work.chunk)
+            while self._queue and len(taken) < self.max_batch:
+                size = len(self._queue[0].work.chunk)
+                if tokens + size > self.max_step_tokens:
+                    break
+                taken.append(self._queue.popleft())
+                tokens += size
+            self._expected = {ticket.thread for ticket in taken if ticket.work.logits == "last"}
+            return taken
+
+    def _loop(self) -> None:
+        while True:
+            taken = self._take()
+            if taken is None:
+                return
+            try:
+                with torch.inference_mode():
+                    results = forward_batch([ticket.work for ticket in taken])
+                for ticket, result in zip(taken, results):
+                    ticket.result = result
+            except BaseException as e:  # noqa: BLE001 - each waiting thread raises it
+                for ticket in taken:
+                    ticket.error = e
+            self.steps += 1
+            self.batched += len(taken)
+            for ticket in taken:
+                ticket.done.set()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for ticket in self._queue:
+                ticket.error = RuntimeError("the batcher was closed")
+                ticket.done.set()
+            self._queue.clear()
+            self._lock.notify_all()
+
+
+class BatchedDecoder:
+    """A decoder whose forwards run in a `Batcher`'s steps, batched with other sessions'. A session takes it
+    where it takes a `Decoder`."""
+
+    def __init__(self, decoder: Decoder, batcher: Batcher):
+        self.inner = decoder
+        self.batcher = batcher
+
+    @property
+    def router(self):
+        return self.inner.router
+
+    @property
+    def parts(self):
+        return self.inner.parts
+
+    @property
+    def compiled(self) -> bool:
+        return self.inner.compiled
+
+    def forward(self, chunk, cache, flops, logits: str = "last") -> torch.Tensor | None:
+        return self.batcher.run(Work(self.inner, chunk, cache, flops, logits))

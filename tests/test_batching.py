@@ -1,0 +1,221 @@
+"""Sessions batched in shared forwards answer exactly as they do alone (streamvlm.batching).
+
+Each session runs on its own thread, as the server runs requests; the batcher's thread runs what they hand
+in together. Greedy answers must be the same tokens as alone. Logits and cached keys are not bit for bit
+the same in float32: a matmul over many rows may sum in another order than over one row (BLAS picks its
+kernel by shape), so they are bounded at 1e-5 (measured differences are in the last bits).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from streamvlm import StreamVLM
+from streamvlm.batching import Batcher
+from streamvlm.decoder import Work, forward_batch
+from streamvlm.sequence import TextPiece
+from support import encode, indexed_frames, random_frames, tiny_family_checkpoint
+
+LOGIT_BOUND = 1e-5
+
+
+@pytest.fixture(scope="module", params=["llava_onevision", "qwen2_5_vl"])
+def family_vlm(request, tmp_path_factory):
+    return StreamVLM.from_pretrained(tiny_family_checkpoint(request.param, tmp_path_factory.mktemp("batching")))
+
+
+def _times(count: int) -> list[float]:
+    return [0.5 * i for i in range(count)]
+
+
+def _answer(vlm, frames: int, seed: int, question: str, tokens: int = 10):
+    """One request: frames, a question, a greedy answer of `tokens` tokens; (answer ids, scored logits)."""
+    session = vlm.session(max_new_tokens=tokens)
+    session.append_frames(random_frames(frames, seed=seed), _times(frames))
+    session.ask(question, ignore_stop=True)
+    logits = session.score("And then?", [7, 8, 9])
+    return session.turns[-2].answer_ids, logits, session.stats()
+
+
+def _in_threads(jobs) -> list:
+    out = [None] * len(jobs)
+    errors = []
+
+    def run(i):
+        try:
+            out[i] = jobs[i]()
+        except BaseException as e:  # noqa: BLE001 - raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
+ROUTINGS = ["dense", "uniform:0.5", "fastv:1:0.5", "skip:parallel:1", "neighbor_attention:3"]
+
+
+def test_sessions_of_different_lengths_and_routings_answer_as_alone(family_vlm):
+    models = [family_vlm.with_routing(spec) for spec in ROUTINGS]
+    shapes = [(2, 1), (5, 2), (3, 3), (6, 4), (4, 5)]  # (frames, seed): different lengths
+    alone = [_answer(vlm, frames, seed, f"What is {seed}?") for vlm, (frames, seed) in zip(models, shapes)]
+
+    batcher = Batcher(max_batch=4)
+    try:
+        batched = _in_threads([lambda vlm=vlm.batched(batcher), f=f, s=s: _answer(vlm, f, s, f"What is {s}?")
+                               for vlm, (f, s) in zip(models, shapes)])
+    finally:
+        batcher.close()
+    assert batcher.batched > batcher.steps  # some steps did run several sessions
+    for (ids, logits, stats), (ids_b, logits_b, stats_b) in zip(alone, batched):
+        assert ids_b == ids and len(set(ids)) > 1
+        assert (logits_b - logits).abs().max().item() <= LOGIT_BOUND
+        assert stats_b["kv_entries_per_layer"] == stats["kv_entries_per_layer"]  # routing stayed per session
+        assert stats_b["flops"] == stats["flops"]
+
+
+def test_one_batched_step_equals_each_chunk_alone(family_vlm):
+    # forward_batch itself, on chunks of three kinds: frames ingested, a question's prefill, one answer token
+    step = family_vlm.adapter.frames_per_step
+
+    def prepared(seed):
+        session = family_vlm.session()
+        session.append_frames(random_frames(2 * (1 + seed), seed=seed), _times(2 * (1 + seed)))
+        return session
+
+    def chunks(sessions):
+        ingest, asked, decoding = sessions
+        plan = ingest._seq.plan_frames([[9.0 + j for j in range(step)]])
+        features = family_vlm.encode(random_frames(step, seed=7))
+        question = asked._open_question("Why?", extra_tokens=1)
+        decoding.ask("Where?", max_new_tokens=2)
+        return [(ingest, ingest._seq.place(ingest._seq.frame_pieces(plan, features)), "none"),
+                (asked, asked._seq.place(list(question.pieces)), "last"),
+                (decoding, decoding._seq.place([TextPiece((5,))]), "last")]
+
+    alone_sessions = [prepared(s) for s in range(3)]
+    batch_sessions = [prepared(s) for s in range(3)]
+    with torch.inference_mode():  # as sessions and the batcher run
+        alone = [s._decoder.forward(chunk, s.cache, s.flops, logits) for s, chunk, logits in chunks(alone_sessions)]
+        batched = forward_batch([Work(s._decoder, chunk, s.cache, s.flops, logits)
+                                 for s, chunk, logits in chunks(batch_sessions)])
+    assert batched[0] is None and alone[0] is None
+    for i in (1, 2):
+        assert (batched[i] - alone[i]).abs().max().item() <= LOGIT_BOUND
+    for s, t in zip(alone_sessions, batch_sessions):
+        assert t.cache.entries_per_layer == s.cache.entries_per_layer
+        assert t.flops.as_dict() == s.flops.as_dict()
+        for layer in range(s.cache.num_layers):
+            assert (t.cache.keys(layer) - s.cache.keys(layer)).abs().max().item() <= LOGIT_BOUND
+            assert (t.cache.values(layer) - s.cache.values(layer)).abs().max().item() <= LOGIT_BOUND
+
+
+def test_a_request_joining_mid_batch_answers_as_alone(family_vlm):
+    want_a = _answer(family_vlm, 3, 1, "First?", tokens=24)[0]
+    want_b = _answer(family_vlm, 4, 2, "Second?", tokens=8)[0]
+    batcher = Batcher(max_batch=4)
+    vlm = family_vlm.batched(batcher)
+    midway = threading.Event()
+    got = {}
+
+    def first():
+        session = vlm.session(max_new_tokens=24)
+        session.append_frames(random_frames(3, seed=1), _times(3))
+        for i, _ in enumerate(session.ask_stream("First?", ignore_stop=True)):
+            if i == 4:
+                midway.set()  # the second request starts while this one decodes
+        session.score("And then?", [7, 8, 9])
+        got["a"] = session.turns[-2].answer_ids
+
+    def second():
+        midway.wait(30)
+        got["b"] = _answer(vlm, 4, 2, "Second?", tokens=8)[0]
+
+    try:
+        _in_threads([first, second])
+    finally:
+        batcher.close()
+    assert got["a"] == want_a and got["b"] == want_b
+    assert batcher.batched > batcher.steps
+
+
+def test_a_cancelled_answer_leaves_the_batch_and_the_others_go_on(family_vlm):
+    want = _answer(family_vlm, 3, 5, "Keep going?", tokens=16)[0]
+    batcher = Batcher(max_batch=4)
+    vlm = family_vlm.batched(batcher)
+    got = {}
+
+    def cancelled():
+        session = vlm.session(max_new_tokens=16)
+        session.append_frames(random_frames(2, seed=6), _times(2))
+        stream = session.ask_stream("Stop soon?", ignore_stop=True)
+        for i, _ in enumerate(stream):
+            if i == 2:
+                break
+        stream.close()  # as the server does when the client disconnects
+        got["cancelled"] = session.turns[-1]
+        got["steps_then"] = batcher.steps
+
+    def kept():
+        got["kept"] = _answer(vlm, 3, 5, "Keep going?", tokens=16)[0]
+
+    try:
+        _in_threads([cancelled, kept])
+    finally:
+        batcher.close()
+    assert got["kept"] == want
+    turn = got["cancelled"]
+    assert len(turn.answer_ids) <= 4 and turn.stop_reason == "cancelled"
+
+
+def test_a_live_stream_and_a_chat_share_forwards(tmp_path):
+    from streamvlm.live import LiveSession
+    from streamvlm.video.live import FileSource
+    from streamvlm.world.builtin import default_model_dir
+
+    builtin = StreamVLM.from_pretrained(default_model_dir())
+    path = tmp_path / "live.mp4"
+    encode(path, indexed_frames(16))
+
+    def live_answer(vlm):
+        with LiveSession(vlm, FileSource(path, fps=8, speed=0), memory_budget=None) as live:
+            live.wait()
+            return live.ask("what is there now ?", max_new_tokens=12).text
+
+    want_live = live_answer(builtin)
+    want_chat = _answer(builtin, 6, 3, "what is there now ?", tokens=12)[0]
+    batcher = Batcher(max_batch=4)
+    vlm = builtin.batched(batcher)
+    try:
+        got_live, got_chat = _in_threads([lambda: live_answer(vlm), lambda: _answer(vlm, 6, 3, "what is there now ?",
+                                                                                     tokens=12)[0]])
+    finally:
+        batcher.close()
+    assert (got_live, got_chat) == (want_live, want_chat)
+    assert batcher.batched > batcher.steps
+
+
+def test_a_failing_step_fails_each_of_its_sessions_and_the_batcher_goes_on(family_vlm, monkeypatch):
+    batcher = Batcher(max_batch=2)
+    vlm = family_vlm.batched(batcher)
+    session = vlm.session(max_new_tokens=2)
+    session.append_frames(random_frames(2, seed=1), _times(2))
+    import streamvlm.batching as batching
+
+    real = batching.forward_batch
+    monkeypatch.setattr(batching, "forward_batch", lambda work: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        vlm.session().append_frames(random_frames(2, seed=2), _times(2))
+    monkeypatch.setattr(batching, "forward_batch", real)
+    assert session.ask("Still there?")  # the batcher thread survived
+    batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        session.ask("After close?")
