@@ -602,7 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "stream from a file at full speed: sustained ingest rate, time to first token at each "
                         "--ages, peak memory, and transformers re-running on all frames so far for each question; "
                         "serve: `streamvlm serve` in its own process under --clients concurrent clients asking "
-                        "short video questions (requests/s, latency percentiles), and time to first token over "
+                        "video questions (requests/s, tokens/s, latency percentiles; the built-in model and a decode-heavy "
+                        "workload, for each --max-batch), and time to first token over "
                         "the WebSocket for live streams at --ages (default: the built-in model); quality: answer "
                         "accuracy per question kind on held-out procedural world videos for each --policies "
                         "routing, with LLM FLOPs and KV bytes as fractions of dense (default: the built-in model)")
@@ -618,6 +619,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-seconds", type=_positive_float, default=4.0,
                    help="serve: length of the clip each question is about (default 4)")
     p.add_argument("--workers", type=_positive_int, default=1, help="serve: the server's --workers (default 1)")
+    p.add_argument("--max-batch", default="1,8", metavar="N,N",
+                   help="serve: the server's --max-batch values, one server each, compared in one run (default "
+                        "1,8: without and with batching)")
+    p.add_argument("--no-decode-heavy", action="store_true",
+                   help="serve: skip the decode-heavy workload (64 tokens a request, end token ignored)")
+    p.add_argument("--heavy-model", metavar="DIR", default=None,
+                   help="serve: the decode-heavy workload's checkpoint (default: random, real-small shape)")
     p.add_argument("--abuse-rounds", type=_non_negative_int, default=3, metavar="N",
                    help="serve: bursts of oversized video requests (4000x3000 and 1080p sources asked for more "
                         "frames than the context holds, and for the most it holds), with the server's RSS before, "

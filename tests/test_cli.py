@@ -148,13 +148,21 @@ def test_bench_stream_bad_ages(cache, capsys):
 
 def test_bench_serve_json(tiny_dir, cache, capsys):
     assert main(["bench", "serve", "--model", str(tiny_dir), "--clients", "1,3", "--requests", "3", "--ages",
-                 "0.1", "--stream-fps", "2", "--new-tokens", "2", "--clip-seconds", "1", "--json"]) == 0
+                 "0.1", "--stream-fps", "2", "--new-tokens", "2", "--clip-seconds", "1", "--max-batch", "1,3",
+                 "--heavy-model", str(tiny_dir), "--abuse-rounds", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["suite"] == "serve"
-    assert [r["clients"] for r in result["load"]] == [1, 3]
+    assert [(r["workload"], r["max_batch"], r["clients"]) for r in result["load"]] == [
+        (workload, batch, clients) for batch in (1, 3) for workload in ("built-in", "decode-heavy")
+        for clients in (1, 3)]
     for row in result["load"]:
         assert row["completed"] == 3 and row["failed"] == 0 and row["requests_per_second"] > 0
         assert 0 < row["latency_p50_s"] <= row["latency_p90_s"] <= row["latency_p99_s"]
+        tokens = 64 if row["workload"] == "decode-heavy" else 2  # the end token ignored: every request's 64
+        assert row["tokens_per_second"] == pytest.approx(row["requests_per_second"] * row["mean_completion_tokens"])
+        assert row["mean_completion_tokens"] == tokens or row["workload"] == "built-in"
+    assert [r["workload"] for r in result["batching"]] == ["built-in", "decode-heavy"]
+    assert all(r["max_batch"] == 3 and r["clients"] == 3 and r["tokens_per_second"] > 0 for r in result["batching"])
     (live,) = result["live"]
     assert live["age_minutes"] == 0.1 and live["frames_ingested"] == live["frames_in_video"] == 12
     assert 0 < live["ttft_s"] <= live["answer_s"]

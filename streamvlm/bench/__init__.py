@@ -280,7 +280,9 @@ def run(args) -> dict:
         clients = _numbers("--clients", args.clients, int)
         return run_serve_bench(Path(args.model) if args.model else None, clients, args.requests,
                                _numbers("--ages", args.ages or "1,30", float), args.stream_fps, args.new_tokens,
-                               args.clip_seconds, args.workers, args.abuse_rounds)
+                               args.clip_seconds, args.workers, args.abuse_rounds,
+                               _numbers("--max-batch", args.max_batch, int), heavy=not args.no_decode_heavy,
+                               heavy_model=Path(args.heavy_model) if args.heavy_model else None)
     if args.suite == "stream":
         from streamvlm.bench.stream import run_stream_bench
 

@@ -1,10 +1,16 @@
 """`streamvlm bench serve`: the HTTP server under load, and live sessions at stream ages, measured from a
 client on 127.0.0.1 in one run.
 
-    load   `streamvlm serve` in its own process; C client threads (C in --clients, e.g. 1,4,16) each send
-           short video questions (POST /v1/chat/completions: a --video-seconds clip from the media folder,
-           8 frames, --new-tokens answer tokens) back to back until --requests have completed.
-           Requests per second = completed / wall seconds; latency percentiles over the requests.
+    load   `streamvlm serve` in its own process, once per --max-batch value (e.g. 1,8: the same server
+           without and with batching); C client threads (C in --clients, e.g. 1,4,16) each send video
+           questions (POST /v1/chat/completions) back to back until --requests have completed, in two
+           workloads:
+             built-in      the built-in model, a --video-seconds clip, 8 frames, up to --new-tokens tokens
+                           (its answers are a word or two);
+             decode-heavy  a random real-small-shaped checkpoint (12 layers, hidden 640), 2 frames, 64
+                           answer tokens with the end token ignored (vLLM's ignore_eos).
+           Requests per second = completed / wall seconds; tokens per second = answer tokens / wall
+           seconds; latency percentiles over the requests.
     live   for each age A in --ages (minutes): a generated video of A minutes is opened as a live stream
            (POST /v1/streams, --stream-fps, read at full speed so the bench does not wait A minutes of
            wall time), and once all of it is in the cache a question is sent over the WebSocket. Time to
@@ -35,9 +41,14 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def run_load(url: str, model_id: str, clients: int, requests: int, new_tokens: int) -> dict:
+HEAVY_TOKENS = 64
+HEAVY_FRAMES = 2
+
+
+def run_load(url: str, model_id: str, clients: int, requests: int, new_tokens: int, frames: int = 8,
+             ignore_eos: bool = False) -> dict:
     """`clients` threads sending questions back to back until `requests` completed."""
-    body = {"model": model_id, "max_tokens": new_tokens, "video": {"num_frames": 8},
+    body = {"model": model_id, "max_tokens": new_tokens, "video": {"num_frames": frames}, "ignore_eos": ignore_eos,
             "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "clip.mp4"}},
                                                       {"type": "text", "text": QUESTION}]}]}
     latencies: list[float] = []
@@ -76,6 +87,7 @@ def run_load(url: str, model_id: str, clients: int, requests: int, new_tokens: i
         logger.warning("%d of %d requests failed, first: %s", len(failures), requests, failures[0])
     row = {"clients": clients, "requests": requests, "completed": len(latencies), "failed": len(failures),
            "wall_seconds": wall, "requests_per_second": len(latencies) / wall,
+           "tokens_per_second": sum(tokens) / wall,
            "mean_completion_tokens": statistics.fmean(tokens) if tokens else 0.0}
     for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
         row[f"latency_{name}_s"] = _percentile(latencies, q) if latencies else None
@@ -140,43 +152,97 @@ def run_live_age(url: str, media: Path, minutes: float, fps: float, new_tokens: 
 
 
 def run_serve_bench(model_dir: Path | None, clients: list[int], requests: int, ages: list[float], stream_fps: float,
-                    new_tokens: int, video_seconds: float, workers: int, abuse_rounds: int = 3) -> dict:
+                    new_tokens: int, video_seconds: float, workers: int, abuse_rounds: int = 3,
+                    max_batches: list[int] | None = None, heavy: bool = True,
+                    heavy_model: Path | None = None) -> dict:
+    """Load rows for each --max-batch (built-in, then decode-heavy); live ages and abuse rounds against the
+    last --max-batch's server."""
     from streamvlm.bench.abuse import run_abuse
-    from streamvlm.bench.common import bench_video
+    from streamvlm.bench.common import bench_model_dir, bench_video
     from streamvlm.world.builtin import default_model_dir
     from streamvlm.serve.process import ServerProcess
 
-    if not clients or any(c < 1 for c in clients) or requests < 1 or workers < 1:
-        raise StreamVLMError("--clients, --requests and --workers must be positive")
+    max_batches = max_batches or [1, 8]
+    if not clients or any(c < 1 for c in clients) or requests < 1 or workers < 1 or any(b < 1 for b in max_batches):
+        raise StreamVLMError("--clients, --requests, --workers and --max-batch must be positive")
     model = Path(model_dir) if model_dir else default_model_dir()
+    load: list[dict] = []
+    live: list[dict] = []
+    abuse = None
     with tempfile.TemporaryDirectory(prefix="streamvlm-bench-serve-") as tmp:
         media = Path(tmp)
         shutil.copy(bench_video(video_seconds, fps=8.0, size=128), media / "clip.mp4")
-        server = ServerProcess(["--model", str(model), "--model-name", "bench", "--workers", str(workers),
-                                "--max-sessions", "2"], log_path=media / "server.log", media_dir=media)
-        try:
-            rss_start = server.rss_bytes()
-            run_load(server.url, "bench", 1, 2, new_tokens)  # warm-up: first-call paths, worker threads
-            load = [run_load(server.url, "bench", c, max(requests, c), new_tokens) for c in clients]
-            live = [run_live_age(server.url, media, age, stream_fps, new_tokens) for age in ages]
-            rss_end = server.rss_bytes()
-            abuse = run_abuse(server, "bench", media, abuse_rounds) if abuse_rounds else None
-        finally:
-            server.stop()
+
+        def start(checkpoint: Path, batch: int) -> ServerProcess:
+            return ServerProcess(["--model", str(checkpoint), "--model-name", "bench", "--workers", str(workers),
+                                  "--max-batch", str(batch), "--max-sessions", "2"],
+                                 log_path=media / f"server-{batch}.log", media_dir=media)
+
+        for batch in max_batches:
+            server = start(model, batch)
+            try:
+                rss_start = server.rss_bytes()
+                run_load(server.url, "bench", 1, 2, new_tokens)  # warm-up: first-call paths, worker threads
+                load += [dict(run_load(server.url, "bench", c, max(requests, c), new_tokens), workload="built-in",
+                              max_batch=batch) for c in clients]
+                if batch == max_batches[-1]:
+                    live = [run_live_age(server.url, media, age, stream_fps, new_tokens) for age in ages]
+                    rss_end = server.rss_bytes()
+                    abuse = run_abuse(server, "bench", media, abuse_rounds) if abuse_rounds else None
+            finally:
+                server.stop()
+            if not heavy:
+                continue
+            server = start(heavy_model or bench_model_dir(), batch)
+            try:
+                run_load(server.url, "bench", 1, 1, HEAVY_TOKENS, HEAVY_FRAMES, ignore_eos=True)  # warm-up
+                load += [dict(run_load(server.url, "bench", c, max(requests, c), HEAVY_TOKENS, HEAVY_FRAMES,
+                                       ignore_eos=True), workload="decode-heavy", max_batch=batch) for c in clients]
+            finally:
+                server.stop()
     return {"suite": "serve", "model": str(model), "workers": workers, "video_seconds": video_seconds,
-            "frames_per_request": 8, "new_tokens": new_tokens, "load": load, "live": live,
+            "frames_per_request": 8, "new_tokens": new_tokens, "max_batches": max_batches, "load": load,
+            "batching": _batching_ratios(load, max_batches), "live": live,
             "server_rss_start_bytes": rss_start, "server_rss_end_bytes": rss_end, "abuse": abuse}
 
 
+def _batching_ratios(load: list[dict], max_batches: list[int]) -> list[dict]:
+    """Per workload, the largest --max-batch against 1, measured in this run: tokens/s and requests/s at
+    the most clients, p50 latency at the fewest."""
+    if 1 not in max_batches or max(max_batches) == 1:
+        return []
+    top = max(max_batches)
+    ratios = []
+    for workload in dict.fromkeys(row["workload"] for row in load):
+        rows = {(r["max_batch"], r["clients"]): r for r in load if r["workload"] == workload}
+        most, fewest = max(c for _, c in rows), min(c for _, c in rows)
+        one, many = rows[(1, most)], rows[(top, most)]
+        ratios.append({"workload": workload, "max_batch": top, "clients": most,
+                       "tokens_per_second": many["tokens_per_second"] / one["tokens_per_second"],
+                       "requests_per_second": many["requests_per_second"] / one["requests_per_second"],
+                       "p50_at_clients": fewest,
+                       "latency_p50": rows[(top, fewest)]["latency_p50_s"] / rows[(1, fewest)]["latency_p50_s"]})
+    return ratios
+
+
 def format_serve(result: dict) -> str:
-    lines = [(f"server: {result['model']} ({result['workers']} worker(s)); short questions: "
+    lines = [(f"server: {result['model']} ({result['workers']} worker(s)); built-in: "
               f"{result['video_seconds']:g} s clip, {result['frames_per_request']} frames, "
-              f"up to {result['new_tokens']} answer tokens"), "",
-             "| clients | requests | req/s | p50 s | p90 s | p99 s | failed |", "|---|---|---|---|---|---|---|"]
+              f"up to {result['new_tokens']} answer tokens; decode-heavy: real-small-shaped random checkpoint, "
+              f"{HEAVY_FRAMES} frames, {HEAVY_TOKENS} tokens, end token ignored"), "",
+             "| workload | max batch | clients | requests | req/s | tokens/s | p50 s | p90 s | p99 s | failed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["load"]:
-        lines.append(f"| {r['clients']} | {r['completed']} | {r['requests_per_second']:.2f} | "
+        lines.append(f"| {r.get('workload', 'built-in')} | {r.get('max_batch', 1)} | {r['clients']} | "
+                     f"{r['completed']} | {r['requests_per_second']:.2f} | {r['tokens_per_second']:.1f} | "
                      f"{r['latency_p50_s']:.3f} | {r['latency_p90_s']:.3f} | {r['latency_p99_s']:.3f} | "
                      f"{r['failed']} |")
+    if result.get("batching"):
+        lines += ["", "| workload | batched vs --max-batch 1 | tokens/s | req/s | p50 latency |", "|---|---|---|---|---|"]
+        for r in result["batching"]:
+            lines.append(f"| {r['workload']} | {r['max_batch']} vs 1 at {r['clients']} clients (p50 at "
+                         f"{r['p50_at_clients']}) | {r['tokens_per_second']:.2f}x | {r['requests_per_second']:.2f}x "
+                         f"| {r['latency_p50']:.2f}x |")
     lines += ["", "| stream age | frames ingested | ingest fps | TTFT (client) s | answer s | KV MiB |",
               "|---|---|---|---|---|---|"]
     for r in result["live"]:

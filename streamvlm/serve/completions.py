@@ -132,6 +132,8 @@ class ChatRequest(BaseModel):
     routing: Text | None = Field(None, description="a --routing spec for this request (default: the server's)")
     mm_processor_kwargs: dict[str, Any] | None = Field(
         None, description="vLLM's: its fps, num_frames and max_frames are read as `video`'s; the rest is ignored")
+    ignore_eos: bool = Field(False, description="vLLM's: keep generating past the end-of-turn token, up to the "
+                                                  "token limit (benchmarks)")
     media_io_kwargs: dict[str, dict[str, Any]] | None = Field(
         None, description="vLLM's: the \"video\" entry's fps, num_frames and max_frames are read as `video`'s")
 
@@ -215,6 +217,8 @@ def parse_request(req: ChatRequest, model_id: str) -> ChatJob:
     max_tokens = req.max_completion_tokens or req.max_tokens
     job.sampling = {k: v for k, v in dict(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                           top_k=req.top_k, seed=req.seed).items() if v is not None}
+    if req.ignore_eos:
+        job.sampling["ignore_stop"] = True
 
     system: list[str] = []
     turns: list[tuple[str, str]] = []  # (role, text)
