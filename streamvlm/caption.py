@@ -9,6 +9,11 @@ leaves half a line; re-running the same command skips the videos already in the 
 the launcher's environment (`accelerate launch` / `torchrun` set RANK and WORLD_SIZE): each rank writes
 its own part and rank 0 merges the parts at the end. `num_shards`/`shard_index` split the inputs between
 independent jobs (a cluster scheduler's job array).
+
+`batch` > 1 captions that many videos at once, each on its own thread with its own session, their
+language-model steps run together by one `Batcher` (the weights are read once a step for all of them). A
+video's line is written when the video is done, by the main thread, so a crash loses only the videos in
+flight, which a re-run does again; each video's captions are the same tokens as with `batch` 1.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,10 +297,13 @@ def shard_output(out: Path, num_shards: int, shard_index: int) -> Path:
 
 
 def run(inputs: list[str], out: Path, load_vlm, cfg: CaptionConfig, model_name: str, routing: str,
-        num_shards: int = 1, shard_index: int = 0, progress: bool | None = None) -> RunSummary:
-    """Caption every input video into `out`; returns the run's summary (of this process, or merged on rank 0)."""
+        num_shards: int = 1, shard_index: int = 0, progress: bool | None = None, batch: int = 1) -> RunSummary:
+    """Caption every input video into `out`; returns the run's summary (of this process, or merged on rank 0).
+    batch: videos captioned at once, their steps batched."""
     from tqdm.auto import tqdm
 
+    if batch < 1:
+        raise StreamVLMError(f"--batch must be at least 1, got {batch}")
     if not 0 <= shard_index < num_shards:
         raise StreamVLMError(f"--shard-index must be in [0, {num_shards}), got {shard_index}")
     videos = expand_inputs(inputs)[shard_index::num_shards]
@@ -318,33 +327,71 @@ def run(inputs: list[str], out: Path, load_vlm, cfg: CaptionConfig, model_name: 
     show = sys.stderr.isatty() if progress is None else progress
     vlm = load_vlm() if todo else None
     video_bar = tqdm(total=len(todo), desc="videos", unit="video", position=0, disable=not show or rank > 0)
-    frame_bar = tqdm(total=1, desc="frames", unit="frame", position=1, leave=False, disable=not show or rank > 0)
+    frame_bar = tqdm(total=1, desc="frames", unit="frame", position=1, leave=False,
+                     disable=not show or rank > 0 or batch > 1)  # one video's frames: with batch > 1, several
+
+    def finished(record: dict) -> None:
+        if "error" in record:
+            summary.failed += 1
+        else:
+            summary.done += 1
+            summary.video_seconds += record["duration"]
+        record.update(model=model_name, routing=routing)
+        writer.write(record)
+        video_bar.update(1)
+
+    start = time.perf_counter()
     try:
-        for path in todo:
-            start = time.perf_counter()
-            try:
-                record = caption_video(vlm, path, cfg, frame_bar)
-                summary.done += 1
-                summary.video_seconds += record["duration"]
-            except StreamVLMError as e:
-                record = {"path": str(path), "error": str(e)}
-                summary.failed += 1
-                logger.warning("%s", e)
-            except Exception as e:  # a bug or a library failure on one file must not stop a long batch
-                logger.exception("captioning %s failed", path)
-                record = {"path": str(path), "error": f"internal error ({type(e).__name__}: {e}); please report it"}
-                summary.failed += 1
-            summary.compute_seconds += time.perf_counter() - start
-            record.update(model=model_name, routing=routing)
-            writer.write(record)
-            video_bar.update(1)
+        if batch == 1:
+            for path in todo:
+                finished(_caption_record(vlm, path, cfg, frame_bar))
+        elif todo:
+            _caption_batched(vlm, todo, cfg, batch, finished)
     finally:
+        summary.compute_seconds = time.perf_counter() - start
         frame_bar.close()
         video_bar.close()
         writer.close()
     if state is not None:
         summary = _merge(state, out, world, summary)
     return summary
+
+
+def _caption_record(vlm, path: Path, cfg: CaptionConfig, frame_bar=None) -> dict:
+    """The video's record, or a record of its error: one bad file or a library failure on it must not stop a
+    long batch."""
+    try:
+        return caption_video(vlm, path, cfg, frame_bar)
+    except StreamVLMError as e:
+        logger.warning("%s", e)
+        return {"path": str(path), "error": str(e)}
+    except Exception as e:  # noqa: BLE001
+        logger.exception("captioning %s failed", path)
+        return {"path": str(path), "error": f"internal error ({type(e).__name__}: {e}); please report it"}
+
+
+def _caption_batched(vlm, todo: list[Path], cfg: CaptionConfig, batch: int, finished) -> None:
+    """Caption `batch` videos at a time on worker threads, each with a router of its own (some training-free
+    routers keep per-call state) and its forwards run by one Batcher; `finished(record)` on this thread as each
+    video is done."""
+    import threading
+
+    from streamvlm.batching import Batcher
+
+    batcher = Batcher(max_batch=batch)
+    local = threading.local()
+
+    def work(path: Path) -> dict:
+        if not hasattr(local, "vlm"):
+            local.vlm = vlm.fork().batched(batcher)
+        return _caption_record(local.vlm, path, cfg)
+
+    try:
+        with ThreadPoolExecutor(batch, thread_name_prefix="streamvlm-caption") as pool:
+            for future in as_completed([pool.submit(work, path) for path in todo]):
+                finished(future.result())
+    finally:
+        batcher.close()
 
 
 def _read_done(path: Path) -> set[str]:

@@ -184,7 +184,7 @@ def cmd_caption(args) -> int:
 
     summary = run(args.inputs, Path(args.out), load, cfg, model_name=model_name, routing=args.routing,
                   num_shards=args.num_shards, shard_index=args.shard_index,
-                  progress=None if not args.no_progress else False)
+                  progress=None if not args.no_progress else False, batch=args.batch)
     if int(os.environ.get("RANK", 0)) == 0:
         print(summary.line(), file=sys.stderr)
     return 1 if summary.failed else 0
@@ -454,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", default="auto",
                    help="KV cache bound per video: auto (half the model's context), N tokens per layer, a size "
                         "such as 256MB, or none")
+    p.add_argument("--batch", type=_positive_int, default=1, metavar="N",
+                   help="videos captioned at once, their language-model steps run together in one forward (the "
+                        "weights read once a step for all N; the same captions as one at a time); default 1")
     p.add_argument("--num-shards", type=_positive_int, default=1, help="split the inputs into this many job shards")
     p.add_argument("--shard-index", type=_non_negative_int, default=0, help="which shard this job takes (0-based); its "
                    "output gets a .shard-I-of-N suffix")

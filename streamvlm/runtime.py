@@ -85,6 +85,12 @@ class StreamVLM:
         router = resolve_routing(routing, parts.num_layers, parts.hidden_size, self.adapter.model_dir)
         return StreamVLM(self.adapter, router, self.sampling, self.max_chunk_frames, self.decoder.compiled)
 
+    def fork(self) -> StreamVLM:
+        """The same loaded model with a copy of its router, for another thread (some training-free routers keep
+        per-call state, so one router must never serve two threads at once)."""
+        return StreamVLM(self.adapter, copy.deepcopy(self.router), self.sampling, self.max_chunk_frames,
+                         self.decoder.compiled)
+
     def batched(self, batcher) -> StreamVLM:
         """This model, its router and weights shared, whose sessions' forwards run in `batcher`'s steps with
         the other sessions it runs (continuous batching: `streamvlm.batching`). Drive each session from its

@@ -68,14 +68,29 @@ def test_folder_with_good_and_bad_files(tiny_dir, folder, tmp_path, capsys):
     assert len(_records(out)) == 6 and "skipped 6" in capsys.readouterr().err
 
 
-def test_killed_run_resumes_with_every_video_exactly_once(tiny_dir, tmp_path):
+def test_batched_captions_are_the_captions_one_at_a_time(tiny_dir, folder, tmp_path, capsys):
+    one, many = tmp_path / "one.jsonl", tmp_path / "many.jsonl"
+    assert main(_args(tiny_dir, str(folder), "--out", str(one), "--max-new-tokens", "8")) == 1
+    assert main(_args(tiny_dir, str(folder), "--out", str(many), "--max-new-tokens", "8", "--batch", "3")) == 1
+    assert "captioned 3, failed 3, skipped 0" in capsys.readouterr().err
+
+    def by_path(path):
+        return {r["path"]: (r.get("segments"), r.get("summary"), r.get("error"), r.get("stats", {}).get("frames"))
+                for r in _records(path)}
+
+    assert by_path(many) == by_path(one)
+    assert len(_records(many)) == 6 and any(r.get("segments") for r in _records(many))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_killed_run_resumes_with_every_video_exactly_once(tiny_dir, tmp_path, batch):
     videos = tmp_path / "many"
     videos.mkdir()
     for i in range(8):
         _video(videos / f"v{i}.mp4", frames=48, seed=i)
     out = tmp_path / "captions.jsonl"
     cmd = [sys.executable, "-m", "streamvlm", *_args(tiny_dir, str(videos), "--out", str(out), "--fps", "8",
-                                                     "--max-new-tokens", "16")]
+                                                     "--max-new-tokens", "16", "--batch", str(batch))]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not out.exists() or len(out.read_bytes().splitlines()) < 2):

@@ -21,7 +21,6 @@ next item, which for an answer ends the turn cleanly ("cancelled").
 from __future__ import annotations
 
 import asyncio
-import copy
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -53,11 +52,7 @@ class Engine:
     def fresh(self, routing: str | None = None) -> StreamVLM:
         """The model with a router of its own (`routing` None: a copy of the server's --routing router), its
         forwards batched with every other request's when batching is on."""
-        if routing is None:
-            vlm = StreamVLM(self.vlm.adapter, copy.deepcopy(self.vlm.router), self.vlm.sampling,
-                            self.vlm.max_chunk_frames)
-        else:
-            vlm = self.vlm.with_routing(routing)
+        vlm = self.vlm.fork() if routing is None else self.vlm.with_routing(routing)
         return vlm.batched(self.batcher) if self.batcher is not None else vlm
 
     def model(self, routing: str | None = None) -> StreamVLM:
