@@ -622,9 +622,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-seconds", type=_positive_float, default=4.0,
                    help="serve: length of the clip each question is about (default 4)")
     p.add_argument("--workers", type=_positive_int, default=1, help="serve: the server's --workers (default 1)")
-    p.add_argument("--max-batch", default="1,8", metavar="N,N",
+    p.add_argument("--max-batch", default=None, metavar="N,N",
                    help="serve: the server's --max-batch values, one server each, compared in one run (default "
-                        "1,8: without and with batching)")
+                        "1,8: without and with batching); caption: the --batch values of `caption` on copies of "
+                        "the video (default 1,4)")
     p.add_argument("--no-decode-heavy", action="store_true",
                    help="serve: skip the decode-heavy workload (64 tokens a request, end token ignored)")
     p.add_argument("--heavy-model", metavar="DIR", default=None,

@@ -116,13 +116,18 @@ def test_bench_routing_json_rows(tmp_path, cache, capsys):
 
 
 def test_bench_caption_json_rows(tiny_dir, cache, capsys):
-    assert main(["bench", "caption", "--model", str(tiny_dir), "--video-seconds", "4", "--json"]) == 0
+    assert main(["bench", "caption", "--model", str(tiny_dir), "--video-seconds", "4", "--max-batch", "1,3",
+                 "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [(r["model"], r["routing"]) for r in result["rows"]] == [
         ("tiny", "dense"), ("tiny", "mod:0.2:interleaved"), ("small", "dense"), ("small", "mod:0.2:interleaved")]
     for r in result["rows"]:
         assert r["video_hours_per_compute_hour"] == pytest.approx(r["video_seconds"] / r["compute_seconds"])
         assert 0 < r["decode_share"] < 1 and r["captions"] == 1
+    assert [(r["model"], r["batch"], r["videos"]) for r in result["batching"]] == [("small", 1, 3), ("small", 3, 3)]
+    for r in result["batching"]:
+        assert r["video_seconds"] == pytest.approx(3 * result["rows"][-1]["video_seconds"])
+        assert r["video_hours_per_compute_hour"] == pytest.approx(r["video_seconds"] / r["compute_seconds"])
 
 
 def test_bench_stream_json(tiny_dir, cache, capsys):

@@ -225,8 +225,11 @@ def run_routing(model_dir: Path, frames_count: int, repeats: int, device, dtype,
     }
 
 
-def run_caption_bench(model_dirs: dict[str, Path], routings: tuple[str, ...], seconds: int, device, dtype) -> dict:
-    """Caption one video per (model, routing) and report hours of video per hour of compute."""
+def run_caption_bench(model_dirs: dict[str, Path], routings: tuple[str, ...], seconds: int, device, dtype,
+                      batches: tuple[int, ...] = (1, 4)) -> dict:
+    """Caption one video per (model, routing) and report hours of video per hour of compute; then, on the
+    last model (decode-heavy: every caption its full length), as many copies of the video as the largest
+    batch, captioned by `caption.run` with each --batch in `batches`."""
     from streamvlm.caption import CaptionConfig, caption_video
     from streamvlm.runtime import StreamVLM
 
@@ -247,9 +250,40 @@ def run_caption_bench(model_dirs: dict[str, Path], routings: tuple[str, ...], se
                 "flops_fraction": stats["flops_fraction"], "captions": len(record["segments"]),
             })
             logger.info("%s %s: %.1f h of video per hour", name, routing, rows[-1]["video_hours_per_compute_hour"])
+    batching = _caption_batching(list(model_dirs.items())[-1], video, cfg, batches, device, dtype) if batches else []
     return {"suite": "caption", "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "video_seconds": seconds, "fps": cfg.fps, "segment": cfg.segment, "max_new_tokens": cfg.max_new_tokens,
-            "rows": rows}
+            "rows": rows, "batching": batching}
+
+
+def _caption_batching(model: tuple[str, Path], video: Path, cfg, batches: tuple[int, ...], device, dtype) -> list[dict]:
+    """Hours of video per hour of compute captioning max(batches) copies of `video` at each --batch."""
+    import shutil
+    import tempfile
+
+    from streamvlm.caption import run as caption_run
+    from streamvlm.runtime import StreamVLM
+
+    name, model_dir = model
+    vlm = StreamVLM.from_pretrained(model_dir, device=device, dtype=dtype)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="streamvlm-bench-caption-") as tmp:
+        copies = [Path(tmp) / f"copy-{i}{video.suffix}" for i in range(max(batches))]
+        for path in copies:  # copies, not links: the inputs are deduplicated by their real path
+            shutil.copy(video, path)
+        for batch in batches:
+            out = Path(tmp) / f"batch-{batch}.jsonl"
+            summary = caption_run([str(p) for p in copies], out, lambda: vlm, cfg, model_name=name, routing="dense",
+                                  progress=False, batch=batch)
+            if summary.failed:
+                raise StreamVLMError(f"bench caption: {summary.failed} videos failed at --batch {batch}")
+            rows.append({"model": name, "batch": batch, "videos": len(copies), "video_seconds": summary.video_seconds,
+                         "compute_seconds": summary.compute_seconds,
+                         "video_hours_per_compute_hour": summary.video_seconds / summary.compute_seconds})
+            logger.info("%s --batch %d: %.1f h of video per hour", name, batch, rows[-1]["video_hours_per_compute_hour"])
+    for row in rows:
+        row["vs_batch_1"] = row["video_hours_per_compute_hour"] / rows[0]["video_hours_per_compute_hour"]
+    return rows
 
 
 def run(args) -> dict:
@@ -281,7 +315,7 @@ def run(args) -> dict:
         return run_serve_bench(Path(args.model) if args.model else None, clients, args.requests,
                                _numbers("--ages", args.ages or "1,30", float), args.stream_fps, args.new_tokens,
                                args.clip_seconds, args.workers, args.abuse_rounds,
-                               _numbers("--max-batch", args.max_batch, int), heavy=not args.no_decode_heavy,
+                               _numbers("--max-batch", args.max_batch or "1,8", int), heavy=not args.no_decode_heavy,
                                heavy_model=Path(args.heavy_model) if args.heavy_model else None)
     if args.suite == "stream":
         from streamvlm.bench.stream import run_stream_bench
@@ -303,7 +337,8 @@ def run(args) -> dict:
         from streamvlm.world.builtin import default_model_dir
 
         models = {"tiny": default_model_dir(), "small": model_dir}
-        return run_caption_bench(models, ("dense", "mod:0.2:interleaved"), args.video_seconds, device, dtype)
+        return run_caption_bench(models, ("dense", "mod:0.2:interleaved"), args.video_seconds, device, dtype,
+                                 tuple(_numbers("--max-batch", args.max_batch or "1,4", int)))
     raise StreamVLMError(f"unknown bench suite {args.suite!r}")
 
 
@@ -344,6 +379,12 @@ def format_table(result: dict) -> str:
         for r in result["rows"]:
             lines.append(f"{r['model']:<8}{r['routing']:<22}{r['video_hours_per_compute_hour']:>21.1f}"
                          f"{r['decode_share']:>14.1%}{r['flops_fraction']:>11.2f}")
+        if result.get("batching"):
+            first = result["batching"][0]
+            lines += ["", f"{first['videos']} copies captioned by `caption --batch N` ({first['model']}, dense):",
+                      f"{'batch':<8}{'video h / compute h':>21}{'vs batch 1':>12}"]
+            for r in result["batching"]:
+                lines.append(f"{r['batch']:<8}{r['video_hours_per_compute_hour']:>21.1f}{r['vs_batch_1']:>11.2f}x")
         return "\n".join(lines)
     lines = [_model_line(result)]
     if result["suite"] == "routing":
