@@ -597,13 +597,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Time our runtime against transformers on the same checkpoint in one run. "
                                    "Without --model, a random checkpoint with the shape of a real small model "
                                    "is made in the cache folder.")
-    p.add_argument("suite", choices=["dense", "routing", "caption", "stream", "serve", "quality"],
+    p.add_argument("suite", choices=["dense", "routing", "caption", "stream", "streams", "serve", "quality"],
                    help="dense: ingest and answer, ours vs transformers' forward; routing: ingest time dense vs "
                         "mod at keep 1.0/0.5/0.2, interleaved and all (first two layers dense), against the "
                         "speed-up the FLOPs predict; caption: hours of video captioned per hour of compute, "
                         "built-in tiny and small-shaped models, dense and mod:0.2:interleaved; stream: a long "
                         "stream from a file at full speed: sustained ingest rate, time to first token at each "
-                        "--ages, peak memory, and transformers re-running on all frames so far for each question; "
+                        "--ages, peak memory, and transformers re-running on all frames so far for each question; streams: "
+                        "--streams live streams from files at full speed, their steps batched, against the same "
+                        "streams one at a time (aggregate frames/s; default: the built-in model); "
                         "serve: `streamvlm serve` in its own process under --clients concurrent clients asking "
                         "video questions (requests/s, tokens/s, latency percentiles; the built-in model and a decode-heavy "
                         "workload, for each --max-batch), and time to first token over "
@@ -634,6 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve: bursts of oversized video requests (4000x3000 and 1080p sources asked for more "
                         "frames than the context holds, and for the most it holds), with the server's RSS before, "
                         "at peak and after, and /health latency during them; 0 skips (default 3)")
+    p.add_argument("--streams", type=_positive_int, default=4, metavar="N",
+                   help="streams: live streams run together (default 4)")
     p.add_argument("--stream-fps", type=_positive_float, default=1.0, help="stream: frames per second sampled (default 1)")
     p.add_argument("--memory-budget", default="8192",
                    help="stream: our session's KV bound, tokens per layer or a size (default 8192)")

@@ -130,6 +130,16 @@ def test_bench_caption_json_rows(tiny_dir, cache, capsys):
         assert r["video_hours_per_compute_hour"] == pytest.approx(r["video_seconds"] / r["compute_seconds"])
 
 
+def test_bench_streams_json(tiny_dir, cache, capsys):
+    assert main(["bench", "streams", "--model", str(tiny_dir), "--streams", "3", "--video-seconds", "2",
+                 "--stream-fps", "4", "--new-tokens", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    one, together = result["one_at_a_time"], result["together"]
+    assert result["streams"] == 3 and one["frames"] == together["frames"] == 3 * 8
+    assert result["same_answers"] is True and 1 <= together["mean_batch"] <= 3
+    assert result["speedup"] == pytest.approx(together["frames_per_second"] / one["frames_per_second"])
+
+
 def test_bench_stream_json(tiny_dir, cache, capsys):
     assert main(["bench", "stream", "--model", str(tiny_dir), "--ages", "0.05,0.1", "--stream-fps", "2",
                  "--memory-budget", "64", "--new-tokens", "2", "--json"]) == 0

@@ -333,6 +333,12 @@ def run(args) -> dict:
         return run_dense(model_dir, args.frames, args.new_tokens, args.repeats, device, dtype, args.compile)
     if args.suite == "routing":
         return run_routing(model_dir, args.frames, args.repeats, device, dtype)
+    if args.suite == "streams":
+        from streamvlm.bench.streams import run_streams_bench
+        from streamvlm.world.builtin import default_model_dir
+
+        return run_streams_bench(Path(args.model) if args.model else default_model_dir(), args.streams,
+                                 args.video_seconds, args.stream_fps, args.new_tokens, device, dtype)
     if args.suite == "caption":
         from streamvlm.world.builtin import default_model_dir
 
@@ -372,6 +378,10 @@ def format_table(result: dict) -> str:
         from streamvlm.bench.stream import format_stream
 
         return format_stream(result)
+    if result["suite"] == "streams":
+        from streamvlm.bench.streams import format_streams
+
+        return format_streams(result)
     if result["suite"] == "caption":
         lines = [f"bench caption: a {result['video_seconds']} s video at {result['fps']} fps, a caption every "
                  f"{result['segment']} s, {result['device']} {result['dtype']}",
