@@ -66,4 +66,7 @@ def test_bench_dense_reports_decode_eager_and_compiled(checkpoints, capsys):
     assert main(["bench", "dense", "--model", str(checkpoints["gqa"]), "--frames", "1", "--new-tokens", "3",
                  "--repeats", "1", "--compile", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result["decode_ms_per_token"]) == {"eager", "compiled"}
+    decode = result["decode_ms_per_token"]
+    assert set(decode) == {"eager", "compiled", "step_ms", "kernel_ms", "kernel_share", "compile_bound"}
+    assert 0 < decode["kernel_ms"] and 0 < decode["kernel_share"] <= 1
+    assert decode["compile_bound"] == pytest.approx(1 / decode["kernel_share"])
