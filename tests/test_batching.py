@@ -9,6 +9,7 @@ kernel by shape), so they are bounded at 1e-5 (measured differences are in the l
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -219,3 +220,48 @@ def test_a_failing_step_fails_each_of_its_sessions_and_the_batcher_goes_on(famil
     batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
         session.ask("After close?")
+
+
+class _Sized:
+    """A stand-in chunk of n tokens (the batcher only reads its length)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _queued(batcher: Batcher, sizes: list[int], logits: str = "last") -> None:
+    from streamvlm.batching import _Ticket
+
+    for i, n in enumerate(sizes):  # as Batcher.run hands a chunk in, from thread i
+        batcher._queue.append(_Ticket(Work(None, _Sized(n), None, None, logits), thread=i))
+        batcher._expected.discard(i)
+
+
+def test_steps_take_chunks_in_order_within_the_batch_and_token_limits():
+    batcher = Batcher(max_batch=3, max_step_tokens=100, gather_s=0.0)
+    # decodes, a prefill larger than a step (it runs alone), decodes behind it: nothing waits more than one step
+    _queued(batcher, [1, 1, 300, 1, 1, 1, 1, 60, 60])
+    steps = []
+    while batcher._queue:
+        steps.append([len(t.work.chunk) for t in batcher._take()])
+    assert steps == [[1, 1], [300], [1, 1, 1], [1, 60], [60]]
+
+
+def test_a_step_waits_for_the_sequences_it_gave_logits_to_but_not_for_ingests():
+    batcher = Batcher(max_batch=4, gather_s=0.5)
+    _queued(batcher, [1, 1, 196], logits="last")
+    first = batcher._take()
+    assert batcher._expected == {0, 1, 2}  # every one of them asked for logits: they are generating
+    _queued(batcher, [1])  # thread 0 is back at once; 1 and 2 are not: the step waits out gather_s for them
+    start = time.perf_counter()
+    assert [t.thread for t in batcher._take()] == [0]
+    assert time.perf_counter() - start >= 0.4 and len(first) == 3
+    _queued(batcher, [1, 1])  # the last step had thread 0 alone, and it is back: no wait
+    start = time.perf_counter()
+    assert len(batcher._take()) == 2 and time.perf_counter() - start < 0.4
+    _queued(batcher, [196], logits="none")  # an ingest: nobody waits for its thread afterwards
+    batcher._take()
+    assert batcher._expected == set()
