@@ -22,6 +22,12 @@ guarding on Python lists or floats that change every step. What each layer did i
 (tokens attended, tokens through the MLP, the variant when attention was not plain), and the FLOP counter
 is charged once after the layer loop, from that record and the cache's lengths.
 
+Batched steps (`forward_batch`): several sequences' chunks, each with its own cache and router, in one pass.
+At a layer where a sequence runs the standard block its kept rows join the others': norms and projections
+run once over all rows (`_standard_rows`), RoPE, the cache write and attention per sequence (`_attend`).
+Variant layers run per sequence through their path. The server, `caption --batch` and live streams reach it
+through `streamvlm.batching`.
+
 Compiled decode (`Decoder(..., compile=True)`): one-token chunks on a non-empty cache through plain layers
 run `_layer_step` compiled, with the key length marked dynamic, so decode compiles once (the first step)
 and not again as the cache grows or its buffers double. Everything else (prefill chunks, whose lengths and
