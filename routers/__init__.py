@@ -1,12 +1,12 @@
 """Routers: which vision tokens each decoder layer processes (installed as streamvlm.routers).
 
 One file per policy (dense, mod, baselines, layer_drop, fastv, pdrop, skip, neighbor_attention, cls_knee,
-schedule, head_prune), each ending with its `Policy`; `registry` loads them through the `streamvlm.routers`
+schedule, head_prune, yopo), each ending with its `Policy`; `registry` loads them through the `streamvlm.routers`
 entry-point group. Imports only torch and streamvlm core types: the runtime uses routers without Lightning.
 """
 
 from streamvlm.routers.base import (DenseRouter, LayerVariant, PrunedHeads, RouteDecision, Router, VisionSkip,
-                                    WindowAttention)
+                                    WindowAttention, YopoLayer)
 from streamvlm.routers.baselines import BaselineRouter
 from streamvlm.routers.config import RoutingConfig
 from streamvlm.routers.fastv import FastVConfig
@@ -19,4 +19,5 @@ from streamvlm.routers.registry import (build_router, get_policy, load_router, p
 
 __all__ = ["Arg", "BaselineRouter", "DenseRouter", "FastVConfig", "LayerDropConfig", "LayerVariant", "ModelSample", "MoDRouter",
            "PDropConfig", "PerModel", "Policy", "PrunedHeads", "RouteDecision", "Router", "RoutingConfig", "build_router",
-           "get_policy", "load_router", "parse_routing", "policies", "resolve_routing", "save_router", "VisionSkip", "WindowAttention"]
+           "get_policy", "load_router", "parse_routing", "policies", "resolve_routing", "save_router", "VisionSkip", "WindowAttention",
+           "YopoLayer"]

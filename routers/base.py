@@ -59,7 +59,23 @@ class VisionSkip:
     part: str
 
 
-LayerVariant = WindowAttention | PrunedHeads | VisionSkip
+@dataclass(frozen=True)
+class YopoLayer:
+    """YOPO's parts in one layer, for the layers before its layer drop (where vision tokens still run):
+    neighbour-window attention for vision queries, inactive heads that neither read nor update vision
+    tokens, and a sparse FFN for vision tokens. Text queries attend to every earlier entry through the active
+    heads and to every earlier non-vision entry through the pruned ones, and run the whole MLP."""
+
+    window: int | None
+    """w, odd: vision queries see the earlier text and a w x w causal window of their frame; None: every
+    earlier entry, as in the dense model."""
+    heads: tuple[bool, ...] = ()
+    """Per query head, True where it is pruned; () when none is."""
+    ffn: float = 1.0
+    """The fraction of the MLP's intermediate neurons (the first ones) vision tokens go through."""
+
+
+LayerVariant = WindowAttention | PrunedHeads | VisionSkip | YopoLayer
 """What a layer runs instead of the standard block. The decoder keeps one straight path per variant."""
 
 

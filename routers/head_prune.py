@@ -57,7 +57,8 @@ def calibrate_heads(vlm, clips: list, questions: list[str], tau: float = 0.07, m
     by the mass on text entries; a head is active in a sample when r > tau and is kept when active in more
     than `min_fraction` of the samples. The first `dense_layers` layers keep every head.
 
-    Returns {"pruned": [[bool per head] per layer], "ratios": mean r per layer and head, "samples"}.
+    Returns {"pruned": [[bool per head] per layer], "ratios": mean r per layer and head, "active": the share of
+    samples in which each head was active, "samples", "tau", "min_fraction"}.
     """
     if not clips or not questions:
         raise StreamVLMError("calibration needs at least one clip and one question")
@@ -90,7 +91,8 @@ def calibrate_heads(vlm, clips: list, questions: list[str], tau: float = 0.07, m
             samples += 1
     keep = active / samples > min_fraction
     keep[:dense_layers] = True
-    return {"pruned": (~keep).tolist(), "ratios": (ratio_sum / samples).tolist(), "samples": samples,
+    return {"pruned": (~keep).tolist(), "ratios": (ratio_sum / samples).tolist(),
+            "active": (active / samples).tolist(), "samples": samples,
             "tau": tau, "min_fraction": min_fraction}
 
 

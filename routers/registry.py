@@ -54,6 +54,7 @@ BUILTIN = {
     "cls_knee": "streamvlm.routers.cls_knee:POLICY",
     "schedule": "streamvlm.routers.schedule:POLICY",
     "head_prune": "streamvlm.routers.head_prune:POLICY",
+    "yopo": "streamvlm.routers.yopo:POLICY",
 }
 """The built-in policies' entry points, in the order help texts, compare and bench quality list them (other
 packages' policies follow, by name). pyproject.toml declares the same entry points (tests/test_registry.py
@@ -229,7 +230,7 @@ def save_router(router: Router, out_dir: str | Path, num_layers: int | None = No
     return out
 
 
-def _config_from_dict(d: dict):
+def config_from_dict(d: dict):
     """routing.json's config -> the config of the policy it names (whose class may read it: from_dict)."""
     name = d.get("policy", "dense")
     cls = get_policy(name).config
@@ -263,7 +264,7 @@ def load_router(path: str | Path, num_layers: int, hidden_size: int) -> Router:
             f"the router in {path} was made for a model with {shape.get('num_layers')} layers of width "
             f"{shape.get('hidden_size')}, but this model has {num_layers} layers of width {hidden_size}; "
             "train or export a router for this model")
-    config = _config_from_dict(meta.get("config") or {}) if meta.get("config") else parse_routing(meta["spec"])
+    config = config_from_dict(meta.get("config") or {}) if meta.get("config") else parse_routing(meta["spec"])
     policy = get_policy(config.policy)
     router = policy.build(config, num_layers, hidden_size)
     weights = path / "router.safetensors"

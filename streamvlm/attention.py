@@ -1,5 +1,6 @@
-"""Attention kernels over one layer's cache: plain causal, YOPO's neighbour window, and pruned heads, each
-with the count of query-key pairs it scores (for the FLOP counter, read after the step, not inside it).
+"""Attention kernels over one layer's cache: plain causal, YOPO's neighbour window, pruned heads, and the
+window with pruned heads together (YOPO combined), each with the count of query-key pairs it scores (for
+the FLOP counter, read after the step, not inside it).
 
 Every kernel takes the queries of a chunk that sits at the end of the layer's cache, q (H, m, hd), and the
 layer's keys and values (KV, L, hd), post-RoPE, and returns (H, m, hd).
@@ -159,4 +160,66 @@ def head_pruned_visits(chunk: Chunk, key_kinds: torch.Tensor, pruned) -> int:
     if gone and text.numel():
         seen = (key_kinds != VISION).cumsum(0)  # (L,) non-vision entries among 0..j
         visits += gone * int(seen[length - n + text].sum())  # text query i sees entries 0..L-n+i
+    return visits // heads
+
+
+def yopo_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: Chunk, key_pos: torch.Tensor,
+                key_kinds: torch.Tensor, window: int | None, pruned: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """YOPO's attention for a chunk whose every token was just appended (the last n cache entries): the
+    neighbour window and inactive heads together. q: (H, n, hd); keys, values: (KV, L, hd); key_pos,
+    key_kinds (L,). Returns (H, n, hd); `yopo_visits` counts the query-key pairs it scores.
+
+    Active heads: text queries see every earlier entry; vision queries the earlier text before their frame
+    and a w x w causal window of their frame (`neighbour_attend`; window None: every earlier entry).
+    Pruned heads (`pruned`, (H,) bool, or None when none is): vision queries get nothing (their output is 0),
+    text queries see only the earlier non-vision entries, whose scores alone are computed.
+    """
+    heads, n, hd = q.shape
+    group = heads // keys.shape[0]
+
+    def active_heads(q_a, k_a, v_a):
+        if window is None:
+            return causal_attend(q_a, k_a, v_a, scale)
+        return neighbour_attend(q_a, k_a, v_a, chunk, key_pos, key_kinds, window, scale)
+
+    if pruned is None:
+        return active_heads(q, keys, values)
+    out = torch.zeros_like(q)
+    active = torch.nonzero(~pruned).squeeze(1)
+    if active.numel():  # each active query head with its own kv head: GQA groups break once heads are pruned
+        kv = active // group
+        out[active] = active_heads(q[active], keys[kv], values[kv])
+    gone = torch.nonzero(pruned).squeeze(1)
+    text = torch.nonzero(chunk.text_mask).squeeze(1)
+    if gone.numel() and text.numel():
+        context = torch.nonzero(key_kinds != VISION).squeeze(1)  # (c,) the entries pruned heads may read
+        length = keys.shape[1]
+        causal = context[None, :] <= (length - n + text)[:, None]  # (t, c): entry index <= the query's own
+        kv = gone // group
+        k_ctx, v_ctx = keys[kv][:, context], values[kv][:, context]  # (P, c, hd)
+        out[gone[:, None], text[None, :]] = F.scaled_dot_product_attention(
+            q[gone][:, text][None], k_ctx[None], v_ctx[None], attn_mask=causal, scale=scale)[0]
+    return out
+
+
+def yopo_visits(chunk: Chunk, key_pos: torch.Tensor, key_kinds: torch.Tensor, window: int | None, pruned) -> int:
+    """Query-key pairs `yopo_attend` scores for `chunk` (the last n of the layer's L entries, with positions
+    and kinds key_pos, key_kinds (L,)), in "all heads" units as the counter charges attention: each active
+    head scores what `neighbour_visits` counts (every causal pair when window is None), each pruned head its
+    text queries against the earlier non-vision entries. pruned: per head, True where pruned (a tuple of
+    bools, as `YopoLayer` holds it; () when none is)."""
+    n, length = len(chunk), key_kinds.numel()
+    if window is None:
+        per_active = n * (length - n) + n * (n + 1) // 2
+    else:
+        per_active = neighbour_visits(chunk, key_pos, key_kinds, window)
+    heads = len(pruned)
+    gone = int(sum(pruned))
+    if not gone:
+        return per_active
+    visits = (heads - gone) * per_active
+    text = torch.nonzero(chunk.text_mask).squeeze(1)
+    if text.numel():
+        seen = (key_kinds != VISION).cumsum(0)  # (L,) non-vision entries among 0..j
+        visits += gone * int(seen[length - n + text].sum())
     return visits // heads

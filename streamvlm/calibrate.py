@@ -4,6 +4,9 @@
 that compare can calibrate its default without importing this module).
 `schedule`: a per-layer keep schedule by G-Search (greedy) or P-Sigmoid (Bayesian optimisation).
 
+`yopo`: the combined YOPO policy of a spec with its head mask (`calibrate_yopo`, with its policy in
+routers/yopo.py): the heads' scores of `heads`, keeping the spec's fraction of heads.
+
 `vtw`: VTW's choice of the layer from which vision tokens are withdrawn: the first layer L at which
 dropping vision tokens from L on keeps the answer distribution within a KL threshold of dense, averaged over
 calibration clips (VTW used about 20 samples and 0.003 for 7B models). KL is measured on the dense model's
@@ -55,6 +58,25 @@ def save_heads(vlm, result: dict, out_dir: str | Path) -> Path:
 
     parts = vlm.adapter.decoder
     router = vlm.with_routing(HeadPruneConfig(pruned=result["pruned"])).router
+    return save_router(router, out_dir, parts.num_layers, parts.hidden_size)
+
+
+def yopo_spec(spec: str):
+    """--spec of `calibrate yopo` -> its YopoConfig, or a StreamVLMError that says what it takes."""
+    from streamvlm.routers import parse_routing
+    from streamvlm.routers.yopo import GRAMMAR, YopoConfig
+
+    config = parse_routing(spec)
+    if not isinstance(config, YopoConfig):
+        raise StreamVLMError(f"calibrate yopo: --spec takes a yopo spec, {GRAMMAR}, not {spec!r}")
+    return config
+
+
+def save_yopo(vlm, result: dict, out_dir: str | Path) -> Path:
+    from streamvlm.routers import save_router
+
+    parts = vlm.adapter.decoder
+    router = vlm.with_routing(result["config"]).router
     return save_router(router, out_dir, parts.num_layers, parts.hidden_size)
 
 

@@ -212,12 +212,14 @@ def cmd_compare(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from streamvlm.calibrate import calibrate_vtw, save_heads, save_schedule, save_vtw, search_greedy, search_sigmoid
+    from streamvlm.calibrate import (calibrate_vtw, save_heads, save_schedule, save_vtw, save_yopo, search_greedy,
+                                     search_sigmoid, yopo_spec)
     from streamvlm.prompts import default_prompts
     from streamvlm.routers.head_prune import calibrate_heads
     from streamvlm.video.files import probe_video
     from streamvlm.world.sample import sample_video
 
+    yopo = yopo_spec(args.spec) if args.method == "yopo" else None  # a bad spec fails before anything loads
     videos = args.videos or [str(sample_video())]
     for video in videos:
         probe_video(video)  # a bad file fails before the model loads
@@ -233,6 +235,18 @@ def cmd_calibrate(args) -> int:
         print(json.dumps({**result, "out": str(out)}, indent=2) if args.json else
               f"{result['method']} schedule {[round(r, 3) for r in result['keep']]}: KL {result['kl']:.5f}, "
               f"LLM FLOPs {result['flops_fraction']:.2f} of dense; wrote {out} (--routing {out})")
+        return 0
+    if args.method == "yopo":
+        from streamvlm.routers.yopo import calibrate_yopo
+
+        result = calibrate_yopo(vlm, clips, questions, yopo, args.tau, args.min_fraction, args.max_new_tokens)
+        out = save_yopo(vlm, result, args.out)
+        config = result.pop("config")
+        heads = sum(len(layer) for layer in result["active"]) if "active" in result else 0
+        print(json.dumps({**result, "spec": config.spec(), "out": str(out)}, indent=2) if args.json else
+              f"{config.spec()}: pruned {config.pruned_heads()} of {heads} heads (kept the most often active, "
+              f"r > tau {args.tau}, after the first two layers; {result['samples']} samples); wrote {out} "
+              f"(--routing {out})")
         return 0
     if args.method == "heads":
         result = calibrate_heads(vlm, clips, questions, args.tau, args.min_fraction,
@@ -494,10 +508,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and questions. heads: YOPO's head scores (attention on vision / on text) and "
                                    "the mask of inactive heads. schedule: per-layer keep ratios, greedy from "
                                    "shallow to deep (G-Search) or a sigmoid tuned by Bayesian optimisation "
-                                   "(P-Sigmoid). Each writes a router folder for --routing.")
-    p.add_argument("method", choices=["vtw", "heads", "schedule"],
+                                   "(P-Sigmoid). yopo: YOPO's parts together (--spec), with the head mask that "
+                                   "keeps its HEADS fraction of heads, the most often active (attention on "
+                                   "vision / on text > --tau). Each writes a router folder for --routing.")
+    p.add_argument("method", choices=["vtw", "heads", "schedule", "yopo"],
                    help="vtw: VTW's layer for layer_drop; heads: YOPO's inactive-head mask for head_prune; "
-                        "schedule: a per-layer keep schedule (G-Search or P-Sigmoid)")
+                        "schedule: a per-layer keep schedule (G-Search or P-Sigmoid); yopo: the combined yopo "
+                        "policy of --spec with its head mask")
+    p.add_argument("--spec", default="yopo",
+                   help="yopo: the settings, yopo[:W[:HEADS[:FFN[:DROP]]]] (default yopo: YOPO's published "
+                        "settings, window 5, half the heads, half the FFN, layer drop at half the depth)")
     p.add_argument("--search", choices=["greedy", "sigmoid"], default="greedy",
                    help="schedule: greedy (G-Search, holds --threshold KL) or sigmoid (P-Sigmoid, Bayesian "
                         "optimisation under --flops-budget)")
@@ -509,10 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration question (repeat; " + default_help(lambda d: d.calibrate) + ")")
     p.add_argument("--threshold", type=_non_negative_float, default=0.003,
                    help="vtw and greedy schedule: KL threshold (VTW: 0.003 for 7B models)")
-    p.add_argument("--tau", type=_non_negative_float, default=0.07, help="heads: vision/text attention ratio a head must pass "
-                   "(YOPO: ~0.07 for Qwen2-VL)")
+    p.add_argument("--tau", type=_non_negative_float, default=0.07, help="heads and yopo: vision/text attention ratio a "
+                   "head must pass to count as active in a sample (YOPO: ~0.07 for Qwen2-VL)")
     p.add_argument("--min-fraction", type=_number(float, 0.0, 1.0, what="0 to 1"), default=0.4,
-                   help="heads: keep a head active in more than this fraction of samples (YOPO: 40%%)")
+                   help="heads: keep a head active in more than this fraction of samples (YOPO: 40%%; yopo keeps "
+                        "its spec's HEADS fraction instead)")
     p.add_argument("--num-frames", type=_positive_int, default=8, help="frames per clip (default 8)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=16, help="answer tokens scored (default 16)")
     p.add_argument("--out", required=True, help="router folder to write")

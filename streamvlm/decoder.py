@@ -11,9 +11,9 @@ sparse (positions with gaps) and still be valid for any later query.
 
 What to process and how are apart. Per chunk, the router's `decide` says which tokens a layer processes
 and with what weight (`RouteDecision`). How a layer computes is fixed when the decoder is built: the
-router's `variant(layer)` (a `WindowAttention`, `PrunedHeads` or `VisionSkip`, or None for the standard
-block) picks the layer's path once, and each path is one straight function (`_standard`, `_window`,
-`_pruned_heads`, `_vision_skip`). No flag is read in every forward to choose between them.
+router's `variant(layer)` (a `WindowAttention`, `PrunedHeads`, `VisionSkip` or `YopoLayer`, or None for the
+standard block) picks the layer's path once, and each path is one straight function (`_standard`, `_window`,
+`_pruned_heads`, `_vision_skip`, `_yopo`). No flag is read in every forward to choose between them.
 
 Compute and accounting are apart. A layer's tensor work is `_layer_step` (norm, q/k/v, RoPE, the write of
 its K/V into the cache views it is handed, attention, MLP, the router weight); it sees tensors and the
@@ -42,11 +42,13 @@ from typing import NamedTuple
 
 import torch
 
-from streamvlm.attention import causal_attend, head_pruned_attend, head_pruned_visits, neighbour_attend, neighbour_visits
+from streamvlm.attention import (causal_attend, head_pruned_attend, head_pruned_visits, neighbour_attend,
+                                 neighbour_visits, yopo_attend, yopo_visits)
 from streamvlm.cache import KVCache
+from streamvlm.ffn import check_gated_mlp, sparse_mlp, vision_neurons
 from streamvlm.flops import FlopCounter
 from streamvlm.parts import DecoderParts, LayerParts
-from streamvlm.routers.base import PrunedHeads, Router, VisionSkip, WindowAttention
+from streamvlm.routers.base import PrunedHeads, Router, VisionSkip, WindowAttention, YopoLayer
 from streamvlm.rope import apply_rope
 from streamvlm.types import Chunk
 
@@ -102,6 +104,18 @@ def _add_mlp(layer: LayerParts, x: torch.Tensor, a: torch.Tensor, weight: torch.
     return (x + w * a) + w * m_out
 
 
+def _add_split_mlp(layer: LayerParts, x: torch.Tensor, a: torch.Tensor, text: torch.Tensor, vision: torch.Tensor,
+                   neurons: int) -> torch.Tensor:
+    """`_add_mlp` (weight 1) where the rows `vision` go through only the MLP's first `neurons` intermediate
+    neurons (YOPO's sparse FFN) and the rows `text` through all of them; text and vision partition x's rows."""
+    mid = x + a
+    h = layer.post_attention_norm(mid)
+    m_out = torch.empty_like(mid)
+    m_out[text] = layer.mlp(h[text])
+    m_out[vision] = sparse_mlp(layer.mlp, h[vision], neurons)
+    return mid + m_out
+
+
 class _LayerWork(NamedTuple):
     """What one layer did for a chunk, for the accounting after the step."""
 
@@ -110,8 +124,12 @@ class _LayerWork(NamedTuple):
     """Tokens whose attention ran (and wrote K/V): the last `attended` entries of the layer's cache."""
     mlp: int
     """Tokens through the MLP."""
-    variant: WindowAttention | PrunedHeads | None = None
+    variant: WindowAttention | PrunedHeads | YopoLayer | None = None
     """The layer's attention variant, when it is not plain (its key visits depend on the entries)."""
+    sparse_mlp: int = 0
+    """Tokens through only `neurons` of the MLP's intermediate neurons (YOPO's vision tokens), besides `mlp`."""
+    neurons: int = 0
+    """How many of the MLP's intermediate neurons the `sparse_mlp` tokens used."""
 
 
 class Decoder:
@@ -176,6 +194,8 @@ class Decoder:
                 flops.add_attention(done.layer, done.attended, self._key_visits(done, chunk, cache))
             if done.mlp:
                 flops.add_mlp(done.mlp)
+            if done.sparse_mlp:
+                flops.add_mlp(done.sparse_mlp, done.neurons)
         flops.add_dense(len(chunk), int(chunk.positions[0]))  # what this chunk costs with routing off
         if rows:
             flops.add_logits(rows)
@@ -189,6 +209,8 @@ class Decoder:
             return m * (length - m) + m * (m + 1) // 2
         if isinstance(variant, WindowAttention):
             return neighbour_visits(chunk, cache.positions(layer), cache.kinds(layer), variant.window)
+        if isinstance(variant, YopoLayer):
+            return yopo_visits(chunk, cache.positions(layer), cache.kinds(layer), variant.window, variant.heads)
         return head_pruned_visits(chunk, cache.kinds(layer), variant.heads)  # no tensor per step
 
     def _layer(self, index: int, layer: LayerParts, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -221,6 +243,8 @@ class Decoder:
             if variant.part not in ("attn", "mlp", "parallel"):
                 raise ValueError(f"layer {index}: unknown VisionSkip part {variant.part!r}")
             return functools.partial(self._vision_skip, part=variant.part)
+        if isinstance(variant, YopoLayer):
+            return self._yopo_path(index, variant)
         raise TypeError(f"layer {index}: {type(self.router).__name__} gave an unknown layer variant {variant!r}")
 
     def _standard(self, index, layer, x, cos, sin, chunk, decision, cache):
@@ -292,6 +316,41 @@ class Decoder:
         if mlp_rows.numel():
             after = after.index_add(0, mlp_rows, layer.mlp(layer.post_attention_norm(mlp_in[mlp_rows])))
         return after, _LayerWork(index, attends.numel(), mlp_rows.numel())
+
+    def _yopo_path(self, index: int, variant: YopoLayer):
+        p = self.parts
+        if variant.heads and len(variant.heads) != p.num_heads:
+            raise ValueError(f"layer {index}: the head mask has {len(variant.heads)} heads, the model {p.num_heads}")
+        if variant.window is not None and (variant.window < 1 or variant.window % 2 == 0):
+            raise ValueError(f"layer {index}: the window must be odd and >= 1, got {variant.window}")
+        neurons = vision_neurons(p.intermediate_size, variant.ffn)
+        if neurons < p.intermediate_size:
+            check_gated_mlp(p.layers[index].mlp, index)
+        mask = None
+        if any(variant.heads):
+            mask = torch.tensor(variant.heads, dtype=torch.bool, device=p.embed_tokens.weight.device)
+        return functools.partial(self._yopo, variant=variant, pruned=mask, neurons=neurons)
+
+    def _yopo(self, index, layer, x, cos, sin, chunk, decision, cache, variant: YopoLayer,
+              pruned: torch.Tensor | None, neurons: int):
+        """Every token; YOPO's layer (before its layer drop): vision queries attend through the window, pruned
+        heads neither read nor update vision tokens, vision tokens go through the first `neurons` of the MLP.
+        Text-only chunks too: a pruned head must not let later text read vision entries."""
+        self._variant_takes_every_token(index, decision)
+        keys, values = cache.extend(index, chunk.positions, chunk.kinds, chunk.frames)
+
+        def attend(q, k, v):
+            return yopo_attend(q, k, v, chunk, cache.positions(index), cache.kinds(index), variant.window, pruned,
+                               self.scale)
+
+        a = _attention_update(self.parts, layer, x, cos, sin, keys, values, self.scale, attend)
+        n = len(chunk)
+        if chunk.num_frames == 0:
+            return _add_mlp(layer, x, a, None), _LayerWork(index, n, n, variant)
+        vision = chunk.vision_index.flatten()
+        text = torch.nonzero(chunk.text_mask).squeeze(1)
+        out = _add_split_mlp(layer, x, a, text, vision, neurons)
+        return out, _LayerWork(index, n, text.numel(), variant, sparse_mlp=vision.numel(), neurons=neurons)
 
 
 class Work(NamedTuple):

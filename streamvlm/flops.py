@@ -1,8 +1,9 @@
 """One analytic FLOPs counter shared by every routing policy.
 
-FLOPs count a multiply-add as 2. Counted: the q/k/v/o projections, the MLP (three matrices), attention
-scores and the attention-weighted sum of values at each layer's real key count, the lm_head rows
-computed, and the vision encoder per frame. Norms, RoPE, softmax and activations are left out: they
+FLOPs count a multiply-add as 2. Counted: the q/k/v/o projections, the MLP (three matrices, at the neurons
+used: YOPO's sparse FFN runs vision tokens through part of them), attention scores and the
+attention-weighted sum of values at each layer's real key count, the lm_head rows computed, and the vision
+encoder per frame. Norms, RoPE, softmax and activations are left out: they
 are linear in tokens and under 1% of a layer at real sizes.
 
 `llm_dense` is what the same token stream costs with routing off (every token at every layer, keys =
@@ -64,8 +65,10 @@ class FlopCounter:
         self.llm += tokens * self.projection_flops + self.attention_flops(key_visits)
         self.tokens_processed_per_layer[layer] += tokens
 
-    def add_mlp(self, tokens: int) -> None:
-        self.llm += tokens * self.mlp_flops
+    def add_mlp(self, tokens: int, neurons: int | None = None) -> None:
+        """`tokens` tokens went through the MLP; neurons: through only that many of its intermediate neurons
+        (YOPO's sparse FFN for vision tokens), None for all of them."""
+        self.llm += tokens * (self.mlp_flops if neurons is None else 3 * 2 * self.hidden_size * neurons)
 
     def add_layer(self, layer: int, tokens: int, key_visits: int) -> None:
         """A layer processed `tokens` tokens (attention and MLP), whose queries visited `key_visits` keys."""

@@ -265,3 +265,18 @@ def test_a_step_waits_for_the_sequences_it_gave_logits_to_but_not_for_ingests():
     _queued(batcher, [196], logits="none")  # an ingest: nobody waits for its thread afterwards
     batcher._take()
     assert batcher._expected == set()
+
+
+def test_yopo_layers_run_per_session_inside_a_batched_step(family_vlm):
+    # a variant layer (YOPO's window, pruned heads and sparse FFN; vision dropped from layer 1) beside dense
+    models = [family_vlm.with_routing("yopo:3:all:0.5:1"), family_vlm]
+    alone = [_answer(vlm, 3 + i, i, "Which?") for i, vlm in enumerate(models)]
+    batcher = Batcher(max_batch=2)
+    try:
+        batched = _in_threads([lambda vlm=vlm.batched(batcher), i=i: _answer(vlm, 3 + i, i, "Which?")
+                               for i, vlm in enumerate(models)])
+    finally:
+        batcher.close()
+    for (ids, logits, stats), (ids_b, logits_b, stats_b) in zip(alone, batched):
+        assert ids_b == ids and (logits_b - logits).abs().max().item() <= LOGIT_BOUND
+        assert stats_b["flops"] == stats["flops"]

@@ -140,7 +140,7 @@ def test_compare_table_for_all_policies(tiny_dir, tmp_path, capsys, monkeypatch)
     rows = json.loads(capsys.readouterr().out)
     assert [r["policy"].split(":")[0].split("(")[0] for r in rows] == [
         "dense", "mod", "random", "uniform", "layer_drop", "fastv", "pdrop", "skip", "neighbor_attention", "cls_knee",
-        "schedule", "head_prune"]
+        "schedule", "head_prune", "yopo"]
     assert rows[4]["policy"] == "layer_drop:2" and rows[5]["policy"] == "fastv:2:0.5"
     for r in rows:
         assert set(r) >= {"policy", "flops_fraction", "kv_fraction", "time_ratio", "kl", "top1_agreement"}

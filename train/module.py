@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -443,7 +444,12 @@ class RouterTrainingModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         parts = self.vlm.adapter.decoder
         routing = self.router.config.to_dict() if isinstance(self.router, MoDRouter) else None
-        checkpoint["streamvlm"] = {"routing": routing, "num_layers": parts.num_layers, "trainable": self.hparams.trainable,
+        # A training-free policy's whole config: a calibrated one (head_prune, yopo) holds a mask its spec lacks.
+        config = getattr(self.router, "config", None)
+        policy = None if routing is not None or config is None else (
+            config.to_dict() if hasattr(config, "to_dict") else asdict(config))
+        checkpoint["streamvlm"] = {"routing": routing, "policy": policy, "num_layers": parts.num_layers,
+                                   "trainable": self.hparams.trainable,
                                    "hidden_size": parts.hidden_size, "model_dir": str(self.hparams.model_dir),
                                    "family": self.vlm.adapter.family, "spec": self.router.spec(),
                                    "lora": ({"rank": self.hparams.lora_rank, "alpha": self.hparams.lora_alpha}

@@ -114,6 +114,7 @@ def export_model(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     `--routing OUT/router`; a MoD router is exported apart (`streamvlm-train export`)."""
     from streamvlm.models import load_adapter
     from streamvlm.routers import build_router, parse_routing, save_router
+    from streamvlm.routers.registry import config_from_dict
     from streamvlm.train.weights import is_language_model_weight
 
     try:
@@ -151,7 +152,8 @@ def export_model(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     world = bool((ckpt.get("datamodule_hyper_parameters") or {}).get("world")) or started.is_file()
     out = save_weights(source, model, out_dir, about, world=world)
     if "trained_under" in about:
-        config = parse_routing(about["trained_under"])
+        # The policy's whole config when the checkpoint holds it (a calibrated head mask is not in its spec).
+        config = config_from_dict(meta["policy"]) if meta.get("policy") else parse_routing(about["trained_under"])
         save_router(build_router(config, meta["num_layers"], meta["hidden_size"]), out / "router",
                     meta["num_layers"], meta["hidden_size"])
     return out

@@ -124,7 +124,8 @@ def _routed_session_logits(vlm, sample: Sample) -> torch.Tensor:
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "smolvlm"])
 @pytest.mark.parametrize("routing, trainable", [("mod:0.25:all:1", "router+lora"), ("mod:0.25:all:1", "all"),
                                                 ("skip:block", "router+lora"), ("skip:block", "all"),
-                                                ("neighbor_attention:1", "router+lora")])
+                                                ("neighbor_attention:1", "router+lora"),
+                                                ("yopo:3:all:0.5:3", "all")])
 def test_the_language_model_trains_with_the_router_or_under_a_training_free_policy(family, routing, trainable,
                                                                                    tmp_path):
     # router+lora and all: the language model (LoRA adapters, or all its weights) learns by distillation from
@@ -150,6 +151,39 @@ def test_the_language_model_trains_with_the_router_or_under_a_training_free_poli
         trained = module._run(module.student, chunk)[rows]
     torch.testing.assert_close(_routed_session_logits(vlm, sample), trained, atol=5e-4, rtol=1e-3)
     untouched = StreamVLM.from_pretrained(model_dir, routing=router_dir)
+    assert not torch.allclose(_routed_session_logits(untouched, sample), trained, atol=5e-4)  # the weights moved
+
+
+@pytest.mark.parametrize("trainable", ["router+lora", "all"])
+def test_the_language_model_trains_under_a_calibrated_yopo_router_folder(trainable, tmp_path):
+    # YOPO fine-tuned with its masks: the head mask is in the router folder, not in any spec, and export-model
+    # writes it back as the model's router (from the checkpoint's policy config).
+    from streamvlm.routers import save_router
+    from streamvlm.routers.yopo import YopoConfig
+
+    L.seed_everything(0)
+    model_dir = str(write_training_checkpoint("qwen2_5_vl", tmp_path / "qwen2_5_vl"))
+    parts = StreamVLM.from_pretrained(model_dir).adapter.decoder
+    heads = parts.num_heads
+    mask = [[False] * heads, [False] * heads, [h < heads // 2 for h in range(heads)], [True] * heads]
+    config = YopoConfig(window=3, head_keep=0.5, ffn=0.5, drop_layer=3, pruned=mask)
+    folder = tmp_path / "yopo"
+    save_router(StreamVLM.from_pretrained(model_dir, routing=config).router, folder, parts.num_layers,
+                parts.hidden_size)
+    module = RouterTrainingModule(model_dir=model_dir, routing=str(folder), trainable=trainable,
+                                  lr=0.01 if trainable == "router+lora" else 1e-3)
+    assert module.router.config == config
+    ckpt = _fit_and_save(module, tmp_path, videos=8, frames=4, epochs=6)
+    model_out = export_model(ckpt, tmp_path / "model")
+    vlm = StreamVLM.from_pretrained(model_out, routing=model_out / "router")
+    assert vlm.router.config == config  # the mask came back
+    sample = _sample(module.vlm)
+    module.eval()
+    chunk, rows, _ = module.sequence(sample)
+    with torch.no_grad():
+        trained = module._run(module.student, chunk)[rows]
+    torch.testing.assert_close(_routed_session_logits(vlm, sample), trained, atol=5e-4, rtol=1e-3)
+    untouched = StreamVLM.from_pretrained(model_dir, routing=folder)
     assert not torch.allclose(_routed_session_logits(untouched, sample), trained, atol=5e-4)  # the weights moved
 
 
