@@ -135,6 +135,7 @@ class Batcher:
                 ticket.done.set()
 
     def close(self) -> None:
+        """Refuse further work, fail what waits, and wait for the step running now to end."""
         with self._lock:
             self._closed = True
             for ticket in self._queue:
@@ -142,6 +143,8 @@ class Batcher:
                 ticket.done.set()
             self._queue.clear()
             self._lock.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
 
 
 class BatchedDecoder:
