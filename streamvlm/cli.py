@@ -228,7 +228,8 @@ def cmd_calibrate(args) -> int:
         if args.search == "greedy":
             result = search_greedy(vlm, clips, questions, args.threshold, args.max_new_tokens)
         else:
-            result = search_sigmoid(vlm, clips, questions, args.flops_budget, args.trials, args.max_new_tokens)
+            result = search_sigmoid(vlm, clips, questions, args.flops_budget, args.trials, args.max_new_tokens,
+                                    sampler=args.sampler)
         out = save_schedule(vlm, result, args.out)
         print(json.dumps({**result, "out": str(out)}, indent=2) if args.json else
               f"{result['method']} schedule {[round(r, 3) for r in result['keep']]}: KL {result['kl']:.5f}, "
@@ -491,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and questions. heads: YOPO's head scores (attention on vision / on text) and "
                                    "the mask of inactive heads. schedule: per-layer keep ratios, greedy from "
                                    "shallow to deep (G-Search) or a sigmoid tuned by Bayesian optimisation "
-                                   "(P-Sigmoid). Each writes a router folder for --routing.")
+                                   "(P-Sigmoid), the first layer always dense. Each writes a router folder for --routing.")
     p.add_argument("method", choices=["vtw", "heads", "schedule"],
                    help="vtw: VTW's layer for layer_drop; heads: YOPO's inactive-head mask for head_prune; "
                         "schedule: a per-layer keep schedule (G-Search or P-Sigmoid)")
@@ -501,6 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flops-budget", type=_probability, default=0.5,
                    help="schedule, sigmoid: the most LLM FLOPs, as a fraction of dense (default 0.5)")
     p.add_argument("--trials", type=_positive_int, default=20, help="schedule, sigmoid: optimisation trials (default 20)")
+    p.add_argument("--sampler", choices=["gp", "tpe"], default="gp",
+                   help="schedule, sigmoid: the Bayesian optimiser: gp, a Gaussian process with expected "
+                        "improvement (the paper's kind; optuna's GPSampler, needs scipy), or tpe, optuna's "
+                        "tree-structured Parzen estimator (default gp)")
     p.add_argument("--videos", nargs="+", help="calibration videos (default: the sample video)")
     p.add_argument("--question", action="append",
                    help="calibration question (repeat; " + default_help(lambda d: d.calibrate) + ")")

@@ -118,3 +118,49 @@ def test_a_tower_with_a_map_head_ranks_each_frame_by_the_heads_attention(checkpo
     assert [k.tolist() for k in again] == [e.tolist() for e in expected]
     by_mean = keep_before_knee(mean_scores(vlm.encode(frames).float()), floor=1)
     assert any(not torch.equal(a, b) for a, b in zip(expected, by_mean))  # and it is not the mean ranking
+
+
+def _vision_positions(cache, layer):
+    return set(cache.positions(layer)[cache.kinds(layer) == VISION].tolist())
+
+
+def test_g_search_never_prunes_the_first_layer():
+    from streamvlm.routers.schedule import ScheduleConfig, sigmoid_schedule
+
+    with pytest.raises(StreamVLMError, match="R0 must be 1"):
+        ScheduleConfig(keep=(0.5, 0.5, 0.25, 0.25))
+    keep = sigmoid_schedule(6, steepness=3.0, midpoint=0.0, floor=0.2)  # steep and early: layer 0 would be 0.6
+    assert keep[0] == 1.0 and keep[1] < 0.3
+    assert all(a >= b for a, b in zip(keep, keep[1:]))
+
+
+def test_g_search_keeps_nested_sets_ranked_by_the_previous_layers_attention(vlm):
+    from streamvlm.routers.ranking import frame_attention_ranking
+
+    model = vlm.with_routing("schedule:1,0.7,0.5,0.2")  # 9 tokens a frame: 9, 7, 5, 2
+    router = model.router
+    inputs = {}
+    decide = router.decide
+
+    def recording(layer, hidden, chunk):
+        inputs[layer] = (hidden.clone(), chunk)
+        return decide(layer, hidden, chunk)
+
+    router.decide = recording
+    session = model.session()
+    session.append_frames(random_frames(2, seed=5))
+    cache = session.cache
+    kept = [_vision_positions(cache, layer) for layer in range(4)]
+    assert [len(k) for k in kept] == [18, 14, 10, 4]
+    assert kept[3] <= kept[2] <= kept[1] <= kept[0]  # nested
+    # layer 1 keeps each frame's 7 tokens most attended at layer 0, ranked with layer 0's weights on its input
+    hidden, chunk = inputs[0]
+    ranking = frame_attention_ranking(vlm.adapter.decoder, 0, hidden, chunk)  # (F, 9)
+    top = ranking.topk(7, dim=-1).indices
+    assert kept[1] == set(chunk.positions[chunk.vision_index.gather(1, top)].flatten().tolist())
+    # and layer 2 keeps the best 5 of those by layer 1's attention, computed on layer 1's input
+    hidden, chunk = inputs[1]
+    ranking = frame_attention_ranking(vlm.adapter.decoder, 1, hidden, chunk)
+    still = chunk.vision_index.gather(1, top.sort(dim=-1).values)
+    best = ranking.gather(1, top.sort(dim=-1).values).topk(5, dim=-1).indices
+    assert kept[2] == set(chunk.positions[still.gather(1, best)].flatten().tolist())
