@@ -205,8 +205,18 @@ def cmd_compare(args) -> int:
     vlm, _ = _load(args)
     clip = vlm.read_video(video, num_frames=args.num_frames)
     question = default_prompts(args.model).question if args.question is None else args.question
+    solved = None
+    if args.budget is not None:
+        from streamvlm.budget import budget_policies
+        from streamvlm.compare import solve_budget
+
+        solved = solve_budget(vlm, clip.frames, question, policies or budget_policies(), args.budget,
+                              args.max_new_tokens)
+        policies = [s.routing for s in solved]
     policies = policies or default_policies(vlm, clip.frames, question)
     rows = compare(vlm, clip.frames, question, policies, args.max_new_tokens, args.repeats)
+    for row, s in zip(rows, solved or ()):
+        row.update(budget=args.budget, knob=s.knob, knob_value=s.value, reached=s.reached, note=s.note)
     print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
     return 0
 
@@ -482,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=_positive_int, default=8, help="frames spread over the video (default 8)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=16, help="length of the dense answer scored (default 16)")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed ingests per policy, median (default 3)")
+    p.add_argument("--budget", type=_probability, default=None, metavar="F",
+                   help="set every policy to spend F of the language model's dense FLOPs on this clip (within 0.03) "
+                        "by solving for its knob (keep ratio, drop layer, window, head count, knee floor, schedule "
+                        "scale, ...); one that cannot reach F runs at its nearest point, with a note. Without "
+                        "--policies: every policy that has a knob, and dense")
     p.add_argument("--json", action="store_true", help="JSON rows instead of a table")
     _add_model_args(p)
     p.set_defaults(func=cmd_compare)
@@ -636,6 +651,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quality: --routing values separated by ';' (quoted in a shell), or the flag repeated "
                         f"(default {quality_default}); random:KEEP and uniform:KEEP route the layers mod:KEEP routes "
                         "for the model (its own router's), so they spend the same budget")
+    p.add_argument("--budget", type=_probability, default=None, metavar="F",
+                   help="quality: set every policy to spend F of the language model's dense FLOPs (within 0.03) by "
+                        "solving for its knob (keep ratio, drop layer, window, head count, knee floor, schedule "
+                        "scale, ...) on 2 world videos of another seed; a policy that cannot reach F is reported at "
+                        "its nearest point and marked *. Without --policies: dense and every registered method "
+                        "(mod with the model's shipped router). A spec in --policies keeps its other arguments "
+                        "(fastv:1 solves R with K=1; schedule:1,1,0.5,0.25 scales that shape)")
+    p.add_argument("--sweep", default=None, metavar="F1,F2,...",
+                   help="quality: --budget at each of these fractions, e.g. 0.2,0.3,0.5,0.7, for the accuracy-vs-FLOPs "
+                        "picture (--plot)")
+    p.add_argument("--calibration-videos", type=_positive_int, default=2, metavar="N",
+                   help="quality with --budget or --sweep: world videos (of another seed than --seed) the knobs are "
+                        "solved on (default 2)")
+    p.add_argument("--plot", default=None, metavar="FILE",
+                   help="quality with --sweep or --budget: draw accuracy against LLM FLOPs per method, with dense and "
+                        "the random baseline on every panel, to FILE (.svg or .png; needs the plot extra: pip install "
+                        "'streamvlm[plot]')")
     p.add_argument("--seed", type=int, default=None,
                    help="quality: seed of the held-out videos (default 1234; training used 0 and 1)")
     p.add_argument("--num-videos", type=_positive_int, default=100, help="quality: held-out videos (default 100)")
