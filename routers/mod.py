@@ -87,13 +87,11 @@ DEFAULT_KEEP = 0.2
 def default_spec(sample: ModelSample, policy: str) -> str:
     """compare's default for mod, random and uniform: keep 0.2 on the layers of the checkpoint's shipped router
     when it has one (its trained weights then serve mod, and the baselines spend the same budget), else on the
-    odd layers (VideoLLM-MoD's interleaved)."""
-    from streamvlm.routers.registry import trained_mod_router
-
-    parts = sample.vlm.adapter.decoder
-    trained = trained_mod_router(f"mod:{DEFAULT_KEEP}", sample.vlm.adapter.model_dir, parts.num_layers,
-                                 parts.hidden_size)
-    spec = trained.config.spec() if trained is not None else f"mod:{DEFAULT_KEEP}:interleaved"
+    odd layers (VideoLLM-MoD's interleaved). "mod:KEEP" resolves to the shipped router where there is one; a
+    fresh router is zero-initialised, so weights tell which it is."""
+    router = sample.vlm.with_routing(f"mod:{DEFAULT_KEEP}").router
+    trained = any(bool(p.detach().ne(0).any()) for p in router.parameters())
+    spec = router.config.spec() if trained else f"mod:{DEFAULT_KEEP}:interleaved"
     return spec.replace("mod:", f"{policy}:", 1)
 
 
