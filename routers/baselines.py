@@ -13,8 +13,8 @@ import torch
 
 from streamvlm.routers.base import RouteDecision, Router
 from streamvlm.routers.config import KEEP_ARGS, RoutingConfig, keep_grammar, tokens_kept
-from streamvlm.routers.mod import decision_from_kept
-from streamvlm.routers.policy import Policy
+from streamvlm.routers.mod import decision_from_kept, default_spec
+from streamvlm.routers.policy import PerModel, Policy
 from streamvlm.types import Chunk
 
 
@@ -60,10 +60,12 @@ RANDOM = Policy(
     name="random", grammar=keep_grammar("random"), config=RoutingConfig, parse=RoutingConfig.parse,
     args=KEEP_ARGS, summary="mod's budget, KEEP of each frame drawn at random per layer (a baseline)",
     build=lambda config, num_layers, hidden_size: BaselineRouter(config, num_layers),
-    example="random:0.3:interleaved:1", default="random:0.2:interleaved", quality=("random:0.2",))
+    example="random:0.3:interleaved:1", quality=("random:0.2",),
+    default=PerModel("random:0.2 on the layers mod's default routes", lambda s: default_spec(s, "random")))
 
 UNIFORM = Policy(
     name="uniform", grammar=keep_grammar("uniform"), config=RoutingConfig, parse=RoutingConfig.parse,
     args=KEEP_ARGS, summary="mod's budget, KEEP of each frame spread evenly over its tokens (a baseline)",
     build=lambda config, num_layers, hidden_size: BaselineRouter(config, num_layers),
-    example="uniform:0.3:interleaved:1", default="uniform:0.2:interleaved", quality=("uniform:0.2",))
+    example="uniform:0.3:interleaved:1", quality=("uniform:0.2",),
+    default=PerModel("uniform:0.2 on the layers mod's default routes", lambda s: default_spec(s, "uniform")))

@@ -16,7 +16,7 @@ from torch import nn
 
 from streamvlm.routers.base import RouteDecision, Router
 from streamvlm.routers.config import KEEP_ARGS, RoutingConfig, keep_grammar, tokens_kept
-from streamvlm.routers.policy import Policy
+from streamvlm.routers.policy import ModelSample, PerModel, Policy
 from streamvlm.types import Chunk
 
 
@@ -80,9 +80,26 @@ class MoDRouter(Router):
         return decision_from_kept(chunk, vision.flatten(), weight.flatten().to(hidden.dtype))
 
 
+DEFAULT_KEEP = 0.2
+"""VideoLLM-MoD's keep ratio, what compare runs."""
+
+
+def default_spec(sample: ModelSample, policy: str) -> str:
+    """compare's default for mod, random and uniform: keep 0.2 on the layers of the checkpoint's shipped router
+    when it has one (its trained weights then serve mod, and the baselines spend the same budget), else on the
+    odd layers (VideoLLM-MoD's interleaved). "mod:KEEP" resolves to the shipped router where there is one; a
+    fresh router is zero-initialised, so weights tell which it is."""
+    router = sample.vlm.with_routing(f"mod:{DEFAULT_KEEP}").router
+    trained = any(bool(p.detach().ne(0).any()) for p in router.parameters())
+    spec = router.config.spec() if trained else f"mod:{DEFAULT_KEEP}:interleaved"
+    return spec.replace("mod:", f"{policy}:", 1)
+
+
 POLICY = Policy(
     name="mod", grammar=keep_grammar("mod"), config=RoutingConfig, parse=RoutingConfig.parse, args=KEEP_ARGS,
     summary="learned Mixture-of-Depths: each routed layer keeps the top KEEP of each frame by a trained scorer "
             "(VideoLLM-MoD, p-MoD; the checkpoint's own router/ when it ships one, else a fresh one)",
     build=MoDRouter, trainable=True,
-    example="mod:0.3:interleaved:1", default="mod:0.2:interleaved", quality=("mod:0.5", "mod:0.2"))
+    example="mod:0.3:interleaved:1", default=PerModel("mod:0.2:interleaved (on a checkpoint that ships a router: mod:0.2 "
+                                                       "on that router's layers)", lambda s: default_spec(s, "mod")),
+    quality=("mod:0.5", "mod:0.2"))

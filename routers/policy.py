@@ -62,6 +62,24 @@ class PerModel:
 
 
 @dataclass(frozen=True)
+class Knob:
+    """A policy's one monotone setting, which `--budget F` solves for so that the policy spends F of the
+    language model's dense FLOPs (streamvlm/budget.py). The registry declares one per policy (KNOBS)."""
+
+    name: str
+    """What it sets, for output: "keep ratio", "drop layer", "window", ..."""
+    bounds: Callable[[ModelSample], tuple[float, float]]
+    """The values to search between, for this model."""
+    make: Callable[[ModelSample, float, str | None], Any]
+    """(sample, value, the spec the user gave or None) -> a spec or config at that value, keeping the user's
+    other arguments (fastv's K, skip's mode, an explicit schedule's shape)."""
+    integer: bool = False
+    """Only whole values (a layer, a window, a head count)."""
+    rising: bool = True
+    """FLOPs rise with the value (a keep ratio); False where they fall (a drop ratio)."""
+
+
+@dataclass(frozen=True)
 class Policy:
     """A routing policy: its name, how its --routing spec reads, its config and its router."""
 

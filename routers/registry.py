@@ -34,7 +34,7 @@ from streamvlm.errors import StreamVLMError
 from streamvlm.routers.base import DenseRouter, Router
 from streamvlm.routers.config import RoutingConfig
 from streamvlm.routers.mod import MoDRouter
-from streamvlm.routers.policy import ModelSample, PerModel, Policy
+from streamvlm.routers.policy import Knob, ModelSample, PerModel, Policy
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,136 @@ BUILTIN = {
 """The built-in policies' entry points, in the order help texts, compare and bench quality list them (other
 packages' policies follow, by name). pyproject.toml declares the same entry points (tests/test_registry.py
 checks); this copy is the fallback described above."""
+
+
+# -- the knob each policy's FLOPs are set by, for --budget -------------------------------------------------
+
+
+def _args(spec: str | None, name: str) -> list[str]:
+    """The user's spec's arguments (after the name), or none."""
+    return spec.split(":")[1:] if spec and spec.split(":")[0] == name else []
+
+
+def _first_arg(name: str, fmt=lambda v: f"{v:.4g}"):
+    """A knob whose value is the spec's first argument; the user's other arguments stay."""
+    def make(sample: ModelSample, value: float, spec: str | None) -> str:
+        rest = _args(spec, name)[1:]
+        return ":".join([name, fmt(value), *rest])
+    return make
+
+
+def _like_mod(name: str):
+    """random/uniform at a keep ratio, on the layers mod:KEEP routes for this model (its shipped router's)."""
+    def make(sample: ModelSample, value: float, spec: str | None) -> str:
+        rest = _args(spec, name)[1:]
+        if rest:
+            return ":".join([name, f"{value:.4g}", *rest])
+        config = sample.vlm.with_routing(f"mod:{value:.4g}").router.config
+        return config.spec().replace("mod:", f"{name}:", 1) if config.schedule != "explicit" else f"{name}:{value:.4g}"
+    return make
+
+
+def _fastv(sample: ModelSample, value: float, spec: str | None) -> str:
+    args = _args(spec, "fastv")
+    layer = args[0] if args and args[0] else str(min(2, sample.num_layers - 1))
+    return f"fastv:{layer}:{value:.4g}"
+
+
+def _skip(sample: ModelSample, value: float, spec: str | None) -> str:
+    args = _args(spec, "skip") or ["block"]
+    tail = args[2:]  # END, INTERVAL
+    return ":".join(["skip", args[0], str(int(value)), *tail])
+
+
+def _neighbour(sample: ModelSample, value: float, spec: str | None) -> str:
+    args = _args(spec, "neighbor_attention")
+    return ":".join(["neighbor_attention", str(2 * int(value) + 1), *args[1:]])
+
+
+def _neighbour_bounds(sample: ModelSample) -> tuple[float, float]:
+    grid = sample.vlm.adapter.vision.grid
+    return 0.0, float(max(grid) - 1)  # half-windows: w = 1 .. 2 * side - 1 (the whole frame)
+
+
+def _schedule(sample: ModelSample, value: float, spec: str | None) -> str:
+    """The given schedule (or the default P-Sigmoid) with every ratio past layer 0 scaled by `value`."""
+    from streamvlm.routers.schedule import ScheduleConfig, sigmoid_schedule
+
+    layers = sample.num_layers
+    base = (parse_routing(spec).keep if spec and spec.startswith("schedule:")
+            else sigmoid_schedule(layers, 1.0, layers / 2, 0.25))
+    return ScheduleConfig(keep=(1.0, *(min(1.0, max(0.01, value * r)) for r in base[1:]))).spec()
+
+
+_HEAD_RATIOS: dict[int, torch.Tensor] = {}
+
+
+def _head_ratios(sample: ModelSample) -> torch.Tensor:
+    """(layers, heads) YOPO's vision/text attention ratio per head, calibrated once per model on the sample."""
+    from streamvlm.routers.head_prune import calibrate_heads
+
+    key = id(sample.vlm.adapter)
+    if key not in _HEAD_RATIOS:
+        if sample.frames is None:
+            raise StreamVLMError("head_prune's budget needs a calibration clip")
+        _HEAD_RATIOS[key] = torch.tensor(calibrate_heads(sample.vlm, [sample.frames], [sample.question or "what?"])
+                                         ["ratios"])
+    return _HEAD_RATIOS[key]
+
+
+_DENSE_HEAD_LAYERS = 2  # YOPO: the first two layers keep every head
+
+
+def _head_bounds(sample: ModelSample) -> tuple[float, float]:
+    parts = sample.vlm.adapter.decoder
+    total = parts.num_layers * parts.num_heads
+    return float(min(total, _DENSE_HEAD_LAYERS * parts.num_heads)), float(total)
+
+
+def _heads(sample: ModelSample, value: float, spec: str | None):
+    """Keep `value` heads: every head of the first two layers, then the most vision-active by YOPO's ratio."""
+    from streamvlm.routers.head_prune import HeadPruneConfig
+
+    ratios = _head_ratios(sample).clone()
+    ratios[:_DENSE_HEAD_LAYERS] = float("inf")
+    order = ratios.flatten().argsort(descending=True)
+    pruned = torch.ones(ratios.numel(), dtype=torch.bool)
+    pruned[order[:int(value)]] = False
+    return HeadPruneConfig(pruned=pruned.view_as(ratios).tolist())
+
+
+def _yopo(sample: ModelSample, value: float, spec: str | None) -> str:
+    """YOPO with its drop layer at `value`, its other parts as given (default: window 5, every head, half the
+    FFN: a head fraction needs a calibration run, which a budget search cannot repeat per step)."""
+    args = _args(spec, "yopo") or ["5", "all", "0.5"]
+    args = (args + ["", "", ""])[:3]
+    return ":".join(["yopo", *args, str(int(value))])
+
+
+def _layers(sample: ModelSample) -> tuple[float, float]:
+    return 0.0, float(sample.num_layers)
+
+
+KNOBS: dict[str, Knob] = {
+    "mod": Knob("keep ratio", lambda s: (0.01, 1.0), _first_arg("mod")),
+    "random": Knob("keep ratio", lambda s: (0.01, 1.0), _like_mod("random")),
+    "uniform": Knob("keep ratio", lambda s: (0.01, 1.0), _like_mod("uniform")),
+    "layer_drop": Knob("drop layer", _layers, lambda s, v, spec: f"layer_drop:{int(v)}", integer=True),
+    "fastv": Knob("drop ratio", lambda s: (0.0, 0.99), _fastv, rising=False),
+    "pdrop": Knob("stage keep", lambda s: (0.01, 1.0), _first_arg("pdrop")),
+    "skip": Knob("first skipped layer", _layers, _skip, integer=True),
+    "neighbor_attention": Knob("half window", _neighbour_bounds, _neighbour, integer=True),
+    "cls_knee": Knob("knee floor", lambda s: (0.01, 1.0), _first_arg("cls_knee")),
+    "schedule": Knob("schedule scale", lambda s: (0.01, 8.0), _schedule),
+    "head_prune": Knob("heads kept", _head_bounds, _heads, integer=True),
+    "yopo": Knob("drop layer", _layers, _yopo, integer=True),
+}
+"""Per policy, the knob `--budget` sets (streamvlm/budget.py solves for it). A policy not listed (dense) is run
+as given. Another policy adds its knob with one entry here."""
+
+
+def knob(name: str) -> Knob | None:
+    return KNOBS.get(name)
 
 
 @dataclass(frozen=True)
@@ -304,6 +434,9 @@ def trained_mod_router(spec: str, model_dir: str | Path | None, num_layers: int,
         config = replace(asked, weight_scale=trained.config.weight_scale)
     router = MoDRouter(config, num_layers, hidden_size)
     if set(router.scorers) != set(trained.scorers):
+        logger.warning("%s routes layers %s, but the checkpoint's trained router (%s) routes %s: this runs an "
+                       "untrained router; give mod:%g for the trained one", spec, sorted(map(int, router.scorers)),
+                       folder, sorted(map(int, trained.scorers)), asked.keep_ratio)
         return None
     router.load_state_dict(trained.state_dict())
     return router

@@ -2,7 +2,8 @@
 
 `heads`: YOPO's inactive-head mask (`calibrate_heads`, which lives with its policy in routers/head_prune.py so
 that compare can calibrate its default without importing this module).
-`schedule`: a per-layer keep schedule by G-Search (greedy) or P-Sigmoid (Bayesian optimisation).
+`schedule`: a per-layer keep schedule by G-Search (greedy) or P-Sigmoid (Bayesian optimisation: a Gaussian-
+process sampler as the paper does, or TPE). Both keep the first layer dense (r_0 = 1): the paper excludes it.
 
 `yopo`: the combined YOPO policy of a spec with its head mask (`calibrate_yopo`, with its policy in
 routers/yopo.py): the heads' scores of `heads`, keeping the spec's fraction of heads.
@@ -105,11 +106,12 @@ def _schedule_spec(keep) -> str:
 def search_greedy(vlm, clips: list, questions: list[str], tolerance: float, max_new_tokens: int = 16,
                   grid: tuple[float, ...] = GRID) -> dict:
     """G-Search: from shallow to deep, the smallest keep ratio at each layer (no larger than the layer
-    before's, the later layers following it) whose schedule keeps the mean KL to dense within tolerance."""
+    before's, the later layers following it) whose schedule keeps the mean KL to dense within tolerance. The
+    first layer stays dense (the paper excludes it), so the search starts at layer 1."""
     layers = vlm.adapter.decoder.num_layers
     keep = [1.0] * layers
-    for layer in range(layers):
-        candidates = [r for r in grid if r <= keep[layer - 1 if layer else 0]]
+    for layer in range(1, layers):
+        candidates = [r for r in grid if r <= keep[layer - 1]]
         trials = [keep[:layer] + [r] * (layers - layer) for r in candidates]
         kls, _ = _mean_kl_and_flops(vlm, clips, questions, [_schedule_spec(t) for t in trials], max_new_tokens)
         passing = [r for r, k in zip(candidates, kls) if k <= tolerance]
@@ -119,14 +121,26 @@ def search_greedy(vlm, clips: list, questions: list[str], tolerance: float, max_
     return {"method": "greedy", "keep": keep, "kl": kl[0], "flops_fraction": flops[0], "tolerance": tolerance}
 
 
+SAMPLERS = ("gp", "tpe")
+"""P-Sigmoid's Bayesian optimisation: "gp", a Gaussian-process sampler with expected improvement (optuna's
+GPSampler, the paper's kind of BO), or "tpe", optuna's tree-structured Parzen estimator."""
+
+
 def search_sigmoid(vlm, clips: list, questions: list[str], flops_budget: float, trials: int = 20,
-                   max_new_tokens: int = 16, seed: int = 0) -> dict:
-    """P-Sigmoid with Bayesian optimisation (optuna's TPE): the sigmoid schedule with the lowest mean KL
-    to dense among those whose LLM FLOPs stay within `flops_budget` of dense."""
+                   max_new_tokens: int = 16, seed: int = 0, sampler: str = "gp") -> dict:
+    """P-Sigmoid with Bayesian optimisation: the sigmoid schedule with the lowest calibration loss (mean KL to
+    dense on the dense model's own answers) among those whose LLM FLOPs stay within `flops_budget` of dense.
+    A trial over the budget scores its loss plus a penalty that grows with the excess, so the sampler learns
+    where the budget's edge is."""
+    if sampler not in SAMPLERS:
+        raise StreamVLMError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
     try:
         import optuna
+        if sampler == "gp":
+            import scipy  # noqa: F401  (optuna's GPSampler optimises its acquisition with scipy)
     except ImportError:
-        raise StreamVLMError("the sigmoid search needs optuna: pip install 'streamvlm[calibrate]'") from None
+        raise StreamVLMError("the sigmoid search needs optuna (and scipy for --sampler gp): "
+                             "pip install 'streamvlm[calibrate]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     layers = vlm.adapter.decoder.num_layers
     results: dict[int, tuple[float, float, list[float]]] = {}
@@ -139,7 +153,9 @@ def search_sigmoid(vlm, clips: list, questions: list[str], flops_budget: float, 
         results[trial.number] = (kl[0], flops[0], keep)
         return kl[0] if flops[0] <= flops_budget else kl[0] + 10.0 + (flops[0] - flops_budget)  # over budget
 
-    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+    chosen = (optuna.samplers.GPSampler(seed=seed) if sampler == "gp"
+              else optuna.samplers.TPESampler(seed=seed))
+    study = optuna.create_study(direction="minimize", sampler=chosen)
     study.optimize(objective, n_trials=trials)
     within = {n: r for n, r in results.items() if r[1] <= flops_budget}
     if not within:
@@ -148,7 +164,7 @@ def search_sigmoid(vlm, clips: list, questions: list[str], flops_budget: float, 
     best = min(within, key=lambda n: within[n][0])
     kl, flops, keep = within[best]
     return {"method": "sigmoid", "keep": keep, "kl": kl, "flops_fraction": flops, "flops_budget": flops_budget,
-            "params": study.trials[best].params, "trials": trials}
+            "params": study.trials[best].params, "trials": trials, "sampler": sampler}
 
 
 def save_schedule(vlm, result: dict, out_dir: str | Path) -> Path:

@@ -205,8 +205,18 @@ def cmd_compare(args) -> int:
     vlm, _ = _load(args)
     clip = vlm.read_video(video, num_frames=args.num_frames)
     question = default_prompts(args.model).question if args.question is None else args.question
+    solved = None
+    if args.budget is not None:
+        from streamvlm.budget import budget_policies
+        from streamvlm.compare import solve_budget
+
+        solved = solve_budget(vlm, clip.frames, question, policies or budget_policies(), args.budget,
+                              args.max_new_tokens)
+        policies = [s.routing for s in solved]
     policies = policies or default_policies(vlm, clip.frames, question)
     rows = compare(vlm, clip.frames, question, policies, args.max_new_tokens, args.repeats)
+    for row, s in zip(rows, solved or ()):
+        row.update(budget=args.budget, knob=s.knob, knob_value=s.value, reached=s.reached, note=s.note)
     print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
     return 0
 
@@ -230,7 +240,8 @@ def cmd_calibrate(args) -> int:
         if args.search == "greedy":
             result = search_greedy(vlm, clips, questions, args.threshold, args.max_new_tokens)
         else:
-            result = search_sigmoid(vlm, clips, questions, args.flops_budget, args.trials, args.max_new_tokens)
+            result = search_sigmoid(vlm, clips, questions, args.flops_budget, args.trials, args.max_new_tokens,
+                                    sampler=args.sampler)
         out = save_schedule(vlm, result, args.out)
         print(json.dumps({**result, "out": str(out)}, indent=2) if args.json else
               f"{result['method']} schedule {[round(r, 3) for r in result['keep']]}: KL {result['kl']:.5f}, "
@@ -498,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=_positive_int, default=8, help="frames spread over the video (default 8)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=16, help="length of the dense answer scored (default 16)")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed ingests per policy, median (default 3)")
+    p.add_argument("--budget", type=_probability, default=None, metavar="F",
+                   help="set every policy to spend F of the language model's dense FLOPs on this clip (within 0.03) "
+                        "by solving for its knob (keep ratio, drop layer, window, head count, knee floor, schedule "
+                        "scale, ...); one that cannot reach F runs at its nearest point, with a note. Without "
+                        "--policies: every policy that has a knob, and dense")
     p.add_argument("--json", action="store_true", help="JSON rows instead of a table")
     _add_model_args(p)
     p.set_defaults(func=cmd_compare)
@@ -508,8 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and questions. heads: YOPO's head scores (attention on vision / on text) and "
                                    "the mask of inactive heads. schedule: per-layer keep ratios, greedy from "
                                    "shallow to deep (G-Search) or a sigmoid tuned by Bayesian optimisation "
-                                   "(P-Sigmoid). yopo: YOPO's parts together (--spec), with the head mask that "
-                                   "keeps its HEADS fraction of heads, the most often active (attention on "
+                                   "(P-Sigmoid), the first layer always dense. yopo: YOPO's parts together "
+                                   "(--spec), with the head mask that keeps its HEADS fraction of heads, the most "
+                                   "often active (attention on "
                                    "vision / on text > --tau). Each writes a router folder for --routing.")
     p.add_argument("method", choices=["vtw", "heads", "schedule", "yopo"],
                    help="vtw: VTW's layer for layer_drop; heads: YOPO's inactive-head mask for head_prune; "
@@ -524,6 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flops-budget", type=_probability, default=0.5,
                    help="schedule, sigmoid: the most LLM FLOPs, as a fraction of dense (default 0.5)")
     p.add_argument("--trials", type=_positive_int, default=20, help="schedule, sigmoid: optimisation trials (default 20)")
+    p.add_argument("--sampler", choices=["gp", "tpe"], default="gp",
+                   help="schedule, sigmoid: the Bayesian optimiser: gp, a Gaussian process with expected "
+                        "improvement (the paper's kind; optuna's GPSampler, needs scipy), or tpe, optuna's "
+                        "tree-structured Parzen estimator (default gp)")
     p.add_argument("--videos", nargs="+", help="calibration videos (default: the sample video)")
     p.add_argument("--question", action="append",
                    help="calibration question (repeat; " + default_help(lambda d: d.calibrate) + ")")
@@ -671,6 +692,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quality: --routing values separated by ';' (quoted in a shell), or the flag repeated "
                         f"(default {quality_default}); random:KEEP and uniform:KEEP route the layers mod:KEEP routes "
                         "for the model (its own router's), so they spend the same budget")
+    p.add_argument("--budget", type=_probability, default=None, metavar="F",
+                   help="quality: set every policy to spend F of the language model's dense FLOPs (within 0.03) by "
+                        "solving for its knob (keep ratio, drop layer, window, head count, knee floor, schedule "
+                        "scale, ...) on 2 world videos of another seed; a policy that cannot reach F is reported at "
+                        "its nearest point and marked *. Without --policies: dense and every registered method "
+                        "(mod with the model's shipped router). A spec in --policies keeps its other arguments "
+                        "(fastv:1 solves R with K=1; schedule:1,1,0.5,0.25 scales that shape)")
+    p.add_argument("--sweep", default=None, metavar="F1,F2,...",
+                   help="quality: --budget at each of these fractions, e.g. 0.2,0.3,0.5,0.7, for the accuracy-vs-FLOPs "
+                        "picture (--plot)")
+    p.add_argument("--calibration-videos", type=_positive_int, default=2, metavar="N",
+                   help="quality with --budget or --sweep: world videos (of another seed than --seed) the knobs are "
+                        "solved on (default 2)")
+    p.add_argument("--plot", default=None, metavar="FILE",
+                   help="quality with --sweep or --budget: draw accuracy against LLM FLOPs per method, with dense and "
+                        "the random baseline on every panel, to FILE (.svg or .png; needs the plot extra: pip install "
+                        "'streamvlm[plot]')")
     p.add_argument("--seed", type=int, default=None,
                    help="quality: seed of the held-out videos (default 1234; training used 0 and 1)")
     p.add_argument("--num-videos", type=_positive_int, default=100, help="quality: held-out videos (default 100)")

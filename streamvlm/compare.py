@@ -33,6 +33,7 @@ def compare(vlm, frames: torch.Tensor, question: str, policies: list, max_new_to
     policies: --routing strings, configs, router folders or Routers."""
     if not policies:
         raise StreamVLMError("no policies to compare")
+    models = [vlm.with_routing(policy) for policy in policies]  # before encoding: a router may record the tower
     features = vlm.encode(frames)
     dense = vlm.with_routing("dense")
     reference = dense.session()
@@ -54,8 +55,7 @@ def compare(vlm, frames: torch.Tensor, question: str, policies: list, max_new_to
     dense_s, dense_logits, _ = run(dense)
     dense_logp = dense_logits.log_softmax(-1)
     rows = []
-    for policy in policies:
-        model = vlm.with_routing(policy)
+    for model in models:
         seconds, logits, stats = run(model)
         logp = logits.log_softmax(-1)
         kl = (dense_logp.exp() * (dense_logp - logp)).sum(-1).mean()
@@ -68,9 +68,30 @@ def compare(vlm, frames: torch.Tensor, question: str, policies: list, max_new_to
     return rows
 
 
+def solve_budget(vlm, frames: torch.Tensor, question: str, specs: list[str], budget: float,
+                 max_new_tokens: int = 16) -> list:
+    """--budget: each spec's knob set so that the policy spends `budget` of dense LLM FLOPs on this clip and
+    question, measured as `compare` measures (the frames, then the dense model's own answer teacher-forced).
+    Returns `streamvlm.budget.Solved` per spec."""
+    from streamvlm.budget import Calibration, Question, solve
+
+    features = vlm.encode(frames)
+    reference = vlm.with_routing("dense").session()
+    reference.append_encoded(features)
+    reference.ask(question, max_new_tokens=max_new_tokens, ignore_stop=True)
+    answer = tuple(reference.turns[-1].answer_ids)
+    calibration = Calibration(((features, None, (Question(question, answer),)),), frames)
+    return [solve(vlm, spec, budget, calibration) for spec in specs]
+
+
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'policy':<26}{'LLM FLOPs':>10}{'KV':>7}{'time':>7}{'KL':>9}{'top-1':>7}"]
+    width = max([26] + [len(r["policy"]) + 2 for r in rows])
+    lines = [f"{'policy':<{width}}{'LLM FLOPs':>10}{'KV':>7}{'time':>7}{'KL':>9}{'top-1':>7}"]
+    notes = []
     for r in rows:
-        lines.append(f"{r['policy']:<26}{r['flops_fraction']:>10.2f}{r['kv_fraction']:>7.2f}{r['time_ratio']:>7.2f}"
-                     f"{r['kl']:>9.4f}{r['top1_agreement']:>7.0%}")
-    return "\n".join(lines)
+        mark = " *" if r.get("reached") is False else ""
+        lines.append(f"{r['policy']:<{width}}{r['flops_fraction']:>10.2f}{r['kv_fraction']:>7.2f}{r['time_ratio']:>7.2f}"
+                     f"{r['kl']:>9.4f}{r['top1_agreement']:>7.0%}{mark}")
+        if r.get("note"):
+            notes.append(f"* {r['policy']}: {r['note']}")
+    return "\n".join(lines + notes)

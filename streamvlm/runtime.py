@@ -58,6 +58,8 @@ class StreamVLM:
         self.adapter = adapter
         self.router = router.to(adapter.device).eval()
         self.router.bind(adapter.decoder)
+        if hasattr(self.router, "bind_vision"):  # a router that ranks with the vision tower (cls_knee's CLS/MAP)
+            self.router.bind_vision(adapter)
         self.decoder = Decoder(adapter.decoder, self.router, compile=compile)
         self.sampling = sampling or SamplingConfig()
         self.max_chunk_frames = max_chunk_frames

@@ -456,7 +456,7 @@ def test_greedy_schedule_search(tmp_path, capsys, monkeypatch):
     assert main(["calibrate", "schedule", "--search", "greedy", "--threshold", "1e9",
                  "--out", str(tmp_path / "loose"), *common]) == 0
     loose = json.loads(capsys.readouterr().out)
-    assert loose["keep"] == [0.0625] * 4  # anything passes: the smallest ratio everywhere
+    assert loose["keep"] == [1.0] + [0.0625] * 3  # anything passes: the smallest ratio past the dense first layer
     assert main(["calibrate", "schedule", "--search", "greedy", "--threshold", "0",
                  "--out", str(tmp_path / "strict"), *common]) == 0
     strict = json.loads(capsys.readouterr().out)
@@ -466,18 +466,20 @@ def test_greedy_schedule_search(tmp_path, capsys, monkeypatch):
                  "--out", str(tmp_path / "mid"), *common]) == 0
     mid = json.loads(capsys.readouterr().out)
     assert all(a >= b for a, b in zip(mid["keep"], mid["keep"][1:]))
-    assert mid["kl"] <= tol or mid["keep"][0] == 1.0
+    assert mid["kl"] <= tol or mid["keep"][1] == 1.0
     loaded = StreamVLM.from_pretrained(model, routing=str(tmp_path / "mid"))
     assert loaded.router.spec().startswith("schedule:")
 
 
-def test_sigmoid_schedule_search_respects_the_flops_budget(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("sampler", ["gp", "tpe"])
+def test_sigmoid_schedule_search_respects_the_flops_budget(tmp_path, capsys, monkeypatch, sampler):
     from streamvlm.cli import main
 
     model, common = _calibration_args(tmp_path, monkeypatch)
     assert main(["calibrate", "schedule", "--search", "sigmoid", "--flops-budget", "0.9", "--trials", "8",
-                 "--out", str(tmp_path / "sig"), *common]) == 0
+                 "--sampler", sampler, "--out", str(tmp_path / "sig"), *common]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["sampler"] == sampler and result["keep"][0] == 1.0
     assert result["flops_fraction"] <= 0.9 and len(result["keep"]) == 4
     assert all(a >= b for a, b in zip(result["keep"], result["keep"][1:]))
     assert set(result["params"]) == {"steepness", "midpoint", "floor"}

@@ -341,8 +341,22 @@ def run(args) -> dict:
         if args.policies and not policies:
             raise StreamVLMError("--policies: give --routing specs separated by ';', e.g. 'dense;mod:0.2'")
         seed = DEFAULT_SEED if args.seed is None else args.seed
-        return run_quality_bench(Path(args.model) if args.model else default_model_dir(), policies, seed,
-                                 args.num_videos, device, dtype)
+        if args.budget is not None and args.sweep is not None:
+            raise StreamVLMError("give --budget F or --sweep F1,F2,..., not both")
+        budgets = ((args.budget,) if args.budget is not None else
+                   tuple(_numbers("--sweep", args.sweep, float)) if args.sweep is not None else ())
+        if any(b > 1 for b in budgets):
+            raise StreamVLMError(f"--sweep: fractions of dense FLOPs, each above 0 and at most 1; got {args.sweep!r}")
+        if args.plot is not None and not budgets:
+            raise StreamVLMError("--plot draws budgeted rows: add --sweep F1,F2,... (or --budget F)")
+        result = run_quality_bench(Path(args.model) if args.model else default_model_dir(), policies, seed,
+                                   args.num_videos, device, dtype, budgets=budgets,
+                                   calibration_videos=args.calibration_videos)
+        if args.plot is not None:
+            from streamvlm.bench.plot import plot_pareto
+
+            result["plot"] = str(plot_pareto(result, args.plot))
+        return result
     if args.suite == "serve":
         from streamvlm.bench.serve import run_serve_bench
 
