@@ -140,6 +140,13 @@ def test_bench_streams_json(tiny_dir, cache, capsys):
     assert result["speedup"] == pytest.approx(together["frames_per_second"] / one["frames_per_second"])
 
 
+def test_bench_batching_flags_refuse_bad_values(tiny_dir, cache, capsys):
+    assert main(["bench", "streams", "--model", str(tiny_dir), "--streams", "1"]) == 2
+    assert "--streams must be at least 2" in capsys.readouterr().err
+    assert main(["bench", "serve", "--model", str(tiny_dir), "--max-batch", "1,0"]) == 2
+    assert "--max-batch" in capsys.readouterr().err
+
+
 def test_bench_stream_json(tiny_dir, cache, capsys):
     assert main(["bench", "stream", "--model", str(tiny_dir), "--ages", "0.05,0.1", "--stream-fps", "2",
                  "--memory-budget", "64", "--new-tokens", "2", "--json"]) == 0
@@ -207,6 +214,9 @@ def test_serve_user_errors(cache, tmp_path, capsys):
     (["live", "--open-timeout", "0"], "--open-timeout"),
     (["caption", "x.mp4", "--out", "o.jsonl", "--segment", "0"], "--segment"),
     (["caption", "x.mp4", "--out", "o.jsonl", "--num-shards", "0"], "--num-shards"),
+    (["caption", "x.mp4", "--out", "o.jsonl", "--batch", "0"], "--batch"),
+    (["serve", "--max-batch", "0"], "--max-batch"),
+    (["bench", "streams", "--streams", "0"], "--streams"),
     (["serve", "--port", "-5"], "--port"),
     (["serve", "--body-timeout-s", "0"], "--body-timeout-s"),
     (["serve", "--max-connections", "0"], "--max-connections"),
