@@ -1,7 +1,7 @@
 """Sessions batched in shared forwards answer exactly as they do alone (streamvlm.batching).
 
-Each session runs on its own thread, as the server runs requests; the batcher's thread runs what they hand
-in together. Greedy answers must be the same tokens as alone. Logits and cached keys are not bit for bit
+Each session runs on its own thread, as the server runs requests; one of those threads (the lead) runs what
+they hand in together. Greedy answers must be the same tokens as alone. Logits and cached keys are not bit for bit
 the same in float32: a matmul over many rows may sum in another order than over one row (BLAS picks its
 kernel by shape), so they are bounded at 1e-5 (measured differences are in the last bits).
 """
@@ -216,7 +216,7 @@ def test_a_failing_step_fails_each_of_its_sessions_and_the_batcher_goes_on(famil
     with pytest.raises(RuntimeError, match="boom"):
         vlm.session().append_frames(random_frames(2, seed=2), _times(2))
     monkeypatch.setattr(batching, "forward_batch", real)
-    assert session.ask("Still there?")  # the batcher thread survived
+    assert session.ask("Still there?")  # the batcher survived
     batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
         session.ask("After close?")
@@ -280,3 +280,131 @@ def test_yopo_layers_run_per_session_inside_a_batched_step(family_vlm):
     for (ids, logits, stats), (ids_b, logits_b, stats_b) in zip(alone, batched):
         assert ids_b == ids and (logits_b - logits).abs().max().item() <= LOGIT_BOUND
         assert stats_b["flops"] == stats["flops"]
+
+
+@pytest.fixture
+def restore_threads():
+    """The batcher sets the intra-op threads of the threads it runs (torch's default for new threads too)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _fake_steps(monkeypatch, gate: dict[int, threading.Event] | None = None) -> list:
+    """forward_batch replaced: records (running thread, [chunk sizes], intra-op threads) per step and returns
+    each chunk's size as its result; a step whose first chunk's size is in `gate` waits for that event."""
+    import streamvlm.batching as batching
+
+    steps = []
+
+    def fake(work):
+        steps.append((threading.get_ident(), [len(item.chunk) for item in work], torch.get_num_threads()))
+        if gate and len(work[0].chunk) in gate:
+            gate[len(work[0].chunk)].wait(5)
+        return [torch.tensor(len(item.chunk)) for item in work]
+
+    monkeypatch.setattr(batching, "forward_batch", fake)
+    return steps
+
+
+def _hand_in(batcher: Batcher, size: int, logits: str = "none"):
+    return batcher.run(Work(None, _Sized(size), None, None, logits))
+
+
+def test_a_lone_session_runs_its_forwards_on_its_own_thread(family_vlm, monkeypatch):
+    import streamvlm.batching as batching
+
+    real, threads = batching.forward_batch, set()
+
+    def recorded(work):
+        threads.add(threading.get_ident())
+        return real(work)
+
+    monkeypatch.setattr(batching, "forward_batch", recorded)
+    batcher = Batcher(max_batch=4)
+    caller = []
+    try:
+        _in_threads([lambda: caller.append(threading.get_ident()) or _answer(family_vlm.batched(batcher), 2, 0, "Hm?")])
+    finally:
+        batcher.close()
+    assert threads == set(caller) and batcher.steps > 3  # no hand-off to another thread, step after step
+
+
+def test_the_lead_runs_the_waiting_chunks_and_passes_the_lead_on(monkeypatch, restore_threads):
+    gate = {5: threading.Event()}
+    steps = _fake_steps(monkeypatch, gate)
+    batcher = Batcher(max_batch=4, gather_s=0.0, threads=2)
+    results, idents = {}, {}
+
+    def hand_in(size):
+        idents[size] = threading.get_ident()
+        results[size] = _hand_in(batcher, size).item()
+
+    first = threading.Thread(target=hand_in, args=(5,))
+    first.start()  # it leads; its step waits at the gate
+    while not steps:
+        time.sleep(0.01)
+    others = [threading.Thread(target=hand_in, args=(size,)) for size in (1, 2)]
+    for t in others:
+        t.start()
+    while len(batcher._queue) < 2:
+        time.sleep(0.01)
+    gate[5].set()
+    for t in [first, *others]:
+        t.join(5)
+    # the lead's step had its own chunk only; the two that came during it ran together, led by the older one
+    assert [sizes for _, sizes, _ in steps] == [[5], [1, 2]]
+    assert [thread for thread, _, _ in steps] == [idents[5], idents[1]]
+    assert results == {5: 5, 1: 1, 2: 2} and (batcher.steps, batcher.batched) == (2, 3)
+    assert not batcher._leading  # nothing waits: the lead lapsed
+
+
+def test_a_step_has_every_core_and_its_threads_share_them_after(monkeypatch, restore_threads):
+    gate = {3: threading.Event()}
+    steps = _fake_steps(monkeypatch, gate)
+    batcher = Batcher(max_batch=4, gather_s=0.0, threads=4)
+    after = {}
+
+    def hand_in(size):
+        torch.set_num_threads(1)
+        _hand_in(batcher, size)
+        after[size] = torch.get_num_threads()
+
+    blocker = threading.Thread(target=hand_in, args=(3,))
+    blocker.start()
+    while not steps:
+        time.sleep(0.01)
+    pair = [threading.Thread(target=hand_in, args=(size,)) for size in (1, 2)]
+    for t in pair:
+        t.start()
+    while len(batcher._queue) < 2:
+        time.sleep(0.01)
+    gate[3].set()
+    for t in [blocker, *pair]:
+        t.join(5)
+    assert [threads for _, _, threads in steps] == [4, 4]  # each step ran with all 4, whoever led it
+    assert after == {3: 4, 1: 2, 2: 2}  # alone in its step: all 4 after; two in a step: 2 each
+
+
+def test_close_fails_what_waits_and_a_gathering_lead(monkeypatch, restore_threads):
+    _fake_steps(monkeypatch)
+    batcher = Batcher(max_batch=4, gather_s=5.0)
+    batcher._expected = {-1}  # a thread that never comes back: the lead gathers for 5 s
+    errors = []
+
+    def hand_in():
+        try:
+            _hand_in(batcher, 1)
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    t = threading.Thread(target=hand_in)
+    start = time.perf_counter()
+    t.start()
+    while not batcher._queue:
+        time.sleep(0.01)
+    batcher.close()
+    t.join(5)
+    assert errors == ["the batcher was closed"] and time.perf_counter() - start < 4
+    with pytest.raises(RuntimeError, match="closed"):
+        _hand_in(batcher, 1)

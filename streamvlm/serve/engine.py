@@ -4,10 +4,11 @@ Model work never runs on the event loop. A request's work (decode the video, ing
 one of max(workers, max_batch) threads; while they are busy, requests wait their turn in order.
 
 With max_batch > 1 the language model's forwards of every request and live stream run in one `Batcher`
-(continuous batching, `streamvlm.batching`): each request's thread drives its own session, and the
-batcher's thread runs what they hand in together, up to max_batch sequences a step. A request joins the
-running batch at its next forward and leaves it when it is done; the weights are read once a step for all
-of them. With max_batch 1 each request runs alone, one at a time (workers 1), as before batching.
+(continuous batching, `streamvlm.batching`): each request's thread drives its own session, and one of the
+threads waiting on a forward runs what they have handed in as one step, up to max_batch sequences. A
+request joins the running batch at its next forward and leaves it when it is done; the weights are read
+once a step for all of them. With max_batch 1 each request runs alone, one at a time (workers 1), as before
+batching.
 
 Each worker thread keeps its own router per routing spec (the model's weights are shared): some
 training-free routers keep per-call state, so one router instance must never serve two threads at once.
