@@ -135,7 +135,9 @@ def run_dense(model_dir: Path, frames_count: int, new_tokens: int, repeats: int,
 
 def _decode_ms_per_token(vlm, frames: torch.Tensor, new_tokens: int, repeats: int) -> dict:
     """{"eager", "compiled"}: ms per decode step of `vlm` as loaded and of the same weights with compile=True,
-    as (time of an M-token answer - time of a 1-token answer) / (M - 1), each from a fresh session."""
+    as (time of an M-token answer - time of a 1-token answer) / (M - 1), each from a fresh session;
+    "compile_s": what the first compiled answer costs over an eager one (the compile), and "break_even_tokens":
+    the answer tokens after which compiling has paid for itself."""
     from streamvlm.runtime import StreamVLM
 
     if new_tokens < 2:
@@ -148,10 +150,18 @@ def _decode_ms_per_token(vlm, frames: torch.Tensor, new_tokens: int, repeats: in
         s.ask(QUESTION, max_new_tokens=tokens, ignore_stop=True)
 
     out = {}
+    start = time.perf_counter()
+    answer(compiled, 1)  # compiles
+    first = time.perf_counter() - start
     for name, model in (("eager", vlm), ("compiled", compiled)):
-        one = _timed(lambda: answer(model, 1), repeats)  # the warm-up call compiles
+        one = _timed(lambda: answer(model, 1), repeats)
         many = _timed(lambda: answer(model, new_tokens), repeats)
         out[name] = (many - one) / (new_tokens - 1) * 1e3
+        if name == "eager":
+            eager_one = one
+    out["compile_s"] = first - eager_one
+    gain_ms = out["eager"] - out["compiled"]
+    out["break_even_tokens"] = round(out["compile_s"] * 1e3 / gain_ms) if gain_ms > 0 else None
     out.update(_decode_kernel_share(vlm, frames, new_tokens))
     logger.info("decode: eager %.2f ms/token, compiled %.2f; kernels %.0f%% of an eager step", out["eager"],
                 out["compiled"], 100 * out["kernel_share"])
@@ -465,4 +475,7 @@ def format_table(result: dict) -> str:
                      f"({d['eager'] / d['compiled']:.2f}x); matmul and attention kernels take "
                      f"{d['kernel_share']:.0%} of an eager step, so compiling the rest can gain at most "
                      f"{d['compile_bound']:.2f}x")
+        even = d.get("break_even_tokens")
+        lines.append(f"compiling took {d['compile_s']:.1f} s (the first answer), paid back after "
+                     + (f"{even} answer tokens" if even is not None else "no number of tokens (not faster)"))
     return "\n".join(lines)
