@@ -69,7 +69,7 @@ def test_bench_dense_reports_decode_eager_and_compiled(checkpoints, capsys):
     decode = result["decode_ms_per_token"]
     assert set(decode) == {"eager", "compiled", "step_ms", "kernel_ms", "kernel_share", "compile_bound",
                            "compile_s", "break_even_tokens"}
-    assert decode["compile_s"] > 0  # the first compiled answer compiles
+    assert decode["compile_s"] >= 0  # 0 where this process compiled the step already (an earlier test)
     gain = decode["eager"] - decode["compiled"]
     assert decode["break_even_tokens"] == (round(decode["compile_s"] * 1e3 / gain) if gain > 0 else None)
     assert 0 < decode["kernel_ms"] and 0 < decode["kernel_share"] <= 1

@@ -159,7 +159,7 @@ def _decode_ms_per_token(vlm, frames: torch.Tensor, new_tokens: int, repeats: in
         out[name] = (many - one) / (new_tokens - 1) * 1e3
         if name == "eager":
             eager_one = one
-    out["compile_s"] = first - eager_one
+    out["compile_s"] = max(0.0, first - eager_one)  # 0 where this process had compiled the step already
     gain_ms = out["eager"] - out["compiled"]
     out["break_even_tokens"] = round(out["compile_s"] * 1e3 / gain_ms) if gain_ms > 0 else None
     out.update(_decode_kernel_share(vlm, frames, new_tokens))
