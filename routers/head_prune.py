@@ -53,9 +53,12 @@ class HeadPruneRouter(Router):
 
 def calibrate_heads(vlm, clips: list, questions: list[str], tau: float = 0.07, min_fraction: float = 0.4,
                     dense_layers: int = 2, max_new_tokens: int = 16) -> dict:
-    """YOPO's inactive heads: per head, r = attention mass the answer's text puts on vision entries divided
-    by the mass on text entries; a head is active in a sample when r > tau and is kept when active in more
-    than `min_fraction` of the samples. The first `dense_layers` layers keep every head.
+    """YOPO's inactive heads: per head, r = attention mass the question's and answer's text puts on vision
+    entries divided by the mass on text entries; a head is active in a sample when r > tau and is kept when
+    active in more than `min_fraction` of the samples. The first `dense_layers` layers keep every head.
+
+    The queries are the text tokens of the chunk that carries the question's turn and the dense model's
+    answer (the template's text around the question included), each seeing the cache up to itself.
 
     Returns {"pruned": [[bool per head] per layer], "ratios": mean r per layer and head, "active": the share of
     samples in which each head was active, "samples", "tau", "min_fraction"}.
@@ -63,7 +66,7 @@ def calibrate_heads(vlm, clips: list, questions: list[str], tau: float = 0.07, m
     if not clips or not questions:
         raise StreamVLMError("calibration needs at least one clip and one question")
     parts = vlm.adapter.decoder
-    recorder = HiddenRecorder()
+    recorder = HiddenRecorder(every_chunk=True)
     model = vlm.with_routing(recorder)
     active = torch.zeros(parts.num_layers, parts.num_heads)
     ratio_sum = torch.zeros(parts.num_layers, parts.num_heads)
@@ -76,14 +79,18 @@ def calibrate_heads(vlm, clips: list, questions: list[str], tau: float = 0.07, m
             reference.append_frames(frames)
             reference.ask(question, max_new_tokens=max_new_tokens, ignore_stop=True)
             answer = list(reference.turns[-1].answer_ids)
-            # score feeds the question and the answer, then closes the turn: the chunk each layer saw last,
-            # the queries probed here, is that closing text.
+            recorder.clear()
+            # score feeds the question's turn and the answer in one chunk, then the turn's closing text in
+            # another: the chunk probed is the one ending at the answer's last position.
             session.score(question, answer)
+            last = session.turns[-1].context_tokens + len(answer) - 1
             with torch.no_grad():
                 for layer in range(parts.num_layers):
-                    hidden, chunk = recorder.hidden[layer], recorder.chunks[layer]
-                    probs = attention_probs(parts, layer, hidden, chunk.rope_ids(), session.cache.keys(layer),
-                                            causal=True)  # (H, m, L)
+                    hidden, chunk = _chunk_ending_at(recorder.seen[layer], last)
+                    text = torch.nonzero(chunk.text_mask).squeeze(1)  # (m,)
+                    seen = session.cache.positions(layer)[None] <= chunk.positions[text][:, None]  # (m, L)
+                    probs = attention_probs(parts, layer, hidden[text], chunk.rope_ids(text[None]),
+                                            session.cache.keys(layer), mask=seen)  # (H, m, L)
                     vision = session.cache.kinds(layer) == VISION
                     ratio = (probs[..., vision].sum(-1) / probs[..., ~vision].sum(-1).clamp_min(1e-12)).mean(-1)
                     ratio_sum[layer] += ratio
@@ -94,6 +101,14 @@ def calibrate_heads(vlm, clips: list, questions: list[str], tau: float = 0.07, m
     return {"pruned": (~keep).tolist(), "ratios": (ratio_sum / samples).tolist(),
             "active": (active / samples).tolist(), "samples": samples,
             "tau": tau, "min_fraction": min_fraction}
+
+
+def _chunk_ending_at(seen: list, position: int):
+    """The recorded (hidden, chunk) whose last token is at `position`."""
+    for hidden, chunk in seen:
+        if int(chunk.positions[-1]) == position:
+            return hidden, chunk
+    raise StreamVLMError(f"no recorded chunk ends at position {position}")  # a session change broke the probe
 
 
 MADE_BY = "streamvlm calibrate heads"

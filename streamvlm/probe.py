@@ -85,18 +85,29 @@ class HiddenRecorder(DenseRouter):
     """A dense router that keeps, for each chosen layer, the input hidden states (n, d) and the chunk of
     the last chunk that reached it (`hidden[layer]`, `chunks[layer]`), for probing after the forward.
 
-    layers: the layers to record (None: every layer). Tensors are kept as the decoder hands them (under
-    no_grad or inference mode they carry no graph).
+    layers: the layers to record (None: every layer). every_chunk: also keep every chunk each layer read since
+    the last `clear()`, in order, as (hidden, chunk) pairs in `seen[layer]`, for probing a chunk other than the
+    last (a scored question and answer, before the text that closed the turn). Off by default: over a stream
+    it would hold every frame's hidden states. Tensors are kept as the decoder hands them (under no_grad or
+    inference mode they carry no graph).
     """
 
-    def __init__(self, layers=None):
+    def __init__(self, layers=None, every_chunk: bool = False):
         super().__init__()
         self.layers = None if layers is None else {int(layer) for layer in layers}
+        self.every_chunk = every_chunk
         self.hidden: dict[int, torch.Tensor] = {}
         self.chunks: dict[int, Chunk] = {}
+        self.seen: dict[int, list[tuple[torch.Tensor, Chunk]]] = {}
+
+    def clear(self) -> None:
+        """Forget what was recorded."""
+        self.hidden, self.chunks, self.seen = {}, {}, {}
 
     def decide(self, layer: int, hidden: torch.Tensor, chunk: Chunk) -> RouteDecision | None:
         if self.layers is None or layer in self.layers:
             self.hidden[layer] = hidden
             self.chunks[layer] = chunk
+            if self.every_chunk:
+                self.seen.setdefault(layer, []).append((hidden, chunk))
         return None

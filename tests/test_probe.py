@@ -162,21 +162,23 @@ def test_recorder_keeps_only_the_chosen_layers_and_routes_dense(models):
     assert recorder.hidden[1].shape == (len(recorder.chunks[1]), vlm.adapter.decoder.hidden_size)
 
 
-# Head calibration and the ranking loss, against copies of the formulas they used before the probe.
+# Head calibration and the ranking loss, against copies of the formulas they used before the probe (head
+# calibration's since moved from the closing text's queries to the question's and answer's).
 
 def _calibrate_heads_before(vlm, clips, questions, tau=0.07, min_fraction=0.4, dense_layers=2, max_new_tokens=16):
     from streamvlm.rope import apply_rope
     from streamvlm.routers.base import DenseRouter
+    from streamvlm.types import TEXT
 
     parts = vlm.adapter.decoder
 
     class Recorder(DenseRouter):
         def decide(self, layer, hidden, chunk):
-            self.last[layer] = (hidden, chunk)
+            self.every.setdefault(layer, []).append((hidden, chunk))
             return None
 
     recorder = Recorder()
-    recorder.last = {}
+    recorder.every = {}
     model = vlm.with_routing(recorder)
     active = torch.zeros(parts.num_layers, parts.num_heads)
     ratio_sum = torch.zeros(parts.num_layers, parts.num_heads)
@@ -189,20 +191,22 @@ def _calibrate_heads_before(vlm, clips, questions, tau=0.07, min_fraction=0.4, d
             reference.append_frames(frames)
             reference.ask(question, max_new_tokens=max_new_tokens, ignore_stop=True)
             answer = list(reference.turns[-1].answer_ids)
+            recorder.every = {}
             session.score(question, answer)
+            last = session.turns[-1].context_tokens + len(answer) - 1
             with torch.no_grad():
                 for layer in range(parts.num_layers):
-                    hidden, chunk = recorder.last[layer]
+                    hidden, chunk = [(h, c) for h, c in recorder.every[layer] if int(c.positions[-1]) == last][0]
+                    text = chunk.kinds == TEXT
                     lp = parts.layers[layer]
-                    h = lp.input_norm(hidden)
+                    h = lp.input_norm(hidden[text])
                     m = h.shape[0]
                     q = lp.q_proj(h).view(m, parts.num_heads, parts.head_dim).transpose(0, 1)
-                    cos, sin = parts.rotary(h, chunk.rope_ids())
+                    cos, sin = parts.rotary(h, chunk.positions[text][None])
                     q = apply_rope(q, cos[0], sin[0])
                     keys = session.cache.keys(layer).repeat_interleave(parts.num_heads // parts.num_kv_heads, 0)
-                    length = keys.shape[1]
                     scores = (q @ keys.transpose(1, 2)) * parts.head_dim ** -0.5  # (H, m, L)
-                    causal = torch.ones(m, length, dtype=torch.bool).tril_(length - m)
+                    causal = session.cache.positions(layer)[None] <= chunk.positions[text][:, None]
                     probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
                     vision = session.cache.kinds(layer) == VISION
                     ratio = (probs[..., vision].sum(-1) / probs[..., ~vision].sum(-1).clamp_min(1e-12)).mean(-1)
@@ -226,6 +230,43 @@ def test_head_calibration_numbers_equal_those_before_the_probe(models):
     assert result == _calibrate_heads_before(vlm, clips, questions, tau=0.02, max_new_tokens=4)
     assert result["pruned"] == [[layer > 1 and a <= 0.4 for a in row] for layer, row in enumerate(active)]
     assert result["samples"] == 4 and any(map(any, result["ratios"]))
+
+
+@pytest.mark.parametrize("name", ["mqa_deep", "qwen2_5_vl"])
+def test_head_calibration_probes_the_question_and_answer_not_the_closing_text(models, name, monkeypatch):
+    """YOPO's r is the attention the prompt's and answer's text pays to vision: every layer's probed queries are
+    the text tokens fed after the frames up to the answer's last one (not the 1-2 tokens that close the turn,
+    which is what a recorder's last chunk holds after `score`)."""
+    import streamvlm.routers.head_prune as head_prune
+    from streamvlm.types import TEXT
+
+    vlm = models[name]
+    frames = random_frames(2, seed=7)
+    probed = {}
+
+    def spy(parts, layer, hidden, rope_ids, keys, **options):
+        probed[layer] = rope_ids[..., 0, :] if rope_ids.dim() == 3 else rope_ids[0]  # (m,) or (3, m)
+        return attention_probs(parts, layer, hidden, rope_ids, keys, **options)
+
+    monkeypatch.setattr(head_prune, "attention_probs", spy)
+    head_prune.calibrate_heads(vlm, [frames], ["What is moving?"], max_new_tokens=3)
+
+    session = vlm.session()
+    session.append_frames(frames)
+    after_frames = int(session.cache.positions(0)[-1]) + 1
+    session.ask("What is moving?", max_new_tokens=3, ignore_stop=True)
+    turn = session.turns[-1]
+    last = turn.context_tokens + len(turn.answer_ids) - 1
+    positions, kinds = session.cache.positions(0), session.cache.kinds(0)
+    expected = positions[(kinds == TEXT) & (positions >= after_frames) & (positions <= last)]
+    assert len(expected) > len(turn.answer_ids) + 2  # the question's turn and the answer, more than a closing
+    assert sorted(probed) == list(range(vlm.adapter.decoder.num_layers))
+    for layer, ids in probed.items():
+        if ids.dim() == 2:  # M-RoPE: text tokens' three ids are equal; their order is the positions' order
+            assert torch.equal(ids[0], ids[1]) and torch.equal(ids[0], ids[2])
+            assert len(ids[0]) == len(expected)
+        else:
+            assert ids.tolist() == expected.tolist()
 
 
 def _rank_loss_before(module, chunk, cache, hidden):

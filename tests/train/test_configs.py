@@ -32,7 +32,7 @@ def _printed(capsys, *args: str) -> dict:
 def test_every_family_has_a_tiny_config_and_every_config_is_known():
     assert all(path.is_file() for path in TINY.values())
     gpu = {CONFIGS / "llava_ov_7b_gpu.yaml", CONFIGS / "qwen2_5_vl_7b_gpu.yaml"}
-    world = {CONFIGS / f"world_{name}.yaml" for name in ("model", "router", "joint", "skip")}
+    world = {CONFIGS / f"world_{name}.yaml" for name in ("model", "router", "joint", "skip", "yopo")}
     assert set(CONFIGS.glob("*.yaml")) == set(TINY.values()) | gpu | world  # a new config gets a test here
 
 
@@ -53,6 +53,16 @@ def test_a_family_config_is_tiny_cpu_with_its_family_and_root(family, capsys):
     assert printed == base  # everything else, loggers, callbacks and data included, is tiny_cpu.yaml's
     # a value given after the config still wins
     assert _printed(capsys, "--config", str(TINY[family]), "--model.lr", "0.5")["model"]["lr"] == 0.5
+
+
+def test_world_yopo_is_world_skip_under_yopo_with_its_own_root(capsys):
+    """The fine-tuned yopo rows and the fine-tuned skip rows differ in the policy trained under, nothing else."""
+    skip = _printed(capsys, "--config", str(CONFIGS / "world_skip.yaml"))
+    yopo = _printed(capsys, "--config", str(CONFIGS / "world_yopo.yaml"))
+    assert (skip["model"].pop("routing"), yopo["model"].pop("routing")) == ("skip:block", "yopo:5:all:0.5")
+    assert (skip["trainer"].pop("default_root_dir"), yopo["trainer"].pop("default_root_dir")) == (
+        "runs/world_skip", "runs/world_yopo")
+    assert yopo == skip
 
 
 def test_the_qwen_gpu_config_is_lora_bf16_ddp_with_the_processors_frames(capsys):
