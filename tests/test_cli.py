@@ -185,6 +185,15 @@ def test_bench_serve_json(tiny_dir, cache, capsys):
         assert row["mean_completion_tokens"] == tokens or row["workload"] == "built-in"
     assert [r["workload"] for r in result["batching"]] == ["built-in", "decode-heavy"]
     assert all(r["max_batch"] == 3 and r["clients"] == 3 and r["tokens_per_second"] > 0 for r in result["batching"])
+    for ratio in result["batching"]:  # what batching can gain at most, measured in process: Amdahl's formula
+        b = ratio["bound"]
+        rows = [r for r in result["load"] if r["workload"] == ratio["workload"] and r["max_batch"] == 1]
+        assert b["batch"] == 3 and b["tokens"] == pytest.approx(sum(r["mean_completion_tokens"] for r in rows) / 2)
+        steps = b["tokens"] - 1
+        alone = b["prefill_s"] + steps * b["decode_ms_alone"] / 1e3
+        assert b["bound"] == pytest.approx(alone / (b["prefill_s"] + steps * b["decode_ms_batched_step"] / 3e3))
+        assert b["decode_step_gain"] == pytest.approx(3 * b["decode_ms_alone"] / b["decode_ms_batched_step"])
+    assert result["batching"][1]["bound"]["frames"] == 2 and result["batching"][1]["bound"]["tokens"] == 64
     (live,) = result["live"]
     assert live["age_minutes"] == 0.1 and live["frames_ingested"] == live["frames_in_video"] == 12
     assert 0 < live["ttft_s"] <= live["answer_s"]

@@ -200,10 +200,66 @@ def run_serve_bench(model_dir: Path | None, clients: list[int], requests: int, a
                                        ignore_eos=True), workload="decode-heavy", max_batch=batch) for c in clients]
             finally:
                 server.stop()
+    ratios = _batching_ratios(load, max_batches)
+    for ratio in ratios:  # what batching can gain at most on each workload, measured here
+        rows = [r for r in load if r["workload"] == ratio["workload"] and r["max_batch"] == 1]
+        tokens = sum(r["mean_completion_tokens"] for r in rows) / len(rows)
+        heavy_run = ratio["workload"] == "decode-heavy"
+        ratio["bound"] = batching_bound(heavy_model or bench_model_dir() if heavy_run else model,
+                                        HEAVY_FRAMES if heavy_run else 8, tokens, ratio["max_batch"])
     return {"suite": "serve", "model": str(model), "workers": workers, "video_seconds": video_seconds,
             "frames_per_request": 8, "new_tokens": new_tokens, "max_batches": max_batches, "load": load,
-            "batching": _batching_ratios(load, max_batches), "live": live,
+            "batching": ratios, "live": live,
             "server_rss_start_bytes": rss_start, "server_rss_end_bytes": rss_end, "abuse": abuse}
+
+
+def batching_bound(model_dir: Path, frames: int, tokens: float, batch: int, repeats: int = 5) -> dict:
+    """What batching can gain at most on a workload, measured in this process (Amdahl): a request alone costs
+    its ingest and prefill (a 1-token answer: compute-bound work, which a batch does no faster) plus
+    tokens - 1 decode steps; in full batches of `batch`, each of its decode steps costs 1/batch of a batched
+    step. bound = alone / batched, an upper bound for the server (video decoding and HTTP are left out, and
+    they do not shrink either)."""
+    import torch
+
+    from streamvlm.decoder import Work, forward_batch
+    from streamvlm.runtime import StreamVLM
+    from streamvlm.sequence import TextPiece
+
+    vlm = StreamVLM.from_pretrained(model_dir)
+    size = vlm.adapter.preprocess_config
+    clip = torch.randint(0, 256, (frames, size.height, size.width, 3), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(0))
+
+    def answered():
+        session = vlm.session()
+        session.append_frames(clip)
+        session.ask(QUESTION, max_new_tokens=1, ignore_stop=True)
+        return session
+
+    def timed(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    prefill_s = timed(answered)
+    sessions = [answered() for _ in range(batch)]
+
+    def work(session) -> Work:
+        return Work(session._decoder, session._seq.place([TextPiece((5,))]), session.cache, session.flops, "last")
+
+    with torch.inference_mode():
+        alone_ms = timed(lambda: forward_batch([work(sessions[0])])) * 1e3
+        step_ms = timed(lambda: forward_batch([work(s) for s in sessions])) * 1e3
+    steps = max(0.0, tokens - 1)
+    alone = prefill_s + steps * alone_ms / 1e3
+    batched = prefill_s + steps * step_ms / batch / 1e3
+    return {"frames": frames, "tokens": tokens, "batch": batch, "prefill_s": prefill_s, "decode_ms_alone": alone_ms,
+            "decode_ms_batched_step": step_ms, "decode_step_gain": batch * alone_ms / step_ms,
+            "bound": alone / batched}
 
 
 def _batching_ratios(load: list[dict], max_batches: list[int]) -> list[dict]:
@@ -238,11 +294,20 @@ def format_serve(result: dict) -> str:
                      f"{r['latency_p50_s']:.3f} | {r['latency_p90_s']:.3f} | {r['latency_p99_s']:.3f} | "
                      f"{r['failed']} |")
     if result.get("batching"):
-        lines += ["", "| workload | batched vs --max-batch 1 | tokens/s | req/s | p50 latency |", "|---|---|---|---|---|"]
+        lines += ["", "| workload | batched vs --max-batch 1 | tokens/s | req/s | p50 latency | at most (Amdahl) |",
+                  "|---|---|---|---|---|---|"]
         for r in result["batching"]:
+            bound = r.get("bound")
             lines.append(f"| {r['workload']} | {r['max_batch']} vs 1 at {r['clients']} clients (p50 at "
                          f"{r['p50_at_clients']}) | {r['tokens_per_second']:.2f}x | {r['requests_per_second']:.2f}x "
-                         f"| {r['latency_p50']:.2f}x |")
+                         f"| {r['latency_p50']:.2f}x | " + (f"{bound['bound']:.2f}x" if bound else "") + " |")
+        for r in result["batching"]:
+            if r.get("bound"):
+                b = r["bound"]
+                lines.append(f"{r['workload']}: a request alone is {b['prefill_s']:.3f} s of ingest and prefill and "
+                             f"{b['tokens'] - 1:.1f} decode steps of {b['decode_ms_alone']:.1f} ms; a step of "
+                             f"{b['batch']} takes {b['decode_ms_batched_step']:.1f} ms ({b['decode_step_gain']:.2f}x "
+                             f"the tokens per second), so batching gains at most {b['bound']:.2f}x")
     lines += ["", "| stream age | frames ingested | ingest fps | TTFT (client) s | answer s | KV MiB |",
               "|---|---|---|---|---|---|"]
     for r in result["live"]:
