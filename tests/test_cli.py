@@ -125,6 +125,7 @@ def test_bench_caption_json_rows(tiny_dir, cache, capsys):
         assert r["video_hours_per_compute_hour"] == pytest.approx(r["video_seconds"] / r["compute_seconds"])
         assert 0 < r["decode_share"] < 1 and r["captions"] == 1
     assert [(r["model"], r["batch"], r["videos"]) for r in result["batching"]] == [("small", 1, 3), ("small", 3, 3)]
+    assert result["batching_setting"] == {"fps": 0.2, "segment": 10.0, "max_new_tokens": 64}
     for r in result["batching"]:
         assert r["video_seconds"] == pytest.approx(3 * result["rows"][-1]["video_seconds"])
         assert r["video_hours_per_compute_hour"] == pytest.approx(r["video_seconds"] / r["compute_seconds"])

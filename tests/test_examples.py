@@ -74,3 +74,12 @@ def test_stream_and_ask_runs_on_the_sample(cache):
     assert f"{BUILTIN_PROMPTS.question} -> big red square moving right" in half
     assert "green triangle" in half and "green triangle" not in end  # it left at 4.5 s
     assert "of dense" in out.stdout
+
+
+def test_openmp_teams_times_each_setting(cache):
+    out = run(EXAMPLES / "openmp_teams.py", "--requests", "1")
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.rstrip().endswith("x")]
+    assert [line[:22].strip() for line in rows] == ["alone", "beside an idle team", "after it exits",
+                                                    "on a worker thread", "one intra-op thread"]
+    assert rows[0].rstrip().endswith("1.00x")

@@ -24,7 +24,8 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Executor, Future
 from typing import TypeVar
 
 from streamvlm.batching import Batcher
@@ -43,7 +44,7 @@ class Engine:
         self.workers = max(workers, max_batch)
         self.max_batch = max_batch
         self.batcher = Batcher(max_batch) if max_batch > 1 else None
-        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="streamvlm-worker")
+        self.pool = LastIdleFirst(self.workers, "streamvlm-worker")
         self._local = threading.local()
 
     @property
@@ -101,6 +102,92 @@ class Engine:
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self.batcher is not None:
             self.batcher.close()
+
+
+class LastIdleFirst(Executor):
+    """A pool of up to `max_workers` threads whose next task goes to the thread that became idle last.
+
+    ThreadPoolExecutor hands a task to the thread idle longest, so one client's requests, one after another,
+    go round every thread it has started. Each of those threads then keeps an OpenMP team of its own for
+    torch's ops, and on a machine with few cores every extra team makes each op slower (measured:
+    examples/openmp_teams.py, 1.5x for one idle team on 2 cores). Here a light load stays on one thread.
+    """
+
+    def __init__(self, max_workers: int, name: str):
+        self.max_workers = max_workers
+        self.name = name
+        self._lock = threading.Lock()
+        self._idle: list[_Slot] = []  # a stack: the last to become idle is taken first
+        self._backlog: deque = deque()
+        self._threads: list[threading.Thread] = []
+        self._shutdown = False
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        task = (future, fn, args, kwargs)
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if self._idle:
+                self._idle.pop().hand(task)
+            elif len(self._threads) < self.max_workers:
+                thread = threading.Thread(target=self._work, args=(task,), daemon=True,
+                                          name=f"{self.name}-{len(self._threads)}")
+                self._threads.append(thread)
+                thread.start()
+            else:
+                self._backlog.append(task)
+        return future
+
+    def _work(self, task) -> None:
+        while task is not None:
+            future, fn, args, kwargs = task
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as e:  # noqa: BLE001 - the future carries it
+                    future.set_exception(e)
+            del future, fn, args, kwargs
+            task = self._next()
+
+    def _next(self):
+        with self._lock:
+            if self._backlog:
+                return self._backlog.popleft()
+            if self._shutdown:
+                return None
+            slot = _Slot()
+            self._idle.append(slot)
+        slot.ready.wait()
+        return slot.task
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                for future, *_ in self._backlog:
+                    future.cancel()
+                self._backlog.clear()
+            for slot in self._idle:
+                slot.hand(None)
+            self._idle.clear()
+            threads = list(self._threads)
+        if wait:
+            for thread in threads:
+                if thread is not threading.current_thread():
+                    thread.join()
+
+
+class _Slot:
+    """An idle worker's mailbox: the next task, or None to stop."""
+
+    def __init__(self):
+        self.ready = threading.Event()
+        self.task = None
+
+    def hand(self, task) -> None:
+        self.task = task
+        self.ready.set()
 
 
 class _Failed:
