@@ -330,6 +330,23 @@ def test_a_lone_session_runs_its_forwards_on_its_own_thread(family_vlm, monkeypa
     assert threads == set(caller) and batcher.steps > 3  # no hand-off to another thread, step after step
 
 
+def _lead_then_two(batcher: Batcher, steps: list, gate: threading.Event, hand_in, first: int) -> None:
+    """Thread A hands in a chunk of size `first` and leads; while its step waits at `gate`, threads B and C
+    hand in chunks of sizes 1 and 2; then the gate opens and all three finish."""
+    lead = threading.Thread(target=hand_in, args=(first,))
+    lead.start()
+    while not steps:
+        time.sleep(0.01)
+    others = [threading.Thread(target=hand_in, args=(size,)) for size in (1, 2)]
+    for t in others:
+        t.start()
+    while len(batcher._queue) < 2:
+        time.sleep(0.01)
+    gate.set()
+    for t in [lead, *others]:
+        t.join(5)
+
+
 def test_the_lead_runs_the_waiting_chunks_and_passes_the_lead_on(monkeypatch, restore_threads):
     gate = {5: threading.Event()}
     steps = _fake_steps(monkeypatch, gate)
@@ -340,18 +357,7 @@ def test_the_lead_runs_the_waiting_chunks_and_passes_the_lead_on(monkeypatch, re
         idents[size] = threading.get_ident()
         results[size] = _hand_in(batcher, size).item()
 
-    first = threading.Thread(target=hand_in, args=(5,))
-    first.start()  # it leads; its step waits at the gate
-    while not steps:
-        time.sleep(0.01)
-    others = [threading.Thread(target=hand_in, args=(size,)) for size in (1, 2)]
-    for t in others:
-        t.start()
-    while len(batcher._queue) < 2:
-        time.sleep(0.01)
-    gate[5].set()
-    for t in [first, *others]:
-        t.join(5)
+    _lead_then_two(batcher, steps, gate[5], hand_in, 5)
     # the lead's step had its own chunk only; the two that came during it ran together, led by the older one
     assert [sizes for _, sizes, _ in steps] == [[5], [1, 2]]
     assert [thread for thread, _, _ in steps] == [idents[5], idents[1]]
@@ -370,18 +376,7 @@ def test_a_step_has_every_core_and_its_threads_share_them_after(monkeypatch, res
         _hand_in(batcher, size)
         after[size] = torch.get_num_threads()
 
-    blocker = threading.Thread(target=hand_in, args=(3,))
-    blocker.start()
-    while not steps:
-        time.sleep(0.01)
-    pair = [threading.Thread(target=hand_in, args=(size,)) for size in (1, 2)]
-    for t in pair:
-        t.start()
-    while len(batcher._queue) < 2:
-        time.sleep(0.01)
-    gate[3].set()
-    for t in [blocker, *pair]:
-        t.join(5)
+    _lead_then_two(batcher, steps, gate[3], hand_in, 3)
     assert [threads for _, _, threads in steps] == [4, 4]  # each step ran with all 4, whoever led it
     assert after == {3: 4, 1: 2, 2: 2}  # alone in its step: all 4 after; two in a step: 2 each
 
