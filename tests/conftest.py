@@ -1,4 +1,5 @@
-"""Fixtures: tiny random checkpoints saved by transformers, loaded once per test run."""
+"""Fixtures: tiny random checkpoints saved by transformers, loaded once per test run; the built-in model; a
+cache folder per test."""
 
 from __future__ import annotations
 
@@ -7,6 +8,22 @@ import torch
 
 from streamvlm.tiny import write_tiny_checkpoint
 from support import SPECS
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """streamvlm's cache folder (sample video, bench checkpoints) under the test's tmp_path."""
+    monkeypatch.setenv("STREAMVLM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    """The built-in model, loaded once per module."""
+    from streamvlm import StreamVLM
+    from streamvlm.world.builtin import default_model_dir
+
+    return StreamVLM.from_pretrained(default_model_dir())
 
 
 @pytest.fixture(scope="session")

@@ -15,13 +15,7 @@ from streamvlm.tiny.qwen import write_tiny_qwen
 from streamvlm.video import files
 from streamvlm.video.files import write_video
 from streamvlm.video.live import FileSource
-from streamvlm.world.builtin import default_model_dir
 from support import indexed_frames
-
-
-@pytest.fixture(scope="module")
-def builtin():
-    return StreamVLM.from_pretrained(default_model_dir())
 
 
 @pytest.fixture(scope="module")

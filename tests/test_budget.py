@@ -10,24 +10,11 @@ import logging
 import pytest
 import torch
 
-from streamvlm import StreamVLM
 from streamvlm.cli import main
-from streamvlm.world.builtin import default_model_dir
 
 REACHABLE = {"mod", "random", "uniform", "pdrop", "cls_knee", "schedule"}
 """Policies whose knob reaches 0.5 on the built-in model (4 layers: layer_drop and skip move in steps of
 about a quarter; fastv at K=2 cannot go under ~0.55; a window or pruned heads only cut attention)."""
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("STREAMVLM_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-@pytest.fixture(scope="module")
-def builtin():
-    return StreamVLM.from_pretrained(default_model_dir())
 
 
 def test_every_registered_policy_but_dense_declares_a_knob():

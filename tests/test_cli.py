@@ -13,12 +13,6 @@ from streamvlm.cli import main
 from streamvlm.world import sample
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("STREAMVLM_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def test_ask_on_builtin_defaults(cache, capsys):
     assert main(["ask", "--json"]) == 0
     out, err = capsys.readouterr()

@@ -17,12 +17,6 @@ EXAMPLES = Path(__file__).parents[1] / "examples"
 SCRIPTS = sorted(EXAMPLES.glob("*.py"))
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("STREAMVLM_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def load(script: Path):
     spec = importlib.util.spec_from_file_location(f"example_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)

@@ -15,12 +15,6 @@ from streamvlm.world.builtin import BUILTIN_DIR, default_model_dir
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("STREAMVLM_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-@pytest.fixture
 def asked(monkeypatch) -> list[str]:
     """Every question a session is asked (the real ask runs)."""
     questions = []

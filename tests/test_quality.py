@@ -13,17 +13,6 @@ from streamvlm.world.builtin import EXAMPLE_QUESTIONS, default_model_dir
 from streamvlm.cli import main
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("STREAMVLM_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-@pytest.fixture(scope="module")
-def builtin():
-    return StreamVLM.from_pretrained(default_model_dir())
-
-
 def test_the_shipped_model_is_small_and_ships_its_router():
     folder = default_model_dir()
     assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 8 * 2**20
