@@ -47,7 +47,6 @@ class _Ticket:
     thread: int
     wake: threading.Event = field(default_factory=threading.Event)
     done: bool = False
-    lead: bool = False  # this ticket's thread is to run the next steps (it was handed the lead)
     batch: int = 1  # chunks in the step that ran it
     result: torch.Tensor | None = None
     error: BaseException | None = None
@@ -91,11 +90,11 @@ class Batcher:
                 raise RuntimeError("the batcher is closed")
             self._queue.append(ticket)
             self._expected.discard(ticket.thread)
-            lead = ticket.lead = not self._leading
+            lead = not self._leading
             self._leading = True
             self._lock.notify()
         if not lead:
-            ticket.wake.wait()
+            ticket.wake.wait()  # set when its step has run, or when it is handed the lead
         while not ticket.done:  # this thread leads: it runs steps until one has its own chunk
             self._step()
         # The threads of this step now go on with their own work at once (sampling, decoding and encoding
@@ -156,9 +155,7 @@ class Batcher:
                     ticket.wake.set()
             if mine:
                 if self._queue:
-                    successor = self._queue[0]
-                    successor.lead = True
-                    successor.wake.set()
+                    self._queue[0].wake.set()  # its thread wakes with its chunk not done: it leads
                 else:
                     self._leading = False
 
