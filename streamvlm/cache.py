@@ -105,6 +105,29 @@ class KVCache:
             store[layer][:m] = store[layer][index]
         self._length[layer] = m
 
+    def copy(self) -> KVCache:
+        """An independent cache with the same entries, each layer's buffers trimmed to its length (plus the
+        free row): what a forked session starts from (`Session.fork`)."""
+        twin = KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device,
+                       self._initial_capacity)
+        for layer, n in enumerate(self._length):
+            if self._keys[layer] is None:
+                continue
+            for store, copied in ((self._keys, twin._keys), (self._values, twin._values)):
+                buffer = store[layer].new_empty((self.num_kv_heads, n + 1, self.head_dim))
+                buffer[:, :n] = store[layer][:, :n]
+                copied[layer] = buffer
+            for store, copied in ((self._positions, twin._positions), (self._kinds, twin._kinds),
+                                  (self._frames, twin._frames)):
+                buffer = store[layer].new_empty((n + 1,))
+                buffer[:n] = store[layer][:n]
+                copied[layer] = buffer
+        twin._length = list(self._length)
+        return twin
+
+    def __deepcopy__(self, memo) -> KVCache:
+        return self.copy()
+
     def set_positions(self, layer: int, positions: torch.Tensor, keys: torch.Tensor) -> None:
         """Replace a layer's positions (length,) and its keys (num_kv_heads, length, head_dim), e.g. after
         renumbering (the keys then carry the matching rotation)."""

@@ -18,6 +18,7 @@ choosing tokens the generation module's. The decoder runs what the builder place
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -64,6 +65,31 @@ class Session:
         self._question_evicted = 0
         self._peak_kv_bytes = 0
         self._said = False  # the open turn has text from say()
+
+    def fork(self, decoder: Decoder | None = None, **sampling) -> Session:
+        """An independent session that goes on from here: the same cache, timeline and turns, copied (the
+        model's weights are shared). What either does next leaves the other as it is, and asked the same, the
+        fork answers exactly as this session would. The server keeps a session forked after a video's ingest
+        and forks it again for each request about the same video (`streamvlm.serve.prefix`).
+
+        decoder: the fork's decoder (another thread's router for the same model and routing; default this
+        session's). Keyword arguments override this session's SamplingConfig.
+        """
+        decoder = self._decoder if decoder is None else decoder
+        if decoder.parts is not self._parts:
+            raise StreamVLMError("a session can only be forked onto a decoder of the same model")
+        if decoder.router.spec() != self._decoder.router.spec():
+            raise StreamVLMError(f"a session routed by {self._decoder.router.spec()!r} cannot go on under "
+                                 f"{decoder.router.spec()!r}: its cache holds what its own routing kept")
+        # What is the model's is shared; what is the session's (cache, timeline, turns, counters) is copied.
+        shared = (self._adapter, self._adapter.tokenizer, self._decoder, self._preprocess, self._parts,
+                  self._seq.layout, self._sampling)
+        memo = {id(thing): thing for thing in shared}
+        with torch.inference_mode():
+            twin = copy.deepcopy(self, memo)
+        twin._decoder = decoder
+        twin._sampling = self._sampling.with_overrides(**sampling)
+        return twin
 
     # -- feeding ---------------------------------------------------------------------------------
 
@@ -290,6 +316,13 @@ class Session:
         return self._seq.token_ids()
 
     # -- reporting -------------------------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the session holds of its own (the weights are the model's): its cache's buffers and a frame
+        held for its pair."""
+        held = self._pending[0] if self._pending is not None else None
+        return self.cache.reserved_bytes + (held.numel() * held.element_size() if held is not None else 0)
 
     def stats(self) -> dict:
         """Figures of the session so far.

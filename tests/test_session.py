@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from streamvlm import StreamVLM
+from streamvlm.errors import StreamVLMError
 from support import Exchange, Frames, feed_in_chunks, random_frames
 
 QUESTION = "What is on the table?"
@@ -189,3 +190,59 @@ def test_system_prompt_is_fed_as_the_template_renders_it(vlm, with_video):
     assert "You watch closely." in tok.decode(expected)
     assert session.token_ids()[:len(expected)] == expected
     assert session.turns[-1].context_tokens == len(expected)
+
+
+@pytest.mark.parametrize("routing", [None, "mod:0.5", "fastv:2:0.5"])
+def test_a_fork_answers_as_a_fresh_session_and_leaves_the_original_alone(vlm, routing):
+    model = vlm if routing is None else vlm.with_routing(routing)
+    frames = random_frames(5, seed=21)
+
+    def fed():
+        session = model.session()
+        session.append_frames(frames[:3])
+        session.say("Look closely.")
+        session.append_frames(frames[3:])
+        return session
+
+    original = fed()
+    fork = original.fork(max_new_tokens=9)
+    # the fork goes first and further: its question, new frames, a second question
+    first = fork.ask(QUESTION, ignore_stop=True)
+    fork.append_frames(frames[:2])
+    fork.ask("And now?", max_new_tokens=5, ignore_stop=True)
+    assert first == fed().ask(QUESTION, max_new_tokens=9, ignore_stop=True)
+    assert fork.turns[0].answer == first and len(fork.turns[0].answer_ids) == 9  # its own sampling default
+    # the original is where it was: its answer is a fresh session's, its figures too
+    fresh = fed()
+    assert original.ask("What moved?", max_new_tokens=7, ignore_stop=True) == \
+        fresh.ask("What moved?", max_new_tokens=7, ignore_stop=True)
+    assert original.stats() == fresh.stats()
+    assert len(original.turns) == 1 and fork.stats()["frames"] == 7
+
+
+def test_a_fork_keeps_a_frame_held_for_its_pair(tmp_path):
+    from support import tiny_family_checkpoint
+
+    model = StreamVLM.from_pretrained(tiny_family_checkpoint("qwen2_5_vl", tmp_path))
+    frames = random_frames(3, seed=22)
+    session = model.session()
+    session.append_frames(frames)  # Qwen folds frames in pairs: the third waits for its pair
+    fork = session.fork()
+    fork.append_frames(frames[:1])  # pairs the held frame in the fork only
+    alone = model.session()
+    alone.append_frames(torch.cat([frames, frames[:1]]))
+    assert fork.ask(QUESTION, max_new_tokens=6, ignore_stop=True) == alone.ask(QUESTION, max_new_tokens=6,
+                                                                               ignore_stop=True)
+    assert session.ask(QUESTION, max_new_tokens=6, ignore_stop=True) == \
+        model.generate(frames, QUESTION, max_new_tokens=6, ignore_stop=True)
+
+
+def test_a_fork_refuses_another_routing(vlm):
+    session = vlm.session()
+    session.append_frames(random_frames(2, seed=23))
+    with pytest.raises(StreamVLMError, match="cannot go on under"):
+        session.fork(decoder=vlm.with_routing("mod:0.5").decoder)
+    stats, mine = session.fork(decoder=vlm.fork().decoder).stats(), session.stats()
+    # a fork's buffers are trimmed to its entries; everything else it reports is the original's
+    assert stats.pop("kv_bytes_reserved") < mine.pop("kv_bytes_reserved")
+    assert stats == mine
