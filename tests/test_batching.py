@@ -186,18 +186,27 @@ def test_a_live_stream_and_a_chat_share_forwards(tmp_path):
     path = tmp_path / "live.mp4"
     encode(path, indexed_frames(16))
 
-    def live_answer(vlm):
+    both_fed = threading.Barrier(2, timeout=60)  # the two ask together, whatever the threads' timing
+
+    def live_answer(vlm, together=False):
         with LiveSession(vlm, FileSource(path, fps=8, speed=0), memory_budget=None) as live:
             live.wait()
+            if together:
+                both_fed.wait()
             return live.ask("what is there now ?", max_new_tokens=12).text
 
-    want_live = live_answer(builtin)
-    want_chat = _answer(builtin, 6, 3, "what is there now ?", tokens=12)[0]
+    def chat_answer(vlm, together=False):
+        session = vlm.session(max_new_tokens=12)
+        session.append_frames(random_frames(6, seed=3), _times(6))
+        if together:
+            both_fed.wait()
+        return session.ask("what is there now ?", ignore_stop=True)
+
+    want_live, want_chat = live_answer(builtin), chat_answer(builtin)
     batcher = Batcher(max_batch=4)
     vlm = builtin.batched(batcher)
     try:
-        got_live, got_chat = _in_threads([lambda: live_answer(vlm), lambda: _answer(vlm, 6, 3, "what is there now ?",
-                                                                                     tokens=12)[0]])
+        got_live, got_chat = _in_threads([lambda: live_answer(vlm, True), lambda: chat_answer(vlm, True)])
     finally:
         batcher.close()
     assert (got_live, got_chat) == (want_live, want_chat)
