@@ -359,7 +359,9 @@ def cmd_serve(args) -> int:
                          keep_alive_s=args.keep_alive_s, max_connections=args.max_connections,
                          max_asks_per_connection=args.max_asks_per_connection,
                          max_asks_per_stream=args.max_asks_per_stream)
-    serve(Engine(vlm, model_id, workers=args.workers, max_batch=args.max_batch), config, host=args.host,
+    engine = Engine(vlm, model_id, workers=args.workers, max_batch=args.max_batch,
+                    prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
+    serve(engine, config, host=args.host,
           port=args.port, log_level="info" if args.verbose else "warning")
     return 0
 
@@ -614,6 +616,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
                    help="requests worked on at once when --max-batch is 1 (default 1: torch already spreads one "
                         "request over the cores); with batching, max(N, --max-batch) are")
+    p.add_argument("--prefix-cache-mb", type=_non_negative_float, default=1024.0, metavar="MB",
+                   help="keep the caches of ingested videos, up to MB (least recently used dropped first), so a "
+                        "request about a video an earlier request sent (same file or data, video options, system "
+                        "prompt and routing) skips decoding and ingesting it and answers from a copy (default "
+                        "1024; 0: off). On a GPU the kept caches are in GPU memory")
     p.add_argument("--max-data-mb", type=_positive_float, default=32.0, metavar="MB",
                    help="largest video sent inline as a data: URI (default 32)")
     p.add_argument("--max-body-mb", type=_positive_float, default=48.0, metavar="MB",
@@ -674,6 +681,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve: skip the decode-heavy workload (64 tokens a request, end token ignored)")
     p.add_argument("--heavy-model", metavar="DIR", default=None,
                    help="serve: the decode-heavy workload's checkpoint (default: random, real-small shape)")
+    p.add_argument("--prefix-cache-mb", type=_non_negative_float, default=None, metavar="MB",
+                   help="serve: the servers' --prefix-cache-mb (default: theirs, 1024). Every request asks about "
+                        "the same clip, so with the cache on a server ingests it once; 0 makes every request "
+                        "ingest it")
     p.add_argument("--abuse-rounds", type=_non_negative_int, default=3, metavar="N",
                    help="serve: bursts of oversized video requests (4000x3000 and 1080p sources asked for more "
                         "frames than the context holds, and for the most it holds), with the server's RSS before, "

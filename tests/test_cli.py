@@ -178,6 +178,8 @@ def test_bench_serve_json(tiny_dir, cache, capsys):
         tokens = 64 if row["workload"] == "decode-heavy" else 2  # the end token ignored: every request's 64
         assert row["tokens_per_second"] == pytest.approx(row["requests_per_second"] * row["mean_completion_tokens"])
         assert row["mean_completion_tokens"] == tokens or row["workload"] == "built-in"
+        # one clip for every request: the server's prefix cache ingested it in the warm-up
+        assert (row["prefix_hits"], row["prefix_misses"]) == (3, 0)
     assert [r["workload"] for r in result["batching"]] == ["built-in", "decode-heavy"]
     assert all(r["max_batch"] == 3 and r["clients"] == 3 and r["tokens_per_second"] > 0 for r in result["batching"])
     for ratio in result["batching"]:  # what batching can gain at most, measured in process: Amdahl's formula
@@ -185,8 +187,9 @@ def test_bench_serve_json(tiny_dir, cache, capsys):
         rows = [r for r in result["load"] if r["workload"] == ratio["workload"] and r["max_batch"] == 1]
         assert b["batch"] == 3 and b["tokens"] == pytest.approx(sum(r["mean_completion_tokens"] for r in rows) / 2)
         steps = b["tokens"] - 1
-        alone = b["prefill_s"] + steps * b["decode_ms_alone"] / 1e3
-        assert b["bound"] == pytest.approx(alone / (b["prefill_s"] + steps * b["decode_ms_batched_step"] / 3e3))
+        assert b["kept"] and 0 < b["question_s"]  # each request forked the kept clip: its fixed cost is the question
+        alone = b["question_s"] + steps * b["decode_ms_alone"] / 1e3
+        assert b["bound"] == pytest.approx(alone / (b["question_s"] + steps * b["decode_ms_batched_step"] / 3e3))
         assert b["decode_step_gain"] == pytest.approx(3 * b["decode_ms_alone"] / b["decode_ms_batched_step"])
     assert result["batching"][1]["bound"]["frames"] == 2 and result["batching"][1]["bound"]["tokens"] == 64
     (live,) = result["live"]

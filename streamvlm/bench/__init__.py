@@ -384,7 +384,8 @@ def run(args) -> dict:
                                _numbers("--ages", args.ages or "1,30", float), args.stream_fps, args.new_tokens,
                                args.clip_seconds, args.workers, args.abuse_rounds,
                                _numbers("--max-batch", args.max_batch or "1,8", int), heavy=not args.no_decode_heavy,
-                               heavy_model=Path(args.heavy_model) if args.heavy_model else None)
+                               heavy_model=Path(args.heavy_model) if args.heavy_model else None,
+                               prefix_cache_mb=args.prefix_cache_mb)
     if args.suite == "stream":
         from streamvlm.bench.stream import run_stream_bench
 

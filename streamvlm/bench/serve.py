@@ -95,6 +95,18 @@ def run_load(url: str, model_id: str, clients: int, requests: int, new_tokens: i
     return row
 
 
+def _with_prefix(server, load) -> dict:
+    """`load()`'s row with the prefix cache's hits and misses during it (both 0 when the cache is off)."""
+    def counts():
+        cache = call(server.url, "GET", "/health")[1].get("prefix_cache") or {}
+        return cache.get("hits", 0), cache.get("misses", 0)
+
+    hits, misses = counts()
+    row = load()
+    after = counts()
+    return dict(row, prefix_hits=after[0] - hits, prefix_misses=after[1] - misses)
+
+
 def run_live_age(url: str, media: Path, minutes: float, fps: float, new_tokens: int) -> dict:
     """Open an `minutes`-long file as a live stream at full speed, wait until it is all in the cache, ask."""
     from websockets.sync.client import connect
@@ -154,9 +166,10 @@ def run_live_age(url: str, media: Path, minutes: float, fps: float, new_tokens: 
 def run_serve_bench(model_dir: Path | None, clients: list[int], requests: int, ages: list[float], stream_fps: float,
                     new_tokens: int, video_seconds: float, workers: int, abuse_rounds: int = 3,
                     max_batches: list[int] | None = None, heavy: bool = True,
-                    heavy_model: Path | None = None) -> dict:
+                    heavy_model: Path | None = None, prefix_cache_mb: float | None = None) -> dict:
     """Load rows for each --max-batch (built-in, then decode-heavy); live ages and abuse rounds against the
-    last --max-batch's server."""
+    last --max-batch's server. prefix_cache_mb: the servers' --prefix-cache-mb (None: their default; every
+    request asks about the same clip, so with the cache on each server ingests it once, in the warm-up)."""
     from streamvlm.bench.abuse import run_abuse
     from streamvlm.bench.common import bench_model_dir, bench_video
     from streamvlm.world.builtin import default_model_dir
@@ -180,8 +193,9 @@ def run_serve_bench(model_dir: Path | None, clients: list[int], requests: int, a
         shutil.copy(bench_video(video_seconds, fps=8.0, size=128), media / "clip.mp4")
 
         def start(checkpoint: Path, batch: int) -> ServerProcess:
+            cache = [] if prefix_cache_mb is None else ["--prefix-cache-mb", f"{prefix_cache_mb:g}"]
             return ServerProcess(["--model", str(checkpoint), "--model-name", "bench", "--workers", str(workers),
-                                  "--max-batch", str(batch), "--max-sessions", "2"],
+                                  "--max-batch", str(batch), "--max-sessions", "2", *cache],
                                  log_path=media / f"server-{batch}.log", media_dir=media)
 
         for batch in max_batches:
@@ -189,8 +203,9 @@ def run_serve_bench(model_dir: Path | None, clients: list[int], requests: int, a
             try:
                 rss_start = server.rss_bytes()
                 run_load(server.url, "bench", 1, 2, new_tokens)  # warm-up: first-call paths, worker threads
-                load += [dict(run_load(server.url, "bench", c, max(requests, c), new_tokens), workload="built-in",
-                              max_batch=batch) for c in clients]
+                load += [dict(_with_prefix(server, lambda c=c: run_load(server.url, "bench", c, max(requests, c),
+                                                                        new_tokens)),
+                              workload="built-in", max_batch=batch) for c in clients]
                 if batch == max_batches[-1]:
                     live = [run_live_age(server.url, media, age, stream_fps, new_tokens) for age in ages]
                     rss_end = server.rss_bytes()
@@ -202,16 +217,19 @@ def run_serve_bench(model_dir: Path | None, clients: list[int], requests: int, a
             server = start(heavy_model or bench_model_dir(), batch)
             try:
                 run_load(server.url, "bench", 1, 1, HEAVY_TOKENS, HEAVY_FRAMES, ignore_eos=True)  # warm-up
-                load += [dict(run_load(server.url, "bench", c, max(requests, c), HEAVY_TOKENS, HEAVY_FRAMES,
-                                       ignore_eos=True), workload="decode-heavy", max_batch=batch) for c in clients]
+                load += [dict(_with_prefix(server, lambda c=c: run_load(server.url, "bench", c, max(requests, c),
+                                                                        HEAVY_TOKENS, HEAVY_FRAMES, ignore_eos=True)),
+                              workload="decode-heavy", max_batch=batch) for c in clients]
             finally:
                 server.stop()
     ratios = _batching_ratios(load, max_batches)
     for ratio in ratios:  # what batching can gain at most on each workload, with the answers' mean length
         rows = [r for r in load if r["workload"] == ratio["workload"] and r["max_batch"] == 1]
         tokens = sum(r["mean_completion_tokens"] for r in rows) / len(rows)
-        ratio["bound"] = batching_bound(parts[ratio["workload"]], tokens)
-    return {"suite": "serve", "model": str(model), "workers": workers, "video_seconds": video_seconds,
+        kept = all(r["prefix_misses"] == 0 for r in rows)  # every measured request forked the kept clip
+        ratio["bound"] = batching_bound(parts[ratio["workload"]], tokens, kept)
+    return {"suite": "serve", "model": str(model), "workers": workers, "prefix_cache_mb": prefix_cache_mb,
+            "video_seconds": video_seconds,
             "frames_per_request": 8, "new_tokens": new_tokens, "max_batches": max_batches, "load": load,
             "batching": ratios, "live": live,
             "server_rss_start_bytes": rss_start, "server_rss_end_bytes": rss_end, "abuse": abuse}
@@ -247,6 +265,10 @@ def batching_parts(model_dir: Path, frames: int, batch: int, repeats: int = 5) -
         return statistics.median(times)
 
     prefill_s = timed(answered)
+    kept = vlm.session()
+    kept.append_frames(clip)
+    # what a request costs whose video a kept session holds (the server's prefix cache): a fork and its question
+    question_s = timed(lambda: kept.fork().ask(QUESTION, max_new_tokens=1, ignore_stop=True))
     sessions = [answered() for _ in range(batch)]
 
     def work(session) -> Work:
@@ -255,19 +277,22 @@ def batching_parts(model_dir: Path, frames: int, batch: int, repeats: int = 5) -
     with torch.inference_mode():
         alone_ms = timed(lambda: forward_batch([work(sessions[0])])) * 1e3
         step_ms = timed(lambda: forward_batch([work(s) for s in sessions])) * 1e3
-    return {"frames": frames, "batch": batch, "prefill_s": prefill_s, "decode_ms_alone": alone_ms,
+    return {"frames": frames, "batch": batch, "prefill_s": prefill_s, "question_s": question_s,
+            "decode_ms_alone": alone_ms,
             "decode_ms_batched_step": step_ms, "decode_step_gain": batch * alone_ms / step_ms}
 
 
-def batching_bound(parts: dict, tokens: float) -> dict:
+def batching_bound(parts: dict, tokens: float, kept: bool = False) -> dict:
     """What batching can gain at most on a workload of `tokens`-token answers (Amdahl): a request alone costs
-    its ingest and prefill (compute-bound work, which a batch does no faster) plus tokens - 1 decode steps; in
-    full batches, each of its decode steps costs 1/batch of a batched step. bound = alone / batched, an upper
-    bound for the server (video decoding and HTTP are left out, and they do not shrink either)."""
+    its ingest and prefill (compute-bound work, which a batch does no faster; with `kept`, the server's prefix
+    cache holds the video and a request costs a fork and its question's prefill instead) plus tokens - 1 decode
+    steps; in full batches, each of its decode steps costs 1/batch of a batched step. bound = alone / batched,
+    an upper bound for the server (video decoding and HTTP are left out, and they do not shrink either)."""
     steps = max(0.0, tokens - 1)
-    alone = parts["prefill_s"] + steps * parts["decode_ms_alone"] / 1e3
-    batched = parts["prefill_s"] + steps * parts["decode_ms_batched_step"] / parts["batch"] / 1e3
-    return dict(parts, tokens=tokens, bound=alone / batched)
+    fixed = parts["question_s"] if kept else parts["prefill_s"]
+    alone = fixed + steps * parts["decode_ms_alone"] / 1e3
+    batched = fixed + steps * parts["decode_ms_batched_step"] / parts["batch"] / 1e3
+    return dict(parts, tokens=tokens, kept=kept, bound=alone / batched)
 
 
 def _batching_ratios(load: list[dict], max_batches: list[int]) -> list[dict]:
@@ -294,13 +319,14 @@ def format_serve(result: dict) -> str:
               f"{result['video_seconds']:g} s clip, {result['frames_per_request']} frames, "
               f"up to {result['new_tokens']} answer tokens; decode-heavy: real-small-shaped random checkpoint, "
               f"{HEAVY_FRAMES} frames, {HEAVY_TOKENS} tokens, end token ignored"), "",
-             "| workload | max batch | clients | requests | req/s | tokens/s | p50 s | p90 s | p99 s | failed |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| workload | max batch | clients | requests | req/s | tokens/s | p50 s | p90 s | p99 s | failed | "
+             "prefix hits/misses |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["load"]:
         lines.append(f"| {r.get('workload', 'built-in')} | {r.get('max_batch', 1)} | {r['clients']} | "
                      f"{r['completed']} | {r['requests_per_second']:.2f} | {r['tokens_per_second']:.1f} | "
                      f"{r['latency_p50_s']:.3f} | {r['latency_p90_s']:.3f} | {r['latency_p99_s']:.3f} | "
-                     f"{r['failed']} |")
+                     f"{r['failed']} | {r.get('prefix_hits', 0)}/{r.get('prefix_misses', 0)} |")
     if result.get("batching"):
         lines += ["", "| workload | batched vs --max-batch 1 | tokens/s | req/s | p50 latency | at most (Amdahl) |",
                   "|---|---|---|---|---|---|"]
@@ -312,7 +338,9 @@ def format_serve(result: dict) -> str:
         for r in result["batching"]:
             if r.get("bound"):
                 b = r["bound"]
-                lines.append(f"{r['workload']}: a request alone is {b['prefill_s']:.3f} s of ingest and prefill and "
+                fixed = (f"{b['question_s']:.3f} s of a kept video's fork and the question" if b.get("kept") else
+                         f"{b['prefill_s']:.3f} s of ingest and prefill")
+                lines.append(f"{r['workload']}: a request alone is {fixed} and "
                              f"{b['tokens'] - 1:.1f} decode steps of {b['decode_ms_alone']:.1f} ms; a step of "
                              f"{b['batch']} takes {b['decode_ms_batched_step']:.1f} ms ({b['decode_step_gain']:.2f}x "
                              f"the tokens per second), so batching gains at most {b['bound']:.2f}x")

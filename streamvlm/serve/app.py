@@ -179,7 +179,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.model_id, "streams": len(registry)}
+        return {"status": "ok", "model": engine.model_id, "streams": len(registry),
+                "prefix_cache": engine.prefix.stats() if engine.prefix is not None else None}
 
     # the most input frames (video frames or images) one request may send, before its text takes its share
     context_frames = engine.vlm.frame_capacity()

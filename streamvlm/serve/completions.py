@@ -31,6 +31,7 @@ of dense, and KV cache bytes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -361,8 +362,7 @@ def run_chat(engine: Engine, media: MediaPolicy, job: ChatJob) -> Iterator[str |
     """On a worker thread: the answer's text pieces as they are generated, then a ChatResult."""
     started = time.perf_counter()
     vlm = engine.model(job.routing)
-    session = vlm.session(system=job.system, **job.sampling)
-    seconds = _feed_media(vlm, session, media, job) if job.media else 0.0
+    session, seconds, prefix = _start(engine, vlm, media, job)
     tokenizer = vlm.tokenizer
     for question, answer in job.history:
         session.score(question, tokenizer(answer, add_special_tokens=False)["input_ids"])
@@ -381,22 +381,70 @@ def run_chat(engine: Engine, media: MediaPolicy, job: ChatJob) -> Iterator[str |
         "kv_bytes": stats["kv_bytes"], "kv_bytes_dense": stats["kv_bytes_dense"],
         "kv_fraction": stats["kv_bytes"] / stats["kv_bytes_dense"] if stats["kv_bytes_dense"] else 1.0,
         "first_token_s": first, "seconds": time.perf_counter() - started, "stop_reason": turn.stop_reason,
+        "prefix_cache": prefix,
     }
     yield ChatResult("".join(pieces), FINISH_REASONS.get(turn.stop_reason, "stop"), turn.context_tokens,
                      len(turn.answer_ids), extension)
 
 
-def _feed_media(vlm: StreamVLM, session: Session, policy: MediaPolicy, job: ChatJob) -> float:
-    """Feed the conversation's videos and image runs into the session in order, on one timeline, with the text
-    before and between them where it stands; returns the seconds they span. Their frames are counted against
-    the context before anything is decoded (the images' at once, each video's as its read is planned), and
-    each frame is resized to the model's input size as it is decoded, so no two full-size frames are held
-    together."""
-    # the text's tokens are kept free: frames that leave no room for the question are refused before decoding
+def _start(engine: Engine, vlm: StreamVLM, policy: MediaPolicy, job: ChatJob) -> tuple[Session, float, str]:
+    """The request's session with its media fed: (session, the media's seconds, "hit", "miss" or "off" for the
+    prefix cache). With the cache on, a request whose media, system prompt, video options and routing an
+    earlier request had forks that request's session instead of ingesting (`streamvlm.serve.prefix`)."""
+    key = media_key(vlm, policy, job) if engine.prefix is not None and job.media else None
+    if key is None:
+        session = vlm.session(system=job.system, **job.sampling)
+        return session, _feed_media(vlm, session, policy, job)[0] if job.media else 0.0, "off"
+
+    def build():
+        # the kept session has the server's sampling: each request's own is set on its fork
+        session = vlm.session(system=job.system)
+        return session, _feed_media(vlm, session, policy, job)
+
+    session, (seconds, frames), hit = engine.prefix.get(
+        key, build, lambda kept: kept.fork(vlm.decoder, **job.sampling))
+    if hit:  # the same frames, but this request's text may leave them less room
+        _FrameBudget(vlm, _text_tokens(vlm, job)).take(frames, "frames", "messages")
+    return session, seconds, "hit" if hit else "miss"
+
+
+def media_key(vlm: StreamVLM, policy: MediaPolicy, job: ChatJob) -> tuple:
+    """What a session is after `_feed_media`: the routing, the system prompt, the video options, and the media
+    in order, each text as is, each file by its real path and identity (device, inode, size, modification
+    time in ns: a file rewritten is another file), each data: URI by its SHA-256."""
+    def source(url: str, param: str, what: str):
+        if url.startswith("data:"):
+            return hashlib.sha256(url.encode()).hexdigest()
+        path = policy.local(url, param, what)
+        stat = path.stat()
+        return str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+    parts = []
+    for part in job.media:
+        if isinstance(part, str):
+            parts.append(part)
+        elif isinstance(part, VideoPart):
+            parts.append(("video", source(part.url, part.param, "video")))
+        else:
+            parts.append(("images", tuple(source(u, p, "image") for u, p in zip(part.urls, part.params)), part.times))
+    return vlm.router.spec(), job.system, job.num_frames, job.fps, job.max_frames, tuple(parts)
+
+
+def _text_tokens(vlm: StreamVLM, job: ChatJob) -> int:
+    """Tokens of the conversation's text, which the frames must leave room for."""
     texts = [job.question, *(text for exchange in job.history for text in exchange), job.system or "",
              *(part for part in job.media if isinstance(part, str))]
-    reserve = sum(len(vlm.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts if text)
-    budget = _FrameBudget(vlm, reserve)
+    return sum(len(vlm.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts if text)
+
+
+def _feed_media(vlm: StreamVLM, session: Session, policy: MediaPolicy, job: ChatJob) -> tuple[float, int]:
+    """Feed the conversation's videos and image runs into the session in order, on one timeline, with the text
+    before and between them where it stands; returns the seconds they span and the frames taken. Their frames
+    are counted against the context before anything is decoded (the images' at once, each video's as its read
+    is planned), and each frame is resized to the model's input size as it is decoded, so no two full-size
+    frames are held together."""
+    # the text's tokens are kept free: frames that leave no room for the question are refused before decoding
+    budget = _FrameBudget(vlm, _text_tokens(vlm, job))
     budget.take(sum(len(run.urls) for run in job.media if isinstance(run, ImageRun)), "images", "messages")
     spacing = 1 / (job.fps or DEFAULT_IMAGE_FPS)
     end = None  # where the next video or run may start: one frame interval after the last frame fed
@@ -419,7 +467,7 @@ def _feed_media(vlm: StreamVLM, session: Session, policy: MediaPolicy, job: Chat
                 session.append_frames(torch.stack(frames), times[first:first + step])
             seconds += times[-1] - times[0] + spacing
         end = times[-1] + spacing
-    return seconds
+    return seconds, budget.capacity - budget.left
 
 
 class _FrameBudget:

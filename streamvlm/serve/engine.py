@@ -10,6 +10,9 @@ request joins the running batch at its next forward and leaves it when it is don
 once a step for all of them. With max_batch 1 each request runs alone, one at a time (workers 1), as before
 batching.
 
+Requests about media an earlier request ingested (same media, system prompt, video options and routing)
+start from a copy of that request's session (`prefix`, `streamvlm.serve.prefix`), within --prefix-cache-mb.
+
 Each worker thread keeps its own router per routing spec (the model's weights are shared): some
 training-free routers keep per-call state, so one router instance must never serve two threads at once.
 Live streams get their own router too.
@@ -30,15 +33,19 @@ from typing import TypeVar
 
 from streamvlm.batching import Batcher
 from streamvlm.runtime import StreamVLM
+from streamvlm.serve.prefix import PrefixCache
 
 T = TypeVar("T")
 _END = object()
 
 
 class Engine:
-    def __init__(self, vlm: StreamVLM, model_id: str, workers: int = 1, max_batch: int = 1):
+    def __init__(self, vlm: StreamVLM, model_id: str, workers: int = 1, max_batch: int = 1,
+                 prefix_cache_bytes: int = 2**30):
         if workers < 1 or max_batch < 1:
             raise ValueError("workers and max_batch must be at least 1")
+        self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        """Sessions kept after their media were ingested, for requests about the same media (None: off)."""
         self.vlm = vlm
         self.model_id = model_id
         self.workers = max(workers, max_batch)

@@ -73,14 +73,14 @@ class MediaPolicy:
             finally:
                 os.unlink(name)
             return
-        yield self._local(url, param, "video")
+        yield self.local(url, param, "video")
 
     def image(self, url: str, param: str) -> bytes:
         """The bytes of an `image_url` part: a data: URI, or a file in the media folder, each at most
         max_data_bytes."""
         if url.startswith("data:"):
             return self.decode_data_uri(url, param, "image")
-        path = self._local(url, param, "image")
+        path = self.local(url, param, "image")
         size = path.stat().st_size
         if size > self.max_data_bytes:
             raise APIError(413, f"{param}: the image file is {size / 2**20:.1f} MiB; the limit is "
@@ -88,7 +88,7 @@ class MediaPolicy:
                            code="image_too_large")
         return path.read_bytes()
 
-    def _local(self, url: str, param: str, what: str) -> Path:
+    def local(self, url: str, param: str, what: str) -> Path:
         """A URL that names a file in the media folder (a path, or file://); other schemes are not fetched."""
         scheme = url.split("://", 1)[0].lower() if "://" in url else ""
         if scheme and scheme != "file":
