@@ -189,7 +189,8 @@ def test_bench_serve_json(tiny_dir, cache, capsys):
         steps = b["tokens"] - 1
         assert b["kept"] and 0 < b["question_s"]  # each request forked the kept clip: its fixed cost is the question
         alone = b["question_s"] + steps * b["decode_ms_alone"] / 1e3
-        assert b["bound"] == pytest.approx(alone / (b["question_s"] + steps * b["decode_ms_batched_step"] / 3e3))
+        fixed = b["question_s"] + (b["question_ms_batched_step"] / 3 - b["question_ms_alone"]) / 1e3
+        assert b["bound"] == pytest.approx(alone / (max(0, fixed) + steps * b["decode_ms_batched_step"] / 3e3))
         assert b["decode_step_gain"] == pytest.approx(3 * b["decode_ms_alone"] / b["decode_ms_batched_step"])
     assert result["batching"][1]["bound"]["frames"] == 2 and result["batching"][1]["bound"]["tokens"] == 64
     (live,) = result["live"]

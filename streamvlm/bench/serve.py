@@ -226,7 +226,7 @@ def run_serve_bench(model_dir: Path | None, clients: list[int], requests: int, a
     for ratio in ratios:  # what batching can gain at most on each workload, with the answers' mean length
         rows = [r for r in load if r["workload"] == ratio["workload"] and r["max_batch"] == 1]
         tokens = sum(r["mean_completion_tokens"] for r in rows) / len(rows)
-        kept = all(r["prefix_misses"] == 0 for r in rows)  # every measured request forked the kept clip
+        kept = all(r["prefix_hits"] and not r["prefix_misses"] for r in rows)  # each request forked the kept clip
         ratio["bound"] = batching_bound(parts[ratio["workload"]], tokens, kept)
     return {"suite": "serve", "model": str(model), "workers": workers, "prefix_cache_mb": prefix_cache_mb,
             "video_seconds": video_seconds,
@@ -274,24 +274,34 @@ def batching_parts(model_dir: Path, frames: int, batch: int, repeats: int = 5) -
     def work(session) -> Work:
         return Work(session._decoder, session._seq.place([TextPiece((5,))]), session.cache, session.flops, "last")
 
+    question = tuple(vlm.tokenizer(QUESTION, add_special_tokens=False)["input_ids"])
+
+    def asked(session) -> Work:  # a question's prefill
+        return Work(session._decoder, session._seq.place([TextPiece(question)]), session.cache, session.flops, "last")
+
     with torch.inference_mode():
         alone_ms = timed(lambda: forward_batch([work(sessions[0])])) * 1e3
         step_ms = timed(lambda: forward_batch([work(s) for s in sessions])) * 1e3
+        question_alone_ms = timed(lambda: forward_batch([asked(sessions[0])])) * 1e3
+        question_step_ms = timed(lambda: forward_batch([asked(s) for s in sessions])) * 1e3
     return {"frames": frames, "batch": batch, "prefill_s": prefill_s, "question_s": question_s,
+            "question_ms_alone": question_alone_ms, "question_ms_batched_step": question_step_ms,
             "decode_ms_alone": alone_ms,
             "decode_ms_batched_step": step_ms, "decode_step_gain": batch * alone_ms / step_ms}
 
 
 def batching_bound(parts: dict, tokens: float, kept: bool = False) -> dict:
-    """What batching can gain at most on a workload of `tokens`-token answers (Amdahl): a request alone costs
-    its ingest and prefill (compute-bound work, which a batch does no faster; with `kept`, the server's prefix
-    cache holds the video and a request costs a fork and its question's prefill instead) plus tokens - 1 decode
-    steps; in full batches, each of its decode steps costs 1/batch of a batched step. bound = alone / batched,
-    an upper bound for the server (video decoding and HTTP are left out, and they do not shrink either)."""
+    """What batching can gain at most on a workload of `tokens`-token answers (Amdahl). A request alone costs
+    its ingest and prefill (with `kept`, the server's prefix cache holds the video, and a request costs a fork
+    and its question instead), then tokens - 1 decode steps. In full batches its question's prefill and each
+    decode step cost 1/batch of a batched step, and the rest (the video's ingest, the fork) as much as alone: a
+    batch makes the frames' compute-bound prefill no cheaper. bound = alone / batched, an upper bound for the
+    server (video decoding and HTTP are left out, and they do not shrink either)."""
     steps = max(0.0, tokens - 1)
     fixed = parts["question_s"] if kept else parts["prefill_s"]
+    shared_fixed = fixed + (parts["question_ms_batched_step"] / parts["batch"] - parts["question_ms_alone"]) / 1e3
     alone = fixed + steps * parts["decode_ms_alone"] / 1e3
-    batched = fixed + steps * parts["decode_ms_batched_step"] / parts["batch"] / 1e3
+    batched = max(0.0, shared_fixed) + steps * parts["decode_ms_batched_step"] / parts["batch"] / 1e3
     return dict(parts, tokens=tokens, kept=kept, bound=alone / batched)
 
 
@@ -343,7 +353,9 @@ def format_serve(result: dict) -> str:
                 lines.append(f"{r['workload']}: a request alone is {fixed} and "
                              f"{b['tokens'] - 1:.1f} decode steps of {b['decode_ms_alone']:.1f} ms; a step of "
                              f"{b['batch']} takes {b['decode_ms_batched_step']:.1f} ms ({b['decode_step_gain']:.2f}x "
-                             f"the tokens per second), so batching gains at most {b['bound']:.2f}x")
+                             f"the tokens per second), and {b['batch']} questions' prefill "
+                             f"{b['question_ms_batched_step']:.1f} ms against {b['question_ms_alone']:.1f} ms for "
+                             f"one, so batching gains at most {b['bound']:.2f}x")
     lines += ["", "| stream age | frames ingested | ingest fps | TTFT (client) s | answer s | KV MiB |",
               "|---|---|---|---|---|---|"]
     for r in result["live"]:

@@ -218,6 +218,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                 result = first
                 while not isinstance(result, ChatResult):
                     result = await anext(events)
+                await _drain(events)
             finally:
                 await events.aclose()
             return completion_body(cid, created, engine.model_id, result)
@@ -234,6 +235,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                         if include_usage:
                             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
                                         "model": engine.model_id, "choices": [], "usage": usage(item)})
+                        await _drain(events)
                         break
                     if item:
                         yield _sse(chunk_body(cid, created, engine.model_id, {"content": item}))
@@ -437,6 +439,13 @@ async def _answer(stream: LiveStream, watcher: Watcher, ask: AskMessage) -> None
     except Exception as e:
         log.error("live answer failed", exc_info=e)
         watcher.send({"type": "error", "id": qid, "message": f"internal error ({type(e).__name__})"})
+
+
+async def _drain(events) -> None:
+    """Read a worker's events to their end (after its result: its worker is then idle again), so a client's next
+    request, sent as soon as this reply is read, goes to the same worker (`LastIdleFirst`)."""
+    async for _ in events:
+        pass
 
 
 def _check_routing(engine: Engine, routing: str) -> None:

@@ -93,11 +93,13 @@ class Engine:
             except BaseException as e:  # noqa: BLE001 - raised again on the event loop
                 loop.call_soon_threadsafe(items.put_nowait, _Failed(e))
 
-        loop.run_in_executor(self.pool, work)
+        done = loop.run_in_executor(self.pool, work)
         try:
             while True:
                 item = await items.get()
                 if item is _END:
+                    # the reply goes once the worker is idle again: a client's next request then finds it
+                    await done
                     break
                 if isinstance(item, _Failed):
                     raise item.error
@@ -149,22 +151,42 @@ class LastIdleFirst(Executor):
     def _work(self, task) -> None:
         while task is not None:
             future, fn, args, kwargs = task
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(*args, **kwargs))
-                except BaseException as e:  # noqa: BLE001 - the future carries it
-                    future.set_exception(e)
-            del future, fn, args, kwargs
-            task = self._next()
+            if not future.set_running_or_notify_cancel():
+                task = self._next()
+                continue
+            try:
+                result, error = fn(*args, **kwargs), None
+            except BaseException as e:  # noqa: BLE001 - the future carries it
+                result, error = None, e
+            del fn, args, kwargs
+            # This thread is idle (or has its next task) before anyone sees the future done: a caller that
+            # submits again as soon as it is must find this thread, not start another.
+            slot = self._next_slot()
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+            del future, result, error
+            task = self._wait(slot)
 
     def _next(self):
+        return self._wait(self._next_slot())
+
+    def _next_slot(self) -> _Slot | None:
+        """This thread's next task: a slot already handed the backlog's oldest (or None at shutdown), or an idle
+        slot, on top of the idle stack, that the next submit hands its task to."""
         with self._lock:
-            if self._backlog:
-                return self._backlog.popleft()
-            if self._shutdown:
-                return None
             slot = _Slot()
-            self._idle.append(slot)
+            if self._backlog:
+                slot.hand(self._backlog.popleft())
+            elif self._shutdown:
+                slot.hand(None)
+            else:
+                self._idle.append(slot)
+        return slot
+
+    @staticmethod
+    def _wait(slot: _Slot):
         slot.ready.wait()
         return slot.task
 

@@ -22,10 +22,9 @@ def test_one_task_at_a_time_stays_on_the_thread_idle_last():
         threads = {f.result(5) for f in _started(pool, 3)}
         assert len(threads) == 3
         ran = set()
-        for _ in range(6):  # one after another, as one client's requests come (the thread is idle again)
-            while len(pool._idle) < 3:
-                time.sleep(0.01)
+        for _ in range(6):  # one after another, each as soon as the one before is done, as one client's come
             ran.add(pool.submit(threading.get_ident).result(5))
+            assert len(pool._threads) == 3  # a thread is idle again before its future is done: none is added
         assert len(ran) == 1 and ran <= threads  # ThreadPoolExecutor would go round all three
     finally:
         pool.shutdown()
@@ -51,8 +50,7 @@ def test_errors_reach_the_future_and_shutdown_cancels_the_backlog():
     failing = pool.submit(lambda: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         failing.result(5)
-    while not pool._idle:  # the thread is back and idle (its future was set a moment before)
-        time.sleep(0.01)
+    assert pool._idle  # the thread was idle before its future was done
     running = pool.submit(gate.wait, 5)
     while pool._idle:  # it took the task
         time.sleep(0.01)
@@ -64,3 +62,24 @@ def test_errors_reach_the_future_and_shutdown_cancels_the_backlog():
         pool.submit(print)
     pool.shutdown()  # joins its thread
     assert not any(t.is_alive() for t in pool._threads)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_one_clients_requests_stay_on_one_worker_of_the_server(tiny_dir, tmp_path, stream):
+    """The reply goes once its worker is idle again, so the next request, sent at once, finds that worker."""
+    from fastapi.testclient import TestClient
+
+    from streamvlm import StreamVLM
+    from streamvlm.serve import Engine, MediaPolicy, ServeConfig, create_app
+    from support import encode, indexed_frames
+
+    encode(tmp_path / "clip.mp4", indexed_frames(8))
+    engine = Engine(StreamVLM.from_pretrained(tiny_dir, device="cpu"), "tiny", max_batch=4)
+    body = {"model": "tiny", "max_tokens": 2, "stream": stream, "video": {"num_frames": 2},
+            "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "clip.mp4"}},
+                                                      {"type": "text", "text": "What is it?"}]}]}
+    with TestClient(create_app(engine, ServeConfig(media=MediaPolicy(tmp_path)))) as http:
+        for _ in range(12):
+            reply = http.post("/v1/chat/completions", json=body)
+            assert reply.status_code == 200
+    assert len(engine.pool._threads) == 1
