@@ -77,3 +77,11 @@ def test_openmp_teams_times_each_setting(cache):
     assert [line[:22].strip() for line in rows] == ["alone", "beside an idle team", "after it exits",
                                                     "on a worker thread", "one intra-op thread"]
     assert rows[0].rstrip().endswith("1.00x")
+
+
+def test_many_questions_forks_answer_as_fresh_sessions(cache):
+    out = run(EXAMPLES / "many_questions.py", "--num-frames", "8", "--batch", "2")
+    assert out.returncode == 0, out.stderr
+    answers = [line for line in out.stdout.splitlines() if " -> " in line]
+    assert len(answers) == 8 and "how many objects are there now ? -> " in answers[1]
+    assert "the same answers: yes" in out.stdout  # the script compares them and exits 1 otherwise

@@ -246,3 +246,17 @@ def test_a_fork_refuses_another_routing(vlm):
     # a fork's buffers are trimmed to its entries; everything else it reports is the original's
     assert stats.pop("kv_bytes_reserved") < mine.pop("kv_bytes_reserved")
     assert stats == mine
+
+
+def test_a_fork_under_a_memory_budget_evicts_from_its_own_cache(vlm):
+    session = vlm.session(memory_budget=40)
+    session.append_frames(random_frames(3, seed=24))
+    fork = session.fork()
+    before = session.stats()
+    fork.append_frames(random_frames(6, seed=25))  # past the budget: the fork evicts
+    assert fork.stats()["evicted_entries"] > before["evicted_entries"]
+    assert session.stats() == before and fork._memory.cache is fork.cache
+    again = session.fork()
+    again.append_frames(random_frames(6, seed=25))
+    assert again.ask(QUESTION, max_new_tokens=5, ignore_stop=True) == fork.ask(QUESTION, max_new_tokens=5,
+                                                                                ignore_stop=True)
