@@ -172,7 +172,7 @@ class LastIdleFirst(Executor):
     def _next(self):
         return self._wait(self._next_slot())
 
-    def _next_slot(self) -> _Slot | None:
+    def _next_slot(self) -> _Slot:
         """This thread's next task: a slot already handed the backlog's oldest (or None at shutdown), or an idle
         slot, on top of the idle stack, that the next submit hands its task to."""
         with self._lock:
