@@ -295,8 +295,10 @@ def batching_bound(parts: dict, tokens: float, kept: bool = False) -> dict:
     its ingest and prefill (with `kept`, the server's prefix cache holds the video, and a request costs a fork
     and its question instead), then tokens - 1 decode steps. In full batches its question's prefill and each
     decode step cost 1/batch of a batched step, and the rest (the video's ingest, the fork) as much as alone: a
-    batch makes the frames' compute-bound prefill no cheaper. bound = alone / batched, an upper bound for the
-    server (video decoding and HTTP are left out, and they do not shrink either)."""
+    batch makes the frames' compute-bound prefill no cheaper. bound = alone / batched: what sharing the model's
+    steps can gain. Video decoding and HTTP are left out; they get no cheaper either, but the batched server
+    overlaps one request's with another's model work, which a one-worker server does not, so where they are a
+    large share of a request (the built-in model's) the server can pass this bound."""
     steps = max(0.0, tokens - 1)
     fixed = parts["question_s"] if kept else parts["prefill_s"]
     shared_fixed = fixed + (parts["question_ms_batched_step"] / parts["batch"] - parts["question_ms_alone"]) / 1e3
@@ -355,7 +357,7 @@ def format_serve(result: dict) -> str:
                              f"{b['batch']} takes {b['decode_ms_batched_step']:.1f} ms ({b['decode_step_gain']:.2f}x "
                              f"the tokens per second), and {b['batch']} questions' prefill "
                              f"{b['question_ms_batched_step']:.1f} ms against {b['question_ms_alone']:.1f} ms for "
-                             f"one, so batching gains at most {b['bound']:.2f}x")
+                             f"one, so sharing steps gains at most {b['bound']:.2f}x")
     lines += ["", "| stream age | frames ingested | ingest fps | TTFT (client) s | answer s | KV MiB |",
               "|---|---|---|---|---|---|"]
     for r in result["live"]:
