@@ -21,7 +21,8 @@ family's own processor would); text between two runs is written between their fr
 Consecutive text parts are joined by newlines.
 
 Extensions (sent by the openai client through `extra_body`): `video` {num_frames | fps, max_frames}
-(default 8 frames spread over the video, as `streamvlm ask`), `routing` (a --routing spec), `top_k`. vLLM's
+(default 8 frames spread over the video, as `streamvlm ask`), `routing` (a --routing spec), `top_k`,
+`cache_salt` (vLLM's: only requests with the same salt share the prefix cache). vLLM's
 `mm_processor_kwargs` and `media_io_kwargs["video"]` give the same three video options (ours win). Other
 unknown fields are ignored (logged at debug level), as OpenAI ignores them; fields that would change what
 an answer means and are not implemented are refused.
@@ -137,6 +138,9 @@ class ChatRequest(BaseModel):
                                                   "token limit (benchmarks)")
     media_io_kwargs: dict[str, dict[str, Any]] | None = Field(
         None, description="vLLM's: the \"video\" entry's fps, num_frames and max_frames are read as `video`'s")
+    cache_salt: Text | None = Field(
+        None, max_length=1024, description="vLLM's: requests share the prefix cache only with requests that give the "
+                                           "same salt (e.g. one per tenant: a hit is faster, and says so)")
 
 
 # Fields whose presence would change the answer in ways this server does not implement.
@@ -183,6 +187,8 @@ class ChatJob:
     max_frames: int | None = None
     routing: str | None = None
     sampling: dict = field(default_factory=dict)
+    cache_salt: str | None = None
+    """Part of the prefix cache's key: only requests with the same salt share a kept session."""
 
 
 @dataclass(frozen=True)
@@ -211,7 +217,7 @@ def parse_request(req: ChatRequest, model_id: str) -> ChatJob:
     if extra:
         log.debug("chat request: ignoring the fields %s", ", ".join(sorted(extra)))
 
-    job = ChatJob(question="", routing=req.routing)
+    job = ChatJob(question="", routing=req.routing, cache_salt=req.cache_salt)
     video = _video_options(req)
     job.num_frames = None if video.fps is not None else (video.num_frames or DEFAULT_FRAMES)
     job.fps, job.max_frames = video.fps, video.max_frames
@@ -411,7 +417,8 @@ def _start(engine: Engine, vlm: StreamVLM, policy: MediaPolicy, job: ChatJob) ->
 def media_key(vlm: StreamVLM, policy: MediaPolicy, job: ChatJob) -> tuple:
     """What a session is after `_feed_media`: the routing, the system prompt, the video options, and the media
     in order, each text as is, each file by its real path and identity (device, inode, size, modification
-    time in ns: a file rewritten is another file), each data: URI by its SHA-256."""
+    time in ns: a file rewritten is another file), each data: URI by its SHA-256; and the request's cache
+    salt, which keeps clients that give different salts apart."""
     def source(url: str, param: str, what: str):
         if url.startswith("data:"):
             return hashlib.sha256(url.encode()).hexdigest()
@@ -427,7 +434,7 @@ def media_key(vlm: StreamVLM, policy: MediaPolicy, job: ChatJob) -> tuple:
             parts.append(("video", source(part.url, part.param, "video")))
         else:
             parts.append(("images", tuple(source(u, p, "image") for u, p in zip(part.urls, part.params)), part.times))
-    return vlm.router.spec(), job.system, job.num_frames, job.fps, job.max_frames, tuple(parts)
+    return job.cache_salt, vlm.router.spec(), job.system, job.num_frames, job.fps, job.max_frames, tuple(parts)
 
 
 def _text_tokens(vlm: StreamVLM, job: ChatJob) -> int:

@@ -127,7 +127,7 @@ def test_a_second_request_about_the_video_is_a_hit_and_answers_as_a_fresh_sessio
     assert cached.prefix.stats()["entries"] == 1
 
 
-@pytest.mark.parametrize("change", ["frames", "system", "routing", "file"])
+@pytest.mark.parametrize("change", ["frames", "system", "routing", "file", "salt"])
 def test_other_media_options_or_routing_are_a_miss(tiny, media, change):
     engine = Engine(tiny, "m")
     assert answer(engine, media, body())
@@ -137,7 +137,8 @@ def test_other_media_options_or_routing_are_a_miss(tiny, media, change):
         request = body()
     else:
         request = {"frames": dict(body(), video={"num_frames": 3}),
-                   "system": body(system="Be brief."), "routing": body(routing="mod:0.5")}[change]
+                   "system": body(system="Be brief."), "routing": body(routing="mod:0.5"),
+                   "salt": body(cache_salt="tenant-b")}[change]
     result = answer(engine, media, request)
     assert result.extension["prefix_cache"] == "miss"
     fresh = answer(Engine(tiny, "m", prefix_cache_bytes=0), media, request)
@@ -168,3 +169,10 @@ def test_concurrent_batched_requests_about_one_video_ingest_it_once(tiny, media)
     engine.close()
     assert sorted(r.extension["prefix_cache"] for r in results) == ["hit", "hit", "hit", "miss"]
     assert {r.text for r in results} == {alone.text}
+
+
+def test_requests_with_the_same_salt_share_the_cache(tiny, media):
+    engine = Engine(tiny, "m")
+    assert answer(engine, media, body(cache_salt="a")).extension["prefix_cache"] == "miss"
+    assert answer(engine, media, body("Anything moving?", cache_salt="a")).extension["prefix_cache"] == "hit"
+    assert answer(engine, media, body()).extension["prefix_cache"] == "miss"  # no salt is a salt of its own
