@@ -6,7 +6,7 @@ included, with every turn. The video's ingest is the compute-bound part of such 
 CPU, 0.7 s of a real-small-shaped request's 2.4 s), and batching does not make it cheaper; not doing it
 twice does.
 
-    request -> key (system prompt, media and their file identities, video options, routing)
+    request -> key (system prompt, media and their file identities, video options, routing, cache salt)
             -> hit:  fork the kept session (`Session.fork`: its cache copied, the request's sampling)
             -> miss: one request ingests while the others with the same key wait for it (single flight),
                      the session is kept, and every one of them forks it
