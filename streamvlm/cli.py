@@ -619,8 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache-mb", type=_non_negative_float, default=1024.0, metavar="MB",
                    help="keep the caches of ingested videos, up to MB (least recently used dropped first), so a "
                         "request about a video an earlier request sent (same file or data, video options, system "
-                        "prompt and routing) skips decoding and ingesting it and answers from a copy (default "
-                        "1024; 0: off). On a GPU the kept caches are in GPU memory")
+                        "prompt, routing and cache_salt) skips decoding and ingesting it and answers from a copy "
+                        "(default 1024; 0: off). On a GPU the kept caches are in GPU memory")
     p.add_argument("--max-data-mb", type=_positive_float, default=32.0, metavar="MB",
                    help="largest video sent inline as a data: URI (default 32)")
     p.add_argument("--max-body-mb", type=_positive_float, default=48.0, metavar="MB",
