@@ -229,6 +229,9 @@ def test_serve_user_errors(cache, tmp_path, capsys):
     (["serve", "--body-timeout-s", "0"], "--body-timeout-s"),
     (["serve", "--max-connections", "0"], "--max-connections"),
     (["serve", "--max-asks-per-stream", "0"], "--max-asks-per-stream"),
+    (["serve", "--prefix-cache-mb", "-1"], "--prefix-cache-mb"),
+    (["serve", "--prefix-cache-mb", "lots"], "--prefix-cache-mb"),
+    (["bench", "serve", "--prefix-cache-mb", "-1"], "--prefix-cache-mb"),
     (["serve", "--ended-grace-s", "-1"], "--ended-grace-s"),
     (["serve", "--port", "70000"], "--port"),
 ])

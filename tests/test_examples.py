@@ -85,3 +85,11 @@ def test_many_questions_forks_answer_as_fresh_sessions(cache):
     answers = [line for line in out.stdout.splitlines() if " -> " in line]
     assert len(answers) == 8 and "how many objects are there now ? -> " in answers[1]
     assert "the same answers: yes" in out.stdout  # the script compares them and exits 1 otherwise
+
+
+@pytest.mark.parametrize("flag", ["--batch", "--num-frames"])
+def test_many_questions_refuses_counts_below_one(flag, capsys):
+    module = load(EXAMPLES / "many_questions.py")
+    with pytest.raises(SystemExit) as e:
+        module.parse_args([flag, "0"])
+    assert e.value.code == 2 and flag in capsys.readouterr().err

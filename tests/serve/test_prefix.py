@@ -176,3 +176,19 @@ def test_requests_with_the_same_salt_share_the_cache(tiny, media):
     assert answer(engine, media, body(cache_salt="a")).extension["prefix_cache"] == "miss"
     assert answer(engine, media, body("Anything moving?", cache_salt="a")).extension["prefix_cache"] == "hit"
     assert answer(engine, media, body()).extension["prefix_cache"] == "miss"  # no salt is a salt of its own
+
+
+@pytest.mark.parametrize("salt, why", [(123, "string"), ("s" * 1025, "at most 1024")])
+def test_a_bad_cache_salt_is_a_400_naming_the_field(tiny, media, salt, why):
+    from fastapi.testclient import TestClient
+
+    from streamvlm.serve import ServeConfig, create_app
+
+    engine = Engine(tiny, "m")
+    with TestClient(create_app(engine, ServeConfig(media=MediaPolicy(media)))) as http:
+        reply = http.post("/v1/chat/completions", json=body(cache_salt=salt))
+        assert reply.status_code == 400
+        error = reply.json()["error"]
+        assert "cache_salt" in error["message"] and why in error["message"]
+        assert http.post("/v1/chat/completions", json=body()).status_code == 200  # nothing kept from it
+    assert engine.prefix.stats()["misses"] == 1
