@@ -10,8 +10,9 @@ request joins the running batch at its next forward and leaves it when it is don
 once a step for all of them. With max_batch 1 each request runs alone, one at a time (workers 1), as before
 batching.
 
-Requests about media an earlier request ingested (same media, system prompt, video options and routing)
-start from a copy of that request's session (`prefix`, `streamvlm.serve.prefix`), within --prefix-cache-mb.
+Requests about media an earlier request ingested (same media, system prompt, video options, routing and
+cache salt) start from a copy of that request's session (`prefix`, `streamvlm.serve.prefix`), within
+--prefix-cache-mb.
 
 Each worker thread keeps its own router per routing spec (the model's weights are shared): some
 training-free routers keep per-call state, so one router instance must never serve two threads at once.
@@ -151,26 +152,24 @@ class LastIdleFirst(Executor):
     def _work(self, task) -> None:
         while task is not None:
             future, fn, args, kwargs = task
-            if not future.set_running_or_notify_cancel():
-                task = self._next()
-                continue
-            try:
-                result, error = fn(*args, **kwargs), None
-            except BaseException as e:  # noqa: BLE001 - the future carries it
-                result, error = None, e
+            outcome = None  # (result, error) of a task that ran; None for one cancelled before it started
+            if future.set_running_or_notify_cancel():
+                try:
+                    outcome = fn(*args, **kwargs), None
+                except BaseException as e:  # noqa: BLE001 - the future carries it
+                    outcome = None, e
             del fn, args, kwargs
             # This thread is idle (or has its next task) before anyone sees the future done: a caller that
             # submits again as soon as it is must find this thread, not start another.
             slot = self._next_slot()
-            if error is None:
-                future.set_result(result)
-            else:
-                future.set_exception(error)
-            del future, result, error
-            task = self._wait(slot)
-
-    def _next(self):
-        return self._wait(self._next_slot())
+            if outcome is not None:
+                result, error = outcome
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(error)
+            del future, outcome
+            task = slot.take()
 
     def _next_slot(self) -> _Slot:
         """This thread's next task: a slot already handed the backlog's oldest (or None at shutdown), or an idle
@@ -184,11 +183,6 @@ class LastIdleFirst(Executor):
             else:
                 self._idle.append(slot)
         return slot
-
-    @staticmethod
-    def _wait(slot: _Slot):
-        slot.ready.wait()
-        return slot.task
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
@@ -217,6 +211,11 @@ class _Slot:
     def hand(self, task) -> None:
         self.task = task
         self.ready.set()
+
+    def take(self):
+        """Wait for the task handed in (None: stop)."""
+        self.ready.wait()
+        return self.task
 
 
 class _Failed:
