@@ -19,6 +19,7 @@ import time
 
 from streamvlm import StreamVLM
 from streamvlm.batching import Batcher
+from streamvlm.cores import one_core
 from streamvlm.video.files import read_video
 from streamvlm.world.builtin import default_model_dir
 from streamvlm.world.sample import sample_video
@@ -72,6 +73,7 @@ def main(argv=None) -> None:
     together: list = [None] * len(questions)
 
     def worker(offset: int) -> None:  # questions offset, offset + batch, ... on one thread
+        one_core()  # the batcher's step thread computes; this thread only feeds it (streamvlm.cores)
         for i in range(offset, len(questions), args.batch):
             together[i] = kept.fork(batched.decoder).ask(questions[i])
 

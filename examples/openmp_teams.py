@@ -5,12 +5,16 @@ one built-in model request (8 frames ingested, a 16-token answer) on the main th
 
     alone                     no other thread has ever run a torch op
     beside an idle team       another thread ran one parallel op and now sleeps: its team lives on
+    beside a one-core thread  another thread ran the same op after streamvlm.cores.one_core(): no team
     after it exits            that thread has ended
     on a worker thread        the same request on a second thread (the main thread's team lives on)
     one intra-op thread       torch.set_num_threads(1) on the main thread (no team)
 
-On the 2-core machine the request took 1.5x as long beside an idle team as alone. That is why
-`streamvlm.batching` gives each thread of a step only its share of the cores after the step.
+On the 2-core machine the request took 1.5x as long beside an idle team as alone, and as long as alone
+beside a one-core thread. The cause is libgomp's: once it manages more threads than there are cores, a team
+spins only briefly between parallel ops and then sleeps, so each parallel op pays for waking it. That is
+why streamvlm keeps one team per process (`streamvlm.cores`): a Batcher's step thread computes, and the
+threads that feed it run on one core.
 
     python examples/openmp_teams.py [--requests 10]
 """
@@ -24,6 +28,7 @@ import time
 import torch
 
 from streamvlm import StreamVLM
+from streamvlm.cores import one_core
 from streamvlm.world.builtin import default_model_dir
 
 
@@ -56,16 +61,22 @@ def main(argv=None) -> None:
     rows = {"alone": ms_per_request()}
     stop = threading.Event()
 
-    def idle() -> None:
-        torch.randn(512, 512) @ torch.randn(512, 512)  # one parallel op: this thread now has a team
+    def idle(setup) -> None:
+        if setup is not None:
+            setup()
+        torch.randn(512, 512) @ torch.randn(512, 512)  # one parallel op: a team, unless on one core
         stop.wait()
 
-    other = threading.Thread(target=idle)
-    other.start()
-    time.sleep(0.5)
-    rows["beside an idle team"] = ms_per_request()
-    stop.set()
-    other.join()
+    for name, setup in (("beside an idle team", None), ("beside a one-core thread", one_core)):
+        stop.clear()
+        other = threading.Thread(target=idle, args=(setup,))
+        other.start()
+        time.sleep(0.5)
+        rows[name] = ms_per_request()
+        stop.set()
+        other.join()
+    # one_core() also set the count new threads start with; the main thread's own is unchanged: put it back
+    torch.set_num_threads(torch.get_num_threads())
     time.sleep(0.5)
     rows["after it exits"] = ms_per_request()
     result = []
@@ -80,7 +91,7 @@ def main(argv=None) -> None:
     print(f"built-in model, 8 frames and 16 answer tokens a request, {threads} intra-op threads, "
           f"{args.requests} requests a row")
     for name, ms in rows.items():
-        print(f"{name:<22}{ms:>8.1f} ms  {ms / rows['alone']:.2f}x")
+        print(f"{name:<26}{ms:>8.1f} ms  {ms / rows['alone']:.2f}x")
 
 
 if __name__ == "__main__":

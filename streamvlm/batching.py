@@ -9,22 +9,20 @@ and sessions join and leave at any token boundary:
     thread of request A:  ...ingest chunk -> [step: A ingest, B question] | token 1 -> wait | token 2 -> [step: A 2, B 2]
     thread of request B:        question -> wait                        | token 1 -> [step: A 1, B 1] | token 2 -> wait
 
-There is no batcher thread: the step is run by one of the threads that handed work in (the *lead*; flat
-combining). A thread that hands in a chunk while nobody leads becomes the lead; it gathers, runs steps
-until one has its own chunk, then hands the lead to the oldest chunk still waiting (or lets it lapse). So a
-lone session runs its forwards on its own thread, exactly as unbatched, with no hand-off between threads,
-and under load one thread wakes per step instead of two per chunk.
+The steps run on a thread of the batcher's own (the step thread), which alone has the batcher's intra-op
+threads; the threads that hand work in run their own torch ops on one core (`streamvlm.cores`). On a CPU
+this is what keeps a batched server fast: every thread that runs a parallel op keeps an OpenMP team, and
+once a process has more team threads than cores, each parallel op pays to wake its team (measured: a step
+of 8 about 1.3x slower). So the vision tower runs there too: `call` runs a function (a session's frame
+encoding) on the step thread between steps, in turn with the chunks handed in. A lone session pays a
+hand-off per forward (two thread wake-ups), against an unbatched session on its own thread.
 
 A step takes waiting chunks in arrival order, up to `max_batch` of them and `max_step_tokens` tokens (the
 first is always taken), so a long prefill never holds more than one step of everyone's decode, and nothing
-waits behind more than one step of it. Before a step the lead waits, up to `gather_s`, for the threads the
+waits behind more than one step of it. Before a step the batcher waits, up to `gather_s`, for the threads the
 last step gave logits to (they are generating: they sample a token and hand it in at once), so a batch does
 not fall apart into singles. Threads whose chunk wanted no logits (frames ingested, a turn closed) are not
-waited for: they go on to other work (encoding the next frames, waiting for a camera).
-
-Cores (CPU): a step runs with all of the batcher's intra-op threads; after it, each of its threads goes on
-with 1/batch of them (`threads // batch`) for its own work (sampling, video decoding, the vision tower), since
-those threads now run at once; given every core each, they would take turns at each op instead.
+waited for: they go on to other work (decoding the next frames, waiting for a camera).
 
 Cancelling a sequence is its thread stopping: it closes its turn (one chunk) and hands in nothing more.
 """
@@ -34,30 +32,36 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from streamvlm.cores import one_core, use_cores
 from streamvlm.decoder import Decoder, Work, forward_batch
 
 
 @dataclass
 class _Ticket:
-    work: Work
+    """A chunk handed in (`work`), or a function to call on the step thread (`call`, run alone)."""
+
+    work: Work | None
     thread: int
+    call: Callable[[], object] | None = None
+    grad: bool = False  # the caller's autograd modes, kept for a call
+    inference: bool = True
     wake: threading.Event = field(default_factory=threading.Event)
-    done: bool = False
-    batch: int = 1  # chunks in the step that ran it
-    result: torch.Tensor | None = None
+    result: object = None
     error: BaseException | None = None
 
 
 class Batcher:
-    """Runs the forwards of every `BatchedDecoder` made from it, several per step.
+    """Runs the forwards of every `BatchedDecoder` made from it, several per step, on a thread of its own.
 
     max_batch: sequences in one step. max_step_tokens: tokens in one step (a chunk larger than it runs
     alone). gather_s: how long a step waits for the threads of the last step to hand in their next chunk.
-    threads: intra-op threads a step runs with (default: torch's count where the batcher is made).
+    threads: intra-op threads the step thread runs with (default: torch's count where the batcher is made).
+    The step thread starts with the first chunk handed in and ends at `close`.
     """
 
     def __init__(self, max_batch: int = 8, max_step_tokens: int = 2048, gather_s: float = 0.02,
@@ -70,8 +74,8 @@ class Batcher:
         self.threads = threads or torch.get_num_threads()
         self._queue: deque[_Ticket] = deque()
         self._expected: set[int] = set()  # threads generating in the last step and not yet back
-        self._lock = threading.Condition()  # its waiter is the lead, gathering a step
-        self._leading = False  # a thread is running steps
+        self._lock = threading.Condition()  # its waiter is the step thread, waiting for work or gathering a step
+        self._thread: threading.Thread | None = None
         self._closed = False
         self.steps = 0
         """Steps run so far."""
@@ -84,40 +88,56 @@ class Batcher:
 
     def run(self, work: Work) -> torch.Tensor | None:
         """Hand in one chunk and wait for its step: what `Decoder.forward` returns."""
-        ticket = _Ticket(work, threading.get_ident())
+        return self._hand_in(_Ticket(work, threading.get_ident()))
+
+    def call(self, fn: Callable[..., object], *args) -> object:
+        """fn(*args) on the step thread, alone, in turn with the chunks handed in (under the caller's autograd
+        and inference modes); what it returns or raises."""
+        return self._hand_in(_Ticket(None, threading.get_ident(), call=lambda: fn(*args),
+                                     grad=torch.is_grad_enabled(), inference=torch.is_inference_mode_enabled()))
+
+    def _hand_in(self, ticket: _Ticket):
+        one_core()  # this thread only feeds the step thread: no OpenMP team of its own
         with self._lock:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="streamvlm-step", daemon=True)
+                self._thread.start()
             self._queue.append(ticket)
             self._expected.discard(ticket.thread)
-            lead = not self._leading
-            self._leading = True
             self._lock.notify()
-        if not lead:
-            ticket.wake.wait()  # set when its step has run, or when it is handed the lead
-        while not ticket.done:  # this thread leads: it runs steps until one has its own chunk
-            self._step()
-        # The threads of this step now go on with their own work at once (sampling, decoding and encoding
-        # frames): each gets its share of the cores, so that they don't take turns at every op.
-        _intra_op_threads(max(1, self.threads // ticket.batch))
+        ticket.wake.wait()  # set when its step has run, or when close() fails it
         if ticket.error is not None:
             raise ticket.error
         return ticket.result
 
-    def _take(self) -> list[_Ticket]:
-        """The next step's tickets, once the threads of the last step are back (or gather_s has passed)."""
+    def _loop(self) -> None:
+        use_cores(self.threads)  # the one thread with every core
+        while (taken := self._take()) is not None:
+            self._step(taken)
+
+    def _take(self) -> list[_Ticket] | None:
+        """The next step's tickets (a call alone), once the threads of the last step are back (or gather_s has
+        passed); None once closed."""
         with self._lock:
+            while not self._queue and not self._closed:
+                self._lock.wait()
+            if self._closed:
+                return None
+            if self._queue[0].call is not None:
+                return [self._queue.popleft()]
             deadline = time.monotonic() + self.gather_s
             while self._expected and len(self._queue) < self.max_batch and not self._closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._lock.wait(left)
-            if not self._queue:  # closed while gathering: close() failed every chunk
-                return []
+            if self._closed:  # closed while gathering: close() failed every chunk
+                return None
             taken = [self._queue.popleft()]
             tokens = len(taken[0].work.chunk)
-            while self._queue and len(taken) < self.max_batch:
+            while self._queue and len(taken) < self.max_batch and self._queue[0].call is None:
                 size = len(self._queue[0].work.chunk)
                 if tokens + size > self.max_step_tokens:
                     break
@@ -126,56 +146,40 @@ class Batcher:
             self._expected = {ticket.thread for ticket in taken if ticket.work.logits == "last"}
             return taken
 
-    def _step(self) -> None:
-        """One step, run by the leading thread; if its own chunk was in it, the lead passes to the oldest
-        chunk waiting (or lapses)."""
-        taken = self._take()
-        if not taken:
-            return
-        me = threading.get_ident()
-        _intra_op_threads(self.threads)  # the step itself has every core
+    def _step(self, taken: list[_Ticket]) -> None:
+        """Run one step (or call) and wake its threads."""
         try:
-            with torch.inference_mode():
-                results = forward_batch([ticket.work for ticket in taken])
-            for ticket, result in zip(taken, results):
-                ticket.result = result
+            if taken[0].call is not None:
+                ticket = taken[0]
+                with torch.inference_mode(ticket.inference), torch.set_grad_enabled(ticket.grad):
+                    ticket.result = ticket.call()
+            else:
+                with torch.inference_mode():
+                    results = forward_batch([ticket.work for ticket in taken])
+                for ticket, result in zip(taken, results):
+                    ticket.result = result
         except BaseException as e:  # noqa: BLE001 - each waiting thread raises it
             for ticket in taken:
                 ticket.error = e
         with self._lock:
-            self.steps += 1
-            self.batched += len(taken)
-            mine = False
-            for ticket in taken:
-                ticket.done = True
-                ticket.batch = len(taken)
-                if ticket.thread == me:
-                    mine = True
-                else:
-                    ticket.wake.set()
-            if mine:
-                if self._queue:
-                    self._queue[0].wake.set()  # its thread wakes with its chunk not done: it leads
-                else:
-                    self._leading = False
+            if taken[0].call is None:
+                self.steps += 1
+                self.batched += len(taken)
+        for ticket in taken:
+            ticket.wake.set()
 
     def close(self) -> None:
-        """Refuse further work and fail what waits; a step running now ends in its thread."""
+        """Refuse further work, fail what waits and end the step thread (a step running now ends first)."""
         with self._lock:
             self._closed = True
             for ticket in self._queue:
                 ticket.error = RuntimeError("the batcher was closed")
-                ticket.done = True
                 ticket.wake.set()
             self._queue.clear()
             self._lock.notify_all()
-
-
-def _intra_op_threads(n: int) -> None:
-    """Set the calling thread's intra-op threads (torch keeps the count per thread once a thread has run an op;
-    the call also sets the default of threads that have not)."""
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
 
 class BatchedDecoder:
@@ -200,3 +204,7 @@ class BatchedDecoder:
 
     def forward(self, chunk, cache, flops, logits: str = "last") -> torch.Tensor | None:
         return self.batcher.run(Work(self.inner, chunk, cache, flops, logits))
+
+    def compute(self, fn: Callable[..., object], *args) -> object:
+        """fn(*args) on the batcher's step thread (a session's frame encoding): see `Decoder.compute`."""
+        return self.batcher.call(fn, *args)

@@ -377,6 +377,7 @@ def _caption_batched(vlm, todo: list[Path], cfg: CaptionConfig, batch: int, fini
     import threading
 
     from streamvlm.batching import Batcher
+    from streamvlm.cores import one_core
 
     batcher = Batcher(max_batch=batch)
     local = threading.local()
@@ -387,7 +388,8 @@ def _caption_batched(vlm, todo: list[Path], cfg: CaptionConfig, batch: int, fini
         return _caption_record(local.vlm, path, cfg)
 
     try:
-        with ThreadPoolExecutor(batch, thread_name_prefix="streamvlm-caption") as pool:
+        # the workers only feed the batcher's step thread: one core each (streamvlm.cores)
+        with ThreadPoolExecutor(batch, thread_name_prefix="streamvlm-caption", initializer=one_core) as pool:
             for future in as_completed([pool.submit(work, path) for path in todo]):
                 finished(future.result())
     finally:

@@ -31,6 +31,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from streamvlm.batching import BatchedDecoder
+from streamvlm.cores import one_core
 from streamvlm.errors import StreamVLMError
 from streamvlm.video.live import LatestFrames, LiveFrame, Source, SourceEvent
 
@@ -224,6 +226,7 @@ class LiveSession:
             self._dropped_reported, self._dropped_at = total, now
 
     def _capture(self) -> None:
+        one_core()  # it decodes and resizes frames: no OpenMP team of its own beside the computing thread's
         try:
             for frame in self.source.frames(self._stop, self._source_event):
                 # resized here: the buffer holds frames at the model's input size, whatever the camera sends
@@ -246,6 +249,8 @@ class LiveSession:
         # odd frame is paired with a copy of itself.
         step = self.vlm.adapter.frames_per_step
         carry: list[LiveFrame] = []
+        if isinstance(self.vlm.decoder, BatchedDecoder):
+            one_core()  # the batcher's step thread encodes and runs its forwards: this thread only feeds it
         try:
             while not self._stop.is_set():
                 batch: list[LiveFrame] = self._buffer.take(self.max_batch, timeout=0.2)

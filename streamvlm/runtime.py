@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from streamvlm.cores import single_core
 from streamvlm.decoder import Decoder
 from streamvlm.errors import FrameBudgetError, StreamVLMError
 from streamvlm.generation import SamplingConfig
@@ -75,11 +76,16 @@ class StreamVLM:
         a router directory (routing.json + router.safetensors); or a Router instance. device: default CUDA when present, else CPU. dtype: default
         bfloat16 on CUDA, float32 on CPU. compile: run decode steps through torch.compile (compiles on the first
         answer token, seconds on a CPU; off by default: on the CPUs measured eager is as fast).
+
+        Loading runs on one core (it is mostly reading files), so a thread that loads a model and leaves the
+        computing to others keeps no OpenMP team (`streamvlm.cores`).
         """
         device = resolve_device(device)
-        adapter = load_adapter(model_dir, resolve_dtype(dtype, device), device)
-        router = resolve_routing(routing, adapter.decoder.num_layers, adapter.decoder.hidden_size, adapter.model_dir)
-        return cls(adapter, router, sampling, max_chunk_frames, compile)
+        with single_core():
+            adapter = load_adapter(model_dir, resolve_dtype(dtype, device), device)
+            router = resolve_routing(routing, adapter.decoder.num_layers, adapter.decoder.hidden_size,
+                                     adapter.model_dir)
+            return cls(adapter, router, sampling, max_chunk_frames, compile)
 
     def with_routing(self, routing) -> StreamVLM:
         """The same loaded model with another router (weights are shared, nothing is reloaded)."""
@@ -165,7 +171,7 @@ class StreamVLM:
     def encode(self, frames: FrameInput) -> torch.Tensor:
         """uint8 frames (T, H, W, 3) -> frame tokens (T, tokens_per_frame, hidden_size), for
         `Session.append_encoded` (e.g. to encode once and feed several sessions)."""
-        return self.adapter.encode_frames(self.preprocess(frames))
+        return self.decoder.compute(lambda: self.adapter.encode_frames(self.preprocess(frames)))
 
     def session(self, memory_budget: str | int | MemoryBudget | None = None, *, system: str | None = None,
                 **sampling) -> Session:

@@ -10,6 +10,16 @@ from streamvlm.tiny import write_tiny_checkpoint
 from support import SPECS
 
 
+@pytest.fixture(autouse=True)
+def _intra_op_threads():
+    """Each test starts with the same torch thread count: a thread that hands work to a Batcher (the test's own,
+    in some tests) drops to one core (streamvlm.cores)."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """streamvlm's cache folder (sample video, bench checkpoints) under the test's tmp_path."""

@@ -1,7 +1,7 @@
 """Sessions batched in shared forwards answer exactly as they do alone (streamvlm.batching).
 
-Each session runs on its own thread, as the server runs requests; one of those threads (the lead) runs what
-they hand in together. Greedy answers must be the same tokens as alone. Logits and cached keys are not bit for bit
+Each session runs on its own thread, as the server runs requests; the batcher's step thread runs what they
+hand in together. Greedy answers must be the same tokens as alone. Logits and cached keys are not bit for bit
 the same in float32: a matmul over many rows may sum in another order than over one row (BLAS picks its
 kernel by shape), so they are bounded at 1e-5 (measured differences are in the last bits).
 """
@@ -291,14 +291,6 @@ def test_yopo_layers_run_per_session_inside_a_batched_step(family_vlm):
         assert stats_b["flops"] == stats["flops"]
 
 
-@pytest.fixture
-def restore_threads():
-    """The batcher sets the intra-op threads of the threads it runs (torch's default for new threads too)."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def _fake_steps(monkeypatch, gate: dict[int, threading.Event] | None = None) -> list:
     """forward_batch replaced: records (running thread, [chunk sizes], intra-op threads) per step and returns
     each chunk's size as its result; a step whose first chunk's size is in `gate` waits for that event."""
@@ -320,30 +312,54 @@ def _hand_in(batcher: Batcher, size: int, logits: str = "none"):
     return batcher.run(Work(None, _Sized(size), None, None, logits))
 
 
-def test_a_lone_session_runs_its_forwards_on_its_own_thread(family_vlm, monkeypatch):
+def test_forwards_and_frame_encoding_run_on_the_step_thread_and_sessions_threads_on_one_core(family_vlm,
+                                                                                              monkeypatch):
     import streamvlm.batching as batching
 
-    real, threads = batching.forward_batch, set()
+    real_forward, real_encode = batching.forward_batch, family_vlm.adapter.encode_frames
+    ran = {"forward": set(), "encode": set()}  # (thread, its intra-op threads)
 
-    def recorded(work):
-        threads.add(threading.get_ident())
-        return real(work)
+    def forward(work):
+        ran["forward"].add((threading.get_ident(), torch.get_num_threads()))
+        return real_forward(work)
 
-    monkeypatch.setattr(batching, "forward_batch", recorded)
-    batcher = Batcher(max_batch=4)
-    caller = []
+    def encode(pixels):
+        ran["encode"].add((threading.get_ident(), torch.get_num_threads()))
+        return real_encode(pixels)
+
+    monkeypatch.setattr(batching, "forward_batch", forward)
+    monkeypatch.setattr(family_vlm.adapter, "encode_frames", encode)
+    batcher = Batcher(max_batch=4, threads=2)
+    callers = {}
+
+    def request(i):
+        out = _answer(family_vlm.batched(batcher), 2 + i, i, "Hm?")
+        callers[threading.get_ident()] = torch.get_num_threads()
+        return out
+
     try:
-        _in_threads([lambda: caller.append(threading.get_ident()) or _answer(family_vlm.batched(batcher), 2, 0, "Hm?")])
+        _in_threads([lambda i=i: request(i) for i in range(2)])
     finally:
         batcher.close()
-    assert threads == set(caller) and batcher.steps > 3  # no hand-off to another thread, step after step
+    step_thread = {batcher._thread.ident}
+    assert {t for t, _ in ran["forward"]} == step_thread and {n for _, n in ran["forward"]} == {2}
+    assert {t for t, _ in ran["encode"]} == step_thread and {n for _, n in ran["encode"]} == {2}
+    assert set(callers.values()) == {1} and not set(callers) & step_thread
+    assert not batcher._thread.is_alive()  # close() ended it
 
 
-def _lead_then_two(batcher: Batcher, steps: list, gate: threading.Event, hand_in, first: int) -> None:
-    """Thread A hands in a chunk of size `first` and leads; while its step waits at `gate`, threads B and C
-    hand in chunks of sizes 1 and 2; then the gate opens and all three finish."""
-    lead = threading.Thread(target=hand_in, args=(first,))
-    lead.start()
+def test_chunks_handed_in_during_a_step_run_together_in_the_next(monkeypatch):
+    gate = {5: threading.Event()}
+    steps = _fake_steps(monkeypatch, gate)
+    batcher = Batcher(max_batch=4, gather_s=0.0, threads=2)
+    results, after = {}, {}
+
+    def hand_in(size):
+        results[size] = _hand_in(batcher, size).item()
+        after[size] = torch.get_num_threads()
+
+    first = threading.Thread(target=hand_in, args=(5,))
+    first.start()
     while not steps:
         time.sleep(0.01)
     others = [threading.Thread(target=hand_in, args=(size,)) for size in (1, 2)]
@@ -351,49 +367,41 @@ def _lead_then_two(batcher: Batcher, steps: list, gate: threading.Event, hand_in
         t.start()
     while len(batcher._queue) < 2:
         time.sleep(0.01)
-    gate.set()
-    for t in [lead, *others]:
+    gate[5].set()
+    for t in [first, *others]:
         t.join(5)
-
-
-def test_the_lead_runs_the_waiting_chunks_and_passes_the_lead_on(monkeypatch, restore_threads):
-    gate = {5: threading.Event()}
-    steps = _fake_steps(monkeypatch, gate)
-    batcher = Batcher(max_batch=4, gather_s=0.0, threads=2)
-    results, idents = {}, {}
-
-    def hand_in(size):
-        idents[size] = threading.get_ident()
-        results[size] = _hand_in(batcher, size).item()
-
-    _lead_then_two(batcher, steps, gate[5], hand_in, 5)
-    # the lead's step had its own chunk only; the two that came during it ran together, led by the older one
+    batcher.close()
+    # the first step had the first chunk only; the two that came during it ran together, on the same thread
     assert [sizes for _, sizes, _ in steps] == [[5], [1, 2]]
-    assert [thread for thread, _, _ in steps] == [idents[5], idents[1]]
+    assert len({thread for thread, _, _ in steps}) == 1 and [n for _, _, n in steps] == [2, 2]
     assert results == {5: 5, 1: 1, 2: 2} and (batcher.steps, batcher.batched) == (2, 3)
-    assert not batcher._leading  # nothing waits: the lead lapsed
+    assert after == {5: 1, 1: 1, 2: 1}  # the threads that hand in run on one core
 
 
-def test_a_step_has_every_core_and_its_threads_share_them_after(monkeypatch, restore_threads):
-    gate = {3: threading.Event()}
-    steps = _fake_steps(monkeypatch, gate)
-    batcher = Batcher(max_batch=4, gather_s=0.0, threads=4)
-    after = {}
+def test_call_runs_on_the_step_thread_in_the_callers_modes_and_raises_in_the_caller():
+    batcher = Batcher(max_batch=2, threads=2)
+    try:
+        where = batcher.call(lambda: (threading.get_ident(), torch.get_num_threads()))
+        assert where == (batcher._thread.ident, 2) and where[0] != threading.get_ident()
+        with torch.inference_mode():
+            assert batcher.call(torch.is_inference_mode_enabled) is True
+        with torch.no_grad():
+            assert batcher.call(torch.is_grad_enabled) is False
+        assert batcher.call(torch.is_inference_mode_enabled) is False and batcher.call(torch.is_grad_enabled)
+        assert batcher.call(lambda a, b: a + b, 2, 3) == 5
+        with pytest.raises(ValueError, match="bad frames"):
+            batcher.call(lambda: (_ for _ in ()).throw(ValueError("bad frames")))
+        assert batcher.call(lambda: "still there") == "still there" and batcher.steps == 0  # a call is no step
+    finally:
+        batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.call(lambda: None)
 
-    def hand_in(size):
-        torch.set_num_threads(1)
-        _hand_in(batcher, size)
-        after[size] = torch.get_num_threads()
 
-    _lead_then_two(batcher, steps, gate[3], hand_in, 3)
-    assert [threads for _, _, threads in steps] == [4, 4]  # each step ran with all 4, whoever led it
-    assert after == {3: 4, 1: 2, 2: 2}  # alone in its step: all 4 after; two in a step: 2 each
-
-
-def test_close_fails_what_waits_and_a_gathering_lead(monkeypatch, restore_threads):
+def test_close_fails_what_waits_and_a_gathering_step(monkeypatch):
     _fake_steps(monkeypatch)
     batcher = Batcher(max_batch=4, gather_s=5.0)
-    batcher._expected = {-1}  # a thread that never comes back: the lead gathers for 5 s
+    batcher._expected = {-1}  # a thread that never comes back: the step thread gathers for 5 s
     errors = []
 
     def hand_in():

@@ -74,8 +74,8 @@ def test_openmp_teams_times_each_setting(cache):
     out = run(EXAMPLES / "openmp_teams.py", "--requests", "1")
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.rstrip().endswith("x")]
-    assert [line[:22].strip() for line in rows] == ["alone", "beside an idle team", "after it exits",
-                                                    "on a worker thread", "one intra-op thread"]
+    assert [line[:26].strip() for line in rows] == ["alone", "beside an idle team", "beside a one-core thread",
+                                                    "after it exits", "on a worker thread", "one intra-op thread"]
     assert rows[0].rstrip().endswith("1.00x")
 
 

@@ -26,6 +26,7 @@ import hmac
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -38,6 +39,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from streamvlm.cores import one_core
 from streamvlm.errors import StreamVLMError
 from streamvlm.memory import MemoryBudget
 from streamvlm.serve.completions import (
@@ -129,6 +131,10 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app):
+        # asyncio.to_thread's threads (a stream's status, preview, setup) never compute: one core each, so
+        # that they keep no OpenMP team beside the one of the thread that runs the model (streamvlm.cores)
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(thread_name_prefix="streamvlm-aside", initializer=one_core))
         yield
         for stream in registry.all():
             stream.cancel_ticker()

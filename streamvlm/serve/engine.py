@@ -4,10 +4,11 @@ Model work never runs on the event loop. A request's work (decode the video, ing
 one of max(workers, max_batch) threads; while they are busy, requests wait their turn in order.
 
 With max_batch > 1 the language model's forwards of every request and live stream run in one `Batcher`
-(continuous batching, `streamvlm.batching`): each request's thread drives its own session, and one of the
-threads waiting on a forward runs what they have handed in as one step, up to max_batch sequences. A
-request joins the running batch at its next forward and leaves it when it is done; the weights are read
-once a step for all of them. With max_batch 1 each request runs alone, one at a time (workers 1), as before
+(continuous batching, `streamvlm.batching`): each request's thread drives its own session, and the batcher's
+step thread runs what they have handed in as one step, up to max_batch sequences, and their frame encoding
+between steps. A request joins the running batch at its next forward and leaves it when it is done; the
+weights are read once a step for all of them. The request threads then run their own torch ops (video
+decoding, sampling) on one core each: the step thread alone has every core (`streamvlm.cores`). With max_batch 1 each request runs alone, one at a time (workers 1), as before
 batching.
 
 Requests about media an earlier request ingested (same media, system prompt, video options, routing and
@@ -33,6 +34,7 @@ from concurrent.futures import Executor, Future
 from typing import TypeVar
 
 from streamvlm.batching import Batcher
+from streamvlm.cores import one_core
 from streamvlm.runtime import StreamVLM
 from streamvlm.serve.prefix import PrefixCache
 
@@ -52,7 +54,9 @@ class Engine:
         self.workers = max(workers, max_batch)
         self.max_batch = max_batch
         self.batcher = Batcher(max_batch) if max_batch > 1 else None
-        self.pool = LastIdleFirst(self.workers, "streamvlm-worker")
+        # Batched, the request threads only feed the step thread; unbatched, the one worker computes.
+        self.pool = LastIdleFirst(self.workers, "streamvlm-worker",
+                                  initializer=one_core if self.batcher is not None else None)
         self._local = threading.local()
 
     @property
@@ -118,14 +122,15 @@ class LastIdleFirst(Executor):
     """A pool of up to `max_workers` threads whose next task goes to the thread that became idle last.
 
     ThreadPoolExecutor hands a task to the thread idle longest, so one client's requests, one after another,
-    go round every thread it has started. Each of those threads then keeps an OpenMP team of its own for
-    torch's ops, and on a machine with few cores every extra team makes each op slower (measured:
-    examples/openmp_teams.py, 1.5x for one idle team on 2 cores). Here a light load stays on one thread.
+    go round every thread it has started. Unbatched, each of those threads then keeps an OpenMP team of its
+    own for torch's ops, and on a machine with few cores every extra team makes each op slower
+    (`streamvlm.cores`). Here a light load stays on one thread. initializer: run first on each new thread.
     """
 
-    def __init__(self, max_workers: int, name: str):
+    def __init__(self, max_workers: int, name: str, initializer: Callable[[], None] | None = None):
         self.max_workers = max_workers
         self.name = name
+        self.initializer = initializer
         self._lock = threading.Lock()
         self._idle: list[_Slot] = []  # a stack: the last to become idle is taken first
         self._backlog: deque = deque()
@@ -150,6 +155,8 @@ class LastIdleFirst(Executor):
         return future
 
     def _work(self, task) -> None:
+        if self.initializer is not None:
+            self.initializer()
         while task is not None:
             future, fn, args, kwargs = task
             outcome = None  # (result, error) of a task that ran; None for one cancelled before it started
