@@ -75,8 +75,6 @@ def main(argv=None) -> None:
         rows[name] = ms_per_request()
         stop.set()
         other.join()
-    # one_core() also set the count new threads start with; the main thread's own is unchanged: put it back
-    torch.set_num_threads(torch.get_num_threads())
     time.sleep(0.5)
     rows["after it exits"] = ms_per_request()
     result = []

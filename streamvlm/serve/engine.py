@@ -33,8 +33,10 @@ from collections import deque
 from concurrent.futures import Executor, Future
 from typing import TypeVar
 
+import torch
+
 from streamvlm.batching import Batcher
-from streamvlm.cores import one_core
+from streamvlm.cores import one_core, use_cores
 from streamvlm.runtime import StreamVLM
 from streamvlm.serve.prefix import PrefixCache
 
@@ -54,9 +56,10 @@ class Engine:
         self.workers = max(workers, max_batch)
         self.max_batch = max_batch
         self.batcher = Batcher(max_batch) if max_batch > 1 else None
-        # Batched, the request threads only feed the step thread; unbatched, the one worker computes.
+        # Batched, the request threads only feed the step thread; unbatched, each worker computes.
+        cores = torch.get_num_threads()
         self.pool = LastIdleFirst(self.workers, "streamvlm-worker",
-                                  initializer=one_core if self.batcher is not None else None)
+                                  initializer=one_core if self.batcher is not None else lambda: use_cores(cores))
         self._local = threading.local()
 
     @property
