@@ -10,12 +10,13 @@ and sessions join and leave at any token boundary:
     thread of request B:        question -> wait                        | token 1 -> [step: A 1, B 1] | token 2 -> wait
 
 The steps run on a thread of the batcher's own (the step thread), which alone has the batcher's intra-op
-threads; the threads that hand work in run their own torch ops on one core (`streamvlm.cores`). On a CPU
-this is what keeps a batched server fast: every thread that runs a parallel op keeps an OpenMP team, and
-once a process has more team threads than cores, each parallel op pays to wake its team (measured: a step
-of 8 about 1.3x slower). So the vision tower runs there too: `call` runs a function (a session's frame
-encoding) on the step thread between steps, in turn with the chunks handed in. A lone session pays a
-hand-off per forward (two thread wake-ups), against an unbatched session on its own thread.
+threads; the threads that hand work in run their own torch ops (video decoding, the vision tower, sampling)
+on one core each (`streamvlm.cores`), side by side with the steps. On a CPU this is what keeps a batched
+server fast: every thread that runs a parallel op keeps an OpenMP team, and once a process has more team
+threads than cores, each parallel op pays to wake its team (a step of 8 measured about 1.3x slower). A lone
+session pays a hand-off per forward (two thread wake-ups), against an unbatched session on its own thread.
+(The vision tower on the step thread instead, between steps, was tried: four live streams then ran 1.14x
+the frames/s of one at a time against 1.47x with it beside the steps, since it no longer overlapped them.)
 
 A step takes waiting chunks in arrival order, up to `max_batch` of them and `max_step_tokens` tokens (the
 first is always taken), so a long prefill never holds more than one step of everyone's decode, and nothing
@@ -32,7 +33,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -43,15 +43,10 @@ from streamvlm.decoder import Decoder, Work, forward_batch
 
 @dataclass
 class _Ticket:
-    """A chunk handed in (`work`), or a function to call on the step thread (`call`, run alone)."""
-
-    work: Work | None
+    work: Work
     thread: int
-    call: Callable[[], object] | None = None
-    grad: bool = False  # the caller's autograd modes, kept for a call
-    inference: bool = True
     wake: threading.Event = field(default_factory=threading.Event)
-    result: object = None
+    result: torch.Tensor | None = None
     error: BaseException | None = None
 
 
@@ -87,16 +82,9 @@ class Batcher:
         return BatchedDecoder(decoder, self)
 
     def run(self, work: Work) -> torch.Tensor | None:
-        """Hand in one chunk and wait for its step: what `Decoder.forward` returns."""
-        return self._hand_in(_Ticket(work, threading.get_ident()))
-
-    def call(self, fn: Callable[..., object], *args) -> object:
-        """fn(*args) on the step thread, alone, in turn with the chunks handed in (under the caller's autograd
-        and inference modes); what it returns or raises."""
-        return self._hand_in(_Ticket(None, threading.get_ident(), call=lambda: fn(*args),
-                                     grad=torch.is_grad_enabled(), inference=torch.is_inference_mode_enabled()))
-
-    def _hand_in(self, ticket: _Ticket):
+        """Hand in one chunk and wait for its step: what `Decoder.forward` returns. The calling thread runs its
+        own torch ops on one core from then on (`streamvlm.cores.one_core`)."""
+        ticket = _Ticket(work, threading.get_ident())
         one_core()  # this thread only feeds the step thread: no OpenMP team of its own
         with self._lock:
             if self._closed:
@@ -118,15 +106,13 @@ class Batcher:
             self._step(taken)
 
     def _take(self) -> list[_Ticket] | None:
-        """The next step's tickets (a call alone), once the threads of the last step are back (or gather_s has
-        passed); None once closed."""
+        """The next step's tickets, once the threads of the last step are back (or gather_s has passed); None
+        once closed."""
         with self._lock:
             while not self._queue and not self._closed:
                 self._lock.wait()
             if self._closed:
                 return None
-            if self._queue[0].call is not None:
-                return [self._queue.popleft()]
             deadline = time.monotonic() + self.gather_s
             while self._expected and len(self._queue) < self.max_batch and not self._closed:
                 left = deadline - time.monotonic()
@@ -137,7 +123,7 @@ class Batcher:
                 return None
             taken = [self._queue.popleft()]
             tokens = len(taken[0].work.chunk)
-            while self._queue and len(taken) < self.max_batch and self._queue[0].call is None:
+            while self._queue and len(taken) < self.max_batch:
                 size = len(self._queue[0].work.chunk)
                 if tokens + size > self.max_step_tokens:
                     break
@@ -147,24 +133,18 @@ class Batcher:
             return taken
 
     def _step(self, taken: list[_Ticket]) -> None:
-        """Run one step (or call) and wake its threads."""
+        """Run one step and wake its threads."""
         try:
-            if taken[0].call is not None:
-                ticket = taken[0]
-                with torch.inference_mode(ticket.inference), torch.set_grad_enabled(ticket.grad):
-                    ticket.result = ticket.call()
-            else:
-                with torch.inference_mode():
-                    results = forward_batch([ticket.work for ticket in taken])
-                for ticket, result in zip(taken, results):
-                    ticket.result = result
+            with torch.inference_mode():
+                results = forward_batch([ticket.work for ticket in taken])
+            for ticket, result in zip(taken, results):
+                ticket.result = result
         except BaseException as e:  # noqa: BLE001 - each waiting thread raises it
             for ticket in taken:
                 ticket.error = e
         with self._lock:
-            if taken[0].call is None:
-                self.steps += 1
-                self.batched += len(taken)
+            self.steps += 1
+            self.batched += len(taken)
         for ticket in taken:
             ticket.wake.set()
 
@@ -204,7 +184,3 @@ class BatchedDecoder:
 
     def forward(self, chunk, cache, flops, logits: str = "last") -> torch.Tensor | None:
         return self.batcher.run(Work(self.inner, chunk, cache, flops, logits))
-
-    def compute(self, fn: Callable[..., object], *args) -> object:
-        """fn(*args) on the batcher's step thread (a session's frame encoding): see `Decoder.compute`."""
-        return self.batcher.call(fn, *args)

@@ -153,11 +153,6 @@ class Decoder:
         # count would turn the head dims symbolic too (and SDPA's enable_gqa flag into a SymBool it rejects).
         self._compiled_step = torch.compile(_layer_step, fullgraph=True, dynamic=False) if compile else None
 
-    def compute(self, fn, *args):
-        """fn(*args) where this decoder's forwards run: here, on the calling thread. A batched decoder runs it
-        on its batcher's step thread, so a session's frame encoding runs on the thread that has the cores."""
-        return fn(*args)
-
     def forward(self, chunk: Chunk, cache: KVCache, flops: FlopCounter, logits: str = "last") -> torch.Tensor | None:
         """Process `chunk`, appending its K/V to `cache`, and charge its FLOPs to `flops`.
 

@@ -102,7 +102,8 @@ class StreamVLM:
     def batched(self, batcher) -> StreamVLM:
         """This model, its router and weights shared, whose sessions' forwards run in `batcher`'s steps with
         the other sessions it runs (continuous batching: `streamvlm.batching`). Drive each session from its
-        own thread."""
+        own thread, and call `streamvlm.cores.one_core()` first in it: the batcher's step thread computes, and
+        a driving thread that ran a parallel op on several cores would keep an OpenMP team that slows it."""
         view = copy.copy(self)
         view.decoder = batcher.decoder(self.decoder)
         return view
@@ -171,7 +172,7 @@ class StreamVLM:
     def encode(self, frames: FrameInput) -> torch.Tensor:
         """uint8 frames (T, H, W, 3) -> frame tokens (T, tokens_per_frame, hidden_size), for
         `Session.append_encoded` (e.g. to encode once and feed several sessions)."""
-        return self.decoder.compute(lambda: self.adapter.encode_frames(self.preprocess(frames)))
+        return self.adapter.encode_frames(self.preprocess(frames))
 
     def session(self, memory_budget: str | int | MemoryBudget | None = None, *, system: str | None = None,
                 **sampling) -> Session:

@@ -205,7 +205,7 @@ class Session:
             last = min(first + step, count)
             plan = self._seq.plan_frames(spans[first:last])
             self._room((last - first) * tpf + plan.text_tokens, f"appending {last - first} frames")
-            features = self._decoder.compute(encode, first, last)  # (t, tpf, feature_dim)
+            features = encode(first, last)  # (t, tpf, feature_dim)
             if count_vision:
                 self.flops.vision += (last - first) * adapter.vision.vision_flops_per_frame
             self._run(self._seq.frame_pieces(plan, features), logits="none")

@@ -16,6 +16,7 @@ import torch
 
 from streamvlm import StreamVLM
 from streamvlm.batching import Batcher
+from streamvlm.cores import one_core
 from streamvlm.decoder import Work, forward_batch
 from streamvlm.sequence import TextPiece
 from support import encode, indexed_frames, random_frames, tiny_family_checkpoint
@@ -312,8 +313,8 @@ def _hand_in(batcher: Batcher, size: int, logits: str = "none"):
     return batcher.run(Work(None, _Sized(size), None, None, logits))
 
 
-def test_forwards_and_frame_encoding_run_on_the_step_thread_and_sessions_threads_on_one_core(family_vlm,
-                                                                                              monkeypatch):
+def test_forwards_run_on_the_step_thread_with_every_core_and_the_sessions_threads_on_one(family_vlm,
+                                                                                        monkeypatch):
     import streamvlm.batching as batching
 
     real_forward, real_encode = batching.forward_batch, family_vlm.adapter.encode_frames
@@ -330,22 +331,22 @@ def test_forwards_and_frame_encoding_run_on_the_step_thread_and_sessions_threads
     monkeypatch.setattr(batching, "forward_batch", forward)
     monkeypatch.setattr(family_vlm.adapter, "encode_frames", encode)
     batcher = Batcher(max_batch=4, threads=2)
-    callers = {}
+    callers = set()
 
     def request(i):
-        out = _answer(family_vlm.batched(batcher), 2 + i, i, "Hm?")
-        callers[threading.get_ident()] = torch.get_num_threads()
-        return out
+        callers.add(threading.get_ident())
+        one_core()  # as the server's, caption's and live streams' threads start
+        return _answer(family_vlm.batched(batcher), 2 + i, i, "Hm?")
 
     try:
         _in_threads([lambda i=i: request(i) for i in range(2)])
     finally:
         batcher.close()
-    step_thread = {batcher._thread.ident}
-    assert {t for t, _ in ran["forward"]} == step_thread and {n for _, n in ran["forward"]} == {2}
-    assert {t for t, _ in ran["encode"]} == step_thread and {n for _, n in ran["encode"]} == {2}
-    assert set(callers.values()) == {1} and not set(callers) & step_thread
-    assert not batcher._thread.is_alive()  # close() ended it
+    step_thread = batcher._thread.ident
+    assert ran["forward"] == {(step_thread, 2)}
+    # each session's own thread encodes its frames, on one core
+    assert {t for t, _ in ran["encode"]} == callers and step_thread not in callers
+    assert {n for _, n in ran["encode"]} == {1} and not batcher._thread.is_alive()  # close() ended it
 
 
 def test_chunks_handed_in_during_a_step_run_together_in_the_next(monkeypatch):
@@ -376,26 +377,6 @@ def test_chunks_handed_in_during_a_step_run_together_in_the_next(monkeypatch):
     assert len({thread for thread, _, _ in steps}) == 1 and [n for _, _, n in steps] == [2, 2]
     assert results == {5: 5, 1: 1, 2: 2} and (batcher.steps, batcher.batched) == (2, 3)
     assert after == {5: 1, 1: 1, 2: 1}  # the threads that hand in run on one core
-
-
-def test_call_runs_on_the_step_thread_in_the_callers_modes_and_raises_in_the_caller():
-    batcher = Batcher(max_batch=2, threads=2)
-    try:
-        where = batcher.call(lambda: (threading.get_ident(), torch.get_num_threads()))
-        assert where == (batcher._thread.ident, 2) and where[0] != threading.get_ident()
-        with torch.inference_mode():
-            assert batcher.call(torch.is_inference_mode_enabled) is True
-        with torch.no_grad():
-            assert batcher.call(torch.is_grad_enabled) is False
-        assert batcher.call(torch.is_inference_mode_enabled) is False and batcher.call(torch.is_grad_enabled)
-        assert batcher.call(lambda a, b: a + b, 2, 3) == 5
-        with pytest.raises(ValueError, match="bad frames"):
-            batcher.call(lambda: (_ for _ in ()).throw(ValueError("bad frames")))
-        assert batcher.call(lambda: "still there") == "still there" and batcher.steps == 0  # a call is no step
-    finally:
-        batcher.close()
-    with pytest.raises(RuntimeError, match="closed"):
-        batcher.call(lambda: None)
 
 
 def test_close_fails_what_waits_and_a_gathering_step(monkeypatch):

@@ -44,6 +44,7 @@ def run_streams_bench(model_dir: Path, streams: int, seconds: float, fps: float,
                       dtype) -> dict:
     from streamvlm.batching import Batcher
     from streamvlm.bench.common import bench_video
+    from streamvlm.cores import one_core
     from streamvlm.runtime import StreamVLM
 
     if streams < 2:
@@ -61,6 +62,7 @@ def run_streams_bench(model_dir: Path, streams: int, seconds: float, fps: float,
     errors: list[BaseException] = []
 
     def run(i: int) -> None:
+        one_core()  # the batcher's step thread computes (streamvlm.cores)
         try:
             together[i] = _stream(vlm.fork().batched(batcher), video, fps, new_tokens)
         except BaseException as e:  # noqa: BLE001 - raised below

@@ -5,10 +5,10 @@ one of max(workers, max_batch) threads; while they are busy, requests wait their
 
 With max_batch > 1 the language model's forwards of every request and live stream run in one `Batcher`
 (continuous batching, `streamvlm.batching`): each request's thread drives its own session, and the batcher's
-step thread runs what they have handed in as one step, up to max_batch sequences, and their frame encoding
-between steps. A request joins the running batch at its next forward and leaves it when it is done; the
-weights are read once a step for all of them. The request threads then run their own torch ops (video
-decoding, sampling) on one core each: the step thread alone has every core (`streamvlm.cores`). With max_batch 1 each request runs alone, one at a time (workers 1), as before
+step thread runs what they have handed in as one step, up to max_batch sequences. A request joins the
+running batch at its next forward and leaves it when it is done; the weights are read once a step for all of
+them. The request threads run their own torch ops (video decoding, the vision tower, sampling) on one core
+each: the step thread alone has every core (`streamvlm.cores`). With max_batch 1 each request runs alone, one at a time (workers 1), as before
 batching.
 
 Requests about media an earlier request ingested (same media, system prompt, video options, routing and
