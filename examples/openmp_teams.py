@@ -10,8 +10,8 @@ one built-in model request (8 frames ingested, a 16-token answer) on the main th
     on a worker thread        the same request on a second thread (the main thread's team lives on)
     one intra-op thread       torch.set_num_threads(1) on the main thread (no team)
 
-On the 2-core machine the request took 1.5x as long beside an idle team as alone, and as long as alone
-beside a one-core thread. The cause is libgomp's: once it manages more threads than there are cores, a team
+On the 2-core machine the request took 1.24x and 1.43x as long beside an idle team as alone (two runs;
+1.64x in an earlier one), and no longer beside a one-core thread (0.85x, 0.74x). The cause is libgomp's: once it manages more threads than there are cores, a team
 spins only briefly between parallel ops and then sleeps, so each parallel op pays for waking it. That is
 why streamvlm keeps one team per process (`streamvlm.cores`): a Batcher's step thread computes, and the
 threads that feed it run on one core.

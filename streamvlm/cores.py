@@ -4,7 +4,7 @@ Torch runs the parallel parts of its CPU ops on an OpenMP team that belongs to t
 long as that thread. libgomp lets a team spin between parallel ops (about 3 ms) only while it manages no more
 threads than the machine has cores; past that it spins 100 times and sleeps, so every parallel op then pays
 for waking its team. On the 2-core CPU one idle thread that once ran a parallel op made a parallel add 7-9x
-slower (5 -> 37-46 us) and a request on the built-in model 1.24x slower (`python examples/openmp_teams.py`,
+slower (5 -> 37-46 us) and a request on the built-in model 1.24x-1.43x slower (`python examples/openmp_teams.py`,
 docs/performance.md#one-openmp-team).
 
 So a process keeps one team: the thread that runs the forwards (a session's own thread, or a `Batcher`'s step
