@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from streamvlm.prompts import BUILTIN_PROMPTS
+from streamvlm.world.builtin import default_model_dir
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 SCRIPTS = sorted(EXAMPLES.glob("*.py"))
@@ -85,6 +86,23 @@ def test_many_questions_forks_answer_as_fresh_sessions(cache):
     answers = [line for line in out.stdout.splitlines() if " -> " in line]
     assert len(answers) == 8 and "how many objects are there now ? -> " in answers[1]
     assert "the same answers: yes" in out.stdout  # the script compares them and exits 1 otherwise
+
+
+def test_engine_throughput_times_each_setting_per_round(cache):
+    out = run(EXAMPLES / "engine_throughput.py", "--model", str(default_model_dir()), "--requests", "2",
+              "--new-tokens", "3", "--rounds", "1")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.endswith("tokens/s")]
+    assert [row[:4] for row in rows] == [["round", "1", "--max-batch", "1"], ["round", "1", "--max-batch", "8"]]
+    assert all(float(row[4]) > 0 for row in rows)
+
+
+@pytest.mark.parametrize("flag", ["--requests", "--new-tokens", "--rounds"])
+def test_engine_throughput_refuses_counts_below_one(flag, capsys):
+    module = load(EXAMPLES / "engine_throughput.py")
+    with pytest.raises(SystemExit) as e:
+        module.parse_args([flag, "0"])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", ["--batch", "--num-frames"])
