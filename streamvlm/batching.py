@@ -61,8 +61,8 @@ class Batcher:
 
     def __init__(self, max_batch: int = 8, max_step_tokens: int = 2048, gather_s: float = 0.02,
                  threads: int | None = None):
-        if max_batch < 1 or max_step_tokens < 1:
-            raise ValueError("max_batch and max_step_tokens must be at least 1")
+        if max_batch < 1 or max_step_tokens < 1 or (threads is not None and threads < 1):
+            raise ValueError("max_batch, max_step_tokens and threads must be at least 1")
         self.max_batch = max_batch
         self.max_step_tokens = max_step_tokens
         self.gather_s = gather_s

@@ -35,6 +35,8 @@ def one_core() -> None:
 
 def use_cores(n: int) -> None:
     """Run this thread's torch ops on `n` cores from now on; other threads' counts are unchanged."""
+    if n < 1:
+        raise ValueError(f"a thread needs at least one core, got {n}")
     if torch.get_num_threads() == n:  # (this also settles the thread's own count, if it has run no op yet)
         return
     with _lock:

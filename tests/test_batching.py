@@ -379,6 +379,13 @@ def test_chunks_handed_in_during_a_step_run_together_in_the_next(monkeypatch):
     assert after == {5: 1, 1: 1, 2: 1}  # the threads that hand in run on one core
 
 
+@pytest.mark.parametrize("bad", [{"threads": -1}, {"max_batch": 0}, {"max_step_tokens": 0}])
+def test_a_batcher_refuses_counts_below_one_when_made(bad):
+    # threads=-1 used to be refused only on the step thread, which then died with every caller waiting on it
+    with pytest.raises(ValueError, match="at least 1"):
+        Batcher(**bad)
+
+
 def test_close_fails_what_waits_and_a_gathering_step(monkeypatch):
     _fake_steps(monkeypatch)
     batcher = Batcher(max_batch=4, gather_s=5.0)

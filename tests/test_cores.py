@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 from streamvlm.cores import one_core, single_core, use_cores
@@ -41,3 +42,10 @@ def test_use_cores_and_single_core_restore_what_new_threads_start_with():
 
     assert _on_thread(computer) == (1, fresh + 1)
     assert _on_thread(torch.get_num_threads) == fresh
+
+
+def test_use_cores_refuses_fewer_than_one_and_changes_nothing():
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError, match="at least one core"):
+        use_cores(0)
+    assert torch.get_num_threads() == before
