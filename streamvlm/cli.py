@@ -724,7 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quality: seed of the held-out videos (default 1234; training used 0 and 1)")
     p.add_argument("--num-videos", type=_positive_int, default=100, help="quality: held-out videos (default 100)")
     p.add_argument("--repeats", type=_positive_int, default=None,
-                   help="timed repeats; the median is reported (default 3 for dense, 5 for routing)")
+                   help="timed repeats; the median is reported (default 3 for dense, 5 for routing); dense times the "
+                        "phases in rounds, each phase once a round; streams: rounds of one at a time then together "
+                        "(default 1)")
     p.add_argument("--compile", action="store_true",
                    help="dense: also time decode steps compiled with torch.compile against eager (ms/token)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")

@@ -97,6 +97,19 @@ def test_engine_throughput_times_each_setting_per_round(cache):
     assert all(float(row[4]) > 0 for row in rows)
 
 
+def test_streamed_prefill_profile_times_the_parts_and_the_ops(tiny_dir, cache):
+    script = EXAMPLES / "streamed_prefill_profile.py"
+    out = run(script, "--model", str(tiny_dir), "--frames", "3", "--rounds", "2", "--top", "3")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    parts = [line.split()[0:2] for line in lines if "all at once" in line and line.rstrip().endswith("x)")]
+    assert parts == [["vision", "all"], ["language", "model"]]
+    assert any(line.startswith("CPU time of every op: one-shot") for line in lines)
+    assert len(lines) == lines.index(next(line for line in lines if line.startswith("op "))) + 4  # the top 3
+    only = run(script, "--model", str(tiny_dir), "--frames", "3", "--only", "streamed")
+    assert only.returncode == 0 and only.stdout == "", only.stderr
+
+
 @pytest.mark.parametrize("flag", ["--requests", "--new-tokens", "--rounds"])
 def test_engine_throughput_refuses_counts_below_one(flag, capsys):
     module = load(EXAMPLES / "engine_throughput.py")

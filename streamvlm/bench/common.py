@@ -8,6 +8,7 @@ import logging
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlsplit
 
 import torch
@@ -16,18 +17,33 @@ from streamvlm.errors import StreamVLMError
 
 logger = logging.getLogger(__name__)
 
+
 def _timed(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, kernels, caches
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    """Median seconds of `repeats` timed calls of fn after one untimed warm-up (allocator, kernels, caches)."""
+    return statistics.median(timed_rounds({"fn": fn}, repeats)["fn"])
+
+
+def timed_rounds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """{name: seconds of each round}: every fn once untimed (warm-up), then `repeats` rounds that each time
+    every fn once, in turn. Interleaved so that the phases of one round meet the same machine: a ratio of two
+    phases within a round holds where blocks of one phase's repeats would each catch a different stretch of a
+    noisy machine's drift."""
+    for fn in fns.values():
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync()
+            start = time.perf_counter()
+            fn()
+            _sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, size: int = 2048) -> float:
