@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from streamvlm.errors import StreamVLMError
+from streamvlm.kernels import linear
 
 _GATED = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
@@ -39,6 +39,6 @@ def sparse_mlp(mlp: nn.Module, x: torch.Tensor, neurons: int) -> torch.Tensor:
     """x (m, d) normed hidden states -> (m, d): the gated MLP restricted to its first `neurons` intermediate
     neurons (rows of gate/up, columns of down). Slices are views, so gradients reach the full weights."""
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-    g = F.linear(x, gate.weight[:neurons], None if gate.bias is None else gate.bias[:neurons])
-    u = F.linear(x, up.weight[:neurons], None if up.bias is None else up.bias[:neurons])
-    return F.linear(mlp.act_fn(g) * u, down.weight[:, :neurons], down.bias)
+    g = linear(x, gate.weight[:neurons], None if gate.bias is None else gate.bias[:neurons])
+    u = linear(x, up.weight[:neurons], None if up.bias is None else up.bias[:neurons])
+    return linear(mlp.act_fn(g) * u, down.weight[:, :neurons], down.bias)

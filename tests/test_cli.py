@@ -69,13 +69,26 @@ def test_bench_dense_json_runs(tmp_path, cache, capsys):
     from streamvlm.tiny import write_tiny_checkpoint
 
     model = write_tiny_checkpoint(tmp_path / "m")
-    assert main(["bench", "dense", "--model", str(model), "--frames", "2", "--new-tokens", "2", "--repeats", "1",
+    assert main(["bench", "dense", "--model", str(model), "--frames", "2", "--new-tokens", "2", "--repeats", "2",
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [r["phase"] for r in result["rows"]] == ["prefill", "streamed_prefill", "answer", "warm_ask"]
+    assert result["linear"] == "onednn"  # ours; theirs runs F.linear (streamvlm.kernels.stock_linears)
     for row in result["rows"]:
         assert row["ours_s"] > 0 and row["transformers_s"] > 0
         assert row["speedup"] == pytest.approx(row["transformers_s"] / row["ours_s"])
+    streamed = result["streamed_vs_one_shot"]
+    assert len(streamed["per_round"]) == 2 and all(r > 0 for r in streamed["per_round"])
+    assert streamed["median"] == pytest.approx(sum(streamed["per_round"]) / 2)
+
+
+def test_timed_rounds_interleave_the_phases():
+    from streamvlm.bench.common import timed_rounds
+
+    calls = []
+    times = timed_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b"] * 4  # a warm-up, then three rounds of each phase in turn
+    assert sorted(times) == ["a", "b"] and all(len(t) == 3 and min(t) >= 0 for t in times.values())
 
 
 def test_console_script_help():
@@ -127,12 +140,14 @@ def test_bench_caption_json_rows(tiny_dir, cache, capsys):
 
 def test_bench_streams_json(tiny_dir, cache, capsys):
     assert main(["bench", "streams", "--model", str(tiny_dir), "--streams", "3", "--video-seconds", "2",
-                 "--stream-fps", "4", "--new-tokens", "4", "--json"]) == 0
+                 "--stream-fps", "4", "--new-tokens", "4", "--repeats", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     one, together = result["one_at_a_time"], result["together"]
-    assert result["streams"] == 3 and one["frames"] == together["frames"] == 3 * 8
+    assert result["streams"] == 3 and result["rounds"] == 2 and one["frames"] == together["frames"] == 2 * 3 * 8
     assert result["same_answers"] is True and 1 <= together["mean_batch"] <= 3
     assert result["speedup"] == pytest.approx(together["frames_per_second"] / one["frames_per_second"])
+    rounds = result["speedup_per_round"]
+    assert len(rounds) == 2 and all(r > 0 for r in rounds) and result["speedup_median"] == pytest.approx(sum(rounds) / 2)
 
 
 def test_bench_batching_flags_refuse_bad_values(tiny_dir, cache, capsys):

@@ -97,6 +97,17 @@ def test_engine_throughput_times_each_setting_per_round(cache):
     assert all(float(row[4]) > 0 for row in rows)
 
 
+def test_cpu_linear_times_each_phase_both_ways(tiny_dir, cache):
+    out = run(EXAMPLES / "cpu_linear.py", "--model", str(tiny_dir), "--frames", "2", "--new-tokens", "2",
+              "--rounds", "1")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.rstrip().endswith("x") and len(line.split()) == 4]
+    assert [row[0] for row in rows] == ["prefill", "streamed", "answer"]
+    assert "streamed prefill against one-shot: onednn" in out.stdout
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
+    assert "decode ms/token: oneDNN" in out.stdout and "the same answer: yes" in out.stdout
+
+
 def test_streamed_prefill_profile_times_the_parts_and_the_ops(tiny_dir, cache):
     script = EXAMPLES / "streamed_prefill_profile.py"
     out = run(script, "--model", str(tiny_dir), "--frames", "3", "--rounds", "2", "--top", "3")

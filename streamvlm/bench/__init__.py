@@ -1,7 +1,9 @@
 """`streamvlm bench`: performance figures as ratios measured in one run.
 
 `dense`: our runtime vs transformers' own forward/generate on the same loaded checkpoint (the very same
-module objects, so weights and kernels match), same frames, same prompt:
+module objects, so the weights match), same frames, same prompt. On CPU our linear layers run through oneDNN
+(streamvlm.kernels) and theirs through F.linear, as transformers runs them; STREAMVLM_CPU_LINEAR=torch gives
+both F.linear:
 
     prefill    N frames + the question -> logits of the first answer token
                ours: session.append_frames + ask(max_new_tokens=1); theirs: model(...) with logits_to_keep=1
@@ -16,7 +18,9 @@ With --compile, decode ms/token of ours eager vs ours with `compile=True` (the d
 torch.compile), both as (answer - prefill) / (M - 1) on the same weights, timed in this run after a warm-up
 that compiles.
 
-Each figure is the median of --repeats timed runs after one untimed warm-up. `speedup` = theirs / ours.
+Each figure is the median of --repeats timed rounds after one untimed warm-up; a round times every phase once,
+in turn, so phases meet the same machine. `speedup` = theirs / ours. `streamed_vs_one_shot` = our one-shot
+prefill's time / our streamed prefill's, per round (the two run back to back) and their median.
 Achieved FLOP/s is reported against a float matmul measured in the same run.
 """
 
@@ -30,8 +34,9 @@ from pathlib import Path
 import torch
 
 from streamvlm.bench.common import (_timed, bench_model_dir, bench_video, matmul_flops_per_second, require_llava,
-                                    stream_tiny_dir)
+                                    stream_tiny_dir, timed_rounds)
 from streamvlm.errors import StreamVLMError
+from streamvlm.kernels import onednn_linears, stock_linears
 
 logger = logging.getLogger(__name__)
 
@@ -84,22 +89,25 @@ def run_dense(model_dir: Path, frames_count: int, new_tokens: int, repeats: int,
         # A follow-up question on a session that holds the frames; the cache grows a little each time.
         warm.ask(QUESTION, max_new_tokens=new_tokens, ignore_stop=True)
 
+    # theirs as transformers runs: its linear layers through F.linear (ours go through oneDNN, streamvlm.kernels)
     @torch.inference_mode()
     def theirs_prefill():
-        hf(**hf_inputs, use_cache=True, logits_to_keep=1)
+        with stock_linears():
+            hf(**hf_inputs, use_cache=True, logits_to_keep=1)
 
     @torch.inference_mode()
     def theirs_answer():
-        hf.generate(**hf_inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                    eos_token_id=None)
+        with stock_linears():
+            hf.generate(**hf_inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                        eos_token_id=None)
 
-    logger.info("timing %d repeats of each phase", repeats)
-    t = {
-        "ours_prefill": _timed(ours_prefill, repeats), "theirs_prefill": _timed(theirs_prefill, repeats),
-        "ours_streamed": _timed(ours_streamed, repeats),
-        "ours_answer": _timed(ours_answer, repeats), "theirs_answer": _timed(theirs_answer, repeats),
-        "ours_warm_ask": _timed(ours_warm_ask, repeats),
-    }
+    logger.info("timing %d rounds of every phase", repeats)
+    rounds = timed_rounds({"ours_prefill": ours_prefill, "theirs_prefill": theirs_prefill,
+                           "ours_streamed": ours_streamed, "ours_answer": ours_answer,
+                           "theirs_answer": theirs_answer, "ours_warm_ask": ours_warm_ask}, repeats)
+    t = {name: statistics.median(times) for name, times in rounds.items()}
+    # streamed against our own one-shot prefill, round by round (the two ran back to back)
+    streamed = [one / many for one, many in zip(rounds["ours_prefill"], rounds["ours_streamed"])]
     decode = _decode_ms_per_token(vlm, frames, new_tokens, repeats) if compile else None
     stats = ours_prefill().stats()
     peak = matmul_flops_per_second(vlm.adapter.device, vlm.adapter.dtype)
@@ -117,12 +125,14 @@ def run_dense(model_dir: Path, frames_count: int, new_tokens: int, repeats: int,
         "suite": "dense",
         "device": str(vlm.adapter.device), "dtype": str(vlm.adapter.dtype).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(),
+        "linear": "onednn" if onednn_linears() and vlm.adapter.device.type == "cpu" else "torch",
         "model": {"dir": str(model_dir), "layers": parts.num_layers, "hidden": parts.hidden_size,
                   "heads": parts.num_heads, "kv_heads": parts.num_kv_heads,
                   "tokens_per_frame": vlm.tokens_per_frame},
         "frames": frames_count, "new_tokens": new_tokens, "repeats": repeats,
         "prompt_tokens": int(input_ids.shape[1]),
         "rows": rows,
+        "streamed_vs_one_shot": {"per_round": streamed, "median": statistics.median(streamed)},
         "prefill_flops": prefill_flops,
         "prefill_flops_per_s": prefill_flops / t["ours_prefill"],
         "matmul_flops_per_s": peak,
@@ -169,7 +179,8 @@ def _decode_ms_per_token(vlm, frames: torch.Tensor, new_tokens: int, repeats: in
 
 
 # The compute kernels of a decode step on CPU: a compiled step calls the same ones (it fuses what lies between).
-_KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
+_KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise",
+            "aten::_scaled_dot_product_flash_attention_for_cpu")
 
 
 def _decode_kernel_share(vlm, frames: torch.Tensor, steps: int) -> dict:
@@ -263,6 +274,7 @@ def run_routing(model_dir: Path, frames_count: int, repeats: int, device, dtype,
     return {
         "suite": "routing", "device": str(adapter.device), "dtype": str(adapter.dtype).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(),
+        "linear": "onednn" if onednn_linears() and vlm.adapter.device.type == "cpu" else "torch",
         "model": {"dir": str(model_dir), "layers": parts.num_layers, "hidden": parts.hidden_size,
                   "heads": parts.num_heads, "kv_heads": parts.num_kv_heads,
                   "tokens_per_frame": adapter.vision.tokens_per_frame},
@@ -344,7 +356,7 @@ def run(args) -> dict:
     from streamvlm.runtime import resolve_device, resolve_dtype
 
     if args.repeats is None:
-        args.repeats = 5 if args.suite == "routing" else 3
+        args.repeats = {"routing": 5, "streams": 1}.get(args.suite, 3)
     if args.frames < 1 or args.new_tokens < 1 or args.repeats < 1:
         raise StreamVLMError("--frames, --new-tokens and --repeats must be at least 1")
     device = resolve_device(args.device)
@@ -407,7 +419,8 @@ def run(args) -> dict:
         from streamvlm.world.builtin import default_model_dir
 
         return run_streams_bench(Path(args.model) if args.model else default_model_dir(), args.streams,
-                                 args.video_seconds, args.stream_fps, args.new_tokens, device, dtype)
+                                 args.video_seconds, args.stream_fps, args.new_tokens, device, dtype,
+                                 rounds=args.repeats)
     if args.suite == "caption":
         from streamvlm.world.builtin import default_model_dir
 
@@ -475,10 +488,14 @@ def format_table(result: dict) -> str:
             lines.append(f"{r['policy']:<22}{r['dense_s']:>9.3f}{r['routed_s']:>10.3f}{r['speedup']:>8.2f}x"
                          f"{r['flops_speedup']:>10.2f}x{r['efficiency']:>12.2f}{r['kv_ratio']:>7.2f}")
         return "\n".join(lines)
-    lines[0] += f", {result['prompt_tokens']} prompt tokens, {result['new_tokens']} answer tokens"
+    lines[0] += (f", {result['prompt_tokens']} prompt tokens, {result['new_tokens']} answer tokens, our linear "
+                 f"layers through {'oneDNN' if result['linear'] == 'onednn' else 'F.linear'}")
     lines.append(f"{'phase':<18}{'ours s':>10}{'transformers s':>16}{'speedup':>9}")
     for row in result["rows"]:
         lines.append(f"{row['phase']:<18}{row['ours_s']:>10.3f}{row['transformers_s']:>16.3f}{row['speedup']:>8.2f}x")
+    streamed = result["streamed_vs_one_shot"]
+    lines.append(f"streamed prefill: {streamed['median']:.2f}x our one-shot prefill's speed (rounds: "
+                 + ", ".join(f"{r:.2f}" for r in streamed["per_round"]) + ")")
     lines.append(f"prefill: {result['prefill_flops_per_s'] / 1e9:.1f} GFLOP/s = "
                  f"{result['prefill_fraction_of_matmul']:.0%} of a {result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s matmul")
     if "decode_ms_per_token" in result:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from streamvlm.kernels import use_onednn_linears
 from streamvlm.parts import DecoderParts, LayerParts
 from streamvlm.video.preprocess import PreprocessConfig
 
@@ -93,12 +94,15 @@ class FamilyAdapter(ABC):
 
     @staticmethod
     def load_frozen(model_class: str, model_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
-        """transformers' `model_class` loaded from a local folder onto `device`, in eval mode, no gradients."""
+        """transformers' `model_class` loaded from a local folder onto `device`, in eval mode, no gradients; on
+        the CPU its linear layers run through oneDNN (streamvlm.kernels)."""
         import transformers
 
         model = getattr(transformers, model_class).from_pretrained(model_dir, dtype=dtype, local_files_only=True)
         model = model.to(device).eval()
         model.requires_grad_(False)
+        if device.type == "cpu":
+            use_onednn_linears(model)
         return model
 
     @property
