@@ -8,10 +8,11 @@ shape) this times, in interleaved rounds, each phase with oneDNN and with F.line
     streamed    the 8 frames appended one at a time, then one answer token
     answer      prefill, then --new-tokens greedy tokens; decode ms/token = (answer - prefill) / (tokens - 1)
 
-and prints the median of each, the speed-ups, streamed prefill against one-shot under each, and whether the
+and before that, F.linear against oneDNN alone on a few weight shapes (out x in) and row counts, with the
+same weights and inputs (--no-shapes skips it). It prints the median of each, the speed-ups, streamed prefill against one-shot under each, and whether the
 answers are the same text (docs/performance.md, "Linear layers through oneDNN").
 
-    python examples/cpu_linear.py [--model DIR] [--frames 8] [--new-tokens 16] [--rounds 3]
+    python examples/cpu_linear.py [--model DIR] [--frames 8] [--new-tokens 16] [--rounds 3] [--no-shapes]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import statistics
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from streamvlm import StreamVLM
 from streamvlm.bench.common import bench_model_dir, timed_rounds
@@ -35,14 +37,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=8, help="frames per session (default 8)")
     parser.add_argument("--new-tokens", type=int, default=16, help="answer tokens of the answer phase (default 16)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
+    parser.add_argument("--no-shapes", action="store_true", help="skip timing single linear layers")
     args = parser.parse_args(argv)
     if args.frames < 2 or args.new_tokens < 2 or args.rounds < 1:
         parser.error("--frames and --new-tokens must be at least 2, --rounds at least 1")
     return args
 
 
+SHAPES = ((128, 128), (512, 512), (640, 640), (1024, 1024), (2560, 640))
+ROWS = (1, 8, 36, 196)
+
+
+@torch.inference_mode()
+def time_shapes(rounds: int) -> None:
+    """F.linear (MKL) against oneDNN on one weight at a time, microseconds a call."""
+    print(f"one linear layer, us a call (F.linear / oneDNN), median of {rounds} rounds:")
+    print(f"{'weight':<11}" + "".join(f"{f'{m} rows':>22}" for m in ROWS))
+    for out, inp in SHAPES:
+        w, cells = torch.randn(out, inp), []
+        for m in ROWS:
+            x = torch.randn(m, inp)
+            calls = max(10, int(2e7 / (out * inp * m + 1e5)))
+
+            def many(fn):
+                return lambda: [fn(x, w) for _ in range(calls)]
+            times = timed_rounds({"mkl": many(F.linear), "onednn": many(onednn)}, rounds)
+            mkl, dnn = (statistics.median(times[k]) / calls * 1e6 for k in ("mkl", "onednn"))
+            cells.append(f"{mkl:.0f}/{dnn:.0f} ({mkl / dnn:.2f}x)")
+        print(f"{f'{out}x{inp}':<11}" + "".join(f"{c:>22}" for c in cells))
+
+
+def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if not args.no_shapes:
+        time_shapes(args.rounds)
     vlm = StreamVLM.from_pretrained(Path(args.model) if args.model else bench_model_dir())
     size = vlm.adapter.preprocess_config
     frames = torch.randint(0, 256, (args.frames, size.height, size.width, 3), dtype=torch.uint8,

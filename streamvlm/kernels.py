@@ -1,10 +1,13 @@
 """Linear layers on CPU through oneDNN rather than MKL.
 
 torch sends a float32 `F.linear` on CPU to MKL's sgemm. On this project's CPUs (AMD EPYC, AVX-512) oneDNN's
-matmul (`torch.ops.mkldnn._linear_pointwise`, the op torch's own CPU inference paths use) runs the same
-products 1.3x-1.7x faster at every row count, from one decode token to a 1,571-token prefill, with no extra
-memory: it reads the weight where it lies. MKL also repacks the whole weight at every call, which is why a
-frame appended alone cost more than its share of one call for all frames (docs/performance.md).
+matmul (`torch.ops.mkldnn._linear_pointwise`) runs the same products faster where the weight is large and the
+rows few: 1.5x-1.9x for one row at 1024x1024 and 2560x640, 1.2x-1.8x up to 196 rows at 1024x1024, about even
+at 512x512; a decode step of the real-small shape took 19-21 ms against MKL's 22-35 ms. It needs no extra
+memory (it reads the weight where it lies), while MKL repacks the whole weight at every call, which is much of
+why a frame appended alone cost more than its share of one call for all frames. A call costs oneDNN more to
+set up, so small weights stay on MKL (MIN_WEIGHT). Figures: docs/performance.md, "Linear layers through
+oneDNN".
 
 So a model loaded onto the CPU has its `nn.Linear` modules switched to `Linear` (`use_onednn_linears`): the
 same module with the same parameters and state dict, whose forward calls oneDNN when the input is float32 and
@@ -25,14 +28,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# oneDNN costs about 15 us a call against MKL's 3 (2 threads): below about 512x512 weights MKL is as fast or
+# faster, and at 128x128 five times faster for one row (the built-in model decoded at 0.53x through oneDNN).
+MIN_WEIGHT = 512 * 1024
+"""Weights of fewer elements stay on F.linear."""
+
 # A plain global, not a ContextVar: torch.compile traces `linear` and cannot read a ContextVar.
 _onednn = os.environ.get("STREAMVLM_CPU_LINEAR", "onednn") != "torch" and torch.backends.mkldnn.is_available()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through oneDNN for float32 on CPU when no gradient is wanted (and not under
-    torch.compile, whose CPU backend lowers the op only for weights it packed itself)."""
-    if (x.dtype == torch.float32 and x.device.type == "cpu" and _onednn and not torch.compiler.is_compiling()
+    """F.linear(x, weight, bias), through oneDNN for float32 on CPU when the weight has MIN_WEIGHT elements or
+    more and no gradient is wanted (and not under torch.compile, whose CPU backend lowers the op only for weights
+    it packed itself)."""
+    if (x.dtype == torch.float32 and x.device.type == "cpu" and _onednn and weight.numel() >= MIN_WEIGHT
+            and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

@@ -41,6 +41,9 @@ def test_documented_defaults_are_the_code_defaults(script):
     # [--fps 2] shows a default; [--model DIR] names what to give (no default)
     documented = {k: v for k, v in re.findall(r"\[--([\w-]+) ([^\]\s]+)\]", usage) if not v.isupper()}
     defaults = {k.replace("_", "-"): v for k, v in vars(module.parse_args([])).items() if v is not None}
+    switches = {k for k, v in defaults.items() if v is False}  # store_true: shown as [--flag], no value
+    assert all(f"[--{k}]" in usage for k in switches), (usage, switches)
+    defaults = {k: v for k, v in defaults.items() if k not in switches}
     options = {k for k in defaults if f"[{k.upper()}]" not in usage}  # not the positional arguments
     assert documented, usage
     assert set(documented) == options, (usage, defaults)  # every option with a default shows it
@@ -99,7 +102,7 @@ def test_engine_throughput_times_each_setting_per_round(cache):
 
 def test_cpu_linear_times_each_phase_both_ways(tiny_dir, cache):
     out = run(EXAMPLES / "cpu_linear.py", "--model", str(tiny_dir), "--frames", "2", "--new-tokens", "2",
-              "--rounds", "1")
+              "--rounds", "1", "--no-shapes")
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines() if line.rstrip().endswith("x") and len(line.split()) == 4]
     assert [row[0] for row in rows] == ["prefill", "streamed", "answer"]
