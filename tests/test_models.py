@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import torch
 
@@ -23,6 +24,32 @@ def test_sharded_checkpoint_loads_and_answers_the_same(tiny_dir, tmp_path):
     a = StreamVLM.from_pretrained(tiny_dir).generate(frames, "What?", max_new_tokens=8, ignore_stop=True)
     b = StreamVLM.from_pretrained(sharded).generate(frames, "What?", max_new_tokens=8, ignore_stop=True)
     assert a == b
+
+
+def test_a_checkpoint_rewritten_under_a_loaded_model_changes_nothing(tiny_dir, tmp_path):
+    """transformers maps CPU weights from the file: cut shorter under a running model, the next forward died
+    with SIGBUS. Loaded weights live in memory of their own."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dir, copy)
+    vlm = StreamVLM.from_pretrained(copy)
+    weights = copy / "model.safetensors"
+    assert not [line for line in Path("/proc/self/maps").read_text().splitlines() if str(weights) in line]
+    frames = random_frames(2, seed=3)
+    before = vlm.generate(frames, "What?", max_new_tokens=8, ignore_stop=True)
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 3])  # a save into the same folder, caught half-way
+    assert vlm.generate(frames, "What?", max_new_tokens=8, ignore_stop=True) == before
+
+
+def test_owning_the_weights_keeps_tied_ones_tied():
+    from streamvlm.models.base import _own_memory
+
+    embed, head = torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5, bias=False)
+    head.weight = embed.weight
+    model = torch.nn.ModuleDict({"embed": embed, "head": head})
+    old = embed.weight.data_ptr()
+    _own_memory(model)
+    assert head.weight is embed.weight and embed.weight.data_ptr() != old
 
 
 def test_preprocess_rescales_and_normalizes():

@@ -58,6 +58,16 @@ class VisionShape:
         return self.grid[0] * self.grid[1]
 
 
+def _own_memory(model: nn.Module) -> None:
+    """Copy the parameters and buffers into memory of their own. transformers leaves CPU weights in the
+    checkpoint file's memory map: a file rewritten in place (a checkpoint saved again into the same folder)
+    would change the weights under a running model, and a file cut shorter would kill the process with SIGBUS
+    at its next forward. Tied weights stay tied (one Parameter, copied once)."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
+
+
 class FamilyAdapter(ABC):
     """A loaded checkpoint of one model family.
 
@@ -95,13 +105,14 @@ class FamilyAdapter(ABC):
     @staticmethod
     def load_frozen(model_class: str, model_dir: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
         """transformers' `model_class` loaded from a local folder onto `device`, in eval mode, no gradients; on
-        the CPU its linear layers run through oneDNN (streamvlm.kernels)."""
+        the CPU its weights in memory of their own and its linear layers through oneDNN (streamvlm.kernels)."""
         import transformers
 
         model = getattr(transformers, model_class).from_pretrained(model_dir, dtype=dtype, local_files_only=True)
         model = model.to(device).eval()
         model.requires_grad_(False)
         if device.type == "cpu":
+            _own_memory(model)
             use_onednn_linears(model)
         return model
 
