@@ -9,8 +9,9 @@ shape) this times, in interleaved rounds, each phase with oneDNN and with F.line
     answer      prefill, then --new-tokens greedy tokens; decode ms/token = (answer - prefill) / (tokens - 1)
 
 and before that, F.linear against oneDNN alone on a few weight shapes (out x in) and row counts, with the
-same weights and inputs (--no-shapes skips it). It prints the median of each, the speed-ups, streamed prefill against one-shot under each, and whether the
-answers are the same text (docs/performance.md, "Linear layers through oneDNN").
+same weights and inputs (--no-shapes skips it). It prints the median of each, the speed-ups, streamed
+prefill against one-shot under each, and whether the answers are the same text (docs/performance.md,
+"Linear layers through oneDNN").
 
     python examples/cpu_linear.py [--model DIR] [--frames 8] [--new-tokens 16] [--rounds 3] [--no-shapes]
 """

@@ -274,7 +274,7 @@ def run_routing(model_dir: Path, frames_count: int, repeats: int, device, dtype,
     return {
         "suite": "routing", "device": str(adapter.device), "dtype": str(adapter.dtype).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(),
-        "linear": "onednn" if onednn_linears() and vlm.adapter.device.type == "cpu" else "torch",
+        "linear": "onednn" if onednn_linears() and adapter.device.type == "cpu" else "torch",
         "model": {"dir": str(model_dir), "layers": parts.num_layers, "hidden": parts.hidden_size,
                   "heads": parts.num_heads, "kv_heads": parts.num_kv_heads,
                   "tokens_per_frame": adapter.vision.tokens_per_frame},

@@ -10,8 +10,8 @@ router of its own:
 
 Both from the same loaded weights in one run; `speedup` = together's aggregate frames/s over one at a
 time's. With --repeats N, N rounds of one at a time then together, back to back: the frames and seconds add up
-over the rounds, and each round's own speed-up is reported beside their median. After each stream ends, one question is asked, so the answers can be compared: batched steps must
-not change what a stream answers.
+over the rounds, and each round's own speed-up is reported beside their median. After each stream ends, one
+question is asked, so the answers can be compared: batched steps must not change what a stream answers.
 """
 
 from __future__ import annotations
