@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Iterator
 
 import torch
@@ -33,15 +34,25 @@ from torch import nn
 MIN_WEIGHT = 512 * 1024
 """Weights of fewer elements stay on F.linear."""
 
+
+def _from_environment() -> bool:
+    value = os.environ.get("STREAMVLM_CPU_LINEAR", "onednn").strip().lower()
+    if value not in ("onednn", "torch"):
+        warnings.warn(f"STREAMVLM_CPU_LINEAR={value!r} is neither 'onednn' nor 'torch'; using onednn",
+                      stacklevel=2)
+    return value != "torch" and torch.backends.mkldnn.is_available()
+
+
 # A plain global, not a ContextVar: torch.compile traces `linear` and cannot read a ContextVar.
-_onednn = os.environ.get("STREAMVLM_CPU_LINEAR", "onednn") != "torch" and torch.backends.mkldnn.is_available()
+_onednn = _from_environment()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), through oneDNN for float32 on CPU when the weight has MIN_WEIGHT elements or
     more and no gradient is wanted (and not under torch.compile, whose CPU backend lowers the op only for weights
     it packed itself)."""
-    if (x.dtype == torch.float32 and x.device.type == "cpu" and _onednn and weight.numel() >= MIN_WEIGHT
+    # the size first: on a small model it is the one test every call pays
+    if (weight.numel() >= MIN_WEIGHT and _onednn and x.dtype == torch.float32 and x.device.type == "cpu"
             and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))):
@@ -82,3 +93,8 @@ def stock_linears() -> Iterator[None]:
 def onednn_linears() -> bool:
     """Whether `linear` goes to oneDNN here (for float32 CPU inputs without gradients)."""
     return _onednn
+
+
+def linear_backend(device: torch.device) -> str:
+    """What a model's large linear layers run on, on `device`: "onednn" or "torch" (F.linear)."""
+    return "onednn" if _onednn and device.type == "cpu" else "torch"

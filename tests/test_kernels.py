@@ -106,6 +106,14 @@ def test_the_environment_can_keep_stock_linears():
         assert out.stdout.strip() == expected
 
 
+def test_an_unknown_environment_value_is_named_and_onednn_kept():
+    code = "from streamvlm.kernels import onednn_linears; print(onednn_linears())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "STREAMVLM_CPU_LINEAR": "mkl"})
+    assert out.stdout.strip() == "True"
+    assert "STREAMVLM_CPU_LINEAR='mkl' is neither 'onednn' nor 'torch'" in out.stderr
+
+
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_every_linear_through_onednn_still_equals_transformers(checkpoints, hf_model, monkeypatch, name):
     """The tiny checkpoints' weights are below MIN_WEIGHT; with it at 0 every linear layer goes to oneDNN, and

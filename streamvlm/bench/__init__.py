@@ -36,7 +36,7 @@ import torch
 from streamvlm.bench.common import (_timed, bench_model_dir, bench_video, matmul_flops_per_second, require_llava,
                                     stream_tiny_dir, timed_rounds)
 from streamvlm.errors import StreamVLMError
-from streamvlm.kernels import onednn_linears, stock_linears
+from streamvlm.kernels import linear_backend, stock_linears
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def run_dense(model_dir: Path, frames_count: int, new_tokens: int, repeats: int,
         "suite": "dense",
         "device": str(vlm.adapter.device), "dtype": str(vlm.adapter.dtype).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(),
-        "linear": "onednn" if onednn_linears() and vlm.adapter.device.type == "cpu" else "torch",
+        "linear": linear_backend(vlm.adapter.device),
         "model": {"dir": str(model_dir), "layers": parts.num_layers, "hidden": parts.hidden_size,
                   "heads": parts.num_heads, "kv_heads": parts.num_kv_heads,
                   "tokens_per_frame": vlm.tokens_per_frame},
@@ -274,7 +274,7 @@ def run_routing(model_dir: Path, frames_count: int, repeats: int, device, dtype,
     return {
         "suite": "routing", "device": str(adapter.device), "dtype": str(adapter.dtype).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(),
-        "linear": "onednn" if onednn_linears() and adapter.device.type == "cpu" else "torch",
+        "linear": linear_backend(adapter.device),
         "model": {"dir": str(model_dir), "layers": parts.num_layers, "hidden": parts.hidden_size,
                   "heads": parts.num_heads, "kv_heads": parts.num_kv_heads,
                   "tokens_per_frame": adapter.vision.tokens_per_frame},
