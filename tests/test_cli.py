@@ -243,6 +243,7 @@ def test_serve_user_errors(cache, tmp_path, capsys):
     (["caption", "x.mp4", "--out", "o.jsonl", "--batch", "0"], "--batch"),
     (["serve", "--max-batch", "0"], "--max-batch"),
     (["bench", "streams", "--streams", "0"], "--streams"),
+    (["bench", "streams", "--repeats", "0"], "--repeats"),
     (["serve", "--port", "-5"], "--port"),
     (["serve", "--body-timeout-s", "0"], "--body-timeout-s"),
     (["serve", "--max-connections", "0"], "--max-connections"),

@@ -124,6 +124,17 @@ def test_streamed_prefill_profile_times_the_parts_and_the_ops(tiny_dir, cache):
     assert only.returncode == 0 and only.stdout == "", only.stderr
 
 
+@pytest.mark.parametrize("script, flag, value", [
+    ("cpu_linear.py", "--frames", "1"), ("cpu_linear.py", "--new-tokens", "1"), ("cpu_linear.py", "--rounds", "0"),
+    ("streamed_prefill_profile.py", "--frames", "1"), ("streamed_prefill_profile.py", "--top", "0"),
+    ("streamed_prefill_profile.py", "--rounds", "0"), ("streamed_prefill_profile.py", "--only", "both")])
+def test_profiling_examples_refuse_bad_counts(script, flag, value, capsys):
+    module = load(EXAMPLES / script)
+    with pytest.raises(SystemExit) as e:
+        module.parse_args([flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--requests", "--new-tokens", "--rounds"])
 def test_engine_throughput_refuses_counts_below_one(flag, capsys):
     module = load(EXAMPLES / "engine_throughput.py")
