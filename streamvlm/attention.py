@@ -30,10 +30,26 @@ def causal_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sca
         # One query sees everything; a chunk on an empty cache is plain causal attention.
         out = F.scaled_dot_product_attention(q, keys, values, is_causal=m > 1, scale=scale, enable_gqa=gqa)
     else:
-        mask = torch.ones(m, length, dtype=torch.bool, device=q.device)
-        mask[:, length - m:] = torch.ones(m, m, dtype=torch.bool, device=q.device).tril_()
+        make = _chunk_mask if m * length <= _CACHED_MASK_SIZE else _chunk_mask.__wrapped__
+        mask = make(m, length, q.dtype, q.device)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out[0]
+
+
+_CACHED_MASK_SIZE = 1 << 16
+"""Masks of up to this many elements are kept (a question's, an answer's closing text): every layer of every
+sequence in a step asks for the same few, and building one costs as much as the small attention it masks."""
+
+
+@functools.lru_cache(maxsize=32)  # a step of 8 sequences asks for up to 8 (m, length) pairs, once per layer
+def _chunk_mask(m: int, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The additive mask (m, length) of m queries at the end of `length` keys: 0 where a query sees the key
+    (every earlier entry; itself and the chunk's tokens before it), -inf elsewhere. SDPA turns a boolean mask
+    into this on every call."""
+    with torch.inference_mode(False):  # cached across calls: must not be an inference-mode tensor
+        mask = torch.zeros(m, length, dtype=dtype, device=device)
+        mask[:, length - m:] = torch.full((m, m), float("-inf"), dtype=dtype, device=device).triu_(1)
+        return mask
 
 
 @functools.lru_cache(maxsize=16)  # one per (grid, window, device): built once, not per layer and chunk

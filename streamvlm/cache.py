@@ -105,21 +105,22 @@ class KVCache:
             store[layer][:m] = store[layer][index]
         self._length[layer] = m
 
-    def copy(self) -> KVCache:
-        """An independent cache with the same entries, each layer's buffers trimmed to its length (plus the
-        free row): what a forked session starts from (`Session.fork`)."""
+    def copy(self, room: int = 0) -> KVCache:
+        """An independent cache with the same entries, each layer's buffers trimmed to its length plus the free
+        row and `room` more entries: what a forked session starts from (`Session.fork`, which leaves room for
+        a question and its answer, so that its first forward does not grow, i.e. copy again, every layer)."""
         twin = KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device,
                        self._initial_capacity)
         for layer, n in enumerate(self._length):
             if self._keys[layer] is None:
                 continue
             for store, copied in ((self._keys, twin._keys), (self._values, twin._values)):
-                buffer = store[layer].new_empty((self.num_kv_heads, n + 1, self.head_dim))
+                buffer = store[layer].new_empty((self.num_kv_heads, n + 1 + room, self.head_dim))
                 buffer[:, :n] = store[layer][:, :n]
                 copied[layer] = buffer
             for store, copied in ((self._positions, twin._positions), (self._kinds, twin._kinds),
                                   (self._frames, twin._frames)):
-                buffer = store[layer].new_empty((n + 1,))
+                buffer = store[layer].new_empty((n + 1 + room,))
                 buffer[:n] = store[layer][:n]
                 copied[layer] = buffer
         twin._length = list(self._length)

@@ -23,8 +23,9 @@ guarding on Python lists or floats that change every step. What each layer did i
 is charged once after the layer loop, from that record and the cache's lengths.
 
 Batched steps (`forward_batch`): several sequences' chunks, each with its own cache and router, in one pass.
-At a layer where a sequence runs the standard block its kept rows join the others': norms and projections
-run once over all rows (`_standard_rows`), RoPE, the cache write and attention per sequence (`_attend`).
+At a layer where a sequence runs the standard block its kept rows join the others': norms, projections and
+RoPE run once over all rows (`_standard_rows`; the angles are computed once a step), the cache write and
+attention per sequence (`_attend_rotated`).
 Variant layers run per sequence through their path. The server, `caption --batch` and live streams reach it
 through `streamvlm.batching`.
 
@@ -69,18 +70,33 @@ def _attend(p: DecoderParts, layer: LayerParts, q: torch.Tensor, k: torch.Tensor
             sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, attend=None) -> torch.Tensor:
     """The attention of m tokens from their projections q (m, H*hd), k, v (m, KV*hd): RoPE, their K/V written
     as the last m rows of the cache views keys, values (KV, L, hd), attention. Returns (m, H*hd), before
-    o_proj. A batched step projects many sequences' rows at once and runs this per sequence."""
+    o_proj."""
+    q, k = _rotate(p, layer, q, k, cos, sin)
+    return _attend_rotated(p, q, k, v, keys, values, scale, attend)
+
+
+def _rotate(p: DecoderParts, layer: LayerParts, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projections q (m, H*hd), k (m, KV*hd) -> q (m, H, hd), k (m, KV, hd), per-head normed where the family
+    does (Qwen3) and rotated by cos, sin (m, hd). Row by row: a batched step rotates every sequence's rows in
+    one call, with the same bits as each alone."""
     m = q.shape[0]
-    q = q.view(m, p.num_heads, p.head_dim).transpose(0, 1)  # (H, m, hd)
-    k = k.view(m, p.num_kv_heads, p.head_dim).transpose(0, 1)  # (KV, m, hd)
-    v = v.view(m, p.num_kv_heads, p.head_dim).transpose(0, 1)
+    q = q.view(m, p.num_heads, p.head_dim)
+    k = k.view(m, p.num_kv_heads, p.head_dim)
     if layer.q_norm is not None:  # per-head RMSNorm of queries and keys before RoPE (Qwen3)
         q, k = layer.q_norm(q), layer.k_norm(k)
-    q = apply_rope(q, cos, sin)
-    k = apply_rope(k, cos, sin)
+    cos, sin = cos[:, None], sin[:, None]
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def _attend_rotated(p: DecoderParts, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
+                    values: torch.Tensor, scale: float, attend=None) -> torch.Tensor:
+    """`_attend` after `_rotate`: q (m, H, hd), k (m, KV, hd), v (m, KV*hd) -> (m, H*hd)."""
+    m = q.shape[0]
     start = keys.shape[1] - m
-    keys[:, start:] = k  # the cache's buffers: compiled, this write stays in the graph, in place
-    values[:, start:] = v
+    keys[:, start:] = k.transpose(0, 1)  # the cache's buffers: compiled, this write stays in the graph, in place
+    values[:, start:] = v.view(m, p.num_kv_heads, p.head_dim).transpose(0, 1)
+    q = q.transpose(0, 1)  # (H, m, hd)
     attn = causal_attend(q, keys, values, scale) if attend is None else attend(q, keys, values)
     return attn.transpose(0, 1).reshape(m, p.num_heads * p.head_dim)
 
@@ -382,10 +398,7 @@ def forward_batch(work: Sequence[Work]) -> list[torch.Tensor | None]:
     if any(item.decoder.parts is not p for item in work):
         raise ValueError("a batched step runs one model: every decoder must share its DecoderParts")
     xs = [item.chunk.embeds for item in work]
-    rotations = []
-    for item in work:
-        cos, sin = p.rotary(item.chunk.embeds, item.chunk.rope_ids())  # (1, n, head_dim) each
-        rotations.append((cos[0], sin[0]))
+    rotations, every = _rotations(p, work)
     done: list[list[_LayerWork]] = [[] for _ in work]
     for index, layer in enumerate(p.layers):
         group = []  # (item, kept rows or None for all, router weight) of the items in the standard block here
@@ -407,7 +420,7 @@ def forward_batch(work: Sequence[Work]) -> list[torch.Tensor | None]:
                 keep = None
             group.append((b, keep, weight))
         if group:
-            _standard_rows(p, work, index, layer, group, xs, rotations, done)
+            _standard_rows(p, work, index, layer, group, xs, rotations, every, done)
     for b, item in enumerate(work):
         xs[b] = _deepstack(xs[b], item.chunk, len(p.layers))
     heads = [xs[b][-1:] if item.logits == "last" else xs[b] for b, item in enumerate(work) if item.logits != "none"]
@@ -430,22 +443,47 @@ def _deepstack(x: torch.Tensor, chunk: Chunk, index: int) -> torch.Tensor:
     return x.index_add(0, chunk.vision_index.flatten(), stack[index - 1].to(x.dtype))
 
 
+def _rotations(p: DecoderParts, work: Sequence[Work]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
+                                                                 tuple[torch.Tensor, torch.Tensor]]:
+    """The RoPE angles of a step: each item's (cos, sin) (n, head_dim), and every item's rows concatenated.
+    One call of the rotary module for all items, whose angles are position by position the same as each
+    alone's; not where the module rescales its frequencies by the longest position it is given (dynamic
+    NTK, LongRoPE), which would tie a sequence's angles to its batch."""
+    rope_type = getattr(p.rotary, "rope_type", "default")
+    if isinstance(rope_type, str) and "dynamic" not in rope_type and rope_type != "longrope":
+        cos, sin = p.rotary(work[0].chunk.embeds, torch.cat([item.chunk.rope_ids() for item in work], dim=-1))
+        cos, sin = cos[0], sin[0]  # (N, head_dim) each
+        sizes = [len(item.chunk) for item in work]
+        return list(zip(cos.split(sizes), sin.split(sizes))), (cos, sin)
+    rotations = []
+    for item in work:
+        cos, sin = p.rotary(item.chunk.embeds, item.chunk.rope_ids())  # (1, n, head_dim) each
+        rotations.append((cos[0], sin[0]))
+    return rotations, (torch.cat([c for c, _ in rotations]), torch.cat([s for _, s in rotations]))
+
+
 def _standard_rows(p: DecoderParts, work: Sequence[Work], index: int, layer: LayerParts, group: list, xs: list,
-                   rotations: list, done: list) -> None:
-    """The standard block at layer `index` over the kept rows of every sequence in `group`, all projected at
-    once; each sequence attends over its own cache. Updates xs and done in place."""
+                   rotations: list, every: tuple[torch.Tensor, torch.Tensor], done: list) -> None:
+    """The standard block at layer `index` over the kept rows of every sequence in `group`, all projected and
+    rotated at once; each sequence writes its cache and attends over it. `every`: the step's angles of all
+    items' rows. Updates xs and done in place."""
     rows = [xs[b] if keep is None else xs[b][keep] for b, keep, _ in group]
     sizes = [r.shape[0] for r in rows]
     x = torch.cat(rows)  # (M, d)
+    if len(group) == len(work) and all(keep is None for _, keep, _ in group):
+        cos, sin = every
+    else:
+        cos = torch.cat([rotations[b][0] if keep is None else rotations[b][0][keep] for b, keep, _ in group])
+        sin = torch.cat([rotations[b][1] if keep is None else rotations[b][1][keep] for b, keep, _ in group])
     h = layer.input_norm(x)
-    q, k, v = layer.q_proj(h).split(sizes), layer.k_proj(h).split(sizes), layer.v_proj(h).split(sizes)
+    q, k = _rotate(p, layer, layer.q_proj(h), layer.k_proj(h), cos, sin)
+    q, k, v = q.split(sizes), k.split(sizes), layer.v_proj(h).split(sizes)
     attended = []
     for i, (b, keep, _) in enumerate(group):
-        chunk, cos, sin = work[b].chunk, *rotations[b]
+        chunk = work[b].chunk
         taken = slice(None) if keep is None else keep
         keys, values = work[b].cache.extend(index, chunk.positions[taken], chunk.kinds[taken], chunk.frames[taken])
-        attended.append(_attend(p, layer, q[i], k[i], v[i], cos[taken], sin[taken], keys, values,
-                                work[b].decoder.scale))
+        attended.append(_attend_rotated(p, q[i], k[i], v[i], keys, values, work[b].decoder.scale))
     a = layer.o_proj(torch.cat(attended))
     weights = [w for _, _, w in group]
     weight = None if all(w is None for w in weights) else torch.cat(

@@ -11,7 +11,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (heads, m, head_dim) rotated by cos/sin (m, head_dim) of each token's position."""
+    """x (..., head_dim) rotated by cos/sin of each token's position, broadcast against it: x (heads, m, hd)
+    with cos (m, hd), or x (m, heads, hd) with cos (m, 1, hd)."""
     return x * cos + _rotate_half(x) * sin
 
 

@@ -33,6 +33,10 @@ from streamvlm.sequence import Piece, QuestionPlan, SequenceBuilder, TextPiece, 
 from streamvlm.types import VISION, Turn
 from streamvlm.video.preprocess import FrameInput, as_frame_tensor
 
+FORK_ROOM = 256
+"""The most cache entries a fork reserves past its copy at every layer: room for a question (64) and its
+answer's max_new_tokens, up to this; a longer answer grows the buffers as any cache's do."""
+
 
 class Session:
     """One stream's cache and dialogue; made by `StreamVLM.session()`. Not thread-safe: one caller at a time.
@@ -85,10 +89,12 @@ class Session:
         shared = (self._adapter, self._adapter.tokenizer, self._decoder, self._preprocess, self._parts,
                   self._seq.layout, self._sampling)
         memo = {id(thing): thing for thing in shared}
+        cfg = self._sampling.with_overrides(**sampling)
         with torch.inference_mode():
+            memo[id(self.cache)] = self.cache.copy(room=min(FORK_ROOM, 64 + cfg.max_new_tokens))
             twin = copy.deepcopy(self, memo)
         twin._decoder = decoder
-        twin._sampling = self._sampling.with_overrides(**sampling)
+        twin._sampling = cfg
         return twin
 
     # -- feeding ---------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from support import encode, indexed_frames, random_frames, tiny_family_checkpoin
 LOGIT_BOUND = 1e-5
 
 
-@pytest.fixture(scope="module", params=["llava_onevision", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["llava_onevision", "qwen2_5_vl", "qwen3_vl"])
 def family_vlm(request, tmp_path_factory):
     return StreamVLM.from_pretrained(tiny_family_checkpoint(request.param, tmp_path_factory.mktemp("batching")))
 
@@ -118,6 +118,24 @@ def test_one_batched_step_equals_each_chunk_alone(family_vlm):
         for layer in range(s.cache.num_layers):
             assert (t.cache.keys(layer) - s.cache.keys(layer)).abs().max().item() <= LOGIT_BOUND
             assert (t.cache.values(layer) - s.cache.values(layer)).abs().max().item() <= LOGIT_BOUND
+
+
+@pytest.mark.parametrize("rope_type, calls", [("default", 1), ("dynamic", 3)])
+def test_a_step_computes_its_rope_angles_once_unless_they_hang_on_the_longest_position(family_vlm, monkeypatch,
+                                                                                      rope_type, calls):
+    # one rotary call for every row of the step; per sequence where the angles would follow the batch's longest
+    sessions = [family_vlm.session() for _ in range(3)]
+    for i, session in enumerate(sessions):
+        session.append_frames(random_frames(2 + 2 * i, seed=i), _times(2 + 2 * i))
+    rotary = family_vlm.decoder.parts.rotary
+    monkeypatch.setattr(rotary, "rope_type", rope_type, raising=False)
+    seen = []
+    real = rotary.forward
+    monkeypatch.setattr(rotary, "forward", lambda x, ids: seen.append(ids.shape[-1]) or real(x, ids))
+    with torch.inference_mode():
+        chunks = [s._seq.place(list(s._open_question("Why?", extra_tokens=1).pieces)) for s in sessions]
+        forward_batch([Work(s._decoder, c, s.cache, s.flops, "last") for s, c in zip(sessions, chunks)])
+    assert len(seen) == calls and sum(seen) == sum(len(c) for c in chunks)
 
 
 def test_a_request_joining_mid_batch_answers_as_alone(family_vlm):

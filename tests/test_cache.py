@@ -40,3 +40,17 @@ def test_bytes_are_exact():
     assert cache.kv_bytes == 7 * 2 * 3 * 4 * 2
     assert cache.kv_bytes == sum(cache.keys(l).nbytes + cache.values(l).nbytes for l in range(2))
     assert cache.reserved_bytes > cache.kv_bytes
+
+
+def test_a_copy_keeps_the_entries_and_room_for_more_without_growing():
+    cache = KVCache(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float32, initial_capacity=4)
+    k, v, _, _ = _append(cache, 0, 9, 0, seed=4)
+    twin = cache.copy(room=5)
+    before = twin.keys(0).data_ptr()
+    k2, v2, keys, values = _append(twin, 0, 5, 9, seed=5)  # fits the room: the same buffer
+    assert keys.data_ptr() == before and twin.entries_per_layer == [14, 0]
+    assert torch.equal(keys, torch.cat([k, k2], dim=1)) and torch.equal(values, torch.cat([v, v2], dim=1))
+    assert cache.entries_per_layer == [9, 0] and torch.equal(cache.keys(0), k)  # the original is untouched
+    _append(twin, 0, 1, 14, seed=6)  # one past the room grows, keeping every entry
+    assert twin.keys(0).data_ptr() != before and twin.positions(0).tolist() == list(range(15))
+    assert cache.copy().reserved_bytes < twin.reserved_bytes

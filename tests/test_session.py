@@ -220,6 +220,19 @@ def test_a_fork_answers_as_a_fresh_session_and_leaves_the_original_alone(vlm, ro
     assert len(original.turns) == 1 and fork.stats()["frames"] == 7
 
 
+def test_a_fork_reserves_room_for_its_question_and_answer_but_no_more(vlm):
+    from streamvlm.session import FORK_ROOM
+
+    session = vlm.session()
+    session.append_frames(random_frames(3, seed=23))
+    fork = session.fork(max_new_tokens=8)
+    buffers = [fork.cache.keys(layer).data_ptr() for layer in range(fork.cache.num_layers)]
+    fork.ask(QUESTION, ignore_stop=True)  # question, 8 tokens, the closing text: no layer's buffers regrow
+    assert [fork.cache.keys(layer).data_ptr() for layer in range(fork.cache.num_layers)] == buffers
+    huge = session.fork(max_new_tokens=2**31 - 1)  # a client's max_tokens does not size the reservation
+    assert huge.cache.reserved_bytes == session.cache.copy(room=FORK_ROOM).reserved_bytes
+
+
 def test_a_fork_keeps_a_frame_held_for_its_pair(tmp_path):
     from support import tiny_family_checkpoint
 
