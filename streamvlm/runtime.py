@@ -193,4 +193,4 @@ class StreamVLM:
         for one video and one prompt). Keyword arguments: see SamplingConfig."""
         session = self.session()
         session.append_frames(frames, timestamps)
-        return session.ask(prompt, **sampling)
+        return session.ask(prompt, last=True, **sampling)

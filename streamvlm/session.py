@@ -69,6 +69,7 @@ class Session:
         self._question_evicted = 0
         self._peak_kv_bytes = 0
         self._said = False  # the open turn has text from say()
+        self._ended = False  # its last answer was not fed back (ask_stream(..., last=True))
 
     def fork(self, decoder: Decoder | None = None, **sampling) -> Session:
         """An independent session that goes on from here: the same cache, timeline and turns, copied (the
@@ -79,6 +80,7 @@ class Session:
         decoder: the fork's decoder (another thread's router for the same model and routing; default this
         session's). Keyword arguments override this session's SamplingConfig.
         """
+        self._check_open()
         decoder = self._decoder if decoder is None else decoder
         if decoder.parts is not self._parts:
             raise StreamVLMError("a session can only be forked onto a decoder of the same model")
@@ -140,6 +142,7 @@ class Session:
         A family that folds frames in pairs (Qwen-VL) holds an odd last frame until its pair arrives; a
         question feeds it first, paired with a copy of itself (as transformers pads an odd frame count).
         """
+        self._check_open()
         frames = as_frame_tensor(frames)
         times = self._frame_times(frames.shape[0], timestamps)
         self._frames += frames.shape[0]
@@ -170,6 +173,7 @@ class Session:
         """Push frames that were already encoded (`StreamVLM.encode`): (T, tokens_per_frame, feature_dim),
         one row per frame of tokens (frames_per_step input frames). timestamps: one per input frame
         (T * frames_per_step), or one per row (the time of its first input frame)."""
+        self._check_open()
         tpf, dim = self._adapter.vision.tokens_per_frame, self._adapter.feature_dim
         if features.dim() != 3 or tuple(features.shape[1:]) != (tpf, dim):
             raise StreamVLMError(f"encoded frames must have shape (T, {tpf}, {dim}), got {tuple(features.shape)}")
@@ -220,6 +224,7 @@ class Session:
         """Text the user writes in the open turn at this point: before its first frame (the template places
         it, as it places text before a video in a message), or between frames, where it is written as is. The
         question that follows ends the turn; it may then be empty."""
+        self._check_open()
         if not isinstance(text, str):
             raise StreamVLMError(f"say() takes text, got {type(text).__name__}")
         if not text:
@@ -231,18 +236,24 @@ class Session:
     # -- asking ----------------------------------------------------------------------------------
 
     def ask(self, question: str, **sampling) -> str:
-        """Answer a question about everything seen so far; the exchange stays in the cache."""
+        """Answer a question about everything seen so far; the exchange stays in the cache (last=True: see
+        `ask_stream`)."""
         return "".join(self.ask_stream(question, **sampling))
 
-    def ask_stream(self, question: str, **sampling) -> Iterator[str]:
+    def ask_stream(self, question: str, *, last: bool = False, **sampling) -> Iterator[str]:
         """Like `ask`, yielding the answer's text as it is generated.
 
         Keyword overrides of the session's SamplingConfig: max_new_tokens, temperature, top_k, top_p,
         seed, ignore_stop. Stopping the iteration early still closes the turn in the cache.
+
+        last=True: the session's last question (a one-shot `generate`, a server request's fork, thrown away
+        after the answer). The turn is recorded but its end (the answer's last token and the closing text) is
+        not fed into the cache, which saves a forward (a third of a one-word answer's); the session then
+        refuses anything more.
         """
         cfg = self._sampling.with_overrides(**sampling)
         room = cfg.max_new_tokens if self._memory is not None else 1  # a budget keeps room for the answer
-        return self._answer(self._open_question(question, extra_tokens=room), cfg)
+        return self._answer(self._open_question(question, extra_tokens=room), cfg, last)
 
     @torch.inference_mode()
     def score(self, question: str, answer_ids: Sequence[int]) -> torch.Tensor:
@@ -260,6 +271,7 @@ class Session:
     def _open_question(self, question: str, extra_tokens: int) -> QuestionPlan:
         """Check the question and lay out its user turn (nothing of the turn is fed yet; a frame held for its
         pair is fed now, closing the video)."""
+        self._check_open()
         if not isinstance(question, str) or not (question.strip() or self._said):
             raise StreamVLMError("the question is empty; ask something about the video")
         self._feed_pending()
@@ -282,7 +294,7 @@ class Session:
             self.cache.keep(layer, torch.nonzero(~gone).squeeze(1))
             self._question_evicted += int(gone.sum())
 
-    def _answer(self, plan: QuestionPlan, cfg: SamplingConfig) -> Iterator[str]:
+    def _answer(self, plan: QuestionPlan, cfg: SamplingConfig, last: bool = False) -> Iterator[str]:
         answer = Answer([])
         context = 0
         try:
@@ -301,20 +313,27 @@ class Session:
             yield from stream_answer(answer, logits, step, cfg, self._adapter.tokenizer, stop_ids, room,
                                      self._adapter.device)
         finally:
-            self._close_turn(plan, answer, context)
+            self._close_turn(plan, answer, context, feed=not last)
 
     @torch.inference_mode()
-    def _close_turn(self, plan: QuestionPlan, answer: Answer, context: int) -> None:
-        """Feed what closes the assistant turn (a token generated but not yet fed, then the closing text)."""
+    def _close_turn(self, plan: QuestionPlan, answer: Answer, context: int, feed: bool = True) -> None:
+        """Feed what closes the assistant turn (a token generated but not yet fed, then the closing text) and
+        record the turn; feed=False records it only, and ends the session."""
         rest = ((answer.pending,) if answer.pending is not None else ()) + plan.closing_ids
-        if rest:
+        if rest and feed:
             self._run([TextPiece(rest)], logits="none")
+        self._ended = not feed
         text = self._adapter.tokenizer.decode(answer.ids, skip_special_tokens=True)
         self._seq.close_turn(plan, text)
         self._said = False
         self.turns.append(Turn(question=plan.question, answer=text, answer_ids=tuple(answer.ids),
                                frames_seen=self._frames, stream_time=self._last_timestamp,
                                stop_reason=answer.stop_reason, context_tokens=context))
+
+    def _check_open(self) -> None:
+        if self._ended:
+            raise StreamVLMError("this session asked its last question (last=True) and takes nothing more; "
+                                 "fork it before that question to go on from there")
 
     def token_ids(self) -> list[int]:
         """The session's sequence as token ids, with every frame token and video tail written as the video

@@ -91,13 +91,24 @@ def test_many_questions_forks_answer_as_fresh_sessions(cache):
     assert "the same answers: yes" in out.stdout  # the script compares them and exits 1 otherwise
 
 
-def test_engine_throughput_times_each_setting_per_round(cache):
-    out = run(EXAMPLES / "engine_throughput.py", "--model", str(default_model_dir()), "--requests", "2",
-              "--new-tokens", "3", "--rounds", "1")
+@pytest.mark.parametrize("workload, unit", [("decode-heavy", "tokens/s"), ("built-in", "requests/s")])
+def test_engine_throughput_times_each_setting_per_round(cache, workload, unit):
+    out = run(EXAMPLES / "engine_throughput.py", "--workload", workload, "--model", str(default_model_dir()),
+              "--requests", "2", "--new-tokens", "3", "--rounds", "1")
     assert out.returncode == 0, out.stderr
-    rows = [line.split() for line in out.stdout.splitlines() if line.endswith("tokens/s")]
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("round")]
     assert [row[:4] for row in rows] == [["round", "1", "--max-batch", "1"], ["round", "1", "--max-batch", "8"]]
-    assert all(float(row[4]) > 0 for row in rows)
+    assert all(row[5] == unit and float(row[4]) > 0 for row in rows)
+
+
+def test_batched_step_times_both_kinds_both_ways(cache):
+    out = run(EXAMPLES / "batched_step.py", "--batch", "2", "--frames", "1", "--steps", "2", "--rounds", "2")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.rstrip().endswith("x")]
+    assert [row[:2] for row in rows] == [["1", "decode"], ["1", "question"], ["2", "decode"], ["2", "question"]]
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
+    assert [line.split(":")[0] for line in out.stdout.splitlines() if "less time than" in line] == \
+        ["decode", "question"]
 
 
 def test_cpu_linear_times_each_phase_both_ways(tiny_dir, cache):
@@ -127,7 +138,9 @@ def test_streamed_prefill_profile_times_the_parts_and_the_ops(tiny_dir, cache):
 @pytest.mark.parametrize("script, flag, value", [
     ("cpu_linear.py", "--frames", "1"), ("cpu_linear.py", "--new-tokens", "1"), ("cpu_linear.py", "--rounds", "0"),
     ("streamed_prefill_profile.py", "--frames", "1"), ("streamed_prefill_profile.py", "--top", "0"),
-    ("streamed_prefill_profile.py", "--rounds", "0"), ("streamed_prefill_profile.py", "--only", "both")])
+    ("streamed_prefill_profile.py", "--rounds", "0"), ("streamed_prefill_profile.py", "--only", "both"),
+    ("batched_step.py", "--batch", "0"), ("batched_step.py", "--frames", "0"), ("batched_step.py", "--steps", "0"),
+    ("batched_step.py", "--rounds", "0"), ("engine_throughput.py", "--workload", "chat")])
 def test_profiling_examples_refuse_bad_counts(script, flag, value, capsys):
     module = load(EXAMPLES / script)
     with pytest.raises(SystemExit) as e:

@@ -233,6 +233,28 @@ def test_a_fork_reserves_room_for_its_question_and_answer_but_no_more(vlm):
     assert huge.cache.reserved_bytes == session.cache.copy(room=FORK_ROOM).reserved_bytes
 
 
+@pytest.mark.parametrize("ignore_stop", [True, False])  # stopped by max_new_tokens; by the end token
+def test_a_last_question_answers_the_same_with_one_forward_fewer_and_ends_the_session(vlm, ignore_stop,
+                                                                                         monkeypatch):
+    from streamvlm.session import Session
+
+    frames = random_frames(3, seed=24)
+    kept, last = vlm.session(), vlm.session()
+    for session in (kept, last):
+        session.append_frames(frames)
+    runs = []
+    real = Session._run
+    monkeypatch.setattr(Session, "_run", lambda self, *a, **k: runs.append(self) or real(self, *a, **k))
+    answer = kept.ask(QUESTION, max_new_tokens=6, ignore_stop=ignore_stop)
+    assert last.ask(QUESTION, last=True, max_new_tokens=6, ignore_stop=ignore_stop) == answer
+    assert runs.count(last) == runs.count(kept) - 1 and last.turns == kept.turns
+    assert last.stats()["kv_entries_per_layer"][0] < kept.stats()["kv_entries_per_layer"][0]
+    for more in (lambda: last.ask("And?"), lambda: last.append_frames(frames[:1]), lambda: last.say("Hi"),
+                 lambda: last.fork(), lambda: last.score("And?", [3])):
+        with pytest.raises(StreamVLMError, match="last question"):
+            more()
+
+
 def test_a_fork_keeps_a_frame_held_for_its_pair(tmp_path):
     from support import tiny_family_checkpoint
 

@@ -374,7 +374,7 @@ def run_chat(engine: Engine, media: MediaPolicy, job: ChatJob) -> Iterator[str |
         session.score(question, tokenizer(answer, add_special_tokens=False)["input_ids"])
     first = None
     pieces = []
-    for piece in session.ask_stream(job.question):
+    for piece in session.ask_stream(job.question, last=True):  # the session is this request's alone
         first = first if first is not None else time.perf_counter() - started
         pieces.append(piece)
         yield piece

@@ -127,6 +127,15 @@ def test_a_second_request_about_the_video_is_a_hit_and_answers_as_a_fresh_sessio
     assert cached.prefix.stats()["entries"] == 1
 
 
+def test_a_request_feeds_nothing_after_its_answer(tiny, media):
+    # its session is its own and thrown away: the answer's last token and the closing text are not fed
+    result = answer(Engine(tiny, "m"), media, body())
+    p = tiny.decoder.parts
+    entry = 2 * p.num_kv_heads * p.head_dim * 4 * p.num_layers  # float32 K and V at every layer
+    assert result.completion_tokens == 6  # ignore_eos: the sixth token is generated, never fed
+    assert result.extension["kv_bytes"] == (result.prompt_tokens + 5) * entry
+
+
 @pytest.mark.parametrize("change", ["frames", "system", "routing", "file", "salt"])
 def test_other_media_options_or_routing_are_a_miss(tiny, media, change):
     engine = Engine(tiny, "m")
