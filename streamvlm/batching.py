@@ -25,7 +25,9 @@ last step gave logits to (they are generating: they sample a token and hand it i
 not fall apart into singles. Threads whose chunk wanted no logits (frames ingested, a turn closed) are not
 waited for: they go on to other work (decoding the next frames, waiting for a camera).
 
-Cancelling a sequence is its thread stopping: it closes its turn (one chunk) and hands in nothing more.
+Cancelling a sequence is its thread stopping: it closes its turn (one chunk) and hands in nothing more. A
+session's last question (`ask_stream(..., last=True)`) closes its turn without a chunk: its thread says so
+(`finished`), and the next step does not wait for it.
 """
 
 from __future__ import annotations
@@ -99,6 +101,14 @@ class Batcher:
         if ticket.error is not None:
             raise ticket.error
         return ticket.result
+
+    def finished(self) -> None:
+        """The calling thread hands in nothing more for now, though its last step gave it logits: the next step
+        does not wait for it."""
+        with self._lock:
+            if threading.get_ident() in self._expected:
+                self._expected.discard(threading.get_ident())
+                self._lock.notify()
 
     def _loop(self) -> None:
         use_cores(self.threads)  # the one thread with every core
@@ -184,3 +194,6 @@ class BatchedDecoder:
 
     def forward(self, chunk, cache, flops, logits: str = "last") -> torch.Tensor | None:
         return self.batcher.run(Work(self.inner, chunk, cache, flops, logits))
+
+    def finished(self) -> None:
+        self.batcher.finished()

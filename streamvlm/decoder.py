@@ -186,6 +186,10 @@ class Decoder:
         self._account(flops, chunk, cache, work, rows)
         return out
 
+    def finished(self) -> None:
+        """The calling thread's sequence hands in no more chunks (its session asked its last question). Nothing
+        to do here; a batched decoder's steps stop waiting for it (`streamvlm.batching`)."""
+
     def _layers(self, chunk: Chunk, cache: KVCache) -> tuple[torch.Tensor, list[_LayerWork]]:
         """Every layer over the chunk: the last hidden states (n, d) and what each layer did."""
         p = self.parts

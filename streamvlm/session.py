@@ -322,7 +322,9 @@ class Session:
         rest = ((answer.pending,) if answer.pending is not None else ()) + plan.closing_ids
         if rest and feed:
             self._run([TextPiece(rest)], logits="none")
-        self._ended = not feed
+        if not feed:
+            self._ended = True
+            self._decoder.finished()  # a batched decoder's next step waits for no chunk of ours
         text = self._adapter.tokenizer.decode(answer.ids, skip_special_tokens=True)
         self._seq.close_turn(plan, text)
         self._said = False

@@ -295,6 +295,28 @@ def test_a_step_waits_for_the_sequences_it_gave_logits_to_but_not_for_ingests():
     assert batcher._expected == set()
 
 
+def test_a_last_question_leaves_no_step_waiting_for_its_thread(family_vlm):
+    # its turn closes without a chunk: its thread, given logits by the last step, must not be waited for
+    want = _answer(family_vlm, 2, 6, "Last?", tokens=4)[0]
+    batcher = Batcher(max_batch=4, gather_s=60)
+    vlm = family_vlm.batched(batcher)
+    left = []
+
+    def last():
+        session = vlm.session(max_new_tokens=4)
+        session.append_frames(random_frames(2, seed=6), _times(2))
+        session.ask("Last?", last=True, ignore_stop=True)
+        with batcher._lock:
+            left.append(threading.get_ident() in batcher._expected)
+        return session.turns[-1].answer_ids
+
+    try:
+        assert _in_threads([last])[0] == want
+    finally:
+        batcher.close()
+    assert left == [False]
+
+
 def test_yopo_layers_run_per_session_inside_a_batched_step(family_vlm):
     # a variant layer (YOPO's window, pruned heads and sparse FFN; vision dropped from layer 1) beside dense
     models = [family_vlm.with_routing("yopo:3:all:0.5:1"), family_vlm]
