@@ -670,6 +670,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", default="1,4,16", help="serve: concurrent clients, comma-separated (default 1,4,16)")
     p.add_argument("--requests", type=_positive_int, default=32,
                    help="serve: requests per client count (at least one per client; default 32)")
+    p.add_argument("--min-seconds", type=_non_negative_float, default=3.0, metavar="S",
+                   help="serve: each client count's row goes on sending past --requests until S seconds have "
+                        "passed, so that a row of short answers times more than a burst (default 3; 0: exactly "
+                        "--requests)")
     p.add_argument("--clip-seconds", type=_positive_float, default=4.0,
                    help="serve: length of the clip each question is about (default 4)")
     p.add_argument("--workers", type=_positive_int, default=1, help="serve: the server's --workers (default 1)")

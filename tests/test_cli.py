@@ -181,12 +181,43 @@ def test_bench_stream_bad_ages(cache, capsys):
     assert "--ages" in capsys.readouterr().err
 
 
+def test_a_load_row_sends_past_its_count_until_its_seconds_have_passed():
+    import http.server
+    import threading
+
+    from streamvlm.bench.serve import run_load
+
+    class Answers(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"usage": {"completion_tokens": 2}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        exact = run_load(url, "m", 2, 5, 2)
+        assert exact["requests"] == exact["completed"] == 5
+        longer = run_load(url, "m", 2, 5, 2, min_seconds=0.3)
+        assert longer["requests"] == longer["completed"] > 5 and longer["wall_seconds"] >= 0.3
+        assert longer["tokens_per_second"] == pytest.approx(2 * longer["requests_per_second"])
+    finally:
+        server.shutdown()
+
+
 def test_bench_serve_json(tiny_dir, cache, capsys):
     assert main(["bench", "serve", "--model", str(tiny_dir), "--clients", "1,3", "--requests", "3", "--ages",
                  "0.1", "--stream-fps", "2", "--new-tokens", "2", "--clip-seconds", "1", "--max-batch", "1,3",
-                 "--heavy-model", str(tiny_dir), "--abuse-rounds", "1", "--json"]) == 0
+                 "--heavy-model", str(tiny_dir), "--abuse-rounds", "1", "--min-seconds", "0", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["suite"] == "serve"
+    assert result["suite"] == "serve" and result["min_seconds"] == 0
     assert [(r["workload"], r["max_batch"], r["clients"]) for r in result["load"]] == [
         (workload, batch, clients) for batch in (1, 3) for workload in ("built-in", "decode-heavy")
         for clients in (1, 3)]
@@ -251,6 +282,7 @@ def test_serve_user_errors(cache, tmp_path, capsys):
     (["serve", "--prefix-cache-mb", "-1"], "--prefix-cache-mb"),
     (["serve", "--prefix-cache-mb", "lots"], "--prefix-cache-mb"),
     (["bench", "serve", "--prefix-cache-mb", "-1"], "--prefix-cache-mb"),
+    (["bench", "serve", "--min-seconds", "-1"], "--min-seconds"),
     (["serve", "--ended-grace-s", "-1"], "--ended-grace-s"),
     (["serve", "--port", "70000"], "--port"),
 ])

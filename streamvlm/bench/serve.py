@@ -46,23 +46,24 @@ HEAVY_FRAMES = 2
 
 
 def run_load(url: str, model_id: str, clients: int, requests: int, new_tokens: int, frames: int = 8,
-             ignore_eos: bool = False) -> dict:
-    """`clients` threads sending questions back to back until `requests` completed."""
+             ignore_eos: bool = False, min_seconds: float = 0.0) -> dict:
+    """`clients` threads sending questions back to back until `requests` were sent and `min_seconds` have passed
+    (a row of the built-in model's 10 ms answers would otherwise time a burst of a tenth of a second)."""
     body = {"model": model_id, "max_tokens": new_tokens, "video": {"num_frames": frames}, "ignore_eos": ignore_eos,
             "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "clip.mp4"}},
                                                       {"type": "text", "text": QUESTION}]}]}
     latencies: list[float] = []
     tokens: list[int] = []
     failures: list[str] = []
-    left = [requests]
+    sent = [0]
     lock = threading.Lock()
 
     def client() -> None:
         while True:
             with lock:
-                if left[0] == 0:
+                if sent[0] >= requests and time.perf_counter() >= until:
                     return
-                left[0] -= 1
+                sent[0] += 1
             start = time.perf_counter()
             try:
                 status, reply = call(url, "POST", "/v1/chat/completions", body)
@@ -78,14 +79,15 @@ def run_load(url: str, model_id: str, clients: int, requests: int, new_tokens: i
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     start = time.perf_counter()
+    until = start + min_seconds
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
     if failures:
-        logger.warning("%d of %d requests failed, first: %s", len(failures), requests, failures[0])
-    row = {"clients": clients, "requests": requests, "completed": len(latencies), "failed": len(failures),
+        logger.warning("%d of %d requests failed, first: %s", len(failures), sent[0], failures[0])
+    row = {"clients": clients, "requests": sent[0], "completed": len(latencies), "failed": len(failures),
            "wall_seconds": wall, "requests_per_second": len(latencies) / wall,
            "tokens_per_second": sum(tokens) / wall,
            "mean_completion_tokens": statistics.fmean(tokens) if tokens else 0.0}
@@ -166,10 +168,12 @@ def run_live_age(url: str, media: Path, minutes: float, fps: float, new_tokens: 
 def run_serve_bench(model_dir: Path | None, clients: list[int], requests: int, ages: list[float], stream_fps: float,
                     new_tokens: int, video_seconds: float, workers: int, abuse_rounds: int = 3,
                     max_batches: list[int] | None = None, heavy: bool = True,
-                    heavy_model: Path | None = None, prefix_cache_mb: float | None = None) -> dict:
+                    heavy_model: Path | None = None, prefix_cache_mb: float | None = None,
+                    min_seconds: float = 0.0) -> dict:
     """Load rows for each --max-batch (built-in, then decode-heavy); live ages and abuse rounds against the
     last --max-batch's server. prefix_cache_mb: the servers' --prefix-cache-mb (None: their default; every
-    request asks about the same clip, so with the cache on each server ingests it once, in the warm-up)."""
+    request asks about the same clip, so with the cache on each server ingests it once, in the warm-up).
+    min_seconds: each load row sends requests until it has sent `requests` and this long has passed."""
     from streamvlm.bench.abuse import run_abuse
     from streamvlm.bench.common import bench_model_dir, bench_video
     from streamvlm.world.builtin import default_model_dir
@@ -204,7 +208,7 @@ def run_serve_bench(model_dir: Path | None, clients: list[int], requests: int, a
                 rss_start = server.rss_bytes()
                 run_load(server.url, "bench", 1, 2, new_tokens)  # warm-up: first-call paths, worker threads
                 load += [dict(_with_prefix(server, lambda c=c: run_load(server.url, "bench", c, max(requests, c),
-                                                                        new_tokens)),
+                                                                        new_tokens, min_seconds=min_seconds)),
                               workload="built-in", max_batch=batch) for c in clients]
                 if batch == max_batches[-1]:
                     live = [run_live_age(server.url, media, age, stream_fps, new_tokens) for age in ages]
@@ -218,7 +222,8 @@ def run_serve_bench(model_dir: Path | None, clients: list[int], requests: int, a
             try:
                 run_load(server.url, "bench", 1, 1, HEAVY_TOKENS, HEAVY_FRAMES, ignore_eos=True)  # warm-up
                 load += [dict(_with_prefix(server, lambda c=c: run_load(server.url, "bench", c, max(requests, c),
-                                                                        HEAVY_TOKENS, HEAVY_FRAMES, ignore_eos=True)),
+                                                                        HEAVY_TOKENS, HEAVY_FRAMES, ignore_eos=True,
+                                                                        min_seconds=min_seconds)),
                               workload="decode-heavy", max_batch=batch) for c in clients]
             finally:
                 server.stop()
@@ -229,7 +234,7 @@ def run_serve_bench(model_dir: Path | None, clients: list[int], requests: int, a
         kept = all(r["prefix_hits"] and not r["prefix_misses"] for r in rows)  # each request forked the kept clip
         ratio["bound"] = batching_bound(parts[ratio["workload"]], tokens, kept)
     return {"suite": "serve", "model": str(model), "workers": workers, "prefix_cache_mb": prefix_cache_mb,
-            "video_seconds": video_seconds,
+            "video_seconds": video_seconds, "min_seconds": min_seconds,
             "frames_per_request": 8, "new_tokens": new_tokens, "max_batches": max_batches, "load": load,
             "batching": ratios, "live": live,
             "server_rss_start_bytes": rss_start, "server_rss_end_bytes": rss_end, "abuse": abuse}
