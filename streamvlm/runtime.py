@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -129,12 +130,19 @@ class StreamVLM:
         """How many input frames a fresh session's context holds, leaving `reserve_tokens` positions for the
         question, the answer and anything else. Counts the chat text around the frames; the session still
         checks exactly as it feeds them."""
+        fixed, later = self._frame_positions
+        room = self.adapter.decoder.max_positions - reserve_tokens - fixed
+        return 0 if room < 0 else (1 + room // later) * self.adapter.frames_per_step
+
+    @functools.cached_property
+    def _frame_positions(self) -> tuple[int, int]:
+        """(positions a video takes with one frame step: its chat text, the step's tokens, the video's tail and
+        one more; positions each further step takes), planned once: every server request asks."""
         adapter = self.adapter
         step = adapter.frames_per_step
         plan = SequenceBuilder(adapter, trace=False).plan_frames([[0.0] * step, [1.0] * step])
         first, later = (len(ids) + self.tokens_per_frame for ids in plan.text_ids)
-        room = adapter.decoder.max_positions - reserve_tokens - adapter.video_tail().shape[0] - 1 - first
-        return 0 if room < 0 else (1 + room // later) * step
+        return adapter.video_tail().shape[0] + 1 + first, later
 
     def read_video(self, path, *, num_frames: int | None = None, fps: float | None = None, start: float = 0.0,
                    end: float | None = None, max_frames: int | None = None, reserve_tokens: int = 0,
