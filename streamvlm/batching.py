@@ -19,10 +19,12 @@ session pays a hand-off per forward (two thread wake-ups), against an unbatched 
 the frames/s of one at a time against 1.47x with it beside the steps, since it no longer overlapped them.)
 
 A step takes waiting chunks in arrival order, up to `max_batch` of them and `max_step_tokens` tokens (the
-first is always taken), so a long prefill never holds more than one step of everyone's decode, and nothing
-waits behind more than one step of it. Before a step the batcher waits, up to `gather_s`, for the threads the
-last step gave logits to (they are generating: they sample a token and hand it in at once), so a batch does
-not fall apart into singles. Threads whose chunk wanted no logits (frames ingested, a turn closed) are not
+first is always taken). A chunk longer than `max_step_tokens` (a long prompt, many frames of many tokens) is
+handed in as pieces of at most that many tokens, one step each (`Chunk.split`, which never cuts a frame), so
+a long prefill holds everyone's decode for a step of the budget at a time and the others' tokens go on
+between its pieces; nothing waits behind more than one step's budget of it. Before a step the batcher waits, up to `gather_s`, for the threads the
+last step gave logits to (they are generating: they sample a token and hand it in at once) and for those
+with more pieces of a chunk to hand in, so a batch does not fall apart into singles. Threads whose chunk wanted no logits (frames ingested, a turn closed) are not
 waited for: they go on to other work (decoding the next frames, waiting for a camera).
 
 Cancelling a sequence is its thread stopping: it closes its turn (one chunk) and hands in nothing more. A
@@ -47,6 +49,8 @@ from streamvlm.decoder import Decoder, Work, forward_batch
 class _Ticket:
     work: Work
     thread: int
+    more: bool = False
+    """Its thread hands in the next piece of the same chunk as soon as this one has run."""
     wake: threading.Event = field(default_factory=threading.Event)
     result: torch.Tensor | None = None
     error: BaseException | None = None
@@ -55,8 +59,8 @@ class _Ticket:
 class Batcher:
     """Runs the forwards of every `BatchedDecoder` made from it, several per step, on a thread of its own.
 
-    max_batch: sequences in one step. max_step_tokens: tokens in one step (a chunk larger than it runs
-    alone). gather_s: how long a step waits for the threads of the last step to hand in their next chunk.
+    max_batch: sequences in one step. max_step_tokens: tokens in one step (a chunk longer than it is run in
+    pieces, a step each; only a frame longer than it runs whole, alone). gather_s: how long a step waits for the threads of the last step to hand in their next chunk.
     threads: intra-op threads the step thread runs with (default: torch's count where the batcher is made).
     The step thread starts with the first chunk handed in and ends at `close`.
     """
@@ -83,10 +87,11 @@ class Batcher:
         """`decoder` (a router over this batcher's model) with its forwards run by this batcher."""
         return BatchedDecoder(decoder, self)
 
-    def run(self, work: Work) -> torch.Tensor | None:
-        """Hand in one chunk and wait for its step: what `Decoder.forward` returns. The calling thread runs its
-        own torch ops on one core from then on (`streamvlm.cores.one_core`)."""
-        ticket = _Ticket(work, threading.get_ident())
+    def run(self, work: Work, more: bool = False) -> torch.Tensor | None:
+        """Hand in one chunk and wait for its step: what `Decoder.forward` returns. more: the calling thread
+        hands in another piece of the same chunk right after (the next step waits for it as for a generating
+        thread). The calling thread runs its own torch ops on one core from then on (`streamvlm.cores.one_core`)."""
+        ticket = _Ticket(work, threading.get_ident(), more)
         one_core()  # this thread only feeds the step thread: no OpenMP team of its own
         with self._lock:
             if self._closed:
@@ -139,7 +144,7 @@ class Batcher:
                     break
                 taken.append(self._queue.popleft())
                 tokens += size
-            self._expected = {ticket.thread for ticket in taken if ticket.work.logits == "last"}
+            self._expected = {ticket.thread for ticket in taken if ticket.work.logits == "last" or ticket.more}
             return taken
 
     def _step(self, taken: list[_Ticket]) -> None:
@@ -193,7 +198,14 @@ class BatchedDecoder:
         return self.inner.compiled
 
     def forward(self, chunk, cache, flops, logits: str = "last") -> torch.Tensor | None:
-        return self.batcher.run(Work(self.inner, chunk, cache, flops, logits))
+        pieces = chunk.split(self.batcher.max_step_tokens)
+        if len(pieces) == 1:
+            return self.batcher.run(Work(self.inner, chunk, cache, flops, logits))
+        # A long prefill, a step per piece: logits of the last piece's last token, or of every piece's tokens.
+        outs = [self.batcher.run(Work(self.inner, piece, cache, flops, logits if logits == "all" else "none"),
+                                 more=True) for piece in pieces[:-1]]
+        out = self.batcher.run(Work(self.inner, pieces[-1], cache, flops, logits))
+        return torch.cat([*outs, out]) if logits == "all" else out
 
     def finished(self) -> None:
         self.batcher.finished()

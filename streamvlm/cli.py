@@ -360,7 +360,7 @@ def cmd_serve(args) -> int:
                          max_asks_per_connection=args.max_asks_per_connection,
                          max_asks_per_stream=args.max_asks_per_stream)
     engine = Engine(vlm, model_id, workers=args.workers, max_batch=args.max_batch,
-                    prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
+                    max_step_tokens=args.max_step_tokens, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
     serve(engine, config, host=args.host,
           port=args.port, log_level="info" if args.verbose else "warning")
     return 0
@@ -616,6 +616,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
                    help="requests worked on at once when --max-batch is 1 (default 1: torch already spreads one "
                         "request over the cores); with batching, max(N, --max-batch) are")
+    p.add_argument("--max-step-tokens", type=_positive_int, default=2048, metavar="N",
+                   help="tokens one batched forward runs at most (default 2048). A longer prefill (a long prompt, a "
+                        "video chunk of many tokens) runs in pieces of at most N, one forward each, and the other "
+                        "requests' answers go on between them; a frame is never cut. Lower: a smoother decode beside "
+                        "long prompts; higher: fewer, larger forwards")
     p.add_argument("--prefix-cache-mb", type=_non_negative_float, default=1024.0, metavar="MB",
                    help="keep the caches of ingested videos, up to MB (least recently used dropped first), so a "
                         "request about a video an earlier request sent (same file or data, video options, system "

@@ -77,6 +77,40 @@ class Chunk:
         """(n,) bool, True for tokens that are never routed."""
         return self.kinds == TEXT
 
+    def split(self, max_tokens: int) -> list[Chunk]:
+        """The chunk as consecutive pieces of at most `max_tokens` tokens, cut only between frames or inside
+        text: a frame's tokens stay in one piece (so a piece is longer only where one frame alone is). Fed one
+        after another, the pieces are the chunk fed in parts, as a session's frames in smaller chunks: the same
+        positions, and routers see whole frames. A batched step runs a long prefill this way
+        (`streamvlm.batching`)."""
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        n = len(self)
+        if n <= max_tokens:
+            return [self]
+        pieces = []
+        start = 0
+        while start < n:
+            end = min(start + max_tokens, n)
+            for first, last in self.frame_spans:
+                if first < end < last:  # the cut falls inside this frame: cut before it, or after it if it starts here
+                    end = first if first > start else last
+                    break
+            pieces.append(self._piece(start, end))
+            start = end
+        return pieces
+
+    def _piece(self, start: int, end: int) -> Chunk:
+        """Tokens start..end-1 as a chunk of their own; no frame may straddle start or end."""
+        spans = tuple((first - start, last - start) for first, last in self.frame_spans if start <= first < end)
+        deepstack = None
+        if self.deepstack is not None:  # (L, v, d) rows of the chunk's vision tokens in order
+            before = sum(last - first for first, last in self.frame_spans if last <= start)
+            deepstack = self.deepstack[:, before:before + sum(last - first for first, last in spans)]
+        return Chunk(self.embeds[start:end], self.positions[start:end], self.kinds[start:end],
+                     self.frames[start:end], spans, self.frame_grid,
+                     None if self.rope is None else self.rope[:, start:end], deepstack)
+
 
 @dataclass(frozen=True)
 class Turn:

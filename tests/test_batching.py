@@ -19,6 +19,7 @@ from streamvlm.batching import Batcher
 from streamvlm.cores import one_core
 from streamvlm.decoder import Work, forward_batch
 from streamvlm.sequence import TextPiece
+from streamvlm.types import VISION
 from support import encode, indexed_frames, random_frames, tiny_family_checkpoint
 
 LOGIT_BOUND = 1e-5
@@ -276,6 +277,80 @@ def test_steps_take_chunks_in_order_within_the_batch_and_token_limits():
     while batcher._queue:
         steps.append([len(t.work.chunk) for t in batcher._take()])
     assert steps == [[1, 1], [300], [1, 1, 1], [1, 60], [60]]
+
+
+def _frames_chunk(vlm, frames: int, seed: int):
+    """The chunk a new session places for `frames` frames of tokens (its turn's opening text first), and the
+    tokens of a frame."""
+    builder = vlm.session()._seq
+    step = vlm.adapter.frames_per_step
+    plan = builder.plan_frames([[0.5 * (i * step + j) for j in range(step)] for i in range(frames)])
+    features = vlm.encode(random_frames(frames * step, seed=seed))
+    return builder.place(builder.frame_pieces(plan, features)), builder.tpf
+
+
+def test_a_chunk_splits_into_pieces_within_the_budget_that_never_cut_a_frame(family_vlm):
+    chunk, tpf = _frames_chunk(family_vlm, 4, seed=3)
+    frames = chunk.num_frames
+    assert frames >= 2 and len(chunk) > tpf * frames  # opening text, then frames
+    assert chunk.split(len(chunk)) == [chunk] and len(chunk.split(len(chunk) - 1)) == 2
+    for budget in (1, 3, tpf - 1, tpf, tpf + 2, 2 * tpf + 1, len(chunk) - 1):
+        pieces = chunk.split(budget)
+        # together the pieces are the chunk, token for token
+        for field in ("embeds", "positions", "kinds", "frames"):
+            assert torch.equal(torch.cat([getattr(p, field) for p in pieces]), getattr(chunk, field))
+        if chunk.rope is not None:
+            assert torch.equal(torch.cat([p.rope for p in pieces], dim=1), chunk.rope)
+        if chunk.deepstack is not None:
+            assert torch.equal(torch.cat([p.deepstack for p in pieces], dim=1), chunk.deepstack)
+        assert sum(p.num_frames for p in pieces) == frames  # no frame lost, none cut in two
+        for p in pieces:
+            assert len(p) <= budget or (p.num_frames == 1 and len(p) == tpf > budget)  # only a lone frame is longer
+            for start, end in p.frame_spans:
+                assert end - start == tpf and bool((p.kinds[start:end] == VISION).all())
+                assert p.frames[start:end].unique().numel() == 1
+            assert int((p.kinds == VISION).sum()) == p.num_frames * tpf  # every vision token is in a span
+    with pytest.raises(ValueError, match="at least 1"):
+        chunk.split(0)
+
+
+def test_a_long_prefill_runs_in_pieces_between_the_others_steps_and_answers_as_alone(family_vlm, monkeypatch):
+    # a budget of about one frame: the frames' chunk and the long question both run a piece a step
+    long_question = "Describe " + "every little thing you saw there, " * 6 + "please?"
+    want_long = _answer(family_vlm, 4, 8, long_question, tokens=6)
+    want_short = _answer(family_vlm, 2, 9, "Short?", tokens=12)
+    tpf = family_vlm.session()._seq.tpf
+    budget = tpf + 4
+    import streamvlm.batching as batching
+
+    real = batching.forward_batch
+    sizes = []
+    monkeypatch.setattr(batching, "forward_batch", lambda work: sizes.append([len(w.chunk) for w in work]) or real(work))
+    batcher = Batcher(max_batch=4, max_step_tokens=budget)
+    vlm = family_vlm.batched(batcher)
+    try:
+        got_long, got_short = _in_threads([lambda: _answer(vlm, 4, 8, long_question, tokens=6),
+                                           lambda: _answer(vlm, 2, 9, "Short?", tokens=12)])
+    finally:
+        batcher.close()
+    assert max(max(step) for step in sizes) <= budget  # no piece over the budget
+    assert max(sum(step) for step in sizes) <= budget  # nor any step
+    assert len(family_vlm.tokenizer(long_question)["input_ids"]) > budget  # so the question did run in pieces
+    for (ids, logits, stats), (ids_b, logits_b, stats_b) in ((want_long, got_long), (want_short, got_short)):
+        assert ids_b == ids and len(set(ids)) > 1
+        assert (logits_b - logits).abs().max().item() <= LOGIT_BOUND
+        assert stats_b["kv_entries_per_layer"] == stats["kv_entries_per_layer"]
+        assert stats_b["flops"] == stats["flops"]  # the pieces cost what the chunk does, dense count included
+
+
+def test_a_step_waits_for_a_thread_with_more_pieces_to_hand_in():
+    from streamvlm.batching import _Ticket
+
+    batcher = Batcher(max_batch=4, gather_s=0.0)
+    batcher._queue.append(_Ticket(Work(None, _Sized(50), None, None, "none"), thread=1, more=True))
+    batcher._queue.append(_Ticket(Work(None, _Sized(50), None, None, "none"), thread=2))
+    batcher._take()
+    assert batcher._expected == {1}  # its next piece comes at once; the finished ingest's thread is not waited for
 
 
 def test_a_step_waits_for_the_sequences_it_gave_logits_to_but_not_for_ingests():

@@ -273,6 +273,7 @@ def test_serve_user_errors(cache, tmp_path, capsys):
     (["caption", "x.mp4", "--out", "o.jsonl", "--num-shards", "0"], "--num-shards"),
     (["caption", "x.mp4", "--out", "o.jsonl", "--batch", "0"], "--batch"),
     (["serve", "--max-batch", "0"], "--max-batch"),
+    (["serve", "--max-step-tokens", "0"], "--max-step-tokens"),
     (["bench", "streams", "--streams", "0"], "--streams"),
     (["bench", "streams", "--repeats", "0"], "--repeats"),
     (["serve", "--port", "-5"], "--port"),

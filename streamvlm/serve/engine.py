@@ -7,7 +7,7 @@ With max_batch > 1 the language model's forwards of every request and live strea
 (continuous batching, `streamvlm.batching`): each request's thread drives its own session, and the batcher's
 step thread runs what they have handed in as one step, up to max_batch sequences. A request joins the
 running batch at its next forward and leaves it when it is done; the weights are read once a step for all of
-them. The request threads run their own torch ops (video decoding, the vision tower, sampling) on one core
+them, and a prefill longer than max_step_tokens runs in pieces, a step each, between the others' tokens. The request threads run their own torch ops (video decoding, the vision tower, sampling) on one core
 each: the step thread alone has every core (`streamvlm.cores`). With max_batch 1 each request runs alone, one
 at a time (workers 1), as before batching.
 
@@ -46,16 +46,16 @@ _END = object()
 
 class Engine:
     def __init__(self, vlm: StreamVLM, model_id: str, workers: int = 1, max_batch: int = 1,
-                 prefix_cache_bytes: int = 2**30):
-        if workers < 1 or max_batch < 1:
-            raise ValueError("workers and max_batch must be at least 1")
+                 prefix_cache_bytes: int = 2**30, max_step_tokens: int = 2048):
+        if workers < 1 or max_batch < 1 or max_step_tokens < 1:
+            raise ValueError("workers, max_batch and max_step_tokens must be at least 1")
         self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         """Sessions kept after their media were ingested, for requests about the same media (None: off)."""
         self.vlm = vlm
         self.model_id = model_id
         self.workers = max(workers, max_batch)
         self.max_batch = max_batch
-        self.batcher = Batcher(max_batch) if max_batch > 1 else None
+        self.batcher = Batcher(max_batch, max_step_tokens) if max_batch > 1 else None
         # Batched, the request threads only feed the step thread; unbatched, each worker computes.
         cores = torch.get_num_threads()
         self.pool = LastIdleFirst(self.workers, "streamvlm-worker",

@@ -201,3 +201,19 @@ def test_a_bad_cache_salt_is_a_400_naming_the_field(tiny, media, salt, why):
         assert "cache_salt" in error["message"] and why in error["message"]
         assert http.post("/v1/chat/completions", json=body()).status_code == 200  # nothing kept from it
     assert engine.prefix.stats()["misses"] == 1
+
+
+def test_a_long_prompt_under_a_small_step_budget_answers_as_alone(tiny, media):
+    # the server's --max-step-tokens: the system prompt and video are fed in pieces of at most 24 tokens
+    request = body(system="You watch videos closely. " * 12)
+    alone = answer(Engine(tiny, "m", prefix_cache_bytes=0), media, request)
+    engine = Engine(tiny, "m", max_batch=4, max_step_tokens=24, prefix_cache_bytes=0)
+    try:
+        assert engine.batcher.max_step_tokens == 24
+        result = answer(engine, media, request)
+        steps = engine.batcher.steps
+    finally:
+        engine.close()
+    assert result.text == alone.text and result.prompt_tokens == alone.prompt_tokens > 24 * 4
+    # a step per piece of the prompt (none holds more than 24 tokens), then one per answer token after the first
+    assert steps >= -(-result.prompt_tokens // 24) + result.completion_tokens - 1
