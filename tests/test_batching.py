@@ -343,6 +343,25 @@ def test_a_long_prefill_runs_in_pieces_between_the_others_steps_and_answers_as_a
         assert stats_b["flops"] == stats["flops"]  # the pieces cost what the chunk does, dense count included
 
 
+def test_teacher_forced_logits_of_a_long_answer_in_pieces_equal_alone(family_vlm):
+    answer_ids = [(7 * i) % 50 + 5 for i in range(40)]
+
+    def scored(vlm):
+        session = vlm.session()
+        session.append_frames(random_frames(2, seed=4), _times(2))
+        return session.score("What is it?", answer_ids)
+
+    want = scored(family_vlm)
+    batcher = Batcher(max_batch=2, max_step_tokens=16)
+    try:
+        got = scored(family_vlm.batched(batcher))
+    finally:
+        batcher.close()
+    assert batcher.steps >= 4  # the frames and the 40-token answer went through in pieces of at most 16
+    assert got.shape == want.shape == (41, want.shape[1])
+    assert (got - want).abs().max().item() <= LOGIT_BOUND
+
+
 def test_a_step_waits_for_a_thread_with_more_pieces_to_hand_in():
     from streamvlm.batching import _Ticket
 
