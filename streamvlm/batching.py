@@ -22,10 +22,11 @@ A step takes waiting chunks in arrival order, up to `max_batch` of them and `max
 first is always taken). A chunk longer than `max_step_tokens` (a long prompt, many frames of many tokens) is
 handed in as pieces of at most that many tokens, one step each (`Chunk.split`, which never cuts a frame), so
 a long prefill holds everyone's decode for a step of the budget at a time and the others' tokens go on
-between its pieces; nothing waits behind more than one step's budget of it. Before a step the batcher waits, up to `gather_s`, for the threads the
-last step gave logits to (they are generating: they sample a token and hand it in at once) and for those
-with more pieces of a chunk to hand in, so a batch does not fall apart into singles. Threads whose chunk wanted no logits (frames ingested, a turn closed) are not
-waited for: they go on to other work (decoding the next frames, waiting for a camera).
+between its pieces; nothing waits behind more than one step's budget of it. Before a step the batcher waits,
+up to `gather_s`, for the threads the last step gave logits to (they are generating: they sample a token and
+hand it in at once) and for those with more pieces of a chunk to hand in, so a batch does not fall apart
+into singles. Threads whose chunk wanted no logits (frames ingested, a turn closed) are not waited for: they
+go on to other work (decoding the next frames, waiting for a camera).
 
 Cancelling a sequence is its thread stopping: it closes its turn (one chunk) and hands in nothing more. A
 session's last question (`ask_stream(..., last=True)`) closes its turn without a chunk: its thread says so
@@ -60,7 +61,8 @@ class Batcher:
     """Runs the forwards of every `BatchedDecoder` made from it, several per step, on a thread of its own.
 
     max_batch: sequences in one step. max_step_tokens: tokens in one step (a chunk longer than it is run in
-    pieces, a step each; only a frame longer than it runs whole, alone). gather_s: how long a step waits for the threads of the last step to hand in their next chunk.
+    pieces, a step each; only a frame longer than it runs whole, alone). gather_s: how long a step waits for
+    the threads of the last step to hand in their next chunk.
     threads: intra-op threads the step thread runs with (default: torch's count where the batcher is made).
     The step thread starts with the first chunk handed in and ends at `close`.
     """

@@ -325,7 +325,8 @@ def test_a_long_prefill_runs_in_pieces_between_the_others_steps_and_answers_as_a
 
     real = batching.forward_batch
     sizes = []
-    monkeypatch.setattr(batching, "forward_batch", lambda work: sizes.append([len(w.chunk) for w in work]) or real(work))
+    monkeypatch.setattr(batching, "forward_batch",
+                        lambda work: sizes.append([len(w.chunk) for w in work]) or real(work))
     batcher = Batcher(max_batch=4, max_step_tokens=budget)
     vlm = family_vlm.batched(batcher)
     try:

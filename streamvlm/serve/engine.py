@@ -7,9 +7,10 @@ With max_batch > 1 the language model's forwards of every request and live strea
 (continuous batching, `streamvlm.batching`): each request's thread drives its own session, and the batcher's
 step thread runs what they have handed in as one step, up to max_batch sequences. A request joins the
 running batch at its next forward and leaves it when it is done; the weights are read once a step for all of
-them, and a prefill longer than max_step_tokens runs in pieces, a step each, between the others' tokens. The request threads run their own torch ops (video decoding, the vision tower, sampling) on one core
-each: the step thread alone has every core (`streamvlm.cores`). With max_batch 1 each request runs alone, one
-at a time (workers 1), as before batching.
+them, and a prefill longer than max_step_tokens runs in pieces, a step each, between the others' tokens. The
+request threads run their own torch ops (video decoding, the vision tower, sampling) on one core each: the
+step thread alone has every core (`streamvlm.cores`). With max_batch 1 each request runs alone, one at a time
+(workers 1), as before batching.
 
 Requests about media an earlier request ingested (same media, system prompt, video options, routing and
 cache salt) start from a copy of that request's session (`prefix`, `streamvlm.serve.prefix`), within
