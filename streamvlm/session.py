@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from streamvlm.cache import KVCache
+from streamvlm.cancel import check_cancelled
 from streamvlm.decoder import Decoder
 from streamvlm.errors import StreamVLMError
 from streamvlm.flops import FlopCounter
@@ -115,7 +116,9 @@ class Session:
                 "or a new session")
 
     def _run(self, pieces: list[Piece], logits: str) -> torch.Tensor | None:
-        """Place pieces at the end of the sequence and run them through the decoder into the cache."""
+        """Place pieces at the end of the sequence and run them through the decoder into the cache. Every
+        forward starts here: a thread whose work was cancelled (`streamvlm.cancel`) stops here."""
+        check_cancelled()
         chunk = self._seq.place(pieces)
         out = self._decoder.forward(chunk, self.cache, self.flops, logits=logits)
         self._tokens_seen += len(chunk)

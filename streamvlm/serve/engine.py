@@ -22,7 +22,9 @@ Live streams get their own router too.
 
 `stream_in_thread` runs a blocking generator on a worker and hands its items to the event loop as they
 come; when the consumer goes away (a client disconnects), the generator is closed on its own thread at the
-next item, which for an answer ends the turn cleanly ("cancelled").
+next item, which for an answer ends the turn cleanly ("cancelled"), and a session it drives raises
+`streamvlm.cancel.Cancelled` before its next forward (a video's ingest or a prompt's prefill stops there,
+not at the answer's first token).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import TypeVar
 import torch
 
 from streamvlm.batching import Batcher
+from streamvlm.cancel import cancel_on
 from streamvlm.cores import one_core, use_cores
 from streamvlm.runtime import StreamVLM
 from streamvlm.serve.prefix import PrefixCache
@@ -90,14 +93,15 @@ class Engine:
 
         def work() -> None:
             try:
-                gen = make()
-                try:
-                    for item in gen:
-                        loop.call_soon_threadsafe(items.put_nowait, item)
-                        if cancel.is_set():
-                            break
-                finally:
-                    gen.close()
+                with cancel_on(cancel):  # once the consumer is gone, the session stops before its next forward
+                    gen = make()
+                    try:
+                        for item in gen:
+                            loop.call_soon_threadsafe(items.put_nowait, item)
+                            if cancel.is_set():
+                                break
+                    finally:
+                        gen.close()
                 loop.call_soon_threadsafe(items.put_nowait, _END)
             except BaseException as e:  # noqa: BLE001 - raised again on the event loop
                 loop.call_soon_threadsafe(items.put_nowait, _Failed(e))
