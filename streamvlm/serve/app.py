@@ -25,14 +25,14 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from collections.abc import Awaitable
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
@@ -40,6 +40,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from streamvlm.cancel import Cancelled
 from streamvlm.cores import one_core
 from streamvlm.errors import StreamVLMError
 from streamvlm.memory import MemoryBudget
@@ -61,7 +62,6 @@ from streamvlm.serve.names import ClientNames
 from streamvlm.serve.streams import LiveStream, StreamRegistry, StreamSpec, Watcher
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _STATIC = resources.files("streamvlm.serve") / "static"
 
@@ -217,22 +217,29 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         if job.routing is not None:
             _check_routing(engine, job.routing)
         cid, created = completion_id(), int(time.time())
-        events = engine.stream_in_thread(lambda: run_chat(engine, config.media, job))
         # Until a reply's first byte nothing else notices a client that leaves: without this a request whose
-        # client hung up ingested, prefilled and, unstreamed, generated all of its max_tokens for no one.
+        # client hung up ingested, prefilled and, unstreamed, generated all of its max_tokens for no one. Once
+        # `cancel` is set its worker's session raises before its next forward (`streamvlm.cancel`).
+        cancel = threading.Event()
+        events = engine.stream_in_thread(lambda: run_chat(engine, config.media, job), cancel)
         gone = asyncio.ensure_future(_client_gone(request))
+        gone.add_done_callback(lambda watch: watch.cancelled() or cancel.set())
         try:
             # The first item comes after the video is read and the prompt is fed: failures up to there are
             # ordinary error responses, before any byte of a stream is sent.
-            first = await _unless_gone(anext(events), gone)
+            first = await anext(events)
             if not req.stream:
                 try:
-                    result = await _unless_gone(_result(first, events), gone)
+                    result = first
+                    while not isinstance(result, ChatResult):
+                        result = await anext(events)
+                    await _drain(events)
                 finally:
                     await events.aclose()
                 return completion_body(cid, created, engine.model_id, result)
-        except _ClientGone:
-            await events.aclose()  # the worker's session stops before its next forward (`streamvlm.cancel`)
+        except (Cancelled, StopAsyncIteration):  # stopped at a forward, or at an item, after the client left
+            if not cancel.is_set():
+                raise
             return Response(status_code=499)  # nginx's "client closed request"; no one receives it
         finally:
             gone.cancel()  # a streamed reply's disconnect is the StreamingResponse's to notice
@@ -455,36 +462,11 @@ async def _answer(stream: LiveStream, watcher: Watcher, ask: AskMessage) -> None
         watcher.send({"type": "error", "id": qid, "message": f"internal error ({type(e).__name__})"})
 
 
-class _ClientGone(Exception):
-    """The client of a request closed its connection."""
-
-
 async def _client_gone(request: Request) -> None:
     """Returns once the client has closed its connection (the request's body is read: what the server receives
     next is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-async def _unless_gone(step: Awaitable[T], gone: asyncio.Future) -> T:
-    """`await step`, unless the client leaves first (`gone` done): then `step` is cancelled and _ClientGone
-    raised."""
-    task = asyncio.ensure_future(step)
-    await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        return task.result()
-    task.cancel()
-    await asyncio.wait((task,))
-    raise _ClientGone
-
-
-async def _result(first, events) -> ChatResult:
-    """A reply's ChatResult (its text pieces skipped), once its worker is idle again."""
-    result = first
-    while not isinstance(result, ChatResult):
-        result = await anext(events)
-    await _drain(events)
-    return result
 
 
 async def _drain(events) -> None:

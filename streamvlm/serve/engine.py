@@ -85,11 +85,14 @@ class Engine:
             models[routing] = self.fresh(routing)
         return models[routing]
 
-    async def stream_in_thread(self, make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
-        """Iterate `make()` on a worker thread, yielding its items on the event loop."""
+    async def stream_in_thread(self, make: Callable[[], Iterator[T]],
+                               cancel: threading.Event | None = None) -> AsyncIterator[T]:
+        """Iterate `make()` on a worker thread, yielding its items on the event loop. `cancel` (set here when the
+        consumer goes away; a caller may set it sooner) stops the work: at its next item, or before its
+        session's next forward with `streamvlm.cancel.Cancelled`, which the iteration then raises."""
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
+        cancel = cancel or threading.Event()
 
         def work() -> None:
             try:
