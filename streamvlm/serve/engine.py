@@ -39,7 +39,7 @@ from typing import TypeVar
 import torch
 
 from streamvlm.batching import Batcher
-from streamvlm.cancel import cancel_on
+from streamvlm.cancel import cancel_on, check_cancelled
 from streamvlm.cores import one_core, use_cores
 from streamvlm.runtime import StreamVLM
 from streamvlm.serve.prefix import PrefixCache
@@ -97,6 +97,7 @@ class Engine:
         def work() -> None:
             try:
                 with cancel_on(cancel):  # once the consumer is gone, the session stops before its next forward
+                    check_cancelled()  # gone while this waited for a worker: read no video for it
                     gen = make()
                     try:
                         for item in gen:

@@ -114,3 +114,25 @@ def test_a_request_whose_client_leaves_stops_at_its_next_forward(tiny_dir, tmp_p
     assert len(forwards) == leave_after  # not one forward after the server noticed (of 1000 tokens asked for)
     start = next(m for m in sent if m["type"] == "http.response.start")
     assert start["status"] == (200 if stream and leave_after > 2 else 499)  # a stream's reply begins at token 1
+
+
+def test_work_whose_client_left_while_it_waited_for_a_worker_never_starts(tiny_dir):
+    engine = Engine(StreamVLM.from_pretrained(tiny_dir, device="cpu"), "tiny")
+    started = []
+
+    def make():
+        started.append(1)
+        yield "never"
+
+    cancel = threading.Event()
+    cancel.set()  # the client left before a worker took the request
+
+    async def consume():
+        return [item async for item in engine.stream_in_thread(make, cancel)]
+
+    try:
+        with pytest.raises(Cancelled):
+            asyncio.run(consume())
+    finally:
+        engine.close()
+    assert started == []
