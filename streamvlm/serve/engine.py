@@ -92,7 +92,7 @@ class Engine:
         session's next forward with `streamvlm.cancel.Cancelled`, which the iteration then raises."""
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
-        cancel = cancel or threading.Event()
+        cancel = threading.Event() if cancel is None else cancel
 
         def work() -> None:
             try:
