@@ -36,9 +36,9 @@ def test_a_session_stops_before_its_next_forward_once_its_event_is_set(tiny_dir)
     assert other.ask("Still there?", max_new_tokens=2)
 
 
-def _request(app, body: dict, leave: asyncio.Event) -> list[dict]:
-    """POST body to /v1/chat/completions through the ASGI app; the client disconnects once `leave` is set.
-    Returns what the app sent."""
+def _request(loop, app, body: dict, leave: asyncio.Event) -> list[dict]:
+    """POST body to /v1/chat/completions through the ASGI app, on `loop`; the client disconnects once `leave`
+    is set. Returns what the app sent."""
     data = json.dumps(body).encode()
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
@@ -62,7 +62,7 @@ def _request(app, body: dict, leave: asyncio.Event) -> list[dict]:
     async def run():
         await asyncio.wait_for(app(scope, receive, send), 120)
 
-    asyncio.get_event_loop().run_until_complete(run())
+    loop.run_until_complete(run())
     return sent
 
 
@@ -77,7 +77,6 @@ def test_a_request_whose_client_leaves_stops_at_its_next_forward(tiny_dir, tmp_p
     engine = Engine(StreamVLM.from_pretrained(tiny_dir, device="cpu"), "tiny", max_batch=max_batch)
     app = create_app(engine, ServeConfig(media=MediaPolicy(tmp_path)))
     loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
     leave = asyncio.Event()
     forwards = []
     done = threading.Event()
@@ -105,12 +104,11 @@ def test_a_request_whose_client_leaves_stops_at_its_next_forward(tiny_dir, tmp_p
             "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "clip.mkv"}},
                                                       {"type": "text", "text": "What is it?"}]}]}
     try:
-        sent = _request(app, body, leave)
+        sent = _request(loop, app, body, leave)
         assert done.wait(60)
     finally:
         engine.close()
         loop.close()
-        asyncio.set_event_loop(None)
     assert len(forwards) == leave_after  # not one forward after the server noticed (of 1000 tokens asked for)
     start = next(m for m in sent if m["type"] == "http.response.start")
     assert start["status"] == (200 if stream and leave_after > 2 else 499)  # a stream's reply begins at token 1
