@@ -157,21 +157,30 @@ class LiveSession:
             yield from self.session.ask_stream(question, **sampling)
 
     def ask(self, question: str, on_piece: Callable[[str], None] | None = None,
-            on_start: Callable[[float | None, int], None] | None = None, **sampling) -> LiveAnswer:
+            on_start: Callable[[float | None, int], None] | None = None, stop: threading.Event | None = None,
+            **sampling) -> LiveAnswer:
         """Answer a question about the stream so far; on_piece gets the answer's text as it is generated,
-        on_start the stream time and frame count the answer will see, once the question has the lock."""
+        on_start the stream time and frame count the answer will see, once the question has the lock. Once
+        `stop` is set the answer ends at its next token (stop_reason "cancelled"; the turn is closed in the
+        cache as any answer's, so the stream goes on as after a short answer)."""
         asked = time.perf_counter()
         first, pieces = None, []
         with self._lock:
             t, frames = self.stream_time, self.session.stats()["frames"]
             if on_start is not None:
                 on_start(t, frames)
-            for piece in self.session.ask_stream(question, **sampling):
-                if first is None:  # the first token, even one that decodes to no text yet
-                    first = time.perf_counter() - asked
-                pieces.append(piece)
-                if on_piece is not None:
-                    on_piece(piece)
+            answer = self.session.ask_stream(question, **sampling)
+            try:
+                for piece in answer:
+                    if first is None:  # the first token, even one that decodes to no text yet
+                        first = time.perf_counter() - asked
+                    pieces.append(piece)
+                    if on_piece is not None:
+                        on_piece(piece)
+                    if stop is not None and stop.is_set():
+                        break
+            finally:
+                answer.close()  # a stopped answer's turn is closed here, under the lock
             turn = self.session.turns[-1]
         return LiveAnswer(question, "".join(pieces), t, frames, first, time.perf_counter() - asked,
                           turn.stop_reason)

@@ -427,6 +427,7 @@ async def _answer(stream: LiveStream, watcher: Watcher, ask: AskMessage) -> None
     never dropped (an answer is at most max_tokens pieces)."""
     qid = ask.id or stream.next_question_id()
     loop = watcher.loop
+    stop = threading.Event()  # set when the asker leaves: the answer ends at its next token
 
     def put(message: dict) -> None:
         loop.call_soon_threadsafe(watcher.send, message)
@@ -442,14 +443,15 @@ async def _answer(stream: LiveStream, watcher: Watcher, ask: AskMessage) -> None
         def on_start(t: float | None, frames: int) -> None:
             put({"type": "answer.start", "id": qid, "question": ask.question, "t": t, "frames": frames})
 
-        return stream.live.ask(ask.question, on_piece=on_piece, on_start=on_start, **sampling)
+        return stream.live.ask(ask.question, on_piece=on_piece, on_start=on_start, stop=stop, **sampling)
 
     try:
         async with stream.answering:  # waiting costs no thread
             running = asyncio.ensure_future(asyncio.to_thread(work))
             try:
                 answer = await asyncio.shield(running)
-            except asyncio.CancelledError:  # the asker left: hold the turn until the answer ends (<= max_tokens)
+            except asyncio.CancelledError:  # the asker left: the answer stops at its next token, its turn closed
+                stop.set()
                 await asyncio.wait([running])
                 if not running.cancelled():
                     running.exception()  # seen: no "exception was never retrieved" in the log

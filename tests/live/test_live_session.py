@@ -78,6 +78,35 @@ def test_ask_stream_yields_the_answer_in_pieces(tiny_vlm):
         assert "".join(pieces) == live.session.turns[-1].answer and len(live.session.turns[-1].answer_ids) == 4
 
 
+def test_a_stopped_answer_ends_at_its_next_token_and_the_stream_goes_on_as_offline(tiny_vlm, clip):
+    # what the server does when a WebSocket asker leaves mid-answer
+    source = Recording(FileSource(clip, fps=8, speed=0))
+    stop = threading.Event()
+
+    def on_piece(piece):
+        if len(pieces) == 1:
+            stop.set()  # during the second token
+        pieces.append(piece)
+
+    pieces = []
+    with LiveSession(tiny_vlm, source, memory_budget=None) as live:
+        assert live.wait(60)  # every frame of the file is in
+        stopped = live.ask("What is in the video?", on_piece=on_piece, stop=stop, max_new_tokens=50,
+                           ignore_stop=True)
+        after = live.ask("And now?", max_new_tokens=5, ignore_stop=True)
+        turns = live.session.turns
+    assert stopped.stop_reason == "cancelled" and len(turns[0].answer_ids) == 2 and len(pieces) == 2
+    offline = tiny_vlm.session()
+    frames = source.frames_seen
+    offline.append_frames(torch.stack([f.frame for f in frames]), [f.time for f in frames])
+    answer = offline.ask_stream("What is in the video?", max_new_tokens=50, ignore_stop=True)
+    next(answer), next(answer)
+    answer.close()  # stopped after two tokens: the turn is closed in the cache
+    assert offline.turns[0].answer_ids == turns[0].answer_ids
+    assert offline.ask("And now?", max_new_tokens=5, ignore_stop=True) == after.text
+    assert offline.turns[1].answer_ids == turns[1].answer_ids
+
+
 def test_slow_model_behind_a_fast_source_drops_frames_and_its_lag_stays_bounded(tiny_dir, events):
     from streamvlm.runtime import StreamVLM
 

@@ -331,10 +331,11 @@ def test_asks_are_bounded_wait_without_a_thread_and_end_with_their_connection(ti
     from streamvlm.serve import Engine, ServeConfig, create_app
     from streamvlm.live import LiveAnswer
 
-    release, started = threading.Event(), []
+    release, started, stops = threading.Event(), [], []
 
-    def blocking_ask(question, on_piece=None, on_start=None, **sampling):
+    def blocking_ask(question, on_piece=None, on_start=None, stop=None, **sampling):
         started.append(question)
+        stops.append(stop)
         release.wait(60)
         return LiveAnswer(question, "ok", None, 0, 0.0, 0.0, "stop_token")
 
@@ -383,6 +384,7 @@ def test_asks_are_bounded_wait_without_a_thread_and_end_with_their_connection(ti
                 until(lambda: stream.asks == 3, "the second connection's waiting questions were not cancelled")
             until(lambda: stream.asks == 1, "the first connection's waiting questions were not cancelled")
             assert started == ["a0"]  # the cancelled ones never ran
+            until(lambda: stops[0].is_set(), "the answering question was not told its asker left")
             release.set()
             until(lambda: stream.asks == 0, "the answering question never ended")
             with client.websocket_connect(url) as third:  # and the stream answers again
