@@ -171,7 +171,7 @@ class KVCache:
     @property
     def bytes_per_entry(self) -> int:
         """K and V bytes of one entry at one layer."""
-        return 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize  # read at every forward: no tensor made
 
     @property
     def kv_bytes(self) -> int:
