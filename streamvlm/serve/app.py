@@ -121,9 +121,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     names = ClientNames(config.media.allowed_dir, engine.vlm.adapter.model_dir)
 
     async def close(stream: LiveStream) -> None:
-        stream.cancel_ticker()
-        for watcher in list(stream.watchers):
-            watcher.offer({"type": "closed", "t": stream.live.stream_time})
+        stream.shut()
         await asyncio.to_thread(stream.close)
 
     async def sweep() -> None:
@@ -139,8 +137,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             ThreadPoolExecutor(thread_name_prefix="streamvlm-aside", initializer=one_core))
         yield
         for stream in registry.all():
-            stream.cancel_ticker()
-            await asyncio.to_thread(stream.close)
+            await close(stream)
         engine.close()
 
     app = FastAPI(title="streamvlm", version="0.1.0", lifespan=lifespan,
@@ -447,7 +444,12 @@ async def _answer(stream: LiveStream, watcher: Watcher, ask: AskMessage) -> None
 
     try:
         async with stream.answering:  # waiting costs no thread
+            if stream.closed:  # deleted while this question waited
+                watcher.send({"type": "error", "id": qid, "code": "stream_closed",
+                              "message": "the stream was closed before this question was answered"})
+                return
             running = asyncio.ensure_future(asyncio.to_thread(work))
+            stream.stops.add(stop)  # deleting the stream sets it too
             try:
                 answer = await asyncio.shield(running)
             except asyncio.CancelledError:  # the asker left: the answer stops at its next token, its turn closed
@@ -456,6 +458,8 @@ async def _answer(stream: LiveStream, watcher: Watcher, ask: AskMessage) -> None
                 if not running.cancelled():
                     running.exception()  # seen: no "exception was never retrieved" in the log
                 raise
+            finally:
+                stream.stops.discard(stop)
         watcher.send({**answer.as_event(), "type": "answer.done", "id": qid})
     except StreamVLMError as e:
         watcher.send({"type": "error", "id": qid, "message": stream.names.text(str(e))})

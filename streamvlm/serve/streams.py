@@ -5,7 +5,8 @@
     WebSocket "ask"              --> LiveSession.ask on a thread; its pieces go to the asker only
 
 A watcher's queue is bounded: a client that stops reading loses status, frame and event messages (counted),
-never its own answers, and never slows capture or ingest.
+never its own answers nor the stream's `closed`, and never slows capture or ingest. Deleting a stream stops
+its answer at the next token and refuses the questions waiting, whatever its watchers have read.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ class LiveStream:
         # here, on the event loop, instead of each blocking a thread on that lock.
         self.answering = asyncio.Lock()
         self.asks = 0  # questions answering or waiting, on the event loop only
+        self.stops: set[threading.Event] = set()  # of the answer running now (set: it ends at its next token)
+        self.closed = False  # deleted (or the server stopping): no question starts any more
         self._questions = itertools.count(1)
         self._preview: tuple[float, bytes] | None = None  # (stream time, JPEG) of the newest preview
         self._preview_lock = threading.Lock()
@@ -108,13 +111,21 @@ class LiveStream:
         self.live.start()
         self._ticker = self.loop.create_task(self._tick())
 
+    def shut(self) -> None:
+        """On the event loop, as the stream is deleted: no question starts from now on, the one answering ends
+        at its next token, and every watcher is told (a message never dropped, however far behind its client
+        is: its connection ends once it has read it). Before `close`."""
+        self.closed = True
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for stop in self.stops:
+            stop.set()
+        for watcher in list(self.watchers):
+            watcher.send({"type": "closed", "t": self.live.stream_time})
+
     def close(self) -> None:
         """Stop capture and ingest (blocking: call on a thread)."""
         self.live.stop()
-
-    def cancel_ticker(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
 
     # -- what clients see --------------------------------------------------------------------------
 

@@ -397,6 +397,67 @@ def test_asks_are_bounded_wait_without_a_thread_and_end_with_their_connection(ti
             client.delete(f"/v1/streams/{stream_id}")
 
 
+def test_deleting_a_stream_stops_its_answer_and_its_waiting_questions_whatever_its_clients_read(tiny_dir):
+    """A stream deleted while it answers: the answer is told to stop by the deletion itself, not by its asker's
+    connection closing. Here the asker has stopped reading (its messages pile up, unread, past the bounded
+    queue), so its connection would never close: the question waiting behind the answer must never start,
+    and the client is still sent `closed`, which no full queue drops."""
+    import asyncio
+    import threading
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from streamvlm.runtime import StreamVLM
+    from streamvlm.serve import Engine, ServeConfig, create_app
+    from streamvlm.serve.streams import _WATCHER_QUEUE
+    from streamvlm.live import LiveAnswer
+
+    release, started, stops = threading.Event(), [], []
+
+    def blocking_ask(question, on_piece=None, on_start=None, stop=None, **sampling):
+        started.append(question)
+        stops.append(stop)
+        release.wait(60)
+        return LiveAnswer(question, "ok", None, 0, 0.0, 0.0, "cancelled" if stop.is_set() else "stop_token")
+
+    def until(condition, what):
+        deadline = time.monotonic() + 60  # a bound on the wait, not a timing assertion
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    engine = Engine(StreamVLM.from_pretrained(tiny_dir, device="cpu"), "tiny")
+    app = create_app(engine, ServeConfig(max_sessions=1))
+    with TestClient(app) as client:
+        stream_id = client.post("/v1/streams", json={"source": "sample", "loop": True}).json()["id"]
+        stream = app.state.registry.get(stream_id)
+        stream.live.ask = blocking_ask
+        try:
+            with client.websocket_connect(f"/v1/streams/{stream_id}/ws") as ws:
+                for qid in ("a0", "a1"):
+                    ws.send_text(json.dumps({"type": "ask", "question": qid, "id": qid}))
+                until(lambda: started == ["a0"] and stream.asks == 2, "the questions were not taken")
+                # From here the client reads nothing: its writer waits on a queue that no longer gets messages,
+                # and the messages pile up in one nobody reads, already at the bound.
+                (watcher,) = stream.watchers
+                unread = asyncio.Queue()
+                for _ in range(_WATCHER_QUEUE):
+                    unread.put_nowait({"type": "status"})
+                watcher.queue = unread
+                assert client.delete(f"/v1/streams/{stream_id}").status_code == 200
+                until(lambda: stops[0].is_set(), "the answer was not told to stop when its stream was deleted")
+                release.set()
+                until(lambda: stream.asks == 0, "the questions did not end")
+                assert started == ["a0"]  # the waiting one never started
+                sent = [unread.get_nowait() for _ in range(unread.qsize())][_WATCHER_QUEUE:]
+                assert [m["type"] for m in sent] == ["closed", "answer.done", "error"]
+                assert sent[1]["id"] == "a0" and sent[1]["stop_reason"] == "cancelled"
+                assert sent[2]["id"] == "a1" and sent[2]["code"] == "stream_closed"
+        finally:
+            release.set()
+
+
 def test_the_largest_accepted_values_are_served(server, http):
     # the bounds sit where the runtime still works: the largest value each allows is a 200, not a 500
     body = {**video("ok.mp4"), "max_tokens": 2**31 - 1, "seed": 2**63 - 1, "top_k": 2**31 - 1, "temperature": 2,
