@@ -28,6 +28,10 @@ hand it in at once) and for those with more pieces of a chunk to hand in, so a b
 into singles. Threads whose chunk wanted no logits (frames ingested, a turn closed) are not waited for: they
 go on to other work (decoding the next frames, waiting for a camera).
 
+A step that fails runs again one sequence at a time, each from where it was before the step (its cache
+rewound, `KVCache.rewind`), so one sequence's error (its router, its own cache's growth) fails it alone and the
+others go on as if they had run alone.
+
 Cancelling a sequence is its thread stopping: it closes its turn (one chunk) and hands in nothing more. A
 session's last question (`ask_stream(..., last=True)`) closes its turn without a chunk: its thread says so
 (`finished`), and the next step does not wait for it.
@@ -150,12 +154,27 @@ class Batcher:
             return taken
 
     def _step(self, taken: list[_Ticket]) -> None:
-        """Run one step and wake its threads."""
+        """Run one step and wake its threads. A step that fails runs again one sequence at a time, from where
+        each was before it, so that one sequence's error (its router, its cache's growth) fails it alone. (FLOPs
+        are charged once every layer has run: a failed step charged none.)"""
+        before = [ticket.work.cache.entries_per_layer for ticket in taken] if len(taken) > 1 else None
         try:
             with torch.inference_mode():
                 results = forward_batch([ticket.work for ticket in taken])
             for ticket, result in zip(taken, results):
                 ticket.result = result
+        except Exception as e:  # noqa: BLE001 - raised by the waiting thread (or each, run alone)
+            if before is None:
+                taken[0].error = e
+            else:
+                for ticket, lengths in zip(taken, before):
+                    ticket.work.cache.rewind(lengths)
+                    try:
+                        with torch.inference_mode():
+                            ticket.result = forward_batch([ticket.work])[0]
+                    except Exception as alone:  # noqa: BLE001 - raised by its waiting thread
+                        ticket.error = alone
+                        ticket.work.cache.rewind(lengths)
         except BaseException as e:  # noqa: BLE001 - each waiting thread raises it
             for ticket in taken:
                 ticket.error = e

@@ -96,6 +96,13 @@ class KVCache:
         all_values[:, start:] = values
         return all_keys, all_values
 
+    def rewind(self, lengths: list[int]) -> None:
+        """Drop every entry appended since `entries_per_layer` was `lengths` (a batched step that failed part-way
+        leaves some layers holding a chunk and others not; its sequences go on from before it)."""
+        if len(lengths) != self.num_layers or any(not 0 <= n <= m for n, m in zip(lengths, self._length)):
+            raise ValueError(f"cannot rewind entries per layer {self._length} to {lengths}")
+        self._length = list(lengths)
+
     def keep(self, layer: int, index: torch.Tensor) -> None:
         """Keep only the entries at ascending `index` (int64) of `layer`, in order; the rest are dropped."""
         m = index.numel()

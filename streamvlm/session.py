@@ -71,6 +71,7 @@ class Session:
         self._peak_kv_bytes = 0
         self._said = False  # the open turn has text from say()
         self._ended = False  # its last answer was not fed back (ask_stream(..., last=True))
+        self._broken: str | None = None  # a forward stopped part-way: what stopped it
 
     def fork(self, decoder: Decoder | None = None, **sampling) -> Session:
         """An independent session that goes on from here: the same cache, timeline and turns, copied (the
@@ -119,8 +120,14 @@ class Session:
         """Place pieces at the end of the sequence and run them through the decoder into the cache. Every
         forward starts here: a thread whose work was cancelled (`streamvlm.cancel`) stops here."""
         check_cancelled()
-        chunk = self._seq.place(pieces)
-        out = self._decoder.forward(chunk, self.cache, self.flops, logits=logits)
+        try:
+            chunk = self._seq.place(pieces)
+            out = self._decoder.forward(chunk, self.cache, self.flops, logits=logits)
+        except BaseException as e:
+            # Stopped part-way (Ctrl-C, an error): some layers may hold the chunk and the others not, which no
+            # later forward can tell from routing. Nothing more is fed to that cache.
+            self._broken = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            raise
         self._tokens_seen += len(chunk)
         self._peak_kv_bytes = max(self._peak_kv_bytes, self.cache.kv_bytes)
         return out
@@ -323,10 +330,12 @@ class Session:
         """Feed what closes the assistant turn (a token generated but not yet fed, then the closing text) and
         record the turn; feed=False records it only, and ends the session."""
         rest = ((answer.pending,) if answer.pending is not None else ()) + plan.closing_ids
-        if rest and feed:
+        broken = self._broken is not None  # one of the answer's forwards stopped part-way: nothing more is fed
+        if rest and feed and not broken:
             self._run([TextPiece(rest)], logits="none")
         if not feed:
             self._ended = True
+        if not feed or broken:
             self._decoder.finished()  # a batched decoder's next step waits for no chunk of ours
         text = self._adapter.tokenizer.decode(answer.ids, skip_special_tokens=True)
         self._seq.close_turn(plan, text)
@@ -336,6 +345,10 @@ class Session:
                                stop_reason=answer.stop_reason, context_tokens=context))
 
     def _check_open(self) -> None:
+        if self._broken is not None:
+            raise StreamVLMError(f"a forward of this session stopped part-way ({self._broken}), so its cache holds "
+                                 "part of a chunk; it takes nothing more: start a new session, or fork one kept "
+                                 "from before")
         if self._ended:
             raise StreamVLMError("this session asked its last question (last=True) and takes nothing more; "
                                  "fork it before that question to go on from there")

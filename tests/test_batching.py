@@ -261,11 +261,20 @@ class _Sized:
         return self.n
 
 
+class _Lengths:
+    """A stand-in cache: the batcher reads its lengths before a step, to rewind it should the step fail."""
+
+    entries_per_layer: list[int] = []
+
+    def rewind(self, lengths: list[int]) -> None:
+        pass
+
+
 def _queued(batcher: Batcher, sizes: list[int], logits: str = "last") -> None:
     from streamvlm.batching import _Ticket
 
     for i, n in enumerate(sizes):  # as Batcher.run hands a chunk in, from thread i
-        batcher._queue.append(_Ticket(Work(None, _Sized(n), None, None, logits), thread=i))
+        batcher._queue.append(_Ticket(Work(None, _Sized(n), _Lengths(), None, logits), thread=i))
         batcher._expected.discard(i)
 
 
@@ -367,8 +376,8 @@ def test_a_step_waits_for_a_thread_with_more_pieces_to_hand_in():
     from streamvlm.batching import _Ticket
 
     batcher = Batcher(max_batch=4, gather_s=0.0)
-    batcher._queue.append(_Ticket(Work(None, _Sized(50), None, None, "none"), thread=1, more=True))
-    batcher._queue.append(_Ticket(Work(None, _Sized(50), None, None, "none"), thread=2))
+    batcher._queue.append(_Ticket(Work(None, _Sized(50), _Lengths(), None, "none"), thread=1, more=True))
+    batcher._queue.append(_Ticket(Work(None, _Sized(50), _Lengths(), None, "none"), thread=2))
     batcher._take()
     assert batcher._expected == {1}  # its next piece comes at once; the finished ingest's thread is not waited for
 
@@ -445,7 +454,7 @@ def _fake_steps(monkeypatch, gate: dict[int, threading.Event] | None = None) -> 
 
 
 def _hand_in(batcher: Batcher, size: int, logits: str = "none"):
-    return batcher.run(Work(None, _Sized(size), None, None, logits))
+    return batcher.run(Work(None, _Sized(size), _Lengths(), None, logits))
 
 
 def test_forwards_run_on_the_step_thread_with_every_core_and_the_sessions_threads_on_one(family_vlm,
@@ -543,3 +552,48 @@ def test_close_fails_what_waits_and_a_gathering_step(monkeypatch):
     assert errors == ["the batcher was closed"] and time.perf_counter() - start < 4
     with pytest.raises(RuntimeError, match="closed"):
         _hand_in(batcher, 1)
+
+
+def test_a_sequence_failing_inside_a_step_fails_alone_and_the_others_run_as_alone(family_vlm):
+    """One sequence's error in a batched step (its router raising at layer 1 here; a failed allocation for its
+    own cache's growth would do the same) fails that sequence only. The step's other sequences run again,
+    alone, from where they were before the step: their caches hold their chunk once, with what they hold
+    alone, and their logits are alone's."""
+    import copy
+
+    from streamvlm.batching import _Ticket
+    from streamvlm.decoder import Decoder
+
+    class Failing(type(family_vlm.decoder.router)):
+        def decide(self, layer, hidden, chunk):
+            if layer == 1:
+                raise RuntimeError("boom at layer 1")
+            return super().decide(layer, hidden, chunk)
+
+    sessions = []
+    for i in range(3):
+        session = family_vlm.session()
+        session.append_frames(random_frames(1 + i, seed=10 + i), _times(1 + i))
+        sessions.append(session)
+    alone = [s.fork() for s in sessions]
+    failing = Decoder(family_vlm.decoder.parts, Failing())
+    before = [s.cache.entries_per_layer for s in sessions]
+    flops_before = [copy.deepcopy(s.flops) for s in sessions]
+
+    def work(session, decoder=None):
+        return Work(decoder or session._decoder, session._seq.place([TextPiece((5, 6, 7))]), session.cache,
+                    session.flops)
+
+    with torch.inference_mode():
+        tickets = [_Ticket(work(s, failing if i == 1 else None), thread=i) for i, s in enumerate(sessions)]
+        Batcher(max_batch=3)._step(tickets)
+        expected = [forward_batch([work(s)])[0] for s in alone]
+
+    assert isinstance(tickets[1].error, RuntimeError) and "boom" in str(tickets[1].error)
+    assert sessions[1].cache.entries_per_layer == before[1]  # nothing of its chunk is left in its cache
+    assert sessions[1].flops == flops_before[1]
+    for i in (0, 2):
+        assert tickets[i].error is None
+        assert torch.allclose(tickets[i].result, expected[i], atol=LOGIT_BOUND, rtol=0)
+        assert sessions[i].cache.entries_per_layer == alone[i].cache.entries_per_layer == [n + 3 for n in before[i]]
+        assert sessions[i].flops == alone[i].flops

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from streamvlm.cache import KVCache
@@ -54,3 +55,18 @@ def test_a_copy_keeps_the_entries_and_room_for_more_without_growing():
     _append(twin, 0, 1, 14, seed=6)  # one past the room grows, keeping every entry
     assert twin.keys(0).data_ptr() != before and twin.positions(0).tolist() == list(range(15))
     assert cache.copy().reserved_bytes < twin.reserved_bytes
+
+
+def test_rewind_drops_what_was_appended_since_and_refuses_to_grow():
+    cache = KVCache(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32, initial_capacity=4)
+    k, v, _, _ = _append(cache, 0, 3, 0, seed=1)
+    _append(cache, 1, 2, 0, seed=2)
+    before = cache.entries_per_layer
+    _append(cache, 0, 6, 3, seed=3)  # grows layer 0's buffers
+    cache.rewind(before)
+    assert cache.entries_per_layer == [3, 2]
+    assert torch.equal(cache.keys(0), k) and torch.equal(cache.values(0), v)
+    assert cache.positions(0).tolist() == [0, 1, 2]
+    for bad in ([4, 2], [3], [-1, 0]):
+        with pytest.raises(ValueError, match="rewind"):
+            cache.rewind(bad)

@@ -295,3 +295,37 @@ def test_a_fork_under_a_memory_budget_evicts_from_its_own_cache(vlm):
     again.append_frames(random_frames(6, seed=25))
     assert again.ask(QUESTION, max_new_tokens=5, ignore_stop=True) == fork.ask(QUESTION, max_new_tokens=5,
                                                                                 ignore_stop=True)
+
+
+
+@pytest.mark.parametrize("where", ["frames", "answer"])
+def test_a_forward_stopped_part_way_leaves_a_session_that_refuses_more(vlm, where):
+    """A forward that stops part-way (Ctrl-C, an error) leaves the cache holding part of a chunk: some layers
+    have it, the others not. The session then feeds nothing more (not even the interrupted answer's closing
+    text) and refuses to go on, naming what happened, rather than answer from that cache; a fork of it too. A
+    cancelled request (`streamvlm.cancel`) stops before its forward and is not this."""
+    session = vlm.session(max_new_tokens=3)
+    session.append_frames(random_frames(2, seed=3))
+    real, calls, at_failure = session.cache.extend, [], []
+
+    def interrupted(layer, *args):
+        calls.append(layer)
+        # frames: the next forward; answer: the one after the question's (the first answer token's)
+        if layer == 1 and calls.count(1) == (1 if where == "frames" else 2):
+            at_failure.append(session.cache.entries_per_layer)
+            raise KeyboardInterrupt
+        return real(layer, *args)
+
+    session.cache.extend = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        if where == "frames":
+            session.append_frames(random_frames(1, seed=4))
+        else:
+            session.ask("What now?", ignore_stop=True)
+    session.cache.extend = real
+    lengths = session.cache.entries_per_layer
+    assert lengths == at_failure[0] and lengths[0] > lengths[1]  # layer 0 holds the chunk, the others not
+    for go_on in (lambda: session.ask("What now?"), lambda: session.append_frames(random_frames(1, seed=5)),
+                  session.fork):
+        with pytest.raises(StreamVLMError, match="part-way.*KeyboardInterrupt"):
+            go_on()
