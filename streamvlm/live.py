@@ -91,6 +91,7 @@ class LiveSession:
         self._on_event = on_event if on_event is not None else (lambda event: None)
         self._lock = threading.Lock()  # held for an append or a whole answer
         self._stop = threading.Event()
+        self._stopped = threading.Event()  # stop() was called: the answers in progress then end
         self._done = threading.Event()  # capture ended and the buffer is drained (or a failure)
         self._progress = threading.Condition()
         self._threads: list[threading.Thread] = []
@@ -121,8 +122,11 @@ class LiveSession:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop capturing and ingesting (frames still buffered are dropped). Waits up to timeout for the
-        threads; a capture thread stuck in a network read ends at its read timeout."""
+        """Stop capturing and ingesting (frames still buffered are dropped); a question asked before ends at its
+        next token, as with `ask(stop=)` (one asked later is answered in full, from the frames in).
+        Waits up to timeout for the threads; a capture thread stuck in a network read ends at its read
+        timeout."""
+        self._stopped.set()
         self._stop.set()
         self._buffer.close()
         for thread in self._threads:
@@ -162,9 +166,10 @@ class LiveSession:
         """Answer a question about the stream so far; on_piece gets the answer's text as it is generated,
         on_start the stream time and frame count the answer will see, once the question has the lock. Once
         `stop` is set the answer ends at its next token (stop_reason "cancelled"; the turn is closed in the
-        cache as any answer's, so the stream goes on as after a short answer)."""
+        cache as any answer's, so the stream goes on as after a short answer). `stop()` ends it the same way."""
         asked = time.perf_counter()
         first, pieces = None, []
+        after_stop = self._stopped.is_set()  # asked once the stream was stopped: answered in full
         with self._lock:
             t, frames = self.stream_time, self.session.stats()["frames"]
             if on_start is not None:
@@ -177,7 +182,7 @@ class LiveSession:
                     pieces.append(piece)
                     if on_piece is not None:
                         on_piece(piece)
-                    if stop is not None and stop.is_set():
+                    if (stop is not None and stop.is_set()) or (self._stopped.is_set() and not after_stop):
                         break
             finally:
                 answer.close()  # a stopped answer's turn is closed here, under the lock

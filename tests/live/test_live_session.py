@@ -107,6 +107,22 @@ def test_a_stopped_answer_ends_at_its_next_token_and_the_stream_goes_on_as_offli
     assert offline.turns[1].answer_ids == turns[1].answer_ids
 
 
+def test_stopping_the_stream_ends_the_answer_in_progress_and_a_later_question_is_answered_in_full(tiny_vlm, clip):
+    # as when a server's stream is deleted while it answers; before, the answer ran to its max_new_tokens
+    midway = threading.Event()
+    live = LiveSession(tiny_vlm, FileSource(clip, fps=8, speed=0), memory_budget=None)
+    with live:
+        assert live.wait(60)  # every frame of the file is in
+        stopper = threading.Thread(target=lambda: (midway.wait(60), live.stop()))
+        stopper.start()
+        stopped = live.ask("What is in the video?", on_piece=lambda piece: midway.set(), max_new_tokens=2000,
+                           ignore_stop=True)
+        stopper.join()
+        later = live.ask("And now?", max_new_tokens=5, ignore_stop=True)
+    assert stopped.stop_reason == "cancelled" and len(live.session.turns[0].answer_ids) < 2000
+    assert later.stop_reason == "max_new_tokens" and len(live.session.turns[1].answer_ids) == 5
+
+
 def test_slow_model_behind_a_fast_source_drops_frames_and_its_lag_stays_bounded(tiny_dir, events):
     from streamvlm.runtime import StreamVLM
 
