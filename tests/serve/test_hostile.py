@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 
 import httpx
 import pytest
@@ -233,8 +235,6 @@ def test_registry_frees_the_slot_of_an_ended_stream_and_keeps_its_figures_for_a_
 
 
 def test_a_stream_that_ended_frees_its_slot(server, http):
-    import time
-
     first = http.post("/v1/streams", json={"source": "ok.mp4", "speed": 0, "fps": 8})
     assert first.status_code == 201, first.text
     first_id = first.json()["id"]
@@ -305,7 +305,6 @@ def test_connections_are_bounded(crowded):
     finally:
         for conn in idle:
             conn.close()
-    import time
 
     deadline = time.monotonic() + 60  # the server notices the closed sockets soon; bounded wait, no timing assert
     while True:
@@ -319,32 +318,38 @@ def test_connections_are_bounded(crowded):
     assert crowded.alive() and "Traceback" not in crowded.log()
 
 
-def test_asks_are_bounded_wait_without_a_thread_and_end_with_their_connection(tiny_dir):
-    """In this process, with the stream's answering replaced by one that blocks until released: exactly what
-    waits where is then seen, with no timing involved."""
-    import threading
-    import time
+def _until(condition, what):
+    deadline = time.monotonic() + 60  # a bound on the wait, not a timing assertion
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
 
+
+class _BlockingAsk:
+    """A stream's `live.ask` that blocks until released, recording each question and its stop event: exactly
+    what waits where is then seen, with no timing involved."""
+
+    def __init__(self):
+        self.release, self.started, self.stops = threading.Event(), [], []
+
+    def __call__(self, question, on_piece=None, on_start=None, stop=None, **sampling):
+        from streamvlm.live import LiveAnswer
+
+        self.started.append(question)
+        self.stops.append(stop)
+        self.release.wait(60)
+        return LiveAnswer(question, "ok", None, 0, 0.0, 0.0, "cancelled" if stop.is_set() else "stop_token")
+
+
+def test_asks_are_bounded_wait_without_a_thread_and_end_with_their_connection(tiny_dir):
+    """In this process, with the stream's answering replaced by one that blocks until released."""
     from fastapi.testclient import TestClient
 
     from streamvlm.runtime import StreamVLM
     from streamvlm.serve import Engine, ServeConfig, create_app
-    from streamvlm.live import LiveAnswer
 
-    release, started, stops = threading.Event(), [], []
-
-    def blocking_ask(question, on_piece=None, on_start=None, stop=None, **sampling):
-        started.append(question)
-        stops.append(stop)
-        release.wait(60)
-        return LiveAnswer(question, "ok", None, 0, 0.0, 0.0, "stop_token")
-
-    def until(condition, what):
-        deadline = time.monotonic() + 60  # a bound on the wait, not a timing assertion
-        while not condition():
-            assert time.monotonic() < deadline, what
-            time.sleep(0.05)
-
+    blocking_ask = _BlockingAsk()
+    release, started, stops, until = blocking_ask.release, blocking_ask.started, blocking_ask.stops, _until
     engine = Engine(StreamVLM.from_pretrained(tiny_dir, device="cpu"), "tiny")
     app = create_app(engine, ServeConfig(max_sessions=1, max_asks_per_connection=3, max_asks_per_stream=5))
     with TestClient(app) as client:
@@ -403,30 +408,15 @@ def test_deleting_a_stream_stops_its_answer_and_its_waiting_questions_whatever_i
     queue), so its connection would never close: the question waiting behind the answer must never start,
     and the client is still sent `closed`, which no full queue drops."""
     import asyncio
-    import threading
-    import time
 
     from fastapi.testclient import TestClient
 
     from streamvlm.runtime import StreamVLM
     from streamvlm.serve import Engine, ServeConfig, create_app
     from streamvlm.serve.streams import _WATCHER_QUEUE
-    from streamvlm.live import LiveAnswer
 
-    release, started, stops = threading.Event(), [], []
-
-    def blocking_ask(question, on_piece=None, on_start=None, stop=None, **sampling):
-        started.append(question)
-        stops.append(stop)
-        release.wait(60)
-        return LiveAnswer(question, "ok", None, 0, 0.0, 0.0, "cancelled" if stop.is_set() else "stop_token")
-
-    def until(condition, what):
-        deadline = time.monotonic() + 60  # a bound on the wait, not a timing assertion
-        while not condition():
-            assert time.monotonic() < deadline, what
-            time.sleep(0.05)
-
+    blocking_ask = _BlockingAsk()
+    release, started, stops, until = blocking_ask.release, blocking_ask.started, blocking_ask.stops, _until
     engine = Engine(StreamVLM.from_pretrained(tiny_dir, device="cpu"), "tiny")
     app = create_app(engine, ServeConfig(max_sessions=1))
     with TestClient(app) as client:
