@@ -1,14 +1,15 @@
 """A long prompt beside an answer being generated, in one batcher: how long the answer stalls, by step budget.
 
-    python examples/long_prompt.py [--model DIR] [--prompt-tokens 1024] [--budgets 4096,256] [--new-tokens 48] [--rounds 3]
+    python examples/long_prompt.py [--model DIR] [--prompt-tokens 1024] [--prompts 1] [--budgets 4096,256] [--new-tokens 48] [--rounds 3]
 
 Two sessions share a `Batcher` (as two server requests do, `streamvlm serve --max-step-tokens`). A has two
 frames and generates --new-tokens tokens; once it has its fourth, B asks a text question of about
 --prompt-tokens tokens. With a budget at least the prompt's length, B's prefill is one step, and A's next token
 waits for all of it; with a smaller budget the prefill runs in pieces of at most that many tokens, a step
-each, and A's tokens go on between them. Reported per budget (medians over rounds, budgets alternated within
-a round): A's longest gap between two tokens, A's median gap, and B's time to its first token (what the
-pieces cost the long prompt). Without --model it uses the real-small-shaped random checkpoint of `streamvlm
+each, and A's tokens go on beside them. With --prompts N, N sessions each ask such a question at that moment.
+Reported per budget (medians over rounds, budgets alternated within a round): A's longest gap between two
+tokens, A's median gap, and the time to the first token of the last long prompt to get one (what the pieces
+cost the long prompts). Without --model it uses the real-small-shaped random checkpoint of `streamvlm
 bench` (made on first use), where a prefill of 1024 tokens takes about a second on a 2-core CPU.
 """
 
@@ -30,6 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", help="checkpoint folder (default: the real-small-shaped bench checkpoint)")
     parser.add_argument("--prompt-tokens", type=int, default=1024, help="about how long B's question is, in "
                         "tokens (default 1024)")
+    parser.add_argument("--prompts", type=int, default=1, help="long prompts asked at once (default 1)")
     parser.add_argument("--budgets", default="4096,256", help="step budgets (--max-step-tokens) compared, "
                         "comma-separated (default 4096,256)")
     parser.add_argument("--new-tokens", type=int, default=48, help="tokens A generates (default 48; at least 8)")
@@ -39,8 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         budgets = _budgets(args.budgets)
     except ValueError:
         parser.error(f"--budgets must be whole numbers separated by commas, got {args.budgets!r}")
-    if min(budgets) < 1 or args.prompt_tokens < 1 or args.rounds < 1:
-        parser.error("--budgets, --prompt-tokens and --rounds must be at least 1")
+    if min(budgets) < 1 or args.prompt_tokens < 1 or args.rounds < 1 or args.prompts < 1:
+        parser.error("--budgets, --prompt-tokens, --prompts and --rounds must be at least 1")
     if args.new_tokens < 8:
         parser.error("--new-tokens must be at least 8 (B starts after A's fourth token)")
     return args
@@ -61,14 +63,15 @@ def _prompt(vlm: StreamVLM, tokens: int) -> str:
     return text.strip() + "?"
 
 
-def _run(vlm: StreamVLM, budget: int, prompt: str, new_tokens: int) -> dict:
-    """One race of A's answer against B's long prompt under `budget`: A's gaps and B's time to first token."""
-    batcher = Batcher(max_batch=4, max_step_tokens=budget)
+def _run(vlm: StreamVLM, budget: int, prompt: str, new_tokens: int, prompts: int = 1) -> dict:
+    """One race of A's answer against `prompts` long prompts under `budget`: A's gaps and the last long prompt's
+    time to its first token."""
+    batcher = Batcher(max_batch=max(4, prompts + 1), max_step_tokens=budget)
     batched = vlm.batched(batcher)
     size = vlm.adapter.preprocess_config
     frames = torch.randint(0, 256, (2, size.height, size.width, 3), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    a, b = batched.session(), batched.session()
+    a, bs = batched.session(), [batched.session() for _ in range(prompts)]
     a.append_frames(frames, [0.0, 0.5])
     fourth = threading.Event()
     times: list[float] = []
@@ -80,13 +83,13 @@ def _run(vlm: StreamVLM, budget: int, prompt: str, new_tokens: int) -> dict:
             if i == 3:
                 fourth.set()
 
-    def ask_b():
+    def ask_b(b):
         fourth.wait(600)
         start = time.perf_counter()
         for _ in b.ask_stream(prompt, max_new_tokens=1, ignore_stop=True, last=True):
             first_b.append(time.perf_counter() - start)
 
-    threads = [threading.Thread(target=answer_a), threading.Thread(target=ask_b)]
+    threads = [threading.Thread(target=answer_a), *(threading.Thread(target=ask_b, args=(b,)) for b in bs)]
     try:
         for t in threads:
             t.start()
@@ -95,8 +98,8 @@ def _run(vlm: StreamVLM, budget: int, prompt: str, new_tokens: int) -> dict:
     finally:
         batcher.close()
     gaps = [t1 - t0 for t0, t1 in zip(times, times[1:])]
-    return {"longest_gap": max(gaps), "median_gap": statistics.median(gaps), "first_token_b": first_b[0],
-            "prompt_tokens": b.stats()["tokens"]}
+    return {"longest_gap": max(gaps), "median_gap": statistics.median(gaps), "first_token_b": max(first_b),
+            "prompt_tokens": bs[0].stats()["tokens"]}
 
 
 def main(argv=None) -> None:
@@ -114,9 +117,9 @@ def main(argv=None) -> None:
     rows: dict[int, list[dict]] = {budget: [] for budget in budgets}
     for _ in range(args.rounds):
         for budget in budgets:
-            rows[budget].append(_run(vlm, budget, prompt, args.new_tokens))
-    print(f"model {model}; B's prompt {rows[budgets[0]][0]['prompt_tokens']} tokens; A generates "
-          f"{args.new_tokens}; medians of {args.rounds} round(s)")
+            rows[budget].append(_run(vlm, budget, prompt, args.new_tokens, args.prompts))
+    print(f"model {model}; {args.prompts} long prompt(s) of {rows[budgets[0]][0]['prompt_tokens']} tokens; A "
+          f"generates {args.new_tokens}; medians of {args.rounds} round(s)")
     print(f"{'budget':>8} {'A longest gap ms':>17} {'A median gap ms':>16} {'B first token ms':>17}")
     medians = {}
     for budget in budgets:

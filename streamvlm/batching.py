@@ -18,15 +18,17 @@ session pays a hand-off per forward (two thread wake-ups), against an unbatched 
 (The vision tower on the step thread instead, between steps, was tried: four live streams then ran 1.14x
 the frames/s of one at a time against 1.47x with it beside the steps, since it no longer overlapped them.)
 
-A step takes waiting chunks in arrival order, up to `max_batch` of them and `max_step_tokens` tokens (the
-first is always taken). A chunk longer than `max_step_tokens` (a long prompt, many frames of many tokens) is
-handed in as pieces of at most that many tokens, one step each (`Chunk.split`, which never cuts a frame), so
-a long prefill holds everyone's decode for a step of the budget at a time and the others' tokens go on
-between its pieces; nothing waits behind more than one step's budget of it. Before a step the batcher waits,
+A step takes waiting chunks in arrival order, up to `max_batch` of them and `max_step_tokens` tokens: the
+first always, then each that fits beside those taken (first fit: one that does not keeps its place in line for
+the next step, and the smaller ones behind it go on). A longer chunk (a long prompt, many frames of many
+tokens) is handed in as pieces of at most `piece_tokens` (`max_step_tokens - (max_batch - 1)`), one step each
+(`Chunk.split`, which never cuts a frame). So a piece and an answer token of every other sequence fit one
+step: the answers being generated go on in every step of a long prefill, however many prefills wait, and an
+answer token waits behind the step running, never behind a queue of prefills. Before a step the batcher waits,
 up to `gather_s`, for the threads the last step gave logits to (they are generating: they sample a token and
-hand it in at once) and for those with more pieces of a chunk to hand in, so a batch does not fall apart
-into singles. Threads whose chunk wanted no logits (frames ingested, a turn closed) are not waited for: they
-go on to other work (decoding the next frames, waiting for a camera).
+hand it in at once) and for those with more pieces of a chunk to hand in, so a batch does not fall apart into
+singles. Threads whose chunk wanted no logits (frames ingested, a turn closed) are not waited for: they go on
+to other work (decoding the next frames, waiting for a camera).
 
 A step that fails runs again one sequence at a time, each from where it was before the step (its cache
 rewound, `KVCache.rewind`), so one sequence's error (its router, its own cache's growth) fails it alone and the
@@ -64,8 +66,8 @@ class _Ticket:
 class Batcher:
     """Runs the forwards of every `BatchedDecoder` made from it, several per step, on a thread of its own.
 
-    max_batch: sequences in one step. max_step_tokens: tokens in one step (a chunk longer than it is run in
-    pieces, a step each; only a frame longer than it runs whole, alone). gather_s: how long a step waits for
+    max_batch: sequences in one step. max_step_tokens: tokens in one step (a longer chunk runs in pieces of
+    `piece_tokens`, a step each; only a frame longer than that runs whole, alone). gather_s: how long a step waits for
     the threads of the last step to hand in their next chunk.
     threads: intra-op threads the step thread runs with (default: torch's count where the batcher is made).
     The step thread starts with the first chunk handed in and ends at `close`.
@@ -77,6 +79,9 @@ class Batcher:
             raise ValueError("max_batch, max_step_tokens and threads must be at least 1")
         self.max_batch = max_batch
         self.max_step_tokens = max_step_tokens
+        self.piece_tokens = max(1, max_step_tokens // 2, max_step_tokens - (max_batch - 1))
+        """A longer chunk is handed in as pieces of at most this many tokens: room is left beside a piece for an
+        answer token of each other sequence of the step."""
         self.gather_s = gather_s
         self.threads = threads or torch.get_num_threads()
         self._queue: deque[_Ticket] = deque()
@@ -144,12 +149,19 @@ class Batcher:
                 return None
             taken = [self._queue.popleft()]
             tokens = len(taken[0].work.chunk)
+            # First fit in arrival order: a chunk that does not fit beside those taken keeps its place in line,
+            # and the smaller ones behind it (other sequences' answer tokens) still run in this step.
+            waiting: deque[_Ticket] = deque()
             while self._queue and len(taken) < self.max_batch:
-                size = len(self._queue[0].work.chunk)
+                ticket = self._queue.popleft()
+                size = len(ticket.work.chunk)
                 if tokens + size > self.max_step_tokens:
-                    break
-                taken.append(self._queue.popleft())
-                tokens += size
+                    waiting.append(ticket)
+                else:
+                    taken.append(ticket)
+                    tokens += size
+            waiting.extend(self._queue)
+            self._queue = waiting
             self._expected = {ticket.thread for ticket in taken if ticket.work.logits == "last" or ticket.more}
             return taken
 
@@ -219,7 +231,7 @@ class BatchedDecoder:
         return self.inner.compiled
 
     def forward(self, chunk, cache, flops, logits: str = "last") -> torch.Tensor | None:
-        pieces = chunk.split(self.batcher.max_step_tokens)
+        pieces = chunk.split(self.batcher.piece_tokens)
         if len(pieces) == 1:
             return self.batcher.run(Work(self.inner, chunk, cache, flops, logits))
         # A long prefill, a step per piece: logits of the last piece's last token, or of every piece's tokens.

@@ -618,9 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "request over the cores); with batching, max(N, --max-batch) are")
     p.add_argument("--max-step-tokens", type=_positive_int, default=2048, metavar="N",
                    help="tokens one batched forward runs at most (default 2048). A longer prefill (a long prompt, a "
-                        "video chunk of many tokens) runs in pieces of at most N, one forward each, and the other "
-                        "requests' answers go on between them; a frame is never cut. Lower: a smoother decode beside "
-                        "long prompts; higher: fewer, larger forwards")
+                        "video chunk of many tokens) runs in pieces of at most N less one per other request of a "
+                        "forward, one forward each, with the other requests' answer tokens beside it; a frame is "
+                        "never cut. Lower: a smoother decode beside long prompts; higher: fewer, larger forwards")
     p.add_argument("--prefix-cache-mb", type=_non_negative_float, default=1024.0, metavar="MB",
                    help="keep the caches of ingested videos, up to MB (least recently used dropped first), so a "
                         "request about a video an earlier request sent (same file or data, video options, system "

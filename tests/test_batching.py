@@ -278,14 +278,30 @@ def _queued(batcher: Batcher, sizes: list[int], logits: str = "last") -> None:
         batcher._expected.discard(i)
 
 
-def test_steps_take_chunks_in_order_within_the_batch_and_token_limits():
+def test_steps_take_chunks_first_fit_in_arrival_order_within_the_batch_and_token_limits():
     batcher = Batcher(max_batch=3, max_step_tokens=100, gather_s=0.0)
-    # decodes, a prefill larger than a step (it runs alone), decodes behind it: nothing waits more than one step
+    # decodes, a chunk larger than a step (it runs alone, first in line), decodes behind it: the ones that fit
+    # go before it rather than wait behind it; a chunk that does not fit beside the first keeps its place
     _queued(batcher, [1, 1, 300, 1, 1, 1, 1, 60, 60])
     steps = []
     while batcher._queue:
         steps.append([len(t.work.chunk) for t in batcher._take()])
-    assert steps == [[1, 1], [300], [1, 1, 1], [1, 60], [60]]
+    assert steps == [[1, 1, 1], [300], [1, 1, 1], [60], [60]]
+
+
+def test_answer_tokens_go_on_in_every_step_however_many_long_prefills_wait():
+    # three long prompts in pieces, handed in before three sequences' answer tokens: under a strict order the
+    # tokens would wait behind every prompt's piece, a step each; here a piece leaves room for one token of
+    # each other sequence of the step, and the tokens run beside the first piece
+    batcher = Batcher(max_batch=4, max_step_tokens=100, gather_s=0.0)
+    assert batcher.piece_tokens == 97
+    _queued(batcher, [97, 97, 97, 1, 1, 1])
+    steps = []
+    while batcher._queue:
+        steps.append([len(t.work.chunk) for t in batcher._take()])
+    assert steps == [[97, 1, 1, 1], [97], [97]]
+    assert Batcher(max_batch=8, max_step_tokens=4).piece_tokens == 2  # never below half the budget
+    assert Batcher(max_batch=8, max_step_tokens=1).piece_tokens == 1
 
 
 def _frames_chunk(vlm, frames: int, seed: int):

@@ -113,7 +113,7 @@ def test_batched_step_times_both_kinds_both_ways(cache):
 
 def test_long_prompt_races_an_answer_under_each_budget(cache):
     out = run(EXAMPLES / "long_prompt.py", "--model", str(default_model_dir()), "--prompt-tokens", "200",
-              "--budgets", "4096,48", "--new-tokens", "8", "--rounds", "1")
+              "--prompts", "2", "--budgets", "4096,48", "--new-tokens", "8", "--rounds", "1")
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
     assert [row[0] for row in rows] == ["4096", "48"] and all(float(x) > 0 for row in rows for x in row[1:])
@@ -151,7 +151,8 @@ def test_streamed_prefill_profile_times_the_parts_and_the_ops(tiny_dir, cache):
     ("batched_step.py", "--batch", "0"), ("batched_step.py", "--frames", "0"), ("batched_step.py", "--steps", "0"),
     ("batched_step.py", "--rounds", "0"), ("engine_throughput.py", "--workload", "chat"),
     ("long_prompt.py", "--budgets", "0,256"), ("long_prompt.py", "--budgets", "many"),
-    ("long_prompt.py", "--new-tokens", "4"), ("long_prompt.py", "--rounds", "0")])
+    ("long_prompt.py", "--new-tokens", "4"), ("long_prompt.py", "--rounds", "0"),
+    ("long_prompt.py", "--prompts", "0")])
 def test_profiling_examples_refuse_bad_counts(script, flag, value, capsys):
     module = load(EXAMPLES / script)
     with pytest.raises(SystemExit) as e:
