@@ -67,8 +67,8 @@ class Batcher:
     """Runs the forwards of every `BatchedDecoder` made from it, several per step, on a thread of its own.
 
     max_batch: sequences in one step. max_step_tokens: tokens in one step (a longer chunk runs in pieces of
-    `piece_tokens`, a step each; only a frame longer than that runs whole, alone). gather_s: how long a step waits for
-    the threads of the last step to hand in their next chunk.
+    `piece_tokens`, a step each; only a frame longer than that runs whole, alone). gather_s: how long a step
+    waits for the threads of the last step to hand in their next chunk.
     threads: intra-op threads the step thread runs with (default: torch's count where the batcher is made).
     The step thread starts with the first chunk handed in and ends at `close`.
     """
