@@ -679,6 +679,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve: each client count's row goes on sending past --requests until S seconds have "
                         "passed, so that a row of short answers times more than a burst (default 3; 0: exactly "
                         "--requests)")
+    p.add_argument("--rounds", type=_positive_int, default=3, metavar="N",
+                   help="serve: rounds of load rows; a workload's servers (one per --max-batch) run side by side "
+                        "and each round sends every client count's row to each in turn, so a ratio compares rows "
+                        "timed close together; the ratios are the median over rounds (default 3)")
     p.add_argument("--clip-seconds", type=_positive_float, default=4.0,
                    help="serve: length of the clip each question is about (default 4)")
     p.add_argument("--workers", type=_positive_int, default=1, help="serve: the server's --workers (default 1)")

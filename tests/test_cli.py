@@ -188,9 +188,12 @@ def test_a_load_row_sends_past_its_count_until_its_seconds_have_passed():
     from streamvlm.bench.serve import run_load
 
     class Answers(http.server.BaseHTTPRequestHandler):
+        finish = "stop"
+
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
-            body = json.dumps({"usage": {"completion_tokens": 2}}).encode()
+            body = json.dumps({"usage": {"completion_tokens": 2},
+                               "choices": [{"finish_reason": Answers.finish}]}).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -205,9 +208,12 @@ def test_a_load_row_sends_past_its_count_until_its_seconds_have_passed():
     try:
         exact = run_load(url, "m", 2, 5, 2)
         assert exact["requests"] == exact["completed"] == 5
+        assert exact["mean_decode_steps"] == 2  # ended by the end token: a forward after each of the 2 tokens
+        Answers.finish = "length"
         longer = run_load(url, "m", 2, 5, 2, min_seconds=0.3)
         assert longer["requests"] == longer["completed"] > 5 and longer["wall_seconds"] >= 0.3
         assert longer["tokens_per_second"] == pytest.approx(2 * longer["requests_per_second"])
+        assert longer["mean_decode_steps"] == 1  # cut at max_tokens: the last token is never fed
     finally:
         server.shutdown()
 
@@ -215,33 +221,50 @@ def test_a_load_row_sends_past_its_count_until_its_seconds_have_passed():
 def test_bench_serve_json(tiny_dir, cache, capsys):
     assert main(["bench", "serve", "--model", str(tiny_dir), "--clients", "1,3", "--requests", "3", "--ages",
                  "0.1", "--stream-fps", "2", "--new-tokens", "2", "--clip-seconds", "1", "--max-batch", "1,3",
-                 "--heavy-model", str(tiny_dir), "--abuse-rounds", "1", "--min-seconds", "0", "--json"]) == 0
+                 "--heavy-model", str(tiny_dir), "--abuse-rounds", "1", "--min-seconds", "0", "--rounds", "2",
+                 "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["suite"] == "serve" and result["min_seconds"] == 0
-    assert [(r["workload"], r["max_batch"], r["clients"]) for r in result["load"]] == [
-        (workload, batch, clients) for batch in (1, 3) for workload in ("built-in", "decode-heavy")
-        for clients in (1, 3)]
+    assert result["suite"] == "serve" and result["min_seconds"] == 0 and result["rounds"] == 2
+    # a workload's two servers side by side, every client count's row sent to each in turn, round after round
+    assert [(r["workload"], r["round"], r["clients"], r["max_batch"]) for r in result["load"]] == [
+        (workload, round_, clients, batch) for workload in ("built-in", "decode-heavy") for round_ in (0, 1)
+        for clients in (1, 3) for batch in (1, 3)]
     for row in result["load"]:
         assert row["completed"] == 3 and row["failed"] == 0 and row["requests_per_second"] > 0
         assert 0 < row["latency_p50_s"] <= row["latency_p90_s"] <= row["latency_p99_s"]
         tokens = 64 if row["workload"] == "decode-heavy" else 2  # the end token ignored: every request's 64
         assert row["tokens_per_second"] == pytest.approx(row["requests_per_second"] * row["mean_completion_tokens"])
         assert row["mean_completion_tokens"] == tokens or row["workload"] == "built-in"
+        # a forward per token after the prompt's, but the last token's when cut at max_tokens (never fed): at
+        # most the tokens, at least one fewer
+        assert row["mean_completion_tokens"] - 1 <= row["mean_decode_steps"] <= row["mean_completion_tokens"]
+        assert row["mean_decode_steps"] == 63 or row["workload"] == "built-in"
         # one clip for every request: the server's prefix cache ingested it in the warm-up
         assert (row["prefix_hits"], row["prefix_misses"]) == (3, 0)
+        # the server's /health counts its batched steps: none unbatched; at most 3 chunks a step at --max-batch 3
+        assert row["mean_batch"] is None if row["max_batch"] == 1 else 1 <= row["mean_batch"] <= 3
+        assert row["server_cpu_ms_per_request"] > 0
     assert [r["workload"] for r in result["batching"]] == ["built-in", "decode-heavy"]
     assert all(r["max_batch"] == 3 and r["clients"] == 3 and r["tokens_per_second"] > 0 for r in result["batching"])
+    for ratio in result["batching"]:  # each round's ratio of its own rows; their median (of two: the mean)
+        rows = {(r["round"], r["clients"], r["max_batch"]): r for r in result["load"]
+                if r["workload"] == ratio["workload"]}
+        per_round = [rows[(n, 3, 3)]["requests_per_second"] / rows[(n, 3, 1)]["requests_per_second"] for n in (0, 1)]
+        assert [x["requests_per_second"] for x in ratio["per_round"]] == pytest.approx(per_round)
+        assert ratio["requests_per_second"] == pytest.approx(sum(per_round) / 2)
+        latency = [rows[(n, 1, 3)]["latency_p50_s"] / rows[(n, 1, 1)]["latency_p50_s"] for n in (0, 1)]
+        assert ratio["latency_p50"] == pytest.approx(sum(latency) / 2)
     for ratio in result["batching"]:  # what batching can gain at most, measured in process: Amdahl's formula
         b = ratio["bound"]
         rows = [r for r in result["load"] if r["workload"] == ratio["workload"] and r["max_batch"] == 1]
-        assert b["batch"] == 3 and b["tokens"] == pytest.approx(sum(r["mean_completion_tokens"] for r in rows) / 2)
-        steps = b["tokens"] - 1
+        steps = sum(r["mean_decode_steps"] for r in rows) / 4  # two client counts, two rounds
+        assert b["batch"] == 3 and b["steps"] == pytest.approx(steps)
         assert b["kept"] and 0 < b["question_s"]  # each request forked the kept clip: its fixed cost is the question
         alone = b["question_s"] + steps * b["decode_ms_alone"] / 1e3
         fixed = b["question_s"] + (b["question_ms_batched_step"] / 3 - b["question_ms_alone"]) / 1e3
         assert b["bound"] == pytest.approx(alone / (max(0, fixed) + steps * b["decode_ms_batched_step"] / 3e3))
         assert b["decode_step_gain"] == pytest.approx(3 * b["decode_ms_alone"] / b["decode_ms_batched_step"])
-    assert result["batching"][1]["bound"]["frames"] == 2 and result["batching"][1]["bound"]["tokens"] == 64
+    assert result["batching"][1]["bound"]["frames"] == 2 and result["batching"][1]["bound"]["steps"] == 63
     (live,) = result["live"]
     assert live["age_minutes"] == 0.1 and live["frames_ingested"] == live["frames_in_video"] == 12
     assert 0 < live["ttft_s"] <= live["answer_s"]
@@ -284,6 +307,7 @@ def test_serve_user_errors(cache, tmp_path, capsys):
     (["serve", "--prefix-cache-mb", "lots"], "--prefix-cache-mb"),
     (["bench", "serve", "--prefix-cache-mb", "-1"], "--prefix-cache-mb"),
     (["bench", "serve", "--min-seconds", "-1"], "--min-seconds"),
+    (["bench", "serve", "--rounds", "0"], "--rounds"),
     (["serve", "--ended-grace-s", "-1"], "--ended-grace-s"),
     (["serve", "--port", "70000"], "--port"),
 ])

@@ -397,7 +397,8 @@ def run(args) -> dict:
                                args.clip_seconds, args.workers, args.abuse_rounds,
                                _numbers("--max-batch", args.max_batch or "1,8", int), heavy=not args.no_decode_heavy,
                                heavy_model=Path(args.heavy_model) if args.heavy_model else None,
-                               prefix_cache_mb=args.prefix_cache_mb, min_seconds=args.min_seconds)
+                               prefix_cache_mb=args.prefix_cache_mb, min_seconds=args.min_seconds,
+                               rounds=args.rounds)
     if args.suite == "stream":
         from streamvlm.bench.stream import run_stream_bench
 

@@ -54,6 +54,9 @@ def run_load(url: str, model_id: str, clients: int, requests: int, new_tokens: i
                                                       {"type": "text", "text": QUESTION}]}]}
     latencies: list[float] = []
     tokens: list[int] = []
+    # decode forwards after the prompt's: one per token, the last one's run to see the end token (finish
+    # "stop"); a request cut at max_tokens never feeds its last token, so it runs one fewer
+    steps: list[int] = []
     failures: list[str] = []
     sent = [0]
     lock = threading.Lock()
@@ -73,7 +76,10 @@ def run_load(url: str, model_id: str, clients: int, requests: int, new_tokens: i
             with lock:
                 if status == 200:
                     latencies.append(took)
-                    tokens.append(reply["usage"]["completion_tokens"])
+                    count = reply["usage"]["completion_tokens"]
+                    tokens.append(count)
+                    stopped = reply.get("choices", [{}])[0].get("finish_reason") == "stop"
+                    steps.append(count if stopped else max(0, count - 1))
                 else:
                     failures.append(f"{status}: {reply.get('error', {}).get('message')}")
 
@@ -90,23 +96,37 @@ def run_load(url: str, model_id: str, clients: int, requests: int, new_tokens: i
     row = {"clients": clients, "requests": sent[0], "completed": len(latencies), "failed": len(failures),
            "wall_seconds": wall, "requests_per_second": len(latencies) / wall,
            "tokens_per_second": sum(tokens) / wall,
-           "mean_completion_tokens": statistics.fmean(tokens) if tokens else 0.0}
+           "mean_completion_tokens": statistics.fmean(tokens) if tokens else 0.0,
+           "mean_decode_steps": statistics.fmean(steps) if steps else 0.0}
     for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
         row[f"latency_{name}_s"] = _percentile(latencies, q) if latencies else None
     logger.info("%d clients: %.2f req/s, p50 %.3f s", clients, row["requests_per_second"], row["latency_p50_s"] or 0)
     return row
 
 
-def _with_prefix(server, load) -> dict:
-    """`load()`'s row with the prefix cache's hits and misses during it (both 0 when the cache is off)."""
+def _with_server_counts(server, load) -> dict:
+    """`load()`'s row with what the server counted during it: the prefix cache's hits and misses (both 0 when the
+    cache is off), the mean chunks per batched step (None unbatched) and the server process's CPU time per
+    completed request, in ms, on every core (None where /proc is missing)."""
     def counts():
-        cache = call(server.url, "GET", "/health")[1].get("prefix_cache") or {}
-        return cache.get("hits", 0), cache.get("misses", 0)
+        health = call(server.url, "GET", "/health")[1]
+        cache = health.get("prefix_cache") or {}
+        batching = health.get("batching") or {}
+        return cache.get("hits", 0), cache.get("misses", 0), batching.get("steps", 0), batching.get("chunks", 0)
 
-    hits, misses = counts()
+    def cpu():
+        try:
+            return server.cpu_seconds()
+        except OSError:
+            return None
+
+    before, cpu_before = counts(), cpu()
     row = load()
-    after = counts()
-    return dict(row, prefix_hits=after[0] - hits, prefix_misses=after[1] - misses)
+    after, cpu_after = counts(), cpu()
+    hits, misses, steps, chunks = (a - b for a, b in zip(after, before))
+    return dict(row, prefix_hits=hits, prefix_misses=misses, mean_batch=chunks / steps if steps else None,
+                server_cpu_ms_per_request=(cpu_after - cpu_before) * 1e3 / row["completed"]
+                if cpu_before is not None and cpu_after is not None and row["completed"] else None)
 
 
 def run_live_age(url: str, media: Path, minutes: float, fps: float, new_tokens: int) -> dict:
@@ -169,72 +189,75 @@ def run_serve_bench(model_dir: Path | None, clients: list[int], requests: int, a
                     new_tokens: int, video_seconds: float, workers: int, abuse_rounds: int = 3,
                     max_batches: list[int] | None = None, heavy: bool = True,
                     heavy_model: Path | None = None, prefix_cache_mb: float | None = None,
-                    min_seconds: float = 0.0) -> dict:
+                    min_seconds: float = 0.0, rounds: int = 1) -> dict:
     """Load rows for each --max-batch (built-in, then decode-heavy); live ages and abuse rounds against the
-    last --max-batch's server. prefix_cache_mb: the servers' --prefix-cache-mb (None: their default; every
-    request asks about the same clip, so with the cache on each server ingests it once, in the warm-up).
-    min_seconds: each load row sends requests until it has sent `requests` and this long has passed."""
+    last --max-batch's built-in server. prefix_cache_mb: the servers' --prefix-cache-mb (None: their default;
+    every request asks about the same clip, so with the cache on each server ingests it once, in the warm-up).
+    min_seconds: each load row sends requests until it has sent `requests` and this long has passed.
+
+    A workload's servers (one per --max-batch) run side by side, and each of `rounds` rounds sends every client
+    count's row to each in turn: the rows a ratio compares are timed one right after the other, not one server's
+    whole run after the other's, so the machine's drift (on a shared 2-core VM, a quarter either way over
+    minutes) falls on both. The idle servers' threads sleep meanwhile."""
     from streamvlm.bench.abuse import run_abuse
     from streamvlm.bench.common import bench_model_dir, bench_video
     from streamvlm.world.builtin import default_model_dir
     from streamvlm.serve.process import ServerProcess
 
     max_batches = max_batches or [1, 8]
-    if not clients or any(c < 1 for c in clients) or requests < 1 or workers < 1 or any(b < 1 for b in max_batches):
-        raise StreamVLMError("--clients, --requests, --workers and --max-batch must be positive")
+    if (not clients or any(c < 1 for c in clients) or requests < 1 or workers < 1 or rounds < 1
+            or any(b < 1 for b in max_batches)):
+        raise StreamVLMError("--clients, --requests, --workers, --rounds and --max-batch must be positive")
     model = Path(model_dir) if model_dir else default_model_dir()
     load: list[dict] = []
-    live: list[dict] = []
-    abuse = None
     # Measured first, while this process has run nothing else (see examples/openmp_teams.py).
     parts = {}
     if 1 in max_batches and max(max_batches) > 1:
         parts["built-in"] = batching_parts(model, 8, max(max_batches))
     if heavy and parts:
         parts["decode-heavy"] = batching_parts(heavy_model or bench_model_dir(), HEAVY_FRAMES, max(max_batches))
+    workloads = [("built-in", model, dict(new_tokens=new_tokens))]
+    if heavy:
+        workloads.append(("decode-heavy", heavy_model or bench_model_dir(),
+                          dict(new_tokens=HEAVY_TOKENS, frames=HEAVY_FRAMES, ignore_eos=True)))
     with tempfile.TemporaryDirectory(prefix="streamvlm-bench-serve-") as tmp:
         media = Path(tmp)
         shutil.copy(bench_video(video_seconds, fps=8.0, size=128), media / "clip.mp4")
-
-        def start(checkpoint: Path, batch: int) -> ServerProcess:
-            cache = [] if prefix_cache_mb is None else ["--prefix-cache-mb", f"{prefix_cache_mb:g}"]
-            return ServerProcess(["--model", str(checkpoint), "--model-name", "bench", "--workers", str(workers),
-                                  "--max-batch", str(batch), "--max-sessions", "2", *cache],
-                                 log_path=media / f"server-{batch}.log", media_dir=media)
-
-        for batch in max_batches:
-            server = start(model, batch)
+        cache = [] if prefix_cache_mb is None else ["--prefix-cache-mb", f"{prefix_cache_mb:g}"]
+        for workload, checkpoint, asked in workloads:
+            servers: dict[int, ServerProcess] = {}
             try:
-                rss_start = server.rss_bytes()
-                run_load(server.url, "bench", 1, 2, new_tokens)  # warm-up: first-call paths, worker threads
-                load += [dict(_with_prefix(server, lambda c=c: run_load(server.url, "bench", c, max(requests, c),
-                                                                        new_tokens, min_seconds=min_seconds)),
-                              workload="built-in", max_batch=batch) for c in clients]
-                if batch == max_batches[-1]:
-                    live = [run_live_age(server.url, media, age, stream_fps, new_tokens) for age in ages]
-                    rss_end = server.rss_bytes()
-                    abuse = run_abuse(server, "bench", media, abuse_rounds) if abuse_rounds else None
+                for batch in max_batches:
+                    servers[batch] = ServerProcess(
+                        ["--model", str(checkpoint), "--model-name", "bench", "--workers", str(workers),
+                         "--max-batch", str(batch), "--max-sessions", "2", *cache],
+                        log_path=media / f"server-{workload}-{batch}.log", media_dir=media)
+                    # warm-up: first-call paths, worker threads, and the clip into the prefix cache
+                    run_load(servers[batch].url, "bench", 1, 1 if workload == "decode-heavy" else 2, **asked)
+                if workload == "built-in":
+                    rss_start = servers[max_batches[-1]].rss_bytes()
+                for round_ in range(rounds):
+                    for c in clients:
+                        for batch, server in servers.items():
+                            row = _with_server_counts(server, lambda: run_load(
+                                server.url, "bench", c, max(requests, c), min_seconds=min_seconds, **asked))
+                            load.append(dict(row, workload=workload, max_batch=batch, round=round_))
+                if workload == "built-in":
+                    last = servers[max_batches[-1]]
+                    live = [run_live_age(last.url, media, age, stream_fps, new_tokens) for age in ages]
+                    rss_end = last.rss_bytes()
+                    abuse = run_abuse(last, "bench", media, abuse_rounds) if abuse_rounds else None
             finally:
-                server.stop()
-            if not heavy:
-                continue
-            server = start(heavy_model or bench_model_dir(), batch)
-            try:
-                run_load(server.url, "bench", 1, 1, HEAVY_TOKENS, HEAVY_FRAMES, ignore_eos=True)  # warm-up
-                load += [dict(_with_prefix(server, lambda c=c: run_load(server.url, "bench", c, max(requests, c),
-                                                                        HEAVY_TOKENS, HEAVY_FRAMES, ignore_eos=True,
-                                                                        min_seconds=min_seconds)),
-                              workload="decode-heavy", max_batch=batch) for c in clients]
-            finally:
-                server.stop()
+                for server in servers.values():
+                    server.stop()
     ratios = _batching_ratios(load, max_batches)
-    for ratio in ratios:  # what batching can gain at most on each workload, with the answers' mean length
+    for ratio in ratios:  # what batching can gain at most on each workload, with the answers' mean decode steps
         rows = [r for r in load if r["workload"] == ratio["workload"] and r["max_batch"] == 1]
-        tokens = sum(r["mean_completion_tokens"] for r in rows) / len(rows)
+        steps = sum(r["mean_decode_steps"] for r in rows) / len(rows)
         kept = all(r["prefix_hits"] and not r["prefix_misses"] for r in rows)  # each request forked the kept clip
-        ratio["bound"] = batching_bound(parts[ratio["workload"]], tokens, kept)
+        ratio["bound"] = batching_bound(parts[ratio["workload"]], steps, kept)
     return {"suite": "serve", "model": str(model), "workers": workers, "prefix_cache_mb": prefix_cache_mb,
-            "video_seconds": video_seconds, "min_seconds": min_seconds,
+            "video_seconds": video_seconds, "min_seconds": min_seconds, "rounds": rounds,
             "frames_per_request": 8, "new_tokens": new_tokens, "max_batches": max_batches, "load": load,
             "batching": ratios, "live": live,
             "server_rss_start_bytes": rss_start, "server_rss_end_bytes": rss_end, "abuse": abuse}
@@ -242,7 +265,8 @@ def run_serve_bench(model_dir: Path | None, clients: list[int], requests: int, a
 
 def batching_parts(model_dir: Path, frames: int, batch: int, repeats: int = 5) -> dict:
     """What batching's bound (`batching_bound`) is made of, measured in this process: the seconds of a request's
-    ingest and prefill (a 1-token answer), and the ms of a decode step alone and of one step of `batch`."""
+    ingest and prefill up to its first token, as the server runs one (its session's last question: the turn's end
+    is not fed), and the ms of a decode step alone and of one step of `batch`."""
     import torch
 
     from streamvlm.decoder import Work, forward_batch
@@ -260,6 +284,14 @@ def batching_parts(model_dir: Path, frames: int, batch: int, repeats: int = 5) -
         session.ask(QUESTION, max_new_tokens=1, ignore_stop=True)
         return session
 
+    def first_token(session) -> None:  # a server request's prompt (`run_chat`): its first token, nothing fed after
+        "".join(session.ask_stream(QUESTION, last=True, max_new_tokens=1, ignore_stop=True))
+
+    def ingested():
+        session = vlm.session()
+        session.append_frames(clip)
+        first_token(session)
+
     def timed(fn) -> float:
         fn()
         times = []
@@ -269,11 +301,11 @@ def batching_parts(model_dir: Path, frames: int, batch: int, repeats: int = 5) -
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    prefill_s = timed(answered)
+    prefill_s = timed(ingested)
     kept = vlm.session()
     kept.append_frames(clip)
     # what a request costs whose video a kept session holds (the server's prefix cache): a fork and its question
-    question_s = timed(lambda: kept.fork().ask(QUESTION, max_new_tokens=1, ignore_stop=True))
+    question_s = timed(lambda: first_token(kept.fork()))
     sessions = [answered() for _ in range(batch)]
 
     def work(session) -> Work:
@@ -295,39 +327,46 @@ def batching_parts(model_dir: Path, frames: int, batch: int, repeats: int = 5) -
             "decode_ms_batched_step": step_ms, "decode_step_gain": batch * alone_ms / step_ms}
 
 
-def batching_bound(parts: dict, tokens: float, kept: bool = False) -> dict:
-    """What batching can gain at most on a workload of `tokens`-token answers (Amdahl). A request alone costs
-    its ingest and prefill (with `kept`, the server's prefix cache holds the video, and a request costs a fork
-    and its question instead), then tokens - 1 decode steps. In full batches its question's prefill and each
-    decode step cost 1/batch of a batched step, and the rest (the video's ingest, the fork) as much as alone: a
-    batch makes the frames' compute-bound prefill no cheaper. bound = alone / batched: what sharing the model's
-    steps can gain. Video decoding and HTTP are left out; they get no cheaper either, but the batched server
-    overlaps one request's with another's model work, which a one-worker server does not, so where they are a
-    large share of a request (the built-in model's) the server can pass this bound."""
-    steps = max(0.0, tokens - 1)
+def batching_bound(parts: dict, steps: float, kept: bool = False) -> dict:
+    """What batching can gain at most on a workload whose answers take `steps` decode forwards after the
+    prompt's (Amdahl; a load row's mean_decode_steps). A request alone costs its ingest and prefill up to its
+    first token (with `kept`, the server's prefix cache holds the video, and a request costs a fork and its
+    question instead), then its decode steps. In full batches its question's prefill and each decode step cost
+    1/batch of a batched step, and the rest (the video's ingest, the fork) as much as alone: a batch makes the
+    frames' compute-bound prefill no cheaper. bound = alone / batched: what sharing the model's steps can gain.
+    Video decoding, HTTP and a request's Python outside the model are left out. They get no cheaper in a
+    batch; the batched server could hide some of them behind other requests' steps, but they hold Python's one
+    lock as the steps do, so where they are a large share of a request (the built-in model's) they pull the
+    measured ratio below this bound (docs/performance.md, "Rounds side by side, and the bound as a server runs a
+    request")."""
     fixed = parts["question_s"] if kept else parts["prefill_s"]
     shared_fixed = fixed + (parts["question_ms_batched_step"] / parts["batch"] - parts["question_ms_alone"]) / 1e3
     alone = fixed + steps * parts["decode_ms_alone"] / 1e3
     batched = max(0.0, shared_fixed) + steps * parts["decode_ms_batched_step"] / parts["batch"] / 1e3
-    return dict(parts, tokens=tokens, kept=kept, bound=alone / batched)
+    return dict(parts, steps=steps, kept=kept, bound=alone / batched)
 
 
 def _batching_ratios(load: list[dict], max_batches: list[int]) -> list[dict]:
-    """Per workload, the largest --max-batch against 1, measured in this run: tokens/s and requests/s at
-    the most clients, p50 latency at the fewest."""
+    """Per workload, the largest --max-batch against 1, measured in this run: tokens/s and requests/s at the most
+    clients, p50 latency at the fewest. Each round's rows give a ratio; the median over rounds is reported, and
+    each round's in `per_round`."""
     if 1 not in max_batches or max(max_batches) == 1:
         return []
     top = max(max_batches)
     ratios = []
     for workload in dict.fromkeys(row["workload"] for row in load):
-        rows = {(r["max_batch"], r["clients"]): r for r in load if r["workload"] == workload}
-        most, fewest = max(c for _, c in rows), min(c for _, c in rows)
-        one, many = rows[(1, most)], rows[(top, most)]
-        ratios.append({"workload": workload, "max_batch": top, "clients": most,
-                       "tokens_per_second": many["tokens_per_second"] / one["tokens_per_second"],
-                       "requests_per_second": many["requests_per_second"] / one["requests_per_second"],
-                       "p50_at_clients": fewest,
-                       "latency_p50": rows[(top, fewest)]["latency_p50_s"] / rows[(1, fewest)]["latency_p50_s"]})
+        rows = {(r["max_batch"], r["clients"], r.get("round", 0)): r for r in load if r["workload"] == workload}
+        most, fewest = max(c for _, c, _ in rows), min(c for _, c, _ in rows)
+        per_round = []
+        for round_ in sorted({n for _, _, n in rows}):
+            one, many = rows[(1, most, round_)], rows[(top, most, round_)]
+            alone, batched = rows[(1, fewest, round_)], rows[(top, fewest, round_)]
+            per_round.append({"tokens_per_second": many["tokens_per_second"] / one["tokens_per_second"],
+                              "requests_per_second": many["requests_per_second"] / one["requests_per_second"],
+                              "latency_p50": batched["latency_p50_s"] / alone["latency_p50_s"]})
+        ratios.append({"workload": workload, "max_batch": top, "clients": most, "p50_at_clients": fewest,
+                       **{key: statistics.median(r[key] for r in per_round) for key in per_round[0]},
+                       "per_round": per_round})
     return ratios
 
 
@@ -337,13 +376,16 @@ def format_serve(result: dict) -> str:
               f"up to {result['new_tokens']} answer tokens; decode-heavy: real-small-shaped random checkpoint, "
               f"{HEAVY_FRAMES} frames, {HEAVY_TOKENS} tokens, end token ignored"), "",
              "| workload | max batch | clients | requests | req/s | tokens/s | p50 s | p90 s | p99 s | failed | "
-             "prefix hits/misses |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "prefix hits/misses | mean batch | server CPU ms/request |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["load"]:
+        mean_batch, cpu = r.get("mean_batch"), r.get("server_cpu_ms_per_request")
         lines.append(f"| {r.get('workload', 'built-in')} | {r.get('max_batch', 1)} | {r['clients']} | "
                      f"{r['completed']} | {r['requests_per_second']:.2f} | {r['tokens_per_second']:.1f} | "
                      f"{r['latency_p50_s']:.3f} | {r['latency_p90_s']:.3f} | {r['latency_p99_s']:.3f} | "
-                     f"{r['failed']} | {r.get('prefix_hits', 0)}/{r.get('prefix_misses', 0)} |")
+                     f"{r['failed']} | {r.get('prefix_hits', 0)}/{r.get('prefix_misses', 0)} | "
+                     + (f"{mean_batch:.2f}" if mean_batch is not None else "") + " | "
+                     + (f"{cpu:.1f}" if cpu is not None else "") + " |")
     if result.get("batching"):
         lines += ["", "| workload | batched vs --max-batch 1 | tokens/s | req/s | p50 latency | at most (Amdahl) |",
                   "|---|---|---|---|---|---|"]
@@ -353,12 +395,18 @@ def format_serve(result: dict) -> str:
                          f"{r['p50_at_clients']}) | {r['tokens_per_second']:.2f}x | {r['requests_per_second']:.2f}x "
                          f"| {r['latency_p50']:.2f}x | " + (f"{bound['bound']:.2f}x" if bound else "") + " |")
         for r in result["batching"]:
+            if len(r.get("per_round", ())) > 1:
+                lines.append(f"{r['workload']}, each round (the table gives their median): tokens/s "
+                             + ", ".join(f"{x['tokens_per_second']:.2f}x" for x in r["per_round"]) + "; req/s "
+                             + ", ".join(f"{x['requests_per_second']:.2f}x" for x in r["per_round"]) + "; p50 "
+                             + ", ".join(f"{x['latency_p50']:.2f}x" for x in r["per_round"]))
+        for r in result["batching"]:
             if r.get("bound"):
                 b = r["bound"]
                 fixed = (f"{b['question_s']:.3f} s of a kept video's fork and the question" if b.get("kept") else
                          f"{b['prefill_s']:.3f} s of ingest and prefill")
                 lines.append(f"{r['workload']}: a request alone is {fixed} and "
-                             f"{b['tokens'] - 1:.1f} decode steps of {b['decode_ms_alone']:.1f} ms; a step of "
+                             f"{b['steps']:.1f} decode steps of {b['decode_ms_alone']:.1f} ms; a step of "
                              f"{b['batch']} takes {b['decode_ms_batched_step']:.1f} ms ({b['decode_step_gain']:.2f}x "
                              f"the tokens per second), and {b['batch']} questions' prefill "
                              f"{b['question_ms_batched_step']:.1f} ms against {b['question_ms_alone']:.1f} ms for "

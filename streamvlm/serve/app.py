@@ -184,8 +184,11 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        batcher = engine.batcher  # steps run and chunks in them: chunks / steps is the mean batch
         return {"status": "ok", "model": engine.model_id, "streams": len(registry),
-                "prefix_cache": engine.prefix.stats() if engine.prefix is not None else None}
+                "prefix_cache": engine.prefix.stats() if engine.prefix is not None else None,
+                "batching": {"max_batch": batcher.max_batch, "steps": batcher.steps, "chunks": batcher.batched}
+                if batcher is not None else None}
 
     # the most input frames (video frames or images) one request may send, before its text takes its share
     context_frames = engine.vlm.frame_capacity()
