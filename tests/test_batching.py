@@ -524,10 +524,10 @@ def test_chunks_handed_in_during_a_step_run_together_in_the_next(monkeypatch):
     while not steps:
         time.sleep(0.01)
     others = [threading.Thread(target=hand_in, args=(size,)) for size in (1, 2)]
-    for t in others:
+    for queued, t in enumerate(others, 1):  # one at a time, so that they queue in this order
         t.start()
-    while len(batcher._queue) < 2:
-        time.sleep(0.01)
+        while len(batcher._queue) < queued:
+            time.sleep(0.01)
     gate[5].set()
     for t in [first, *others]:
         t.join(5)
