@@ -216,15 +216,16 @@ def run_serve_bench(model_dir: Path | None, clients: list[int], requests: int, a
         parts["built-in"] = batching_parts(model, 8, max(max_batches))
     if heavy and parts:
         parts["decode-heavy"] = batching_parts(heavy_model or bench_model_dir(), HEAVY_FRAMES, max(max_batches))
-    workloads = [("built-in", model, dict(new_tokens=new_tokens))]
+    # (name, checkpoint, what each request asks for, warm-up requests)
+    workloads = [("built-in", model, dict(new_tokens=new_tokens), 2)]
     if heavy:
         workloads.append(("decode-heavy", heavy_model or bench_model_dir(),
-                          dict(new_tokens=HEAVY_TOKENS, frames=HEAVY_FRAMES, ignore_eos=True)))
+                          dict(new_tokens=HEAVY_TOKENS, frames=HEAVY_FRAMES, ignore_eos=True), 1))
     with tempfile.TemporaryDirectory(prefix="streamvlm-bench-serve-") as tmp:
         media = Path(tmp)
         shutil.copy(bench_video(video_seconds, fps=8.0, size=128), media / "clip.mp4")
         cache = [] if prefix_cache_mb is None else ["--prefix-cache-mb", f"{prefix_cache_mb:g}"]
-        for workload, checkpoint, asked in workloads:
+        for workload, checkpoint, asked, warm_up in workloads:
             servers: dict[int, ServerProcess] = {}
             try:
                 for batch in max_batches:
@@ -233,7 +234,7 @@ def run_serve_bench(model_dir: Path | None, clients: list[int], requests: int, a
                          "--max-batch", str(batch), "--max-sessions", "2", *cache],
                         log_path=media / f"server-{workload}-{batch}.log", media_dir=media)
                     # warm-up: first-call paths, worker threads, and the clip into the prefix cache
-                    run_load(servers[batch].url, "bench", 1, 1 if workload == "decode-heavy" else 2, **asked)
+                    run_load(servers[batch].url, "bench", 1, warm_up, **asked)
                 if workload == "built-in":
                     rss_start = servers[max_batches[-1]].rss_bytes()
                 for round_ in range(rounds):
